@@ -1,0 +1,146 @@
+//! Command-line and environment configuration.
+//!
+//! Every flag can also be set by an environment variable `FENCEGATE_<FLAG>`
+//! (dashes become underscores), which is how the Helm chart configures pods.
+//! Durations take humantime syntax: `500ms`, `10s`, `2m`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::filter::admission::BarrierConfig;
+use crate::filter::{FilterConfig, Protection};
+use crate::proxy::ServerLimits;
+use crate::token::{LockName, ReadMethods};
+
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
+}
+
+/// Limits shared by every server.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// How long a client may take to send a request head.
+    #[arg(long, env = "FENCEGATE_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub header_timeout: Duration,
+    /// Largest request head accepted, in bytes.
+    #[arg(long, env = "FENCEGATE_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    pub max_header_bytes: usize,
+    /// On SIGTERM, how long in-flight requests get to finish.
+    #[arg(long, env = "FENCEGATE_SHUTDOWN_GRACE", default_value = "30s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+    /// Connect timeout to the upstream.
+    #[arg(long, env = "FENCEGATE_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub connect_timeout: Duration,
+    /// How long to wait for the upstream's response head.
+    #[arg(long, env = "FENCEGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub upstream_timeout: Duration,
+}
+
+impl LimitArgs {
+    pub fn server(&self) -> ServerLimits {
+        ServerLimits {
+            header_read_timeout: self.header_timeout,
+            max_header_bytes: self.max_header_bytes,
+            shutdown_grace: self.shutdown_grace,
+        }
+    }
+}
+
+/// `fencegate filter`: refuse stale writes in front of a store.
+#[derive(Args, Debug, Clone)]
+pub struct FilterArgs {
+    /// Address the proxy listens on.
+    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// The store, e.g. http://store:80 (a path prefix is kept).
+    #[arg(long, env = "FENCEGATE_UPSTREAM")]
+    pub upstream: String,
+    /// Directory for the durable high-water marks (one filter per directory).
+    #[arg(long, env = "FENCEGATE_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// Protect every path with this lock.
+    #[arg(long, env = "FENCEGATE_LOCK", conflicts_with = "protect")]
+    pub lock: Option<LockName>,
+    /// Protect paths starting with PATH_PREFIX with LOCK (repeatable; longest prefix wins).
+    #[arg(long, env = "FENCEGATE_PROTECT", value_name = "PATH_PREFIX=LOCK", value_delimiter = ',')]
+    pub protect: Vec<String>,
+    /// Forward writes to paths no rule covers, unfenced (default: refuse with 403).
+    #[arg(long, env = "FENCEGATE_ALLOW_UNPROTECTED")]
+    pub allow_unprotected: bool,
+    /// Check tokens on reads too.
+    #[arg(long, env = "FENCEGATE_FENCE_READS")]
+    pub fence_reads: bool,
+    /// Methods that are reads (everything else is a write).
+    #[arg(long, env = "FENCEGATE_READ_METHODS", default_value = "GET,HEAD,OPTIONS,TRACE,PROPFIND")]
+    pub read_methods: String,
+    /// Admin address: /healthz, /readyz, /metrics, /v1/locks, POST /v1/locks/{lock}/fence.
+    #[arg(long, env = "FENCEGATE_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+    /// How long older in-flight writes get to finish when a newer token arrives.
+    #[arg(long, env = "FENCEGATE_DRAIN_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub drain_timeout: Duration,
+    /// After aborting older writes, how long the barrier still holds.
+    #[arg(long, env = "FENCEGATE_ABORT_GRACE", default_value = "1s", value_parser = duration)]
+    pub abort_grace: Duration,
+    /// Longest a write waits at the barrier before 503 + Retry-After.
+    #[arg(long, env = "FENCEGATE_MAX_WAIT", default_value = "10s", value_parser = duration)]
+    pub max_wait: Duration,
+    /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
+    #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
+    pub unsafe_no_barrier: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+impl FilterArgs {
+    pub fn config(&self) -> Result<FilterConfig, String> {
+        let protection = match (&self.lock, self.protect.is_empty()) {
+            (Some(l), true) => Protection::All(l.clone()),
+            (None, false) => {
+                Protection::Rules(self.protect.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?)
+            }
+            (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
+            (Some(_), false) => return Err("--lock and --protect exclude each other".into()),
+        };
+        Ok(FilterConfig {
+            upstream: self.upstream.clone(),
+            state_dir: self.state_dir.clone(),
+            protection,
+            allow_unprotected: self.allow_unprotected,
+            fence_reads: self.fence_reads,
+            read_methods: ReadMethods::parse(&self.read_methods)?,
+            barrier: BarrierConfig {
+                drain_timeout: self.drain_timeout,
+                abort_grace: self.abort_grace,
+                disabled: self.unsafe_no_barrier,
+            },
+            max_wait: self.max_wait,
+            connect_timeout: self.limits.connect_timeout,
+            upstream_timeout: self.limits.upstream_timeout,
+            limits: self.limits.server(),
+        })
+    }
+}
+
+/// Logging options.
+#[derive(Args, Debug, Clone)]
+pub struct LogArgs {
+    /// Log format: `text` or `json`.
+    #[arg(long, global = true, env = "FENCEGATE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+/// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
+pub fn init_logging(args: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if args.log_format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}

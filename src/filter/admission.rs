@@ -1,0 +1,516 @@
+//! Admission, high-water marks and the epoch barrier.
+//!
+//! For each lock the filter keeps:
+//!
+//! * `highest`: the highest token it has accepted. Anything lower is refused.
+//! * `durable`: the highest token known to be on disk. Nothing with a token
+//!   above `durable` is forwarded: the mark is made durable first.
+//! * `inflight`: writes already forwarded to the store whose answer has not
+//!   come back, grouped by token.
+//!
+//! The **barrier**: a write with token `t` is forwarded only when no write
+//! with a token below `t` is in flight. When a higher token arrives, older
+//! writes get `drain_timeout` to finish; then they are aborted (their upstream
+//! connections closed) and the barrier holds `abort_grace` longer, since the
+//! store may still be applying a write whose connection we just closed.
+//!
+//! The decision itself ([`LockState::admit`]) is a pure function of the state
+//! and the clock, tested without sockets; [`LockEntry::admit`] is the async
+//! loop around it (persisting, waiting, aborting).
+//!
+//! Concurrency: each lock has its own short `parking_lot::Mutex` (held only
+//! for the decision, never across an await) and its own async mutex that
+//! serializes the rare durable writes. There is no lock shared between locks
+//! on the request path: the registry is a `DashMap`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::state::{Record, StateDir, StateError};
+use crate::token::{LockName, Token};
+
+/// Barrier settings.
+#[derive(Clone, Debug)]
+pub struct BarrierConfig {
+    /// How long older in-flight writes get to finish before they are aborted.
+    pub drain_timeout: Duration,
+    /// How long the barrier holds after aborting older writes.
+    pub abort_grace: Duration,
+    /// Test-only: forward without waiting for older writes. Never in production.
+    pub disabled: bool,
+}
+
+impl Default for BarrierConfig {
+    fn default() -> Self {
+        BarrierConfig { drain_timeout: Duration::from_secs(5), abort_grace: Duration::from_secs(1), disabled: false }
+    }
+}
+
+/// Writes of one token that are in flight.
+#[derive(Debug)]
+struct Group {
+    count: usize,
+    /// Cancelled when a newer token's barrier gives up waiting for them.
+    abort: CancellationToken,
+}
+
+/// What [`LockState::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Forward now; the write was counted in flight.
+    Forward,
+    /// Refuse: a higher token has been accepted.
+    Stale { highest: u64 },
+    /// Make `highest` durable first, then decide again.
+    Persist,
+    /// Older writes are in flight (or were just aborted): wait until `until`
+    /// or until something changes, then decide again.
+    Wait { until: Instant },
+}
+
+/// One lock's in-memory state. See the module docs.
+#[derive(Debug, Default)]
+pub struct LockState {
+    pub highest: u64,
+    pub durable: u64,
+    pub set_at: Option<SystemTime>,
+    inflight: BTreeMap<u64, Group>,
+    /// When the current barrier began: the first time `highest` rose above a
+    /// token still in flight.
+    barrier_since: Option<Instant>,
+    /// After an abort, nothing newer goes before this instant.
+    hold_until: Option<Instant>,
+}
+
+impl LockState {
+    pub fn with_durable(highest: u64, set_at: Option<SystemTime>) -> Self {
+        LockState { highest, durable: highest, set_at, ..Default::default() }
+    }
+
+    fn older_in_flight(&self, t: u64) -> bool {
+        self.inflight.range(..t).next().is_some()
+    }
+
+    /// The admission decision for token `t` at time `now`.
+    pub fn admit(&mut self, t: u64, now: Instant, cfg: &BarrierConfig) -> Decision {
+        if t < self.highest {
+            return Decision::Stale { highest: self.highest };
+        }
+        if t > self.highest {
+            // From this moment every older token is refused, even before the
+            // new mark is durable: refusing early is always safe.
+            self.highest = t;
+            if self.older_in_flight(t) && self.barrier_since.is_none() {
+                self.barrier_since = Some(now);
+            }
+        }
+        if self.durable < t {
+            return Decision::Persist;
+        }
+        if !cfg.disabled {
+            if self.older_in_flight(t) {
+                let since = *self.barrier_since.get_or_insert(now);
+                let abort_at = since + cfg.drain_timeout;
+                if now < abort_at {
+                    return Decision::Wait { until: abort_at };
+                }
+                // Drain timeout passed: abort every older write still in flight.
+                for g in self.inflight.range(..t).map(|(_, g)| g) {
+                    g.abort.cancel();
+                }
+                let hold = now + cfg.abort_grace;
+                self.hold_until = Some(self.hold_until.map_or(hold, |h| h.max(hold)));
+                return Decision::Wait { until: hold };
+            }
+            if let Some(h) = self.hold_until {
+                if now < h {
+                    return Decision::Wait { until: h };
+                }
+                self.hold_until = None;
+            }
+        }
+        self.inflight.entry(t).or_insert_with(|| Group { count: 0, abort: CancellationToken::new() }).count += 1;
+        Decision::Forward
+    }
+
+    /// The abort signal for writes of token `t` (present while any is in flight).
+    fn abort_signal(&self, t: u64) -> CancellationToken {
+        self.inflight.get(&t).map(|g| g.abort.clone()).unwrap_or_default()
+    }
+
+    /// One write of token `t` is done (answered, or given up on).
+    fn release(&mut self, t: u64) {
+        if let Some(g) = self.inflight.get_mut(&t) {
+            g.count -= 1;
+            if g.count == 0 {
+                self.inflight.remove(&t);
+            }
+        }
+        if !self.older_in_flight(self.highest) {
+            self.barrier_since = None;
+        }
+    }
+
+    /// In-flight writes by token, for `/v1/locks`.
+    pub fn inflight(&self) -> BTreeMap<u64, usize> {
+        self.inflight.iter().map(|(t, g)| (*t, g.count)).collect()
+    }
+}
+
+/// Counters for one lock, read at scrape time.
+#[derive(Debug, Default)]
+pub struct LockStats {
+    pub admitted: AtomicU64,
+    pub refused_stale: AtomicU64,
+    pub refused_mismatch: AtomicU64,
+    pub refused_unavailable: AtomicU64,
+    pub aborted: AtomicU64,
+    pub barrier_waits: AtomicU64,
+    /// Total microseconds writes spent waiting at the barrier.
+    pub barrier_wait_us: AtomicU64,
+}
+
+/// One lock: its state, its wake-ups and its durable-write serializer.
+#[derive(Debug)]
+pub struct LockEntry {
+    pub name: LockName,
+    state: Mutex<LockState>,
+    changed: Notify,
+    persist: tokio::sync::Mutex<()>,
+    pub stats: LockStats,
+}
+
+/// Why a write was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("fencing token {token} is older than the highest token {highest} admitted for lock {lock}")]
+    Stale { lock: LockName, token: u64, highest: u64 },
+    #[error("could not make the new highest token durable: {0}")]
+    State(#[from] StateError),
+    #[error("older writes for lock {lock} are still draining; retry in {retry_after:?}")]
+    BarrierTimeout { lock: LockName, retry_after: Duration },
+}
+
+/// A forwarded write: counted in flight until released.
+///
+/// `complete()` releases at once (the store answered). A permit dropped
+/// without `complete()` (client gone, upstream timeout, abort) is released
+/// only after `abort_grace`, because the store may still apply that write.
+#[derive(Debug)]
+pub struct Permit {
+    entry: Arc<LockEntry>,
+    token: u64,
+    abort: CancellationToken,
+    grace: Duration,
+    done: bool,
+}
+
+impl Permit {
+    /// Resolves when a newer token's barrier aborts this write.
+    pub fn aborted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.abort.cancelled()
+    }
+
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The store has answered this write.
+    pub fn complete(mut self) {
+        self.done = true;
+        self.entry.release(self.token);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (entry, token, grace) = (self.entry.clone(), self.token, self.grace);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if !grace.is_zero() => {
+                h.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    entry.release(token);
+                });
+            }
+            _ => entry.release(token),
+        }
+    }
+}
+
+impl LockEntry {
+    fn new(name: LockName, state: LockState) -> Self {
+        LockEntry {
+            name,
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            persist: tokio::sync::Mutex::new(()),
+            stats: LockStats::default(),
+        }
+    }
+
+    /// A consistent copy of what `/v1/locks` and metrics show.
+    pub fn snapshot(&self) -> (u64, u64, Option<SystemTime>, BTreeMap<u64, usize>) {
+        let s = self.state.lock();
+        (s.highest, s.durable, s.set_at, s.inflight())
+    }
+
+    fn release(&self, t: u64) {
+        self.state.lock().release(t);
+        self.changed.notify_waiters();
+    }
+
+    /// Admits a write (or a fence) with token `t`, waiting at the barrier at
+    /// most until `deadline`. With `forward == false` (a proactive fence) the
+    /// token is raised and drained but nothing is counted in flight.
+    pub async fn admit(
+        self: &Arc<Self>,
+        t: Token,
+        deadline: Instant,
+        locks: &Locks,
+        forward: bool,
+    ) -> Result<Option<Permit>, AdmitError> {
+        let t = t.get();
+        let cfg = &locks.barrier;
+        let mut waited_since: Option<Instant> = None;
+        let result = loop {
+            // Register for wake-ups before deciding, so a release between the
+            // decision and the wait is not missed.
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = Instant::now();
+            let decision = self.state.lock().admit(t, now, cfg);
+            match decision {
+                Decision::Forward => {
+                    let abort = {
+                        let mut s = self.state.lock();
+                        let a = s.abort_signal(t);
+                        if !forward {
+                            s.release(t);
+                        }
+                        a
+                    };
+                    if !forward {
+                        break Ok(None);
+                    }
+                    break Ok(Some(Permit { entry: self.clone(), token: t, abort, grace: cfg.abort_grace, done: false }));
+                }
+                Decision::Stale { highest } => {
+                    break Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest });
+                }
+                Decision::Persist => {
+                    if let Err(e) = self.persist(locks).await {
+                        break Err(e.into());
+                    }
+                }
+                Decision::Wait { until } => {
+                    waited_since.get_or_insert(now);
+                    if now >= deadline {
+                        let retry_after = until.saturating_duration_since(now).max(Duration::from_secs(1));
+                        break Err(AdmitError::BarrierTimeout { lock: self.name.clone(), retry_after });
+                    }
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(until.min(deadline)) => {}
+                    }
+                }
+            }
+        };
+        if let Some(since) = waited_since {
+            self.stats.barrier_waits.fetch_add(1, Ordering::Relaxed);
+            self.stats.barrier_wait_us.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Writes the current `highest` to disk and marks it durable.
+    async fn persist(&self, locks: &Locks) -> Result<(), StateError> {
+        // One durable write at a time per lock; a waiter behind another's
+        // write usually finds its token already durable.
+        let _g = self.persist.lock().await;
+        let target = {
+            let s = self.state.lock();
+            if s.durable >= s.highest {
+                return Ok(());
+            }
+            s.highest
+        };
+        let now = SystemTime::now();
+        let rec = Record::new(self.name.clone(), target, now);
+        let dir = locks.dir.clone();
+        tokio::task::spawn_blocking(move || match &dir {
+            Some(d) => d.write(&rec),
+            None => Ok(()),
+        })
+        .await
+        .expect("state writer does not panic")?;
+        {
+            let mut s = self.state.lock();
+            if target > s.durable {
+                s.durable = target;
+                s.set_at = Some(now);
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+/// Every lock the filter knows, with its durable store.
+#[derive(Debug)]
+pub struct Locks {
+    map: DashMap<LockName, Arc<LockEntry>>,
+    /// `None` only in unit tests: state kept in memory.
+    dir: Option<Arc<StateDir>>,
+    pub barrier: BarrierConfig,
+}
+
+impl Locks {
+    pub fn new(dir: Option<StateDir>, records: impl IntoIterator<Item = Record>, barrier: BarrierConfig) -> Self {
+        let map = DashMap::new();
+        for r in records {
+            let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
+            map.insert(r.lock.clone(), Arc::new(LockEntry::new(r.lock, LockState::with_durable(r.highest, Some(set_at)))));
+        }
+        Locks { map, dir: dir.map(Arc::new), barrier }
+    }
+
+    /// The entry for `lock`, created (at highest 0) on first use.
+    pub fn entry(&self, lock: &LockName) -> Arc<LockEntry> {
+        if let Some(e) = self.map.get(lock) {
+            return e.clone();
+        }
+        self.map.entry(lock.clone()).or_insert_with(|| Arc::new(LockEntry::new(lock.clone(), LockState::default()))).clone()
+    }
+
+    /// All entries, sorted by name.
+    pub fn all(&self) -> Vec<Arc<LockEntry>> {
+        let mut v: Vec<_> = self.map.iter().map(|e| e.value().clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BarrierConfig {
+        BarrierConfig { drain_timeout: Duration::from_secs(5), abort_grace: Duration::from_secs(1), disabled: false }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pure_decisions() {
+        let c = cfg();
+        let mut s = LockState::with_durable(5, None);
+        let now = Instant::now();
+        assert_eq!(s.admit(4, now, &c), Decision::Stale { highest: 5 });
+        assert_eq!(s.admit(5, now, &c), Decision::Forward);
+        // A newer token: raised at once, must persist first.
+        assert_eq!(s.admit(6, now, &c), Decision::Persist);
+        assert_eq!(s.highest, 6);
+        assert_eq!(s.admit(5, now, &c), Decision::Stale { highest: 6 }, "older refused before 6 is durable");
+        s.durable = 6;
+        // Token 5 is still in flight: 6 waits until the drain timeout.
+        assert_eq!(s.admit(6, now, &c), Decision::Wait { until: now + c.drain_timeout });
+        // Past the drain timeout: the older write is aborted, then grace.
+        let later = now + c.drain_timeout;
+        let abort = s.abort_signal(5);
+        assert_eq!(s.admit(6, later, &c), Decision::Wait { until: later + c.abort_grace });
+        assert!(abort.is_cancelled());
+        s.release(5);
+        assert_eq!(s.admit(6, later, &c), Decision::Wait { until: later + c.abort_grace }, "grace holds");
+        assert_eq!(s.admit(6, later + c.abort_grace, &c), Decision::Forward);
+        assert_eq!(s.admit(6, later + c.abort_grace, &c), Decision::Forward, "same token: concurrent writes ok");
+        assert_eq!(s.inflight(), BTreeMap::from([(6, 2)]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn drained_barrier_forwards_without_grace() {
+        let c = cfg();
+        let mut s = LockState::with_durable(1, None);
+        let now = Instant::now();
+        assert_eq!(s.admit(1, now, &c), Decision::Forward);
+        s.durable = 2;
+        assert!(matches!(s.admit(2, now, &c), Decision::Wait { .. }));
+        s.release(1);
+        assert_eq!(s.admit(2, now, &c), Decision::Forward);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disabled_barrier_forwards_at_once() {
+        let c = BarrierConfig { disabled: true, ..cfg() };
+        let mut s = LockState::with_durable(1, None);
+        let now = Instant::now();
+        assert_eq!(s.admit(1, now, &c), Decision::Forward);
+        s.durable = 2;
+        assert_eq!(s.admit(2, now, &c), Decision::Forward);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn async_admit_waits_for_the_older_write() {
+        let locks = Arc::new(Locks::new(None, [], cfg()));
+        let lock: LockName = "l".parse().unwrap();
+        let e = locks.entry(&lock);
+        let far = Instant::now() + Duration::from_secs(60);
+        let old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
+        let (e2, l2) = (e.clone(), locks.clone());
+        let newer = tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|p| p.is_some()) });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!newer.is_finished(), "token 2 must wait while token 1 is in flight");
+        assert!(matches!(e.admit(Token::new(1).unwrap(), far, &locks, true).await, Err(AdmitError::Stale { highest: 2, .. })));
+        old.complete();
+        assert!(newer.await.unwrap().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn async_admit_aborts_after_drain_timeout_and_holds_grace() {
+        let locks = Arc::new(Locks::new(None, [], cfg()));
+        let e = locks.entry(&"l".parse().unwrap());
+        let far = Instant::now() + Duration::from_secs(60);
+        let old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
+        let start = Instant::now();
+        let (e2, l2) = (e.clone(), locks.clone());
+        let newer = tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|_| Instant::now()) });
+        old.aborted().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        drop(old); // dropped without complete(): released after abort_grace
+        let went = newer.await.unwrap().unwrap();
+        assert!(went - start >= Duration::from_secs(6), "{:?}", went - start);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn barrier_timeout_answers_retry_after() {
+        let locks = Arc::new(Locks::new(None, [], cfg()));
+        let e = locks.entry(&"l".parse().unwrap());
+        let far = Instant::now() + Duration::from_secs(60);
+        let _old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
+        let soon = Instant::now() + Duration::from_secs(2);
+        match e.admit(Token::new(2).unwrap(), soon, &locks, true).await {
+            Err(AdmitError::BarrierTimeout { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fence_raises_without_counting_in_flight() {
+        let locks = Arc::new(Locks::new(None, [], cfg()));
+        let e = locks.entry(&"l".parse().unwrap());
+        let far = Instant::now() + Duration::from_secs(60);
+        assert!(e.admit(Token::new(9).unwrap(), far, &locks, false).await.unwrap().is_none());
+        let (h, d, _, inflight) = e.snapshot();
+        assert_eq!((h, d), (9, 9));
+        assert!(inflight.is_empty());
+    }
+}

@@ -1,0 +1,103 @@
+//! The one place where the filter's errors become HTTP answers.
+
+use std::time::Duration;
+
+use http::{HeaderValue, Response, StatusCode};
+use serde_json::json;
+
+use super::admission::AdmitError;
+use crate::proxy::{json_error, Body, UpstreamError};
+use crate::token::{LockName, TokenError};
+
+/// Everything the filter can answer instead of the store's own response.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("this path is protected by lock {expected}, not {got}")]
+    LockMismatch { expected: LockName, got: LockName },
+    #[error("no protection rule covers path {0}; writes to it are refused (see --allow-unprotected)")]
+    Unprotected(String),
+    #[error("path {0} is not canonical (dot segments, empty segments, backslashes or encoded separators); refused so it cannot dodge a protection rule")]
+    NotCanonical(String),
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    #[error("this write was aborted because a newer token fenced lock {0}; whether the store applied it is unknown")]
+    Aborted(LockName),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("lock {0} is not protected by this filter")]
+    UnknownLock(String),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl FilterError {
+    /// The reason label used in metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FilterError::Token(TokenError::Missing(_)) => "missing",
+            FilterError::Token(TokenError::Malformed(_)) => "malformed",
+            FilterError::LockMismatch { .. } => "lock_mismatch",
+            FilterError::Unprotected(_) => "unprotected",
+            FilterError::NotCanonical(_) => "not_canonical",
+            FilterError::Admit(AdmitError::Stale { .. }) => "stale",
+            FilterError::Admit(AdmitError::State(_)) => "state_unavailable",
+            FilterError::Admit(AdmitError::BarrierTimeout { .. }) => "barrier_timeout",
+            FilterError::Aborted(_) => "aborted",
+            FilterError::Upstream(_) => "upstream",
+            FilterError::UnknownLock(_) => "unknown_lock",
+            FilterError::BadRequest(_) => "bad_request",
+        }
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let msg = self.to_string();
+        let retry = |r: Response<Body>, after: Duration| with_retry_after(r, after);
+        match self {
+            FilterError::Token(TokenError::Missing(_)) => {
+                json_error(StatusCode::PRECONDITION_REQUIRED, "fencing_token_missing", &msg, None)
+            }
+            FilterError::Token(TokenError::Malformed(_)) => {
+                json_error(StatusCode::BAD_REQUEST, "fencing_token_malformed", &msg, None)
+            }
+            FilterError::LockMismatch { expected, got } => json_error(
+                StatusCode::FORBIDDEN,
+                "fencing_lock_mismatch",
+                &msg,
+                Some(json!({ "expected": expected, "lock": got })),
+            ),
+            FilterError::Unprotected(_) => json_error(StatusCode::FORBIDDEN, "path_not_protected", &msg, None),
+            FilterError::NotCanonical(_) => json_error(StatusCode::BAD_REQUEST, "path_not_canonical", &msg, None),
+            FilterError::Admit(AdmitError::Stale { lock, token, highest }) => json_error(
+                StatusCode::CONFLICT,
+                "fencing_token_stale",
+                &msg,
+                Some(json!({ "lock": lock, "token": token, "highest": highest })),
+            ),
+            FilterError::Admit(AdmitError::State(_)) => retry(
+                json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_state_unavailable", &msg, None),
+                Duration::from_secs(1),
+            ),
+            FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => retry(
+                json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None),
+                retry_after,
+            ),
+            FilterError::Aborted(lock) => json_error(
+                StatusCode::CONFLICT,
+                "fencing_write_aborted",
+                &msg,
+                Some(json!({ "lock": lock, "outcome": "unknown" })),
+            ),
+            FilterError::Upstream(e) => e.into_response(),
+            FilterError::UnknownLock(_) => json_error(StatusCode::NOT_FOUND, "fencing_lock_unknown", &msg, None),
+            FilterError::BadRequest(_) => json_error(StatusCode::BAD_REQUEST, "bad_request", &msg, None),
+        }
+    }
+}
+
+fn with_retry_after(mut r: Response<Body>, after: Duration) -> Response<Body> {
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    r
+}

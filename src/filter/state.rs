@@ -1,0 +1,199 @@
+//! Durable high-water marks: one small file per lock in the state directory.
+//!
+//! Each record is written to a temporary file, fsync'd, renamed over the old
+//! record, and the directory is fsync'd, so after `kill -9` or power loss a
+//! lock's record is either the old one or the new one, never a mix. A
+//! checksum in every record catches bit rot that would still parse as JSON:
+//! a corrupt record stops the filter at start-up instead of resetting the
+//! lock to 0, which would let every zombie back in.
+//!
+//! The directory is locked with an exclusive `flock` for the life of the
+//! process, so two filters cannot share (and race on) one state directory.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::token::LockName;
+
+const RECORD_PREFIX: &str = "lock-";
+const RECORD_SUFFIX: &str = ".json";
+const TMP_SUFFIX: &str = ".tmp";
+const DIR_LOCK: &str = ".fencegate.lock";
+
+/// One lock's durable record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub lock: LockName,
+    pub highest: u64,
+    /// Milliseconds since the Unix epoch when `highest` was set.
+    pub set_at_ms: u64,
+    pub checksum: u32,
+}
+
+impl Record {
+    pub fn new(lock: LockName, highest: u64, set_at: SystemTime) -> Record {
+        let set_at_ms = set_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let checksum = checksum(&lock, highest, set_at_ms);
+        Record { lock, highest, set_at_ms, checksum }
+    }
+}
+
+fn checksum(lock: &LockName, highest: u64, set_at_ms: u64) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(lock.as_str().as_bytes());
+    h.update(&[0]);
+    h.update(&highest.to_le_bytes());
+    h.update(&set_at_ms.to_le_bytes());
+    h.finalize()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {dir}: {source}")]
+    Io { dir: PathBuf, source: std::io::Error },
+    #[error("state directory {0} is in use by another fencegate filter (its lock file is held)")]
+    InUse(PathBuf),
+    #[error("corrupt state record {path}: {why}; refusing to start rather than forget a lock's highest token (restore the file from a backup, or remove it only if you know no holder of that lock has a token above 0)")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// The state directory, locked for this process.
+#[derive(Debug)]
+pub struct StateDir {
+    dir: PathBuf,
+    // Held open for the life of the process: closing it releases the flock.
+    _lock: File,
+}
+
+impl StateDir {
+    /// Opens (creating if needed) and locks `dir`, and reads every record.
+    pub fn open(dir: &Path) -> Result<(StateDir, HashMap<LockName, Record>), StateError> {
+        let io = |source| StateError::Io { dir: dir.to_owned(), source };
+        fs::create_dir_all(dir).map_err(io)?;
+        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(DIR_LOCK)).map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => return Err(StateError::InUse(dir.to_owned())),
+            Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        let mut records = HashMap::new();
+        for entry in fs::read_dir(dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.ends_with(TMP_SUFFIX) {
+                // A write that crashed before its rename: the old record is intact.
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if !(name.starts_with(RECORD_PREFIX) && name.ends_with(RECORD_SUFFIX)) {
+                continue;
+            }
+            let rec = read_record(&path)?;
+            let expected = format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}", rec.lock);
+            if expected != name {
+                return Err(StateError::Corrupt { path, why: format!("it names lock {:?}", rec.lock.as_str()) });
+            }
+            records.insert(rec.lock.clone(), rec);
+        }
+        Ok((StateDir { dir: dir.to_owned(), _lock: lock }, records))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes `rec` durable. Blocking (fsync): call it from `spawn_blocking`.
+    pub fn write(&self, rec: &Record) -> Result<(), StateError> {
+        let io = |source| StateError::Io { dir: self.dir.clone(), source };
+        let final_path = self.dir.join(format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}", rec.lock));
+        let tmp_path = self.dir.join(format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}{TMP_SUFFIX}", rec.lock));
+        let mut f = File::create(&tmp_path).map_err(io)?;
+        let mut bytes = serde_json::to_vec(rec).expect("records serialize");
+        bytes.push(b'\n');
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        drop(f);
+        fs::rename(&tmp_path, &final_path).map_err(io)?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
+    }
+}
+
+fn read_record(path: &Path) -> Result<Record, StateError> {
+    let corrupt = |why: String| StateError::Corrupt { path: path.to_owned(), why };
+    let bytes = fs::read(path).map_err(|e| corrupt(format!("unreadable: {e}")))?;
+    let rec: Record = serde_json::from_slice(&bytes).map_err(|e| corrupt(format!("not a valid record: {e}")))?;
+    if rec.checksum != checksum(&rec.lock, rec.highest, rec.set_at_ms) {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lock(s: &str) -> LockName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn round_trip_and_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (s, recs) = StateDir::open(d.path()).unwrap();
+            assert!(recs.is_empty());
+            s.write(&Record::new(lock("a"), 7, SystemTime::now())).unwrap();
+            s.write(&Record::new(lock("a"), 9, SystemTime::now())).unwrap();
+            s.write(&Record::new(lock(".."), 3, SystemTime::now())).unwrap();
+        }
+        let (_s, recs) = StateDir::open(d.path()).unwrap();
+        assert_eq!(recs[&lock("a")].highest, 9);
+        assert_eq!(recs[&lock("..")].highest, 3);
+    }
+
+    #[test]
+    fn second_opener_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let _first = StateDir::open(d.path()).unwrap();
+        assert!(matches!(StateDir::open(d.path()), Err(StateError::InUse(_))));
+    }
+
+    #[test]
+    fn corrupt_records_stop_the_open() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (s, _) = StateDir::open(d.path()).unwrap();
+            s.write(&Record::new(lock("a"), 12345, SystemTime::now())).unwrap();
+        }
+        let p = d.path().join("lock-a.json");
+        let good = fs::read_to_string(&p).unwrap();
+        for bad in [
+            good.replace("12345", "12346"),       // bit rot that still parses
+            good[..good.len() / 2].to_string(),   // torn write
+            String::new(),                        // empty file
+            "{\"lock\":\"a\"}".to_string(),       // missing fields
+            good.replace("\"a\"", "\"b\""),        // record moved to another name
+        ] {
+            fs::write(&p, &bad).unwrap();
+            let err = StateDir::open(d.path()).unwrap_err();
+            assert!(matches!(err, StateError::Corrupt { .. }), "{bad:?} -> {err}");
+        }
+    }
+
+    #[test]
+    fn leftover_tmp_files_are_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("lock-a.json.tmp"), "garbage").unwrap();
+        let (_s, recs) = StateDir::open(d.path()).unwrap();
+        assert!(recs.is_empty());
+        assert!(!d.path().join("lock-a.json.tmp").exists());
+    }
+}

@@ -1,0 +1,282 @@
+//! The wire contract shared by the sidecar, the filter and the tests.
+//!
+//! A fenced write carries two headers:
+//!
+//! * `Fencing-Lock: <name>`: 1..=128 characters of `A-Za-z0-9._-`;
+//! * `Fencing-Token: <decimal u64, > 0>`.
+//!
+//! Parsing is strict on purpose: a header sent twice, a leading `+`, spaces
+//! inside the number, `0` or a value past `u64::MAX` are all malformed. A
+//! lenient parser is how "token 0" or "the first of two tokens" slips past a
+//! check, and the filter fails closed instead.
+
+use std::fmt;
+use std::num::NonZeroU64;
+use std::str::FromStr;
+
+use http::{HeaderMap, HeaderName, Method};
+use serde::{Deserialize, Serialize};
+
+/// `Fencing-Lock`: which lock the token belongs to.
+pub static LOCK_HEADER: HeaderName = HeaderName::from_static("fencing-lock");
+/// `Fencing-Token`: the holder's fencing token.
+pub static TOKEN_HEADER: HeaderName = HeaderName::from_static("fencing-token");
+/// Every header whose name starts with this belongs to fencegate; the sidecar
+/// strips all of them from what the app sends.
+pub const HEADER_PREFIX: &str = "fencing-";
+
+/// Longest lock name accepted.
+pub const MAX_LOCK_LEN: usize = 128;
+
+/// A validated lock name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LockName(String);
+
+impl LockName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LockName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for LockName {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Self, TokenError> {
+        let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if s.is_empty() || s.len() > MAX_LOCK_LEN || !s.chars().all(ok_char) {
+            return Err(TokenError::Malformed(format!(
+                "lock name must be 1..={MAX_LOCK_LEN} characters of A-Za-z0-9._- (got {:?})",
+                truncate(s)
+            )));
+        }
+        Ok(LockName(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for LockName {
+    type Error = TokenError;
+    fn try_from(s: String) -> Result<Self, TokenError> {
+        s.parse()
+    }
+}
+
+impl From<LockName> for String {
+    fn from(l: LockName) -> String {
+        l.0
+    }
+}
+
+/// A fencing token: a positive integer that grows with every new lock holder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Token(NonZeroU64);
+
+impl Token {
+    pub fn new(v: u64) -> Option<Token> {
+        NonZeroU64::new(v).map(Token)
+    }
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl FromStr for Token {
+    type Err = TokenError;
+    fn from_str(s: &str) -> Result<Self, TokenError> {
+        // u64::from_str accepts a leading '+'; the contract says plain digits.
+        if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(TokenError::Malformed(format!(
+                "fencing token must be a decimal integer in 1..=2^64-1 (got {:?})",
+                truncate(s)
+            )));
+        }
+        let v: u64 = s.parse().map_err(|_| {
+            TokenError::Malformed(format!("fencing token {:?} overflows a u64", truncate(s)))
+        })?;
+        Token::new(v).ok_or_else(|| TokenError::Malformed("fencing token must be greater than 0".into()))
+    }
+}
+
+/// What can be wrong with the fencing headers of a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// One or both headers are absent (HTTP 428).
+    #[error("{0}")]
+    Missing(String),
+    /// A header is present but not valid (HTTP 400).
+    #[error("{0}")]
+    Malformed(String),
+}
+
+/// The lock and token a request carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub lock: LockName,
+    pub token: Token,
+}
+
+/// Reads the fencing headers of a request.
+///
+/// Malformed beats missing: a request with a bad `Fencing-Token` and no
+/// `Fencing-Lock` is answered 400, since the client clearly meant to fence.
+pub fn parse_headers(headers: &HeaderMap) -> Result<Fence, TokenError> {
+    let lock = single(headers, &LOCK_HEADER)?;
+    let token = single(headers, &TOKEN_HEADER)?;
+    let lock = lock.map(str::parse::<LockName>).transpose()?;
+    let token = token.map(str::parse::<Token>).transpose()?;
+    match (lock, token) {
+        (Some(lock), Some(token)) => Ok(Fence { lock, token }),
+        (None, None) => Err(TokenError::Missing(
+            "this write needs the Fencing-Lock and Fencing-Token headers".into(),
+        )),
+        (None, _) => Err(TokenError::Missing("this write needs the Fencing-Lock header".into())),
+        (_, None) => Err(TokenError::Missing("this write needs the Fencing-Token header".into())),
+    }
+}
+
+fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, TokenError> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(TokenError::Malformed(format!("the {name} header must appear once")));
+    }
+    first
+        .to_str()
+        .map(Some)
+        .map_err(|_| TokenError::Malformed(format!("the {name} header is not visible ASCII")))
+}
+
+/// Writes the two headers, replacing any present.
+pub fn insert_headers(headers: &mut HeaderMap, lock: &LockName, token: Token) {
+    // Both values are validated ASCII, so the conversions cannot fail.
+    headers.insert(LOCK_HEADER.clone(), lock.as_str().parse().expect("lock names are header-safe"));
+    headers.insert(TOKEN_HEADER.clone(), token.get().into());
+}
+
+/// Removes every `Fencing-*` header: the sidecar's trust boundary.
+pub fn strip_headers(headers: &mut HeaderMap) {
+    let names: Vec<HeaderName> =
+        headers.keys().filter(|n| n.as_str().starts_with(HEADER_PREFIX)).cloned().collect();
+    for n in names {
+        headers.remove(&n);
+    }
+}
+
+/// Which methods count as reads; everything else is a write.
+#[derive(Clone, Debug)]
+pub struct ReadMethods(Vec<Method>);
+
+impl Default for ReadMethods {
+    fn default() -> Self {
+        ReadMethods::parse("GET,HEAD,OPTIONS,TRACE,PROPFIND").expect("static list")
+    }
+}
+
+impl ReadMethods {
+    /// A comma-separated list of method names, e.g. `GET,HEAD`.
+    pub fn parse(list: &str) -> Result<Self, String> {
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Method::from_bytes(s.as_bytes()).map_err(|_| format!("bad method name {s:?}")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(ReadMethods)
+    }
+
+    pub fn is_write(&self, m: &Method) -> bool {
+        !self.0.contains(m)
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(40).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hm(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn parses_a_good_pair() {
+        let f = parse_headers(&hm(&[("Fencing-Lock", "orders.v1_a-b"), ("Fencing-Token", "42")])).unwrap();
+        assert_eq!(f.lock.as_str(), "orders.v1_a-b");
+        assert_eq!(f.token.get(), 42);
+        let max = parse_headers(&hm(&[("fencing-lock", "x"), ("fencing-token", "18446744073709551615")]));
+        assert_eq!(max.unwrap().token.get(), u64::MAX);
+    }
+
+    #[test]
+    fn missing_headers_are_missing() {
+        for h in [hm(&[]), hm(&[("Fencing-Lock", "a")]), hm(&[("Fencing-Token", "1")])] {
+            assert!(matches!(parse_headers(&h), Err(TokenError::Missing(_))), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_values_are_malformed() {
+        let long = "a".repeat(129);
+        let cases: Vec<Vec<(&str, &str)>> = vec![
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "0")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "-1")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "+1")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "1.0")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "abc")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "18446744073709551616")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "99999999999999999999999")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "1"), ("Fencing-Token", "2")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Lock", "a"), ("Fencing-Token", "1")],
+            vec![("Fencing-Lock", "a/b"), ("Fencing-Token", "1")],
+            vec![("Fencing-Lock", "a b"), ("Fencing-Token", "1")],
+            vec![("Fencing-Lock", ""), ("Fencing-Token", "1")],
+            vec![("Fencing-Lock", &long), ("Fencing-Token", "1")],
+            vec![("Fencing-Token", "zero")],
+        ];
+        for c in cases {
+            assert!(matches!(parse_headers(&hm(&c)), Err(TokenError::Malformed(_))), "{c:?}");
+        }
+        let ok = "a".repeat(128);
+        assert!(parse_headers(&hm(&[("Fencing-Lock", &ok), ("Fencing-Token", "1")])).is_ok());
+    }
+
+    #[test]
+    fn strip_removes_every_fencing_header() {
+        let mut h = hm(&[("Fencing-Lock", "a"), ("fencing-token", "9"), ("Fencing-Other", "x"), ("x-keep", "1")]);
+        strip_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn read_methods() {
+        let r = ReadMethods::default();
+        for m in ["GET", "HEAD", "OPTIONS", "TRACE", "PROPFIND"] {
+            assert!(!r.is_write(&Method::from_bytes(m.as_bytes()).unwrap()));
+        }
+        for m in ["PUT", "POST", "DELETE", "PATCH", "MKCOL", "COPY", "MOVE", "PROPPATCH", "LOCK"] {
+            assert!(r.is_write(&Method::from_bytes(m.as_bytes()).unwrap()));
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! The history checker (filled in by the end-to-end tests).

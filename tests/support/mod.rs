@@ -1,0 +1,407 @@
+//! Real parts for integration tests: nginx with WebDAV, etcd, fencegate
+//! processes, and a small HTTP client. Everything runs on free loopback
+//! ports in temporary directories and is stopped on drop.
+//!
+//! A missing part (nginx, etcd) is a loud failure, never a skip.
+#![allow(dead_code)]
+
+pub mod history;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_port(addr: SocketAddr, within: Duration) {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("nothing listens on {addr} after {within:?}");
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+    pub fn signal(&self, sig: i32) {
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+    /// Waits for exit, returning the exit code (None if killed by a signal).
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st.code();
+            }
+            if Instant::now() > end {
+                panic!("{} did not exit within {within:?}; log:\n{}", self.name, self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // A stopped process must be continued to die promptly under some kernels' accounting.
+        self.signal(libc::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a program with stdout and stderr to a log file in `dir`.
+pub fn spawn(name: &str, dir: &Path, program: &str, args: &[String], env: &[(&str, &str)]) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {program}: {e} (is it installed? run scripts/test.sh)"));
+    Proc { child, name: name.into(), log }
+}
+
+/// Path of the fencegate binary under test.
+pub fn fencegate_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fencegate")
+}
+
+fn need(program: &str) -> String {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/bin", "/usr/local/sbin"] {
+        let p = Path::new(dir).join(program);
+        if p.exists() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    panic!("{program} is not installed: the tests need it (scripts/test.sh installs it)");
+}
+
+/// A real nginx serving WebDAV from a temp directory.
+pub struct Nginx {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl Nginx {
+    pub fn start() -> Nginx {
+        let bin = need("nginx");
+        let module = "/usr/lib/nginx/modules/ngx_http_dav_ext_module.so";
+        assert!(Path::new(module).exists(), "{module} is missing: apt-get install libnginx-mod-http-dav-ext");
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["data", "tmp"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        // When we run as root, nginx's workers run as www-data: they must be
+        // able to reach and write the data and temp dirs.
+        let is_root = unsafe { libc::geteuid() } == 0;
+        let user_line = if is_root {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let out = Command::new("id").args(["-u", "www-data"]).output().unwrap();
+            let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("user www-data exists");
+            let gid: u32 = String::from_utf8_lossy(&Command::new("id").args(["-g", "www-data"]).output().unwrap().stdout)
+                .trim()
+                .parse()
+                .unwrap();
+            for d in ["data", "tmp"] {
+                std::os::unix::fs::chown(root.join(d), Some(uid), Some(gid)).unwrap();
+            }
+            "user www-data www-data;"
+        } else {
+            ""
+        };
+        let port = free_port();
+        let r = root.display();
+        let conf = format!(
+            r#"{user_line}
+load_module {module};
+daemon off;
+worker_processes 2;
+pid {r}/nginx.pid;
+error_log {r}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {r}/tmp/body;
+  proxy_temp_path {r}/tmp/proxy;
+  fastcgi_temp_path {r}/tmp/fastcgi;
+  uwsgi_temp_path {r}/tmp/uwsgi;
+  scgi_temp_path {r}/tmp/scgi;
+  keepalive_requests 100000;
+  server {{
+    listen 127.0.0.1:{port};
+    root {r}/data;
+    client_max_body_size 0;
+    location / {{
+      dav_methods PUT DELETE MKCOL COPY MOVE;
+      dav_ext_methods PROPFIND OPTIONS;
+      create_full_put_path on;
+      dav_access user:rw group:rw all:r;
+    }}
+  }}
+}}
+"#
+        );
+        std::fs::write(root.join("nginx.conf"), conf).unwrap();
+        let proc = spawn(
+            "nginx",
+            root,
+            &bin,
+            &["-c".into(), root.join("nginx.conf").display().to_string(), "-p".into(), r.to_string(), "-e".into(), format!("{r}/error.log")],
+            &[],
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_port(addr, Duration::from_secs(10));
+        Nginx { proc, addr, dir }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// What the store really holds at `path`, read from nginx directly.
+    pub async fn get(&self, path: &str) -> Option<String> {
+        let r = request("GET", &format!("{}{path}", self.url()), &[], "").await;
+        match r.status {
+            200 => Some(r.body),
+            404 => None,
+            s => panic!("nginx GET {path}: {s} {}", r.body),
+        }
+    }
+}
+
+/// A real single-node etcd on free ports in a temp dir.
+pub struct Etcd {
+    pub proc: Option<Proc>,
+    pub client_url: String,
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+    bin: String,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let bin = need("etcd");
+        let dir = tempfile::tempdir().unwrap();
+        let (cport, pport) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{cport}");
+        let peer_url = format!("http://127.0.0.1:{pport}");
+        let args: Vec<String> = [
+            "--name", "t",
+            "--data-dir", &dir.path().join("data").display().to_string(),
+            "--listen-client-urls", &client_url,
+            "--advertise-client-urls", &client_url,
+            "--listen-peer-urls", &peer_url,
+            "--initial-advertise-peer-urls", &peer_url,
+            "--initial-cluster", &format!("t={peer_url}"),
+            "--log-level", "warn",
+            "--logger", "zap",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut e = Etcd { proc: None, client_url, dir, args, bin };
+        e.resume();
+        e
+    }
+
+    /// Starts etcd again on the same data dir and ports.
+    pub fn resume(&mut self) {
+        let p = spawn("etcd", self.dir.path(), &self.bin, &self.args, &[("ETCD_UNSUPPORTED_ARCH", "")]);
+        self.proc = Some(p);
+        let addr: SocketAddr = self.client_url.trim_start_matches("http://").parse().unwrap();
+        wait_port(addr, Duration::from_secs(15));
+        // Ready once it answers a request.
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end {
+            if let Ok(mut s) = TcpStream::connect(addr) {
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut buf = String::new();
+                let _ = s.read_to_string(&mut buf);
+                if buf.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("etcd did not become healthy");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill9();
+        }
+    }
+}
+
+/// A response: status, headers, body as text.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// One HTTP request with a fresh connection.
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut b = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+        .await
+        .unwrap_or_else(|_| panic!("{method} {url} timed out"))
+        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+/// A fenced PUT.
+pub async fn put(url: &str, lock: &str, token: u64, body: &str) -> Resp {
+    request("PUT", url, &[("Fencing-Lock", lock), ("Fencing-Token", &token.to_string())], body).await
+}
+
+/// A request written by hand on a raw socket, so a test can send its body
+/// slowly, in parts.
+pub struct RawRequest {
+    stream: tokio::net::TcpStream,
+}
+
+impl RawRequest {
+    /// Sends the head of a PUT with `Content-Length: len` and `first` bytes of body.
+    pub async fn start(addr: SocketAddr, path: &str, headers: &[(&str, String)], len: usize, first: &[u8]) -> RawRequest {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut head = format!("PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {len}\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(first).await.unwrap();
+        s.flush().await.unwrap();
+        RawRequest { stream: s }
+    }
+
+    pub async fn send(&mut self, more: &[u8]) -> std::io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(more).await?;
+        self.stream.flush().await
+    }
+
+    /// Reads the status code of the response (and drains what is there).
+    pub async fn status(mut self) -> u16 {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buf)).await.expect("response in time").unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+        let text = String::from_utf8_lossy(&got);
+        text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}"))
+    }
+}
+
+/// A fencegate filter process.
+pub struct FilterProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub args: Vec<String>,
+}
+
+impl FilterProc {
+    /// Starts `fencegate filter` in front of `upstream` with extra `args`.
+    pub fn start(dir: &Path, upstream: &str, state_dir: &Path, args: &[&str]) -> FilterProc {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut all: Vec<String> = vec![
+            "filter".into(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{admin_port}"),
+            "--upstream".into(),
+            upstream.into(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+        ];
+        all.extend(args.iter().map(|s| s.to_string()));
+        let proc = spawn("filter", dir, fencegate_bin(), &all, &[("RUST_LOG", "info,fencegate=debug")]);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        let mut f = FilterProc { proc, addr, admin, args: all };
+        let end = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect_timeout(&admin, Duration::from_millis(100)).is_err() {
+            if let Some(st) = f.proc.child.try_wait().unwrap() {
+                panic!("filter exited ({st}) at start:\n{}", f.proc.log_text());
+            }
+            assert!(Instant::now() < end, "filter did not start:\n{}", f.proc.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = &mut f;
+        f
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+}

@@ -144,3 +144,125 @@ pub fn init_logging(args: &LogArgs) {
         b.init();
     }
 }
+
+/// How to reach etcd.
+#[derive(Args, Debug, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (http:// or https://).
+    #[arg(long = "etcd", env = "FENCEGATE_ETCD", value_delimiter = ',', required = true)]
+    pub endpoints: Vec<String>,
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "FENCEGATE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// CA bundle (PEM) that signed etcd's server certificate.
+    #[arg(long, env = "FENCEGATE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "FENCEGATE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "FENCEGATE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Deadline for one etcd call.
+    #[arg(long, env = "FENCEGATE_ETCD_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub etcd_timeout: Duration,
+}
+
+impl EtcdArgs {
+    pub fn options(&self) -> crate::lease::etcd::EtcdOptions {
+        crate::lease::etcd::EtcdOptions {
+            endpoints: self.endpoints.clone(),
+            user: self.etcd_user.clone(),
+            password: self.etcd_password.clone(),
+            ca_file: self.etcd_ca.clone(),
+            cert_file: self.etcd_cert.clone(),
+            key_file: self.etcd_key.clone(),
+            call_timeout: self.etcd_timeout,
+        }
+    }
+}
+
+/// `fencegate sidecar`: hold the app's lock and inject its fencing token.
+#[derive(Args, Debug, Clone)]
+pub struct SidecarArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// The lock this app's instances share.
+    #[arg(long, env = "FENCEGATE_LOCK")]
+    pub lock: LockName,
+    /// This instance's name (the pod name on Kubernetes).
+    #[arg(long, env = "FENCEGATE_HOLDER")]
+    pub holder: String,
+    /// Lease TTL: how long a silent holder keeps the lock in etcd.
+    #[arg(long, env = "FENCEGATE_TTL", default_value = "10s", value_parser = duration)]
+    pub ttl: Duration,
+    /// Self-fencing margin: stop writing this long before the lease could expire (default: TTL/10, at least 200ms).
+    #[arg(long, env = "FENCEGATE_SAFETY_MARGIN", value_parser = duration)]
+    pub safety_margin: Option<Duration>,
+    /// The app's proxy address.
+    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "127.0.0.1:15001")]
+    pub listen: SocketAddr,
+    /// Where writes go: the filter in front of the store.
+    #[arg(long, env = "FENCEGATE_UPSTREAM")]
+    pub upstream: String,
+    /// Local API: /v1/lock, /v1/lock/events, /v1/lock/release, /healthz, /readyz, /metrics.
+    #[arg(long, env = "FENCEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
+    pub admin_listen: SocketAddr,
+    /// etcd key prefix for lock queues.
+    #[arg(long, env = "FENCEGATE_KEY_PREFIX", default_value = "/fencegate/locks")]
+    pub key_prefix: String,
+    /// Filters' admin URLs to fence on takeover (repeatable or comma-separated).
+    #[arg(long = "fence", env = "FENCEGATE_FENCE", value_delimiter = ',', value_name = "URL")]
+    pub fence: Vec<String>,
+    /// Longest the takeover waits for filters to confirm the fence.
+    #[arg(long, env = "FENCEGATE_FENCE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub fence_timeout: Duration,
+    /// After POST /v1/lock/release, wait this long before campaigning again.
+    #[arg(long, env = "FENCEGATE_RELEASE_PAUSE", default_value = "1s", value_parser = duration)]
+    pub release_pause: Duration,
+    /// /readyz answers 200 even when this instance does not hold the lock.
+    #[arg(long, env = "FENCEGATE_READY_ALWAYS")]
+    pub ready_always: bool,
+    /// Refuse reads too while the lock is not held (default: reads always pass).
+    #[arg(long, env = "FENCEGATE_READS_NEED_LEASE")]
+    pub reads_need_lease: bool,
+    /// Methods that are reads (everything else is a write).
+    #[arg(long, env = "FENCEGATE_READ_METHODS", default_value = "GET,HEAD,OPTIONS,TRACE,PROPFIND")]
+    pub read_methods: String,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+impl SidecarArgs {
+    pub fn config(&self) -> Result<crate::sidecar::SidecarConfig, String> {
+        use crate::lease::keeper::{default_margin, KeeperConfig};
+        let margin = self.safety_margin.unwrap_or_else(|| default_margin(self.ttl));
+        if margin >= self.ttl {
+            return Err(format!("--safety-margin ({margin:?}) must be below --ttl ({:?})", self.ttl));
+        }
+        if self.ttl < Duration::from_secs(2) {
+            return Err("--ttl must be at least 2s (etcd's smallest lease)".into());
+        }
+        let keeper = KeeperConfig {
+            lock: self.lock.clone(),
+            holder: self.holder.clone(),
+            ttl: self.ttl,
+            margin,
+            key_prefix: self.key_prefix.clone(),
+            fence_urls: self.fence.clone(),
+            fence_timeout: self.fence_timeout,
+            release_pause: self.release_pause,
+        };
+        let mut c = crate::sidecar::SidecarConfig::new(keeper, self.upstream.clone());
+        c.read_methods = ReadMethods::parse(&self.read_methods)?;
+        c.reads_need_lease = self.reads_need_lease;
+        c.ready_always = self.ready_always;
+        c.connect_timeout = self.limits.connect_timeout;
+        c.upstream_timeout = self.limits.upstream_timeout;
+        c.limits = self.limits.server();
+        Ok(c)
+    }
+}

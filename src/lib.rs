@@ -27,6 +27,8 @@
 
 pub mod config;
 pub mod filter;
+pub mod lease;
 pub mod metrics;
 pub mod proxy;
+pub mod sidecar;
 pub mod token;

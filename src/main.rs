@@ -2,7 +2,9 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fencegate::config::{self, FilterArgs, LogArgs};
+use std::sync::Arc;
+
+use fencegate::config::{self, FilterArgs, LogArgs, SidecarArgs};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -18,6 +20,12 @@ struct Cli {
 enum Cmd {
     /// Run in front of a store: refuse writes whose fencing token is stale.
     Filter(FilterArgs),
+    /// Run beside an app: hold its lock in etcd and inject the fencing token into its writes.
+    Sidecar(SidecarArgs),
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
 }
 
 #[tokio::main]
@@ -27,14 +35,22 @@ async fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Filter(args) => {
             let cfg = args.config().map_err(anyhow::Error::msg)?;
-            let listener = TcpListener::bind(args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+            let listener = bind(args.listen).await?;
             let admin = match args.admin_listen {
-                Some(a) => Some(TcpListener::bind(a).await.with_context(|| format!("binding {a}"))?),
+                Some(a) => Some(bind(a).await?),
                 None => None,
             };
             fencegate::filter::run(cfg, listener, admin, fencegate::proxy::shutdown_signal())
                 .await
                 .context("the filter could not start")?;
+        }
+        Cmd::Sidecar(args) => {
+            let cfg = args.config().map_err(anyhow::Error::msg)?;
+            let backend = Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options()));
+            let (listener, admin) = (bind(args.listen).await?, bind(args.admin_listen).await?);
+            fencegate::sidecar::run(cfg, backend, listener, admin, fencegate::proxy::shutdown_signal())
+                .await
+                .map_err(anyhow::Error::msg)?;
         }
     }
     Ok(())

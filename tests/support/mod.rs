@@ -405,3 +405,65 @@ impl FilterProc {
         format!("http://{}", self.admin)
     }
 }
+
+/// A fencegate sidecar process.
+pub struct SidecarProc {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub holder: String,
+}
+
+impl SidecarProc {
+    pub fn start(dir: &Path, etcd: &str, lock: &str, holder: &str, upstream: &str, extra: &[&str]) -> SidecarProc {
+        let (port, admin_port) = (free_port(), free_port());
+        let mut args: Vec<String> = [
+            "sidecar", "--etcd", etcd, "--lock", lock, "--holder", holder, "--ttl", "2s",
+            "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}"),
+            "--upstream", upstream,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = spawn(&format!("sidecar-{holder}"), dir, fencegate_bin(), &args, &[("RUST_LOG", "info,fencegate=debug")]);
+        let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+        wait_port(admin, Duration::from_secs(10));
+        SidecarProc { proc, addr: format!("127.0.0.1:{port}").parse().unwrap(), admin, holder: holder.into() }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// `GET /v1/lock`, or None if the sidecar does not answer.
+    pub async fn lock(&self) -> Option<serde_json::Value> {
+        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let req = http::Request::get(format!("{}/v1/lock", self.admin_url())).body(Full::new(Bytes::new())).unwrap();
+        let r = tokio::time::timeout(Duration::from_millis(500), client.request(req)).await.ok()?.ok()?;
+        let b = r.into_body().collect().await.ok()?.to_bytes();
+        serde_json::from_slice(&b).ok()
+    }
+
+    pub async fn holding(&self) -> Option<u64> {
+        let v = self.lock().await?;
+        if v["holding"].as_bool() == Some(true) { v["token"].as_u64() } else { None }
+    }
+}
+
+/// Polls until one of `sidecars` holds; returns (index, token, time waited).
+pub async fn wait_holder(sidecars: &[&SidecarProc], within: Duration) -> (usize, u64, Duration) {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        for (i, s) in sidecars.iter().enumerate() {
+            if let Some(t) = s.holding().await {
+                return (i, t, start.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no sidecar holds the lock after {within:?}");
+}

@@ -1,0 +1,171 @@
+//! The sidecar's request path as two layers, each doing one thing before
+//! calling the next (the shape of linkerd2-proxy's header layers):
+//!
+//! * [`StripFencing`] removes every `Fencing-*` header the app sent: the app
+//!   is outside the trust boundary and must not forge tokens.
+//! * [`InjectToken`] adds the lock and current token to writes, or answers
+//!   503 `lease_not_held` without forwarding when the lock is not safely held.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, StatusCode};
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use crate::lease::keeper::{LockStatus, Phase};
+use crate::proxy::{json_error, Body};
+use crate::token::{self, LockName, ReadMethods};
+
+/// Removes app-sent `Fencing-*` headers.
+#[derive(Clone, Debug, Default)]
+pub struct StripFencingLayer;
+
+impl<S> Layer<S> for StripFencingLayer {
+    type Service = StripFencing<S>;
+    fn layer(&self, inner: S) -> StripFencing<S> {
+        StripFencing { inner }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StripFencing<S> {
+    inner: S,
+}
+
+impl<S, B> Service<Request<B>> for StripFencing<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        token::strip_headers(req.headers_mut());
+        self.inner.call(req)
+    }
+}
+
+/// Counters of the sidecar's request path.
+#[derive(Debug, Default)]
+pub struct ProxyStats {
+    pub writes_forwarded: AtomicU64,
+    pub writes_refused: AtomicU64,
+    pub reads_forwarded: AtomicU64,
+    pub reads_refused: AtomicU64,
+}
+
+/// What [`InjectToken`] needs to decide.
+#[derive(Clone, Debug)]
+pub struct InjectConfig {
+    pub lock: LockName,
+    pub read_methods: ReadMethods,
+    /// Refuse reads too while the lock is not held.
+    pub reads_need_lease: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct InjectTokenLayer {
+    cfg: Arc<InjectConfig>,
+    status: watch::Receiver<LockStatus>,
+    stats: Arc<ProxyStats>,
+    /// Set when the sidecar is shutting down: no new writes.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl InjectTokenLayer {
+    pub fn new(
+        cfg: InjectConfig,
+        status: watch::Receiver<LockStatus>,
+        stats: Arc<ProxyStats>,
+        stopping: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Self {
+        InjectTokenLayer { cfg: Arc::new(cfg), status, stats, stopping }
+    }
+}
+
+impl<S> Layer<S> for InjectTokenLayer {
+    type Service = InjectToken<S>;
+    fn layer(&self, inner: S) -> InjectToken<S> {
+        InjectToken { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InjectToken<S> {
+    inner: S,
+    layer: InjectTokenLayer,
+}
+
+type BoxFut<E> = Pin<Box<dyn Future<Output = Result<Response<Body>, E>> + Send>>;
+
+impl<S, B> Service<Request<B>> for InjectToken<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFut<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let l = &self.layer;
+        let is_write = l.cfg.read_methods.is_write(req.method());
+        // Decide on the state as of now: the deadline is checked per request,
+        // so a keeper that has not yet noticed a loss cannot leak a write.
+        let (token, status) = {
+            let s = l.status.borrow();
+            (s.write_token(Instant::now()), s.phase)
+        };
+        let stopping = l.stopping.load(Ordering::Relaxed);
+        if is_write || l.cfg.reads_need_lease {
+            match token {
+                Some(t) if !stopping => token::insert_headers(req.headers_mut(), &l.cfg.lock, t),
+                _ => {
+                    let counter = if is_write { &l.stats.writes_refused } else { &l.stats.reads_refused };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let resp = refusal(&l.cfg.lock, status, stopping);
+                    return Box::pin(async move { Ok(resp) });
+                }
+            }
+        }
+        let counter = if is_write { &l.stats.writes_forwarded } else { &l.stats.reads_forwarded };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Box::pin(self.inner.call(req))
+    }
+}
+
+fn refusal(lock: &LockName, phase: Phase, stopping: bool) -> Response<Body> {
+    let why = if stopping {
+        "the sidecar is shutting down".to_string()
+    } else {
+        match phase {
+            Phase::FencedOut => "a filter has seen a higher token than etcd gave this holder (etcd restored from an old snapshot?); see /v1/lock".into(),
+            Phase::Holding => "the lease may have expired (no keep-alive acknowledged in time): self-fenced".into(),
+            Phase::Fencing => "the lock was just won; the filters are being fenced".into(),
+            _ => "this instance does not hold the lock".into(),
+        }
+    };
+    let mut r = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "lease_not_held",
+        &format!("write not forwarded: {why}"),
+        Some(json!({ "lock": lock, "state": phase })),
+    );
+    r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    r
+}

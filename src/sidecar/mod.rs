@@ -1,0 +1,333 @@
+//! `fencegate sidecar`: holds the app's lock and is its proxy on localhost.
+//!
+//! * The egress proxy (`--listen`) forwards every request to `--upstream`,
+//!   streaming both ways, after [`layers::StripFencing`] and
+//!   [`layers::InjectToken`].
+//! * The local API (`--admin-listen`) tells the app about the lock:
+//!   `GET /v1/lock`, `GET /v1/lock/events` (Server-Sent Events),
+//!   `POST /v1/lock/release`, `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Shutdown order matters for a fast, safe handoff: refuse new writes, let
+//! in-flight ones finish (bounded), *then* revoke the lease so the next
+//! candidate takes over at once, then stop the local API.
+
+pub mod layers;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Incoming;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::registry::Registry;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tower::{ServiceBuilder, ServiceExt};
+
+use crate::lease::keeper::{Keeper, KeeperConfig, KeeperStats, LockStatus, Phase};
+use crate::lease::LeaseBackend;
+use crate::metrics;
+use crate::proxy::{self, json_response, Body, ServerLimits, Upstream};
+use crate::token::ReadMethods;
+use layers::{InjectConfig, InjectTokenLayer, ProxyStats, StripFencingLayer};
+
+/// Everything `fencegate sidecar` is configured with.
+#[derive(Clone, Debug)]
+pub struct SidecarConfig {
+    pub keeper: KeeperConfig,
+    pub upstream: String,
+    pub read_methods: ReadMethods,
+    pub reads_need_lease: bool,
+    /// `/readyz` answers 200 even when not holding.
+    pub ready_always: bool,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub limits: ServerLimits,
+}
+
+impl SidecarConfig {
+    pub fn new(keeper: KeeperConfig, upstream: impl Into<String>) -> Self {
+        SidecarConfig {
+            keeper,
+            upstream: upstream.into(),
+            read_methods: ReadMethods::default(),
+            reads_need_lease: false,
+            ready_always: false,
+            connect_timeout: Duration::from_secs(5),
+            upstream_timeout: Duration::from_secs(60),
+            limits: ServerLimits::default(),
+        }
+    }
+}
+
+/// The running sidecar's shared state (for the local API).
+#[derive(Debug)]
+pub struct Sidecar {
+    cfg: SidecarConfig,
+    status: watch::Receiver<LockStatus>,
+    keeper: parking_lot::Mutex<Option<Keeper>>,
+    keeper_stats: Arc<KeeperStats>,
+    proxy_stats: Arc<ProxyStats>,
+    stopping: Arc<AtomicBool>,
+    registry: Registry,
+}
+
+impl Sidecar {
+    /// Starts the keeper (campaigning at once).
+    pub fn start(cfg: SidecarConfig, backend: Arc<dyn LeaseBackend>) -> Arc<Sidecar> {
+        let keeper = Keeper::spawn(backend, cfg.keeper.clone());
+        let status = keeper.subscribe();
+        let keeper_stats = keeper.stats.clone();
+        Arc::new_cyclic(|weak: &std::sync::Weak<Sidecar>| {
+            let mut registry = Registry::default();
+            registry.register_collector(Box::new(SidecarCollector(weak.clone())));
+            Sidecar {
+                cfg,
+                status,
+                keeper: parking_lot::Mutex::new(Some(keeper)),
+                keeper_stats,
+                proxy_stats: Arc::new(ProxyStats::default()),
+                stopping: Arc::new(AtomicBool::new(false)),
+                registry,
+            }
+        })
+    }
+
+    pub fn status(&self) -> watch::Receiver<LockStatus> {
+        self.status.clone()
+    }
+
+    /// The demo's freeze (see [`Keeper::freeze`]).
+    pub fn freeze(&self, d: Duration) {
+        if let Some(k) = self.keeper.lock().as_ref() {
+            k.freeze(d);
+        }
+    }
+
+    fn lock_json(&self) -> Value {
+        let s = self.status.borrow().clone();
+        let now = Instant::now();
+        let holding = s.write_token(now).is_some();
+        json!({
+            "lock": self.cfg.keeper.lock,
+            "holder": self.cfg.keeper.holder,
+            "holding": holding,
+            "state": s.phase,
+            "token": s.token,
+            "lease_id": s.lease_id.map(|l| format!("{l:x}")),
+            "ttl_ms": s.ttl.as_millis() as u64,
+            "valid_for_ms": s.valid_for(now).as_millis() as u64,
+            "safety_margin_ms": self.cfg.keeper.margin.as_millis() as u64,
+            "fenced_out": s.phase == Phase::FencedOut,
+            "fenced_out_highest": s.fenced_out_highest,
+            "last_error": s.last_error,
+        })
+    }
+
+    /// The local API.
+    pub async fn admin(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz") => proxy::text_response(StatusCode::OK, "text/plain", "ok\n"),
+            (&Method::GET, "/readyz") => {
+                let holding = self.status.borrow().write_token(Instant::now()).is_some();
+                if holding || self.cfg.ready_always {
+                    proxy::text_response(StatusCode::OK, "text/plain", "ready\n")
+                } else {
+                    proxy::text_response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not holding the lock\n")
+                }
+            }
+            (&Method::GET, "/metrics") => proxy::text_response(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                metrics::render(&self.registry),
+            ),
+            (&Method::GET, "/v1/lock") => json_response(StatusCode::OK, &self.lock_json()),
+            (&Method::GET, "/v1/lock/events") => self.events(),
+            (&Method::POST, "/v1/lock/release") => {
+                let was_holding = self.status.borrow().token.is_some();
+                if let Some(k) = self.keeper.lock().as_ref() {
+                    k.release();
+                }
+                json_response(StatusCode::ACCEPTED, &json!({ "released": was_holding }))
+            }
+            (m, p) => proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None),
+        }
+    }
+
+    /// Server-Sent Events: one event per change of state or token, plus a
+    /// `self_fenced` event the moment the safety deadline passes without a
+    /// keep-alive, which can come before the keeper itself gives up.
+    fn events(self: Arc<Self>) -> Response<Body> {
+        struct St {
+            sc: Arc<Sidecar>,
+            rx: watch::Receiver<LockStatus>,
+            last: Option<(Phase, Option<u64>, bool)>,
+        }
+        let rx = self.status.clone();
+        let st = St { sc: self, rx, last: None };
+        let stream = futures_util::stream::unfold(st, |mut st| async move {
+            loop {
+                let s = st.rx.borrow_and_update().clone();
+                let now = Instant::now();
+                let valid = s.write_token(now).is_some();
+                let key = (s.phase, s.token.map(|t| t.get()), valid);
+                if st.last != Some(key) {
+                    let event = match (s.phase, valid) {
+                        (Phase::Holding, true) => "acquired",
+                        (Phase::Holding, false) => "self_fenced",
+                        (Phase::FencedOut, _) => "fenced_out",
+                        (Phase::Fencing, _) => "fencing",
+                        (Phase::Stopped, _) => "stopped",
+                        (Phase::Campaigning, _) if matches!(st.last, Some((Phase::Holding | Phase::Fencing | Phase::FencedOut, ..))) => "lost",
+                        (Phase::Campaigning, _) => "campaigning",
+                    };
+                    st.last = Some(key);
+                    let data = st.sc.lock_json();
+                    let frame = Bytes::from(format!("event: {event}\ndata: {data}\n\n"));
+                    return Some((frame, st));
+                }
+                let deadline = if valid { s.valid_until } else { None };
+                tokio::select! {
+                    r = st.rx.changed() => if r.is_err() { return None },
+                    _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => {
+                        return Some((Bytes::from_static(b": keep-alive\n\n"), st));
+                    }
+                }
+            }
+        });
+        let body = StreamBody::new(stream.map(|b| Ok::<_, hyper::Error>(Frame::data(b)))).boxed_unsync();
+        let mut r = Response::new(body);
+        let h = r.headers_mut();
+        h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));
+        h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+        r
+    }
+}
+
+#[derive(Debug)]
+struct SidecarCollector(std::sync::Weak<Sidecar>);
+
+impl Collector for SidecarCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let Some(sc) = self.0.upgrade() else { return Ok(()) };
+        let s = sc.status.borrow().clone();
+        let lock = || vec![("lock", sc.cfg.keeper.lock.to_string())];
+        let now = Instant::now();
+        let g = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
+            metrics::encode_gauges(enc, name, help, [(lock(), v)])
+        };
+        g(&mut enc, "fencegate_sidecar_holding", "1 while the lock is safely held", s.write_token(now).is_some() as i64)?;
+        g(&mut enc, "fencegate_sidecar_token", "Current fencing token (0 if none)", s.token.map_or(0, |t| t.get() as i64))?;
+        g(&mut enc, "fencegate_sidecar_fenced_out", "1 if a filter has seen a higher token than etcd gave us", (s.phase == Phase::FencedOut) as i64)?;
+        g(&mut enc, "fencegate_sidecar_valid_for_milliseconds", "How long the lock is still safely held", s.valid_for(now).as_millis() as i64)?;
+        let ks = &sc.keeper_stats;
+        let ps = &sc.proxy_stats;
+        let ld = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
+        let c = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64| metrics::encode_counters(enc, name, help, [(lock(), v)]);
+        c(&mut enc, "fencegate_sidecar_acquisitions", "Times this sidecar won the lock", ld(&ks.acquisitions))?;
+        c(&mut enc, "fencegate_sidecar_losses", "Times this sidecar lost or released the lock", ld(&ks.losses))?;
+        c(&mut enc, "fencegate_sidecar_keepalives", "Keep-alives acknowledged", ld(&ks.keepalives))?;
+        c(&mut enc, "fencegate_sidecar_keepalive_failures", "Keep-alives failed or timed out", ld(&ks.keepalive_failures))?;
+        c(&mut enc, "fencegate_sidecar_keepalive_latency_microseconds", "Sum of keep-alive round trips", ld(&ks.keepalive_us_total))?;
+        g(&mut enc, "fencegate_sidecar_last_keepalive_latency_microseconds", "Last keep-alive round trip", ld(&ks.last_keepalive_us) as i64)?;
+        c(&mut enc, "fencegate_sidecar_writes_forwarded", "Writes forwarded with a token", ld(&ps.writes_forwarded))?;
+        c(&mut enc, "fencegate_sidecar_writes_refused", "Writes refused (lock not held)", ld(&ps.writes_refused))?;
+        c(&mut enc, "fencegate_sidecar_reads_forwarded", "Reads forwarded", ld(&ps.reads_forwarded))?;
+        Ok(())
+    }
+}
+
+/// Runs the sidecar on bound listeners until `shutdown` resolves.
+pub async fn run(
+    cfg: SidecarConfig,
+    backend: Arc<dyn LeaseBackend>,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), String> {
+    let upstream = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?;
+    let sc = Sidecar::start(cfg, backend);
+    serve(sc, upstream, listener, admin, shutdown).await;
+    Ok(())
+}
+
+/// Serves a started sidecar (see [`run`]).
+pub async fn serve(
+    sc: Arc<Sidecar>,
+    upstream: Upstream,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let limits = sc.cfg.limits.clone();
+    let forward = tower::service_fn(move |req: Request<Incoming>| {
+        let upstream = upstream.clone();
+        async move {
+            let peer = req.extensions().get::<SocketAddr>().copied().unwrap_or(([127, 0, 0, 1], 0).into());
+            Ok::<_, Infallible>(match upstream.send(req, peer).await {
+                Ok(r) => r.map(proxy::stream),
+                Err(e) => e.into_response(),
+            })
+        }
+    });
+    let inject = InjectConfig {
+        lock: sc.cfg.keeper.lock.clone(),
+        read_methods: sc.cfg.read_methods.clone(),
+        reads_need_lease: sc.cfg.reads_need_lease,
+    };
+    let svc = ServiceBuilder::new()
+        .layer(StripFencingLayer)
+        .layer(InjectTokenLayer::new(inject, sc.status(), sc.proxy_stats.clone(), sc.stopping.clone()))
+        .service(forward);
+
+    let stop_proxy = CancellationToken::new();
+    let stop_admin = CancellationToken::new();
+    tracing::info!(
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        lock = %sc.cfg.keeper.lock, holder = %sc.cfg.keeper.holder, "sidecar serving"
+    );
+    let proxy_task = proxy::serve(
+        listener,
+        limits.clone(),
+        move |mut req: Request<Incoming>, peer| {
+            req.extensions_mut().insert(peer);
+            let svc = svc.clone();
+            async move { svc.oneshot(req).await.unwrap_or_else(|never| match never {}) }
+        },
+        stop_proxy.clone().cancelled_owned(),
+    );
+    let sc2 = sc.clone();
+    let admin_task = proxy::serve(admin, limits, move |req, _| sc2.clone().admin(req), stop_admin.clone().cancelled_owned());
+    let admin_task = tokio::spawn(admin_task);
+
+    // Shutdown order: no new writes, drain the proxy, revoke, stop the API.
+    let sc3 = sc.clone();
+    let sp = stop_proxy.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: refusing new writes, draining");
+        sc3.stopping.store(true, Ordering::Relaxed);
+        sp.cancel();
+    });
+    proxy_task.await;
+    let keeper = sc.keeper.lock().take();
+    if let Some(k) = keeper {
+        k.shutdown().await;
+    }
+    stop_admin.cancel();
+    let _ = admin_task.await;
+    tracing::info!("sidecar stopped");
+}

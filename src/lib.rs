@@ -26,6 +26,7 @@
 //! `127.0.0.1:0` and run the real thing.
 
 pub mod config;
+pub mod demo;
 pub mod filter;
 pub mod lease;
 pub mod metrics;

@@ -22,6 +22,18 @@ enum Cmd {
     Filter(FilterArgs),
     /// Run beside an app: hold its lock in etcd and inject the fencing token into its writes.
     Sidecar(SidecarArgs),
+    /// Watch a zombie lock holder destroy data, then watch fencegate stop it (no etcd needed).
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DemoArgs {
+    /// Run the story against a real etcd (comma-separated endpoints) instead of the embedded backend.
+    #[arg(long, env = "FENCEGATE_ETCD", value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// Lease TTL for the story.
+    #[arg(long, default_value = "2s", value_parser = config::duration)]
+    ttl: std::time::Duration,
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
@@ -31,6 +43,16 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Demo(args) = &cli.cmd {
+        // The demo prints its own timeline; keep logs to warnings unless asked.
+        if std::env::var_os("RUST_LOG").is_none() {
+            std::env::set_var("RUST_LOG", "warn");
+        }
+        config::init_logging(&cli.log);
+        let opts = fencegate::demo::DemoOptions { etcd: args.etcd.clone(), ttl: args.ttl };
+        let ok = fencegate::demo::run(opts).await.map_err(anyhow::Error::msg)?;
+        std::process::exit(if ok { 0 } else { 1 });
+    }
     config::init_logging(&cli.log);
     match cli.cmd {
         Cmd::Filter(args) => {
@@ -44,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .context("the filter could not start")?;
         }
+        Cmd::Demo(_) => unreachable!("handled above"),
         Cmd::Sidecar(args) => {
             let cfg = args.config().map_err(anyhow::Error::msg)?;
             let backend = Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options()));

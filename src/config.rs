@@ -220,6 +220,12 @@ pub struct SidecarArgs {
     /// Longest the takeover waits for filters to confirm the fence.
     #[arg(long, env = "FENCEGATE_FENCE_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub fence_timeout: Duration,
+    /// Hold the lock only once every --fence filter has confirmed (retrying without bound).
+    #[arg(long, env = "FENCEGATE_FENCE_REQUIRED")]
+    pub fence_required: bool,
+    /// TESTS ONLY: keep injecting the last token held whatever the lease says (a naive lock client).
+    #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_SELF_FENCE")]
+    pub unsafe_no_self_fence: bool,
     /// After POST /v1/lock/release, wait this long before campaigning again.
     #[arg(long, env = "FENCEGATE_RELEASE_PAUSE", default_value = "1s", value_parser = duration)]
     pub release_pause: Duration,
@@ -254,12 +260,14 @@ impl SidecarArgs {
             key_prefix: self.key_prefix.clone(),
             fence_urls: self.fence.clone(),
             fence_timeout: self.fence_timeout,
+            fence_required: self.fence_required,
             release_pause: self.release_pause,
         };
         let mut c = crate::sidecar::SidecarConfig::new(keeper, self.upstream.clone());
         c.read_methods = ReadMethods::parse(&self.read_methods)?;
         c.reads_need_lease = self.reads_need_lease;
         c.ready_always = self.ready_always;
+        c.unsafe_no_self_fence = self.unsafe_no_self_fence;
         c.connect_timeout = self.limits.connect_timeout;
         c.upstream_timeout = self.limits.upstream_timeout;
         c.limits = self.limits.server();

@@ -56,6 +56,8 @@ pub enum Phase {
 pub struct LockStatus {
     pub phase: Phase,
     pub token: Option<Token>,
+    /// The token of the last time this sidecar held the lock (kept after a loss).
+    pub last_token: Option<Token>,
     pub lease_id: Option<i64>,
     /// TTL granted by the backend.
     pub ttl: Duration,
@@ -109,6 +111,11 @@ pub struct KeeperConfig {
     pub fence_urls: Vec<String>,
     /// Longest the initial fencing may take before holding anyway.
     pub fence_timeout: Duration,
+    /// Hold only once every filter has confirmed the fence (retrying without
+    /// bound), instead of holding after `fence_timeout` and retrying in the
+    /// background. Closes the window in which a zombie could still write to a
+    /// filter that was unreachable at takeover.
+    pub fence_required: bool,
     /// After a voluntary release, how long to wait before campaigning again.
     pub release_pause: Duration,
 }
@@ -123,6 +130,7 @@ impl KeeperConfig {
             key_prefix: "/fencegate/locks".into(),
             fence_urls: vec![],
             fence_timeout: Duration::from_secs(5),
+            fence_required: false,
             release_pause: Duration::from_secs(1),
         }
     }
@@ -156,6 +164,7 @@ impl Keeper {
         let (tx, rx) = watch::channel(LockStatus {
             phase: Phase::Campaigning,
             token: None,
+            last_token: None,
             lease_id: None,
             ttl: cfg.ttl,
             valid_until: None,
@@ -359,6 +368,7 @@ impl Task {
         self.tx.send_modify(|s| {
             s.phase = Phase::Fencing;
             s.token = Some(token);
+            s.last_token = Some(token);
         });
 
         // Fence the filters (bounded), keeping the lease alive meanwhile.
@@ -533,10 +543,20 @@ async fn fence_all(cfg: &KeeperConfig, token: Token, retries: &mut JoinSet<()>, 
         let t = cfg.fence_timeout;
         async move { (fence_one(&url, &lock, token, t).await, url) }
     });
-    let answers = match tokio::time::timeout(cfg.fence_timeout, futures_util::future::join_all(calls)).await {
+    let mut answers = match tokio::time::timeout(cfg.fence_timeout, futures_util::future::join_all(calls)).await {
         Ok(a) => a,
         Err(_) => cfg.fence_urls.iter().map(|u| (FenceAnswer::Failed("timed out".into()), u.clone())).collect(),
     };
+    if cfg.fence_required {
+        // Retry in the foreground until every filter has answered for sure.
+        for (answer, url) in answers.iter_mut() {
+            while let FenceAnswer::Failed(why) = answer {
+                tracing::warn!(filter = %url, error = %why, "fence required but not confirmed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                *answer = fence_one(url, &cfg.lock, token, cfg.fence_timeout).await;
+            }
+        }
+    }
     for (answer, url) in answers {
         match answer {
             FenceAnswer::Ok => tracing::info!(filter = %url, token = token.get(), "fenced filter"),

@@ -72,6 +72,9 @@ pub struct InjectConfig {
     pub read_methods: ReadMethods,
     /// Refuse reads too while the lock is not held.
     pub reads_need_lease: bool,
+    /// TESTS ONLY: inject the last token held, whatever the lease's state,
+    /// like a naive lock client; the filter is then the only defence.
+    pub unsafe_no_self_fence: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -129,7 +132,8 @@ where
         // so a keeper that has not yet noticed a loss cannot leak a write.
         let (token, status) = {
             let s = l.status.borrow();
-            (s.write_token(Instant::now()), s.phase)
+            let t = if l.cfg.unsafe_no_self_fence { s.last_token } else { s.write_token(Instant::now()) };
+            (t, s.phase)
         };
         let stopping = l.stopping.load(Ordering::Relaxed);
         if is_write || l.cfg.reads_need_lease {

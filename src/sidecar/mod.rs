@@ -51,6 +51,8 @@ pub struct SidecarConfig {
     pub reads_need_lease: bool,
     /// `/readyz` answers 200 even when not holding.
     pub ready_always: bool,
+    /// TESTS ONLY: see [`layers::InjectConfig::unsafe_no_self_fence`].
+    pub unsafe_no_self_fence: bool,
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub limits: ServerLimits,
@@ -64,6 +66,7 @@ impl SidecarConfig {
             read_methods: ReadMethods::default(),
             reads_need_lease: false,
             ready_always: false,
+            unsafe_no_self_fence: false,
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             limits: ServerLimits::default(),
@@ -125,6 +128,7 @@ impl Sidecar {
             "holding": holding,
             "state": s.phase,
             "token": s.token,
+            "last_token": s.last_token,
             "lease_id": s.lease_id.map(|l| format!("{l:x}")),
             "ttl_ms": s.ttl.as_millis() as u64,
             "valid_for_ms": s.valid_for(now).as_millis() as u64,
@@ -286,6 +290,7 @@ pub async fn serve(
         lock: sc.cfg.keeper.lock.clone(),
         read_methods: sc.cfg.read_methods.clone(),
         reads_need_lease: sc.cfg.reads_need_lease,
+        unsafe_no_self_fence: sc.cfg.unsafe_no_self_fence,
     };
     let svc = ServiceBuilder::new()
         .layer(StripFencingLayer)

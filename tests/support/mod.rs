@@ -95,6 +95,20 @@ pub fn spawn(name: &str, dir: &Path, program: &str, args: &[String], env: &[(&st
     Proc { child, name: name.into(), log }
 }
 
+/// Path of an example binary (built by `cargo test` beside the test binaries).
+pub fn example_bin(name: &str) -> String {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().join("examples").join(name);
+    assert!(dir.exists(), "{} is missing: build the examples (cargo build --examples)", dir.display());
+    dir.display().to_string()
+}
+
+/// The state letter of a process (`R`, `S`, `T` for stopped, ...).
+pub fn proc_state(pid: i32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.trim().chars().next()
+}
+
 /// Path of the fencegate binary under test.
 pub fn fencegate_bin() -> &'static str {
     env!("CARGO_BIN_EXE_fencegate")
@@ -364,16 +378,22 @@ pub struct FilterProc {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub args: Vec<String>,
+    pub dir: PathBuf,
 }
 
 impl FilterProc {
     /// Starts `fencegate filter` in front of `upstream` with extra `args`.
     pub fn start(dir: &Path, upstream: &str, state_dir: &Path, args: &[&str]) -> FilterProc {
+        Self::start_on("127.0.0.1", dir, upstream, state_dir, args)
+    }
+
+    /// The same, listening on `host` (e.g. `0.0.0.0` to be reachable from a test namespace).
+    pub fn start_on(host: &str, dir: &Path, upstream: &str, state_dir: &Path, args: &[&str]) -> FilterProc {
         let (port, admin_port) = (free_port(), free_port());
         let mut all: Vec<String> = vec![
             "filter".into(),
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{host}:{port}"),
             "--admin-listen".into(),
             format!("127.0.0.1:{admin_port}"),
             "--upstream".into(),
@@ -385,17 +405,23 @@ impl FilterProc {
         let proc = spawn("filter", dir, fencegate_bin(), &all, &[("RUST_LOG", "info,fencegate=debug")]);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
-        let mut f = FilterProc { proc, addr, admin, args: all };
+        let f = FilterProc { proc, addr, admin, args: all, dir: dir.to_owned() };
+        f.wait_started();
+        f
+    }
+
+    fn wait_started(&self) {
         let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&admin, Duration::from_millis(100)).is_err() {
-            if let Some(st) = f.proc.child.try_wait().unwrap() {
-                panic!("filter exited ({st}) at start:\n{}", f.proc.log_text());
-            }
-            assert!(Instant::now() < end, "filter did not start:\n{}", f.proc.log_text());
+        while TcpStream::connect_timeout(&self.admin, Duration::from_millis(100)).is_err() {
+            assert!(Instant::now() < end, "filter did not start:\n{}", self.proc.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = &mut f;
-        f
+    }
+
+    /// Starts the same filter again (same ports, flags and state dir).
+    pub fn restart(&mut self) {
+        self.proc = spawn("filter", &self.dir, fencegate_bin(), &self.args, &[("RUST_LOG", "info,fencegate=debug")]);
+        self.wait_started();
     }
 
     pub fn url(&self) -> String {
@@ -412,6 +438,8 @@ pub struct SidecarProc {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub holder: String,
+    pub args: Vec<String>,
+    pub dir: PathBuf,
 }
 
 impl SidecarProc {
@@ -429,7 +457,13 @@ impl SidecarProc {
         let proc = spawn(&format!("sidecar-{holder}"), dir, fencegate_bin(), &args, &[("RUST_LOG", "info,fencegate=debug")]);
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         wait_port(admin, Duration::from_secs(10));
-        SidecarProc { proc, addr: format!("127.0.0.1:{port}").parse().unwrap(), admin, holder: holder.into() }
+        SidecarProc { proc, addr: format!("127.0.0.1:{port}").parse().unwrap(), admin, holder: holder.into(), args, dir: dir.to_owned() }
+    }
+
+    /// Starts the same sidecar again (same ports and flags) after it died.
+    pub fn restart(&mut self) {
+        self.proc = spawn(&format!("sidecar-{}", self.holder), &self.dir, fencegate_bin(), &self.args, &[("RUST_LOG", "info,fencegate=debug")]);
+        wait_port(self.admin, Duration::from_secs(10));
     }
 
     pub fn url(&self) -> String {

@@ -211,6 +211,9 @@ pub struct SidecarArgs {
     /// Local API: /v1/lock, /v1/lock/events, /v1/lock/release, /healthz, /readyz, /metrics.
     #[arg(long, env = "FENCEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
+    /// Health port for kubelet probes: only /healthz, /readyz and /metrics (the local API stays on --admin-listen).
+    #[arg(long, env = "FENCEGATE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// etcd key prefix for lock queues.
     #[arg(long, env = "FENCEGATE_KEY_PREFIX", default_value = "/fencegate/locks")]
     pub key_prefix: String,
@@ -272,5 +275,77 @@ impl SidecarArgs {
         c.upstream_timeout = self.limits.upstream_timeout;
         c.limits = self.limits.server();
         Ok(c)
+    }
+}
+
+/// `fencegate injector`: the Kubernetes mutating admission webhook.
+#[derive(Args, Debug, Clone)]
+pub struct InjectorArgs {
+    /// HTTPS address (POST /mutate, GET /healthz).
+    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// TLS certificate chain (PEM); re-read when it changes.
+    #[arg(long, env = "FENCEGATE_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// TLS private key (PEM); re-read when it changes.
+    #[arg(long, env = "FENCEGATE_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// How often to check the TLS files for changes.
+    #[arg(long, env = "FENCEGATE_TLS_RELOAD", default_value = "5s", value_parser = duration)]
+    pub tls_reload: Duration,
+    /// Sidecar image.
+    #[arg(long, env = "FENCEGATE_IMAGE", default_value = "ghcr.io/fencegate/fencegate:0.1.0")]
+    pub image: String,
+    #[arg(long, env = "FENCEGATE_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    pub image_pull_policy: String,
+    /// etcd endpoints given to sidecars (comma-separated).
+    #[arg(long, env = "FENCEGATE_ETCD_ENDPOINTS", default_value = "http://etcd:2379")]
+    pub etcd_endpoints: String,
+    /// Secret (ca.crt, tls.crt, tls.key) mounted into sidecars for etcd TLS.
+    #[arg(long, env = "FENCEGATE_ETCD_TLS_SECRET")]
+    pub etcd_tls_secret: Option<String>,
+    /// Lease TTL when a pod does not set fencegate.io/ttl.
+    #[arg(long, env = "FENCEGATE_DEFAULT_TTL", default_value = "10s", value_parser = duration)]
+    pub default_ttl: Duration,
+    #[arg(long, env = "FENCEGATE_CPU_REQUEST", default_value = "10m")]
+    pub cpu_request: String,
+    #[arg(long, env = "FENCEGATE_MEMORY_REQUEST", default_value = "16Mi")]
+    pub memory_request: String,
+    #[arg(long, env = "FENCEGATE_CPU_LIMIT")]
+    pub cpu_limit: Option<String>,
+    #[arg(long, env = "FENCEGATE_MEMORY_LIMIT", default_value = "64Mi")]
+    pub memory_limit: Option<String>,
+    #[arg(long, env = "FENCEGATE_PROXY_PORT", default_value_t = 15001)]
+    pub proxy_port: u16,
+    #[arg(long, env = "FENCEGATE_ADMIN_PORT", default_value_t = 15000)]
+    pub admin_port: u16,
+    #[arg(long, env = "FENCEGATE_HEALTH_PORT", default_value_t = 15020)]
+    pub health_port: u16,
+    /// Inject a plain container instead of a native sidecar (clusters older than 1.29).
+    #[arg(long, env = "FENCEGATE_LEGACY_SIDECAR")]
+    pub legacy_sidecar: bool,
+    /// Deny pods with bad fencegate.io annotations (default: admit unchanged, with a warning).
+    #[arg(long, env = "FENCEGATE_STRICT")]
+    pub strict: bool,
+}
+
+impl InjectorArgs {
+    pub fn config(&self) -> crate::injector::InjectorConfig {
+        crate::injector::InjectorConfig {
+            image: self.image.clone(),
+            image_pull_policy: self.image_pull_policy.clone(),
+            etcd_endpoints: self.etcd_endpoints.clone(),
+            etcd_tls_secret: self.etcd_tls_secret.clone().filter(|s| !s.is_empty()),
+            default_ttl: self.default_ttl,
+            cpu_request: self.cpu_request.clone(),
+            memory_request: self.memory_request.clone(),
+            cpu_limit: self.cpu_limit.clone().filter(|s| !s.is_empty()),
+            memory_limit: self.memory_limit.clone().filter(|s| !s.is_empty()),
+            proxy_port: self.proxy_port,
+            admin_port: self.admin_port,
+            health_port: self.health_port,
+            native_sidecar: !self.legacy_sidecar,
+            strict: self.strict,
+        }
     }
 }

@@ -28,6 +28,7 @@
 pub mod config;
 pub mod demo;
 pub mod filter;
+pub mod injector;
 pub mod lease;
 pub mod metrics;
 pub mod proxy;

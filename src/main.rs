@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
-use fencegate::config::{self, FilterArgs, LogArgs, SidecarArgs};
+use fencegate::config::{self, FilterArgs, InjectorArgs, LogArgs, SidecarArgs};
 use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
@@ -22,6 +22,8 @@ enum Cmd {
     Filter(FilterArgs),
     /// Run beside an app: hold its lock in etcd and inject the fencing token into its writes.
     Sidecar(SidecarArgs),
+    /// Kubernetes mutating admission webhook: add the sidecar to annotated pods.
+    Injector(InjectorArgs),
     /// Watch a zombie lock holder destroy data, then watch fencegate stop it (no etcd needed).
     Demo(DemoArgs),
 }
@@ -67,11 +69,21 @@ async fn main() -> anyhow::Result<()> {
                 .context("the filter could not start")?;
         }
         Cmd::Demo(_) => unreachable!("handled above"),
+        Cmd::Injector(args) => {
+            let listener = bind(args.listen).await?;
+            fencegate::injector::run(args.config(), listener, &args.tls_cert, &args.tls_key, args.tls_reload, fencegate::proxy::shutdown_signal())
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         Cmd::Sidecar(args) => {
             let cfg = args.config().map_err(anyhow::Error::msg)?;
             let backend = Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options()));
             let (listener, admin) = (bind(args.listen).await?, bind(args.admin_listen).await?);
-            fencegate::sidecar::run(cfg, backend, listener, admin, fencegate::proxy::shutdown_signal())
+            let health = match args.health_listen {
+                Some(a) => Some(bind(a).await?),
+                None => None,
+            };
+            fencegate::sidecar::run(cfg, backend, listener, admin, health, fencegate::proxy::shutdown_signal())
                 .await
                 .map_err(anyhow::Error::msg)?;
         }

@@ -85,11 +85,23 @@ impl Default for ServerLimits {
 
 /// Serves HTTP/1.1 and h2c on `listener` until `shutdown` resolves, then stops
 /// accepting and gives in-flight connections `limits.shutdown_grace` to finish.
+pub async fn serve<H, F>(listener: TcpListener, limits: ServerLimits, handler: H, shutdown: impl Future<Output = ()>)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    serve_tls(listener, None, limits, handler, shutdown).await
+}
+
+/// [`serve`], with TLS when `tls` is given. The handshake runs in each
+/// connection's own task (bounded by the header timeout), so a slow client
+/// cannot stall the accept loop.
 ///
 /// Every connection task is owned by the `GracefulShutdown` watcher, so no
 /// task outlives this function by more than the grace period.
-pub async fn serve<H, F>(
+pub async fn serve_tls<H, F>(
     listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     limits: ServerLimits,
     handler: H,
     shutdown: impl Future<Output = ()>,
@@ -104,6 +116,7 @@ pub async fn serve<H, F>(
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    let builder = std::sync::Arc::new(builder);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -125,10 +138,22 @@ pub async fn serve<H, F>(
             let fut = h(req, peer);
             async move { Ok::<_, Infallible>(fut.await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-        let conn = graceful.watch(conn);
+        // A watcher per connection: the task owns it, the accept loop keeps
+        // the `GracefulShutdown` that signals them all.
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let result = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned()).await,
+                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(tls_stream)) => {
+                        watcher.watch(builder.serve_connection(TokioIo::new(tls_stream), svc).into_owned()).await
+                    }
+                    Ok(Err(e)) => return tracing::debug!(error = %e, %peer, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            };
+            if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
         });

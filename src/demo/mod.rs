@@ -111,7 +111,7 @@ async fn start_sidecar(
     let (l, a) = (bind().await.map_err(|e| e.to_string())?, bind().await.map_err(|e| e.to_string())?);
     let url = format!("http://{}", l.local_addr().map_err(|e| e.to_string())?);
     let sc = Sidecar::start(cfg, backend);
-    tokio::spawn(crate::sidecar::serve(sc.clone(), up, l, a, stop.clone().cancelled_owned()));
+    tokio::spawn(crate::sidecar::serve(sc.clone(), up, l, a, None, stop.clone().cancelled_owned()));
     Ok(Side { sc, url })
 }
 

@@ -139,6 +139,15 @@ impl Sidecar {
         })
     }
 
+    /// The health port: probes and metrics only, safe to expose on the pod IP
+    /// for kubelet while the local API stays on localhost.
+    pub async fn health(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/healthz" | "/readyz" | "/metrics") => self.admin(req).await,
+            (m, p) => proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None),
+        }
+    }
+
     /// The local API.
     pub async fn admin(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
@@ -259,11 +268,12 @@ pub async fn run(
     backend: Arc<dyn LeaseBackend>,
     listener: TcpListener,
     admin: TcpListener,
+    health: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let upstream = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?;
     let sc = Sidecar::start(cfg, backend);
-    serve(sc, upstream, listener, admin, shutdown).await;
+    serve(sc, upstream, listener, admin, health, shutdown).await;
     Ok(())
 }
 
@@ -273,6 +283,7 @@ pub async fn serve(
     upstream: Upstream,
     listener: TcpListener,
     admin: TcpListener,
+    health: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let limits = sc.cfg.limits.clone();
@@ -317,6 +328,12 @@ pub async fn serve(
     let sc2 = sc.clone();
     let admin_task = proxy::serve(admin, limits, move |req, _| sc2.clone().admin(req), stop_admin.clone().cancelled_owned());
     let admin_task = tokio::spawn(admin_task);
+    let health_task = health.map(|h| {
+        let sc = sc.clone();
+        let limits = sc.cfg.limits.clone();
+        let stop = stop_admin.clone().cancelled_owned();
+        tokio::spawn(proxy::serve(h, limits, move |req, _| sc.clone().health(req), stop))
+    });
 
     // Shutdown order: no new writes, drain the proxy, revoke, stop the API.
     let sc3 = sc.clone();
@@ -334,5 +351,8 @@ pub async fn serve(
     }
     stop_admin.cancel();
     let _ = admin_task.await;
+    if let Some(h) = health_task {
+        let _ = h.await;
+    }
     tracing::info!("sidecar stopped");
 }

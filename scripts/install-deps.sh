@@ -13,6 +13,9 @@ command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v etcdctl >/dev/null || need_apt+=(etcd-client)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
+command -v unzip >/dev/null || need_apt+=(unzip)
+command -v npm >/dev/null || need_apt+=(npm)
+python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing: ${need_apt[*]}"
   $SUDO apt-get update -qq
@@ -22,3 +25,6 @@ fi
 for svc in nginx etcd; do
   if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then $SUDO systemctl stop "$svc" || true; fi
 done
+
+# helm, kubectl and kubernetes-validate for the chart tests.
+bash "$(dirname "$0")/install-k8s-tools.sh"

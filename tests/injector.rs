@@ -153,6 +153,14 @@ async fn deployment_pod_gets_a_native_sidecar() {
     assert_eq!(get_env(sc_json, "FENCEGATE_HOLDER").as_deref(), Some("$(POD_NAMESPACE)/$(POD_NAME)"));
     assert_eq!(get_env(sc_json, "FENCEGATE_READY_ALWAYS"), None, "ready-gate: readiness follows the lock");
     assert_eq!(get_env(sc_json, "FENCEGATE_ETCD_CA").as_deref(), Some("/etc/fencegate/etcd-tls/ca.crt"));
+    // Every FENCEGATE_* variable injected is one `fencegate sidecar` reads.
+    let (_, help) = {
+        let o = std::process::Command::new(fencegate_bin()).args(["sidecar", "--help"]).output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    for (n, _) in env_of(sc_json).iter().filter(|(n, _)| n.starts_with("FENCEGATE_")) {
+        assert!(help.contains(&format!("[env: {n}=")), "`fencegate sidecar` does not read {n}");
+    }
     let downward: Vec<&str> = sc_json["env"].as_array().unwrap().iter().filter_map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str()).collect();
     assert_eq!(downward, vec!["metadata.name", "metadata.namespace"]);
     assert_eq!(sc_json["readinessProbe"]["httpGet"]["path"], "/readyz");

@@ -67,6 +67,9 @@ pub struct FilterArgs {
     /// Protect paths starting with PATH_PREFIX with LOCK (repeatable; longest prefix wins).
     #[arg(long, env = "FENCEGATE_PROTECT", value_name = "PATH_PREFIX=LOCK", value_delimiter = ',')]
     pub protect: Vec<String>,
+    /// Read more PATH_PREFIX=LOCK rules from a file, one per line (# comments, blank lines ignored).
+    #[arg(long, env = "FENCEGATE_PROTECT_FILE", conflicts_with = "lock")]
+    pub protect_file: Option<PathBuf>,
     /// Forward writes to paths no rule covers, unfenced (default: refuse with 403).
     #[arg(long, env = "FENCEGATE_ALLOW_UNPROTECTED")]
     pub allow_unprotected: bool,
@@ -97,13 +100,16 @@ pub struct FilterArgs {
 
 impl FilterArgs {
     pub fn config(&self) -> Result<FilterConfig, String> {
-        let protection = match (&self.lock, self.protect.is_empty()) {
+        let mut rules = self.protect.clone();
+        if let Some(f) = &self.protect_file {
+            let text = std::fs::read_to_string(f).map_err(|e| format!("--protect-file {}: {e}", f.display()))?;
+            rules.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+        }
+        let protection = match (&self.lock, rules.is_empty()) {
             (Some(l), true) => Protection::All(l.clone()),
-            (None, false) => {
-                Protection::Rules(self.protect.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?)
-            }
+            (None, false) => Protection::Rules(rules.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?),
             (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
-            (Some(_), false) => return Err("--lock and --protect exclude each other".into()),
+            (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };
         Ok(FilterConfig {
             upstream: self.upstream.clone(),

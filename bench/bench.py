@@ -1,0 +1,514 @@
+#!/usr/bin/env python3
+"""fencegate's benchmark harness (see bench/run.sh, which installs and builds first).
+
+Paths, each measured with wrk for small GETs and 1 KiB PUTs at 1 and 32 connections:
+  direct    wrk -> nginx store
+  fencegate wrk -> fencegate sidecar -> fencegate filter -> store (etcd up, lock held, tokens injected and checked)
+  nginx     wrk -> nginx proxy (adds the fencing headers) -> nginx proxy -> store
+  haproxy   wrk -> haproxy (adds the fencing headers) -> haproxy -> store
+Several rounds, paths alternating inside each round; medians reported. The machine is shared and noisy:
+the figures that count are the ratios to nginx measured in the same run.
+
+Also: failover times (kill -9 and SIGTERM), the filter with 100k locks, and a CPU profile of fencegate's path.
+Only loopback addresses are used; every loop is bounded in count and time.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import http.client as httpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/fencegate")
+WRK_LUA = os.path.join(ROOT, "bench/wrk.lua")
+OUT = os.path.join(ROOT, "bench/results")
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+TTL = "2s"
+LOCK = "bench"
+TICK = os.sysconf("SC_CLK_TCK")
+procs = []
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, within=15.0):
+    end = time.time() + within
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def start(name, args, work, env=None):
+    log = open(os.path.join(work, f"{name}.log"), "ab")
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=e)
+    procs.append(p)
+    return p
+
+
+def stop_all():
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait(timeout=5)
+        except Exception:
+            pass
+
+
+def call(method, port, path, body=None, headers=None, timeout=2.0):
+    c = httpc.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        c.request(method, path, body=body, headers=headers or {})
+        r = c.getresponse()
+        return r.status, r.read()
+    finally:
+        c.close()
+
+
+def tree(pid):
+    """pid and its descendants (nginx and haproxy workers)."""
+    out = [pid]
+    try:
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                for c in f.read().split():
+                    out += tree(int(c))
+    except OSError:
+        pass
+    return out
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            pass
+    return total / TICK
+
+
+def status_kib(pids, key):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def wrk(port, method, conns, seconds, env=None, path="/bench/small"):
+    threads = 1 if conns == 1 else 2
+    e = dict(os.environ)
+    e["WRK_METHOD"] = method
+    e.update(env or {})
+    out = subprocess.run(
+        ["wrk", "-t", str(threads), "-c", str(conns), "-d", f"{seconds}s", "--timeout", "5s", "-s", WRK_LUA,
+         f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, env=e, timeout=seconds + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            return json.loads(line[8:])
+    raise RuntimeError(f"wrk said: {out.stdout} {out.stderr}")
+
+
+# ----------------------------------------------------------------- the parts
+
+def nginx_conf(work, name, port, body):
+    d = os.path.join(work, name)
+    os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
+    user = "user www-data www-data;" if os.geteuid() == 0 else ""
+    conf = f"""{user}
+load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
+daemon off;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy;
+  fastcgi_temp_path {d}/tmp/fcgi; uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
+  keepalive_requests 1000000;
+  {body}
+}}
+"""
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(conf)
+    if os.geteuid() == 0:
+        subprocess.run(["chown", "-R", "www-data:www-data", d], check=True)
+    return d
+
+
+def start_store(work):
+    port = free_port()
+    data = tempfile.mkdtemp(prefix="fg-bench-store-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    os.makedirs(os.path.join(data, "bench"), exist_ok=True)
+    with open(os.path.join(data, "bench/small"), "w") as f:
+        f.write("x" * 100)
+    if os.geteuid() == 0:
+        os.chmod(data, 0o755)
+        subprocess.run(["chown", "-R", "www-data:www-data", data], check=True)
+    d = nginx_conf(work, "store", port, f"""server {{ listen 127.0.0.1:{port}; root {data}; client_max_body_size 0;
+    location / {{ dav_methods PUT DELETE MKCOL COPY MOVE; create_full_put_path on; dav_access user:rw group:rw all:r; }} }}""")
+    p = start("store", ["nginx", "-c", f"{d}/nginx.conf", "-p", d, "-e", f"{d}/error.log"], work)
+    wait_port(port)
+    return p, port, data
+
+
+def start_nginx_proxy(work, name, upstream, add_headers):
+    port = free_port()
+    hdrs = f"proxy_set_header Fencing-Lock {LOCK}; proxy_set_header Fencing-Token 1;" if add_headers else ""
+    d = nginx_conf(work, name, port, f"""upstream up {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{port}; client_max_body_size 0;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; {hdrs}
+      proxy_request_buffering off; proxy_buffering off; }} }}""")
+    p = start(name, ["nginx", "-c", f"{d}/nginx.conf", "-p", d, "-e", f"{d}/error.log"], work)
+    wait_port(port)
+    return p, port
+
+
+def start_haproxy(work, name, upstream, add_headers):
+    port = free_port()
+    hdrs = f"  http-request set-header Fencing-Lock {LOCK}\n  http-request set-header Fencing-Token 1\n" if add_headers else ""
+    conf = f"""global
+  nbthread 2
+  maxconn 8192
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  option http-keep-alive
+  http-reuse always
+frontend f
+  bind 127.0.0.1:{port}
+{hdrs}  default_backend b
+backend b
+  server s 127.0.0.1:{upstream}
+"""
+    path = os.path.join(work, f"{name}.cfg")
+    with open(path, "w") as f:
+        f.write(conf)
+    p = start(name, ["haproxy", "-db", "-f", path], work)
+    wait_port(port)
+    return p, port
+
+
+def start_etcd(work):
+    cport, pport = free_port(), free_port()
+    c, pe = f"http://127.0.0.1:{cport}", f"http://127.0.0.1:{pport}"
+    start("etcd", ["etcd", "--name", "b", "--data-dir", os.path.join(work, "etcd"), "--listen-client-urls", c,
+                   "--advertise-client-urls", c, "--listen-peer-urls", pe, "--initial-advertise-peer-urls", pe,
+                   "--initial-cluster", f"b={pe}", "--log-level", "error"], work)
+    wait_port(cport)
+    time.sleep(1.0)
+    return c
+
+
+def start_filter(work, store_port, extra=(), state=None):
+    port, admin = free_port(), free_port()
+    state = state or tempfile.mkdtemp(prefix="fg-bench-state-", dir=work)
+    args = [BIN, "filter", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+            "--upstream", f"http://127.0.0.1:{store_port}", "--state-dir", state, *extra]
+    p = start(f"filter-{port}", args, work, {"RUST_LOG": "warn"})
+    wait_port(admin)
+    return p, port, admin
+
+
+def start_sidecar(work, etcd, holder, upstream_port, fence_admin, ports=None):
+    port, admin = ports or (free_port(), free_port())
+    args = [BIN, "sidecar", "--etcd", etcd, "--lock", LOCK, "--holder", holder, "--ttl", TTL,
+            "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+            "--upstream", f"http://127.0.0.1:{upstream_port}", "--fence", f"http://127.0.0.1:{fence_admin}"]
+    p = start(f"sidecar-{holder}", args, work, {"RUST_LOG": "warn"})
+    wait_port(admin)
+    return p, port, admin
+
+
+def holding(admin):
+    try:
+        s, b = call("GET", admin, "/v1/lock", timeout=0.5)
+        return s == 200 and json.loads(b).get("holding") is True
+    except OSError:
+        return False
+
+
+def wait_holding(admin, within=15.0):
+    end = time.time() + within
+    while time.time() < end:
+        if holding(admin):
+            return
+        time.sleep(0.02)
+    raise RuntimeError("sidecar never held the lock")
+
+
+# ----------------------------------------------------------------- measurements
+
+def throughput(work, store_port, etcd):
+    f, fport, fadmin = start_filter(work, store_port, ["--lock", LOCK])
+    sc, sport, sadmin = start_sidecar(work, etcd, "bench-a", fport, fadmin)
+    wait_holding(sadmin)
+    time.sleep(0.5)
+    idle_rss = status_kib([sc.pid], "VmRSS")
+    na2, na2port = start_nginx_proxy(work, "nginx-hop2", store_port, False)
+    na1, na1port = start_nginx_proxy(work, "nginx-hop1", na2port, True)
+    ha2, ha2port = start_haproxy(work, "haproxy-hop2", store_port, False)
+    ha1, ha1port = start_haproxy(work, "haproxy-hop1", ha2port, True)
+    paths = {
+        "direct": (store_port, []),
+        "fencegate": (sport, [sc.pid, f.pid]),
+        "nginx": (na1port, [na1.pid, na2.pid]),
+        "haproxy": (ha1port, [ha1.pid, ha2.pid]),
+    }
+    # Direct PUTs carry the headers too, so every path sends the same bytes to the store.
+    extra_env = {"direct": {"WRK_FENCE": f"{LOCK}:1"}}
+    # Check every path works before measuring.
+    for name, (port, _) in paths.items():
+        h = {"Fencing-Lock": LOCK, "Fencing-Token": "1"} if name == "direct" else {}
+        s, _ = call("PUT", port, "/bench/put", body=b"x" * 1024, headers=h)
+        assert s in (201, 204), f"{name}: PUT answered {s}"
+    cases = [(m, c) for m in ("GET", "PUT") for c in (1, 32)]
+    raw = {n: {f"{m} c={c}": [] for m, c in cases} for n in paths}
+    for r in range(ROUNDS):
+        order = list(paths) if r % 2 == 0 else list(reversed(paths))
+        for method, conns in cases:
+            for name in order:
+                port, pids = paths[name]
+                all_pids = [p for pid in pids for p in tree(pid)]
+                cpu0 = cpu_seconds(all_pids)
+                path = "/bench/small" if method == "GET" else "/bench/put"
+                res = wrk(port, method, conns, SECONDS, extra_env.get(name), path)
+                cpu = cpu_seconds(all_pids) - cpu0
+                res["cpu_us_per_req"] = (cpu * 1e6 / res["requests"]) if res["requests"] and pids else None
+                res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+                raw[name][f"{method} c={conns}"].append(res)
+                print(f"  round {r + 1} {name:9} {method} c={conns:<3} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us  "
+                      f"p99 {res['p99_us']:6d}us  errors {res['socket_errors'] + res['status_errors']}", flush=True)
+    rss = {n: status_kib([p for pid in pids for p in tree(pid)], "VmHWM") for n, (_, pids) in paths.items() if pids}
+    rss_each = {"fencegate-sidecar": status_kib([sc.pid], "VmHWM"), "fencegate-filter": status_kib([f.pid], "VmHWM")}
+    for p in (f, sc, na1, na2, ha1, ha2):
+        p.kill()
+    return raw, rss, rss_each, idle_rss
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def failover(work, store_port, etcd, runs=5):
+    f, fport, fadmin = start_filter(work, store_port, ["--lock", LOCK])
+    sides = []
+    for h in ("fo-a", "fo-b"):
+        p, port, admin = start_sidecar(work, etcd, h, fport, fadmin)
+        sides.append([p, port, admin, h])
+    results = {"kill9_ms": [], "sigterm_ms": []}
+    for kind, sig in (("kill9_ms", signal.SIGKILL), ("sigterm_ms", signal.SIGTERM)):
+        for _ in range(runs):
+            end = time.time() + 20
+            while not any(holding(s[2]) for s in sides):
+                if time.time() > end:
+                    raise RuntimeError("no holder")
+                time.sleep(0.02)
+            time.sleep(0.3)
+            hi = 0 if holding(sides[0][2]) else 1
+            holder, other = sides[hi], sides[1 - hi]
+            done = threading.Event()
+            got = {}
+
+            def writer():
+                t_end = time.time() + 15
+                while not done.is_set() and time.time() < t_end:
+                    try:
+                        s, _ = call("PUT", other[1], "/failover", body=b"x", timeout=1.0)
+                        if s in (201, 204):
+                            got["t"] = time.monotonic()
+                            return
+                    except OSError:
+                        pass
+                    time.sleep(0.002)
+
+            t0 = time.monotonic()
+            holder[0].send_signal(sig)
+            th = threading.Thread(target=writer)
+            th.start()
+            th.join(timeout=20)
+            done.set()
+            if "t" not in got:
+                raise RuntimeError(f"{kind}: no write admitted after the holder went")
+            results[kind].append((got["t"] - t0) * 1000)
+            holder[0].wait(timeout=10)
+            p, port, admin = start_sidecar(work, etcd, holder[3], fport, fadmin, ports=(holder[1], holder[2]))
+            holder[0] = p
+            print(f"  {kind}: {results[kind][-1]:.0f} ms", flush=True)
+    for s in sides:
+        s[0].kill()
+    f.kill()
+    return results
+
+
+def many_locks(work, store_port, n=100_000):
+    rules = os.path.join(work, "rules.txt")
+    with open(rules, "w") as fh:
+        for i in range(n):
+            fh.write(f"/k/{i}/=lock{i}\n")
+    shm = tempfile.mkdtemp(prefix="fg-bench-locks-", dir="/dev/shm" if os.path.isdir("/dev/shm") else work)
+    f, fport, fadmin = start_filter(work, store_port, ["--protect-file", rules], state=shm)
+    time.sleep(0.5)
+    rss_rules = status_kib([f.pid], "VmRSS")
+    # Touch every lock once (walk them in order) so each has a durable record.
+    warm = 0
+    t_end = time.time() + 120
+    while warm < n and time.time() < t_end:
+        r = wrk(fport, "PUT", 32, 5, {"WRK_LOCKS": str(n), "WRK_SEQ": "1", "WRK_BODY": "16"})
+        warm += r["requests"]
+    s, body = call("GET", fadmin, "/v1/locks", timeout=30)
+    known = len(json.loads(body)["locks"])
+    rss_locks = status_kib([f.pid], "VmRSS")
+    spread = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": str(n), "WRK_BODY": "1024"})
+    one = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": "1", "WRK_BODY": "1024"})
+    f.kill()
+    shutil.rmtree(shm, ignore_errors=True)
+    for r in (spread, one):
+        r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    return {"locks": n, "locks_known": known, "rss_kib_rules_only": rss_rules, "rss_kib_with_locks": rss_locks,
+            "bytes_per_lock": (rss_locks - rss_rules) * 1024 / max(known, 1),
+            "put_c32_spread_over_locks": spread, "put_c32_one_lock": one}
+
+
+def profile(work, store_port, etcd):
+    f, fport, fadmin = start_filter(work, store_port, ["--lock", LOCK])
+    sc, sport, sadmin = start_sidecar(work, etcd, "prof", fport, fadmin)
+    wait_holding(sadmin)
+    data = os.path.join(work, "perf.data")
+    rec = subprocess.Popen(["perf", "record", "-F", "499", "-e", "cpu-clock", "-g", "-o", data,
+                            "-p", f"{sc.pid},{f.pid}", "--", "sleep", str(SECONDS)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrk(sport, "PUT", 32, SECONDS)
+    rec.wait(timeout=SECONDS + 30)
+    rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso,symbol",
+                          "--percent-limit", "0.7"], capture_output=True, text=True, timeout=120)
+    sc.kill()
+    f.kill()
+    lines = [l for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#") and "%" in l.split()[0]]
+    return lines[:45]
+
+
+def main():
+    if not os.path.exists(BIN):
+        sys.exit("build first: cargo build --release (bench/run.sh does)")
+    os.makedirs(OUT, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="fg-bench-")
+    os.chmod(work, 0o755)
+    started = time.time()
+    try:
+        store, store_port, data = start_store(work)
+        etcd = start_etcd(work)
+        print(f"throughput and latency: {ROUNDS} rounds x {SECONDS}s per case", flush=True)
+        raw, rss, rss_each, idle_rss = throughput(work, store_port, etcd)
+        print("failover (TTL 2s)", flush=True)
+        fo = failover(work, store_port, etcd)
+        print("filter with 100k locks", flush=True)
+        ml = many_locks(work, store_port)
+        inproc = json.loads(subprocess.run([os.path.join(ROOT, "target/release/examples/admission_bench")],
+                                           capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
+        print("profile", flush=True)
+        prof = profile(work, store_port, etcd)
+    finally:
+        stop_all()
+    summary = {}
+    for name, cases in raw.items():
+        summary[name] = {}
+        for case, runs in cases.items():
+            summary[name][case] = {k: med([r[k] for r in runs]) for k in ("rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")}
+            summary[name][case]["errors"] = sum(r["socket_errors"] + r["status_errors"] for r in runs)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "settings": {"seconds_per_case": SECONDS, "rounds": ROUNDS, "ttl": TTL},
+        "summary": summary, "peak_rss_kib": rss, "peak_rss_kib_fencegate": rss_each, "sidecar_idle_rss_kib": idle_rss,
+        "failover_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo.items()},
+        "many_locks": ml, "admission_in_process": inproc, "profile_top": prof, "raw": raw,
+        "elapsed_s": time.time() - started,
+    }
+    with open(os.path.join(OUT, "bench.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    md = report(result)
+    with open(os.path.join(OUT, "bench.md"), "w") as fh:
+        fh.write(md)
+    print(md)
+
+
+def report(r):
+    s = r["summary"]
+    out = [f"# fencegate benchmark\n",
+           f"{r['machine']['cpus']} CPUs, {r['settings']['rounds']} rounds x {r['settings']['seconds_per_case']} s per case, "
+           "medians. wrk, keep-alive connections, loopback. Ratios are to nginx's two hops in the same run.\n",
+           "| case | path | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req (both hops) | req/s vs nginx | p99 vs nginx |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for case in s["direct"]:
+        d, n = s["direct"][case], s["nginx"][case]
+        for path in ("direct", "fencegate", "nginx", "haproxy"):
+            x = s[path][case]
+            added50 = x["p50_us"] - d["p50_us"]
+            added99 = x["p99_us"] - d["p99_us"]
+            cpu = f"{x['cpu_us_per_req']:.1f}" if x["cpu_us_per_req"] else "-"
+            out.append(f"| {case} | {path} | {x['rps']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p999_us']:.0f} | "
+                       f"{added50:.0f} | {added99:.0f} | {cpu} | {x['rps'] / n['rps']:.2f} | {x['p99_us'] / max(n['p99_us'], 1):.2f} |")
+    out.append("\n## Memory (peak RSS, KiB, both hops)\n")
+    for k, v in r["peak_rss_kib"].items():
+        out.append(f"- {k}: {v}")
+    for k, v in r["peak_rss_kib_fencegate"].items():
+        out.append(f"- {k} alone: {v}")
+    out.append(f"- fencegate sidecar idle: {r['sidecar_idle_rss_kib']}")
+    fo = r["failover_ms"]
+    out.append(f"\n## Failover (TTL {r['settings']['ttl']})\n")
+    out.append(f"- kill -9 of the holder -> first write admitted for the new holder: median {fo['kill9_ms']['median']:.0f} ms, "
+               f"max {fo['kill9_ms']['max']:.0f} ms ({', '.join(f'{x:.0f}' for x in fo['kill9_ms']['runs'])})")
+    out.append(f"- SIGTERM (graceful handoff): median {fo['sigterm_ms']['median']:.0f} ms, max {fo['sigterm_ms']['max']:.0f} ms "
+               f"({', '.join(f'{x:.0f}' for x in fo['sigterm_ms']['runs'])})")
+    ml = r["many_locks"]
+    out.append(f"\n## The filter with {ml['locks']} locks\n")
+    out.append(f"- locks with durable records: {ml['locks_known']}; RSS with rules only {ml['rss_kib_rules_only']} KiB, "
+               f"with every lock touched {ml['rss_kib_with_locks']} KiB ({ml['bytes_per_lock']:.0f} bytes per lock)")
+    out.append(f"- PUT c=32 straight to the filter: {ml['put_c32_spread_over_locks']['rps']:.0f} req/s spread over all locks "
+               f"(p99 {ml['put_c32_spread_over_locks']['p99_us']} µs) vs {ml['put_c32_one_lock']['rps']:.0f} req/s on one lock "
+               f"(p99 {ml['put_c32_one_lock']['p99_us']} µs)")
+    ip = r["admission_in_process"]
+    out.append(f"- admission alone, in process: {ip['ns_per_write_one_lock']:.0f} ns per write on one lock, "
+               f"{ip['ns_per_write_many_locks']:.0f} ns spread over {ip['locks']} locks; {ip['bytes_per_lock']:.0f} bytes per lock")
+    out.append("\n## Where fencegate's time goes (perf, cpu-clock samples, sidecar + filter, PUT c=32)\n")
+    out.append("```")
+    out.extend(r["profile_top"])
+    out.append("```")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

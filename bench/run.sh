@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# fencegate's benchmark: what two extra hops cost, side by side with nginx and
+# HAProxy doing the same two hops, measured in one run on one machine.
+#   bash bench/run.sh                       # full run (~10 min on 2 cores)
+#   BENCH_SECONDS=3 BENCH_ROUNDS=1 bash bench/run.sh   # quick look
+# Results: bench/results/bench.json and bench/results/bench.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+need=()
+command -v wrk >/dev/null || need+=(wrk)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v perf >/dev/null || need+=(linux-perf)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+cargo build --release --locked --bin fencegate --example admission_bench
+exec python3 bench/bench.py "$@"

@@ -123,8 +123,8 @@ def status_kib(pids, key):
     return total
 
 
-def wrk(port, method, conns, seconds, env=None, path="/bench/small"):
-    threads = 1 if conns == 1 else 2
+def wrk(port, method, conns, seconds, env=None, path="/bench/small", threads=None):
+    threads = threads or (1 if conns == 1 else 2)
     e = dict(os.environ)
     e["WRK_METHOD"] = method
     e.update(env or {})
@@ -383,14 +383,13 @@ def many_locks(work, store_port, n=100_000):
     f, fport, fadmin = start_filter(work, store_port, ["--protect-file", rules], state=shm)
     time.sleep(0.5)
     rss_rules = status_kib([f.pid], "VmRSS")
-    # Touch every lock once (walk them in order) so each has a durable record.
-    warm = 0
-    t_end = time.time() + 120
-    while warm < n and time.time() < t_end:
-        r = wrk(fport, "PUT", 32, 5, {"WRK_LOCKS": str(n), "WRK_SEQ": "1", "WRK_BODY": "16"})
-        warm += r["requests"]
-    s, body = call("GET", fadmin, "/v1/locks", timeout=30)
-    known = len(json.loads(body)["locks"])
+    # Touch every lock once (one wrk thread walks them in order) so each has a durable record.
+    known = 0
+    t_end = time.time() + 180
+    while known < n and time.time() < t_end:
+        wrk(fport, "PUT", 32, 5, {"WRK_LOCKS": str(n), "WRK_SEQ": "1", "WRK_BODY": "16", "WRK_OFFSET": str(known)}, threads=1)
+        s, body = call("GET", fadmin, "/v1/locks", timeout=30)
+        known = len(json.loads(body)["locks"])
     rss_locks = status_kib([f.pid], "VmRSS")
     spread = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": str(n), "WRK_BODY": "1024"})
     one = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": "1", "WRK_BODY": "1024"})

@@ -6,7 +6,7 @@ if method == "PUT" then body = string.rep("x", tonumber(os.getenv("WRK_BODY") or
 local fence = os.getenv("WRK_FENCE")          -- "lock:token": send fencing headers ourselves
 local spread = tonumber(os.getenv("WRK_LOCKS") or "0")  -- >0: path and lock per request over N locks
 local seq = tonumber(os.getenv("WRK_SEQ") or "0") == 1  -- walk the locks in order instead of at random
-local counter = 0
+local counter = tonumber(os.getenv("WRK_OFFSET") or "0")  -- where a sequential walk starts
 
 request = function()
   local headers = {}

@@ -131,9 +131,12 @@ impl FilterArgs {
     }
 }
 
-/// Logging options.
+/// Logging and runtime options.
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
+    /// Runtime worker threads (default: 1 for the sidecar, one per CPU otherwise). 1 runs everything on one thread.
+    #[arg(long, global = true, env = "FENCEGATE_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "FENCEGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

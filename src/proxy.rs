@@ -229,12 +229,15 @@ impl Upstream {
     /// Rewrites `req` for the upstream (URI, Host, hop-by-hop headers) and
     /// sends it; resolves when the upstream's response head has arrived. The
     /// body streams both ways: nothing here buffers it.
-    pub async fn send(&self, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Incoming>, UpstreamError> {
+    /// `peer`, when given, is appended to `X-Forwarded-For`.
+    pub async fn send(&self, mut req: Request<Incoming>, peer: Option<SocketAddr>) -> Result<Response<Incoming>, UpstreamError> {
         *req.uri_mut() = self.target(req.uri());
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
         req.headers_mut().insert(header::HOST, self.authority.clone());
-        append_forwarded_for(req.headers_mut(), peer);
+        if let Some(peer) = peer {
+            append_forwarded_for(req.headers_mut(), peer);
+        }
         let resp = tokio::time::timeout(self.response_timeout, self.client.request(req))
             .await
             .map_err(|_| UpstreamError::Timeout(self.response_timeout))?
@@ -246,6 +249,13 @@ impl Upstream {
 
     fn target(&self, uri: &Uri) -> Uri {
         let base_path = self.base.path().trim_end_matches('/');
+        if base_path.is_empty() {
+            // The common case: no prefix, so the request's path and query are
+            // reused as they are (a cheap clone, no formatting).
+            let mut parts = self.base.clone().into_parts();
+            parts.path_and_query = Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            return Uri::from_parts(parts).expect("joined from valid parts");
+        }
         let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let pq = if pq.starts_with('/') { pq.to_owned() } else { format!("/{pq}") };
         let mut parts = self.base.clone().into_parts();

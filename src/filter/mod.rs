@@ -253,7 +253,7 @@ impl Filter {
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
         let sent = tokio::select! {
-            r = self.upstream.send(req, peer) => r,
+            r = self.upstream.send(req, Some(peer)) => r,
             _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
         };
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
@@ -271,7 +271,7 @@ impl Filter {
 
     async fn pass(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, FilterError> {
         let started = StdInstant::now();
-        let resp = self.upstream.send(req, peer).await?;
+        let resp = self.upstream.send(req, Some(peer)).await?;
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
         Ok(resp.map(proxy::stream))
     }

@@ -14,7 +14,6 @@
 pub mod layers;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -287,11 +286,13 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let limits = sc.cfg.limits.clone();
+    // The app is on localhost: no X-Forwarded-For. The upstream is shared
+    // behind an Arc so a request costs one reference count, not a client clone.
+    let upstream = Arc::new(upstream);
     let forward = tower::service_fn(move |req: Request<Incoming>| {
         let upstream = upstream.clone();
         async move {
-            let peer = req.extensions().get::<SocketAddr>().copied().unwrap_or(([127, 0, 0, 1], 0).into());
-            Ok::<_, Infallible>(match upstream.send(req, peer).await {
+            Ok::<_, Infallible>(match upstream.send(req, None).await {
                 Ok(r) => r.map(proxy::stream),
                 Err(e) => e.into_response(),
             })
@@ -318,8 +319,7 @@ pub async fn serve(
     let proxy_task = proxy::serve(
         listener,
         limits.clone(),
-        move |mut req: Request<Incoming>, peer| {
-            req.extensions_mut().insert(peer);
+        move |req: Request<Incoming>, _peer| {
             let svc = svc.clone();
             async move { svc.oneshot(req).await.unwrap_or_else(|never| match never {}) }
         },

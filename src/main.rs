@@ -7,11 +7,8 @@ use std::sync::Arc;
 use fencegate::config::{self, FilterArgs, InjectorArgs, LogArgs, SidecarArgs};
 use tokio::net::TcpListener;
 
-// mimalloc: fewer cycles per allocation than glibc's on the proxy's hot
-// path, where hyper allocates per request (measured with bench/bench.py).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
+// The system allocator, on purpose: mimalloc measured no clear CPU gain on
+// this path (bench/bench.py) and doubled the sidecar's resident memory.
 #[derive(Parser, Debug)]
 #[command(name = "fencegate", version, about = "Fencing tokens for stores that have none", long_about = None)]
 struct Cli {
@@ -55,10 +52,15 @@ fn main() -> anyhow::Result<()> {
     // (bench/bench.py measured it cheaper per request than the work-stealing
     // scheduler on a busy node). The filter and the injector use every CPU.
     let threads = cli.log.worker_threads.or(matches!(cli.cmd, Cmd::Sidecar(_)).then_some(1));
-    let rt = match threads {
+    // The filter runs one event loop per thread itself (see filter::serve):
+    // its main runtime is a current-thread one.
+    let rt = match (&cli.cmd, threads) {
+        (Cmd::Filter(_), _) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        (_, t) => match t {
         Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.max(1)).enable_all().build(),
         None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        },
     }
     .context("starting the runtime")?;
     rt.block_on(run(cli))
@@ -84,7 +86,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => Some(bind(a).await?),
                 None => None,
             };
-            fencegate::filter::run(cfg, listener, admin, fencegate::proxy::shutdown_signal())
+            let workers = cli.log.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            fencegate::filter::run(cfg, listener, admin, workers, fencegate::proxy::shutdown_signal())
                 .await
                 .context("the filter could not start")?;
         }

@@ -149,7 +149,7 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
         let filter = Filter::open(cfg).map_err(|e| e.to_string())?;
         let (fl, fa) = (bind().await.map_err(|e| e.to_string())?, bind().await.map_err(|e| e.to_string())?);
         let (faddr, fadmin) = (fl.local_addr().map_err(|e| e.to_string())?, fa.local_addr().map_err(|e| e.to_string())?);
-        tokio::spawn(crate::filter::serve(filter, fl, Some(fa), stop.clone().cancelled_owned()));
+        tokio::spawn(crate::filter::serve(filter, fl, Some(fa), 1, stop.clone().cancelled_owned()));
         (faddr, vec![format!("http://{fadmin}")])
     } else {
         (store_addr, vec![])

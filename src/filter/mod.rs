@@ -142,7 +142,8 @@ struct Refusals {
 pub struct Filter {
     cfg: FilterConfig,
     locks: Arc<Locks>,
-    upstream: Upstream,
+    /// The upstream's base URL (each worker builds its own pooled client).
+    upstream_base: http::Uri,
     refusals: Refusals,
     upstream_latency: Histogram,
     shutting_down: AtomicBool,
@@ -161,7 +162,7 @@ pub enum StartError {
 impl Filter {
     /// Opens and locks the state directory and loads every lock's record.
     pub fn open(cfg: FilterConfig) -> Result<Arc<Filter>, StartError> {
-        let upstream = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout).map_err(StartError::Config)?;
+        let upstream_base = Self::client(&cfg).map_err(StartError::Config)?.base().clone();
         let (dir, records) = StateDir::open(&cfg.state_dir)?;
         for r in records.values() {
             tracing::info!(lock = %r.lock, highest = r.highest, "loaded high-water mark");
@@ -179,7 +180,7 @@ impl Filter {
             Filter {
                 cfg,
                 locks,
-                upstream,
+                upstream_base,
                 refusals: Refusals::default(),
                 upstream_latency,
                 shutting_down: AtomicBool::new(false),
@@ -192,9 +193,15 @@ impl Filter {
         &self.locks
     }
 
+    /// A new pooled client for the upstream. Each worker thread owns one, so
+    /// its connections' tasks live on the worker's own runtime.
+    pub fn client(cfg: &FilterConfig) -> Result<Upstream, String> {
+        Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)
+    }
+
     /// The proxy's request handler.
-    pub async fn handle(self: Arc<Self>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        match self.clone().route(req, peer).await {
+    pub async fn handle(self: Arc<Self>, up: Arc<Upstream>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        match self.clone().route(&up, req, peer).await {
             Ok(r) => r,
             Err((lock, e)) => {
                 self.count_refusal(lock.as_ref(), &e);
@@ -221,12 +228,13 @@ impl Filter {
 
     async fn route(
         self: Arc<Self>,
+        up: &Upstream,
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, (Option<LockName>, FilterError)> {
         let is_write = self.cfg.read_methods.is_write(req.method());
         if !is_write && !self.cfg.fence_reads {
-            return self.pass(req, peer).await.map_err(|e| (None, e));
+            return self.pass(up, req, peer).await.map_err(|e| (None, e));
         }
         let path = req.uri().path().to_owned();
         if matches!(self.cfg.protection, Protection::Rules(_)) && !is_canonical(&path) {
@@ -234,7 +242,7 @@ impl Filter {
         }
         let Some(lock) = self.cfg.protection.lock_for(&path).cloned() else {
             return if self.cfg.allow_unprotected || !is_write {
-                self.pass(req, peer).await.map_err(|e| (None, e))
+                self.pass(up, req, peer).await.map_err(|e| (None, e))
             } else {
                 Err((None, FilterError::Unprotected(path)))
             };
@@ -253,7 +261,7 @@ impl Filter {
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
         let sent = tokio::select! {
-            r = self.upstream.send(req, Some(peer)) => r,
+            r = up.send(req, Some(peer)) => r,
             _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
         };
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
@@ -269,9 +277,9 @@ impl Filter {
         }
     }
 
-    async fn pass(&self, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, FilterError> {
+    async fn pass(&self, up: &Upstream, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, FilterError> {
         let started = StdInstant::now();
-        let resp = self.upstream.send(req, Some(peer)).await?;
+        let resp = up.send(req, Some(peer)).await?;
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
         Ok(resp.map(proxy::stream))
     }
@@ -433,39 +441,65 @@ impl Collector for FilterCollector {
 
 /// Runs the filter on bound listeners until `shutdown` resolves; then stops
 /// accepting, lets in-flight requests finish (bounded) and returns.
+/// `workers` event loops accept on the listener (see [`serve`]).
 pub async fn run(
     cfg: FilterConfig,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    workers: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let filter = Filter::open(cfg)?;
-    serve(filter, listener, admin, shutdown).await;
-    Ok(())
+    serve(filter, listener, admin, workers, shutdown).await.map_err(|e| StartError::Config(e.to_string()))
 }
 
 /// Serves an opened filter (see [`run`]).
+///
+/// Threading, nginx-style: the caller's runtime runs the admin server and one
+/// proxy event loop; `workers - 1` more threads each run a current-thread
+/// runtime with their own accept loop on the same listening socket and their
+/// own upstream pool. A request then stays on one thread from accept to
+/// answer (no work stealing, no cross-thread wake-ups); only the per-lock
+/// state is shared, and it is built for that (`DashMap`, per-lock mutexes).
+/// The worker threads are owned here and joined before returning.
 pub async fn serve(
     filter: Arc<Filter>,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    workers: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
+) -> std::io::Result<()> {
     let stop = CancellationToken::new();
     let stop2 = stop.clone();
     let f2 = filter.clone();
     // This task owns the translation of the caller's shutdown future into a
-    // token both servers can watch; it ends with the shutdown.
+    // token every server can watch; it ends with the shutdown.
     tokio::spawn(async move {
         shutdown.await;
         f2.shutting_down.store(true, Ordering::Relaxed);
         stop2.cancel();
     });
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        upstream = %filter.upstream.base(), state_dir = %filter.cfg.state_dir.display(), "filter serving");
+        upstream = %filter.upstream_base, state_dir = %filter.cfg.state_dir.display(), workers, "filter serving");
     let limits = filter.cfg.limits.clone();
+    let std_listener = listener.into_std()?;
+    let mut threads = Vec::new();
+    for i in 1..workers.max(1) {
+        let l = std_listener.try_clone()?;
+        let (f, stop, limits) = (filter.clone(), stop.clone(), limits.clone());
+        threads.push(std::thread::Builder::new().name(format!("fencegate-filter-{i}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a worker runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
+                let up = Arc::new(Filter::client(&f.cfg).expect("validated at open"));
+                proxy::serve(listener, limits, move |req, peer| f.clone().handle(up.clone(), req, peer), stop.cancelled_owned()).await;
+            });
+        })?);
+    }
+    let listener = TcpListener::from_std(std_listener)?;
+    let up = Arc::new(Filter::client(&filter.cfg).expect("validated at open"));
     let f = filter.clone();
-    let main = proxy::serve(listener, limits.clone(), move |req, peer| f.clone().handle(req, peer), stop.clone().cancelled_owned());
+    let main = proxy::serve(listener, limits.clone(), move |req, peer| f.clone().handle(up.clone(), req, peer), stop.clone().cancelled_owned());
     match admin {
         Some(admin) => {
             let f = filter.clone();
@@ -474,7 +508,9 @@ pub async fn serve(
         }
         None => main.await,
     }
+    let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| { let _ = t.join(); })).await;
     tracing::info!("filter stopped");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ Only loopback addresses are used; every loop is bounded in count and time.
 """
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -416,7 +417,8 @@ def profile(work, store_port, etcd):
                           "--percent-limit", "0.7"], capture_output=True, text=True, timeout=120)
     sc.kill()
     f.kill()
-    lines = [l for l in rep.stdout.splitlines() if l.strip() and not l.startswith("#") and "%" in l.split()[0]]
+    lines = [re.sub(r"\s+-\s+-\s*$", "", l).rstrip() for l in rep.stdout.splitlines()
+             if l.strip() and not l.startswith("#") and "%" in l.split()[0]]
     return lines[:45]
 
 
@@ -504,10 +506,18 @@ def report(r):
                f"{ip['ns_per_write_many_locks']:.0f} ns spread over {ip['locks']} locks; {ip['bytes_per_lock']:.0f} bytes per lock")
     out.append("\n## Where fencegate's time goes (perf, cpu-clock samples, sidecar + filter, PUT c=32)\n")
     out.append("```")
-    out.extend(r["profile_top"])
+    out.extend(re.sub(r"\s+-\s+-\s*$", "", l).rstrip() for l in r["profile_top"])
     out.append("```")
     return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--report-only"]:
+        # Rewrite bench.md from the last bench.json.
+        with open(os.path.join(OUT, "bench.json")) as fh:
+            md = report(json.load(fh))
+        with open(os.path.join(OUT, "bench.md"), "w") as fh:
+            fh.write(md)
+        print(md)
+    else:
+        main()

@@ -331,6 +331,10 @@ impl Task {
                     Err(e @ LeaseError::Gone(_)) => return Err(e),
                     Err(e) => {
                         tracing::warn!(error = %e, "could not queue for the lock; retrying");
+                        self.tx.send_if_modified(|s| {
+                            s.last_error = Some(format!("queueing for the lock: {e}"));
+                            false
+                        });
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -341,6 +345,10 @@ impl Task {
                     Err(e @ LeaseError::Gone(_)) => return Err(e),
                     Err(e) => {
                         tracing::debug!(error = %e, "waiting for our turn failed; retrying");
+                        self.tx.send_if_modified(|s| {
+                            s.last_error = Some(format!("waiting for the lock: {e}"));
+                            false
+                        });
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -369,6 +377,7 @@ impl Task {
             s.phase = Phase::Fencing;
             s.token = Some(token);
             s.last_token = Some(token);
+            s.last_error = None;
         });
 
         // Fence the filters (bounded), keeping the lease alive meanwhile.
@@ -443,7 +452,6 @@ async fn keep_lease(
                 tx.send_if_modified(|s| {
                     if s.lease_id == Some(lease) && s.valid_until.is_none_or(|u| u < until) {
                         s.valid_until = Some(until);
-                        s.last_error = None;
                     }
                     false // a deadline moving is not a state change worth waking watchers for
                 });

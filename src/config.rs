@@ -91,6 +91,9 @@ pub struct FilterArgs {
     /// Longest a write waits at the barrier before 503 + Retry-After.
     #[arg(long, env = "FENCEGATE_MAX_WAIT", default_value = "10s", value_parser = duration)]
     pub max_wait: Duration,
+    /// Above this many locks, /metrics reports totals (lock="*") instead of one series per lock.
+    #[arg(long, env = "FENCEGATE_METRICS_LOCK_LIMIT", default_value_t = 1000)]
+    pub metrics_lock_limit: usize,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
     pub unsafe_no_barrier: bool,
@@ -127,6 +130,7 @@ impl FilterArgs {
             connect_timeout: self.limits.connect_timeout,
             upstream_timeout: self.limits.upstream_timeout,
             limits: self.limits.server(),
+            metrics_lock_limit: self.metrics_lock_limit,
         })
     }
 }

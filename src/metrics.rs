@@ -50,3 +50,9 @@ pub fn encode_gauges<'a>(
     }
     Ok(())
 }
+
+/// Writes one gauge without labels.
+pub fn encode_gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+    ConstGauge::new(v).encode(m)
+}

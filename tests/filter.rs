@@ -309,9 +309,36 @@ async fn admin_endpoints_and_metrics() {
         r#"fencegate_filter_highest_token{lock="orders"} 4"#,
         "fencegate_filter_upstream_latency_seconds_count",
         "fencegate_filter_barrier_waits_total",
+        "fencegate_filter_locks 1",
     ] {
         assert!(m.contains(want), "missing {want} in\n{m}");
     }
+}
+
+#[tokio::test]
+async fn many_locks_collapse_into_totals_in_metrics() {
+    let nginx = Nginx::start();
+    let d = tmp();
+    let f = FilterProc::start(
+        d.path(),
+        &nginx.url(),
+        &d.path().join("state"),
+        &["--protect", "/a/=a", "--protect", "/b/=b", "--protect", "/c/=c", "--metrics-lock-limit", "2"],
+    );
+    for (p, l, t) in [("/a/x", "a", 3), ("/b/x", "b", 9), ("/c/x", "c", 5)] {
+        assert_eq!(put(&format!("{}{p}", f.url()), l, t, "v").await.status, 201);
+    }
+    put(&format!("{}/a/x", f.url()), "a", 1, "stale").await;
+    let m = request("GET", &format!("{}/metrics", f.admin_url()), &[], "").await.body;
+    for want in [
+        "fencegate_filter_locks 3",
+        r#"fencegate_filter_writes_admitted_total{lock="*"} 3"#,
+        r#"fencegate_filter_writes_refused_total{lock="*",reason="stale"} 1"#,
+        r#"fencegate_filter_highest_token{lock="*"} 9"#,
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
+    assert!(!m.contains(r#"lock="a""#), "no per-lock series above the limit:\n{m}");
 }
 
 #[tokio::test]

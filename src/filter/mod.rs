@@ -110,6 +110,8 @@ pub struct FilterConfig {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub limits: ServerLimits,
+    /// Above this many locks, metrics are totals (`lock="*"`), not per lock.
+    pub metrics_lock_limit: usize,
 }
 
 impl FilterConfig {
@@ -127,6 +129,7 @@ impl FilterConfig {
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             limits: ServerLimits::default(),
+            metrics_lock_limit: 1000,
         }
     }
 }
@@ -384,57 +387,85 @@ pub fn is_canonical(path: &str) -> bool {
 #[derive(Debug)]
 struct FilterCollector(std::sync::Weak<Filter>);
 
+/// One lock's figures as read at scrape time.
+#[derive(Default)]
+struct LockFigures {
+    admitted: u64,
+    stale: u64,
+    mismatch: u64,
+    unavailable: u64,
+    aborted: u64,
+    highest: u64,
+    barrier_waits: u64,
+    barrier_wait_us: u64,
+    inflight: u64,
+}
+
+impl LockFigures {
+    fn read(e: &admission::LockEntry) -> Self {
+        let ld = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let (highest, _, _, inflight) = e.snapshot();
+        LockFigures {
+            admitted: ld(&e.stats.admitted),
+            stale: ld(&e.stats.refused_stale),
+            mismatch: ld(&e.stats.refused_mismatch),
+            unavailable: ld(&e.stats.refused_unavailable),
+            aborted: ld(&e.stats.aborted),
+            highest,
+            barrier_waits: ld(&e.stats.barrier_waits),
+            barrier_wait_us: ld(&e.stats.barrier_wait_us),
+            inflight: inflight.values().sum::<usize>() as u64,
+        }
+    }
+
+    fn add(&mut self, o: &LockFigures) {
+        self.admitted += o.admitted;
+        self.stale += o.stale;
+        self.mismatch += o.mismatch;
+        self.unavailable += o.unavailable;
+        self.aborted += o.aborted;
+        self.highest = self.highest.max(o.highest);
+        self.barrier_waits += o.barrier_waits;
+        self.barrier_wait_us += o.barrier_wait_us;
+        self.inflight += o.inflight;
+    }
+}
+
 impl Collector for FilterCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let Some(f) = self.0.upgrade() else { return Ok(()) };
         let locks = f.locks.all();
-        let lk = |e: &admission::LockEntry| vec![("lock", e.name.to_string())];
-        let ld = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        metrics::encode_counters(
-            &mut enc,
-            "fencegate_filter_writes_admitted",
-            "Writes admitted and forwarded to the store",
-            locks.iter().map(|e| (lk(e), ld(&e.stats.admitted))),
-        )?;
+        metrics::encode_gauge(&mut enc, "fencegate_filter_locks", "Locks the filter has state for", locks.len() as i64)?;
+        // Per-lock series up to the limit; above it, totals under lock="*" so
+        // a scrape stays small with thousands of locks.
+        let rows: Vec<(String, LockFigures)> = if locks.len() <= f.cfg.metrics_lock_limit {
+            locks.iter().map(|e| (e.name.to_string(), LockFigures::read(e))).collect()
+        } else {
+            let mut all = LockFigures::default();
+            locks.iter().for_each(|e| all.add(&LockFigures::read(e)));
+            vec![("*".to_string(), all)]
+        };
+        let lk = |l: &str| vec![("lock", l.to_string())];
+        metrics::encode_counters(&mut enc, "fencegate_filter_writes_admitted", "Writes admitted and forwarded to the store",
+            rows.iter().map(|(l, x)| (lk(l), x.admitted)))?;
         let mut refused = Vec::new();
-        for e in &locks {
-            for (reason, v) in [
-                ("stale", &e.stats.refused_stale),
-                ("lock_mismatch", &e.stats.refused_mismatch),
-                ("unavailable", &e.stats.refused_unavailable),
-                ("aborted", &e.stats.aborted),
-            ] {
-                refused.push((vec![("lock", e.name.to_string()), ("reason", reason.to_string())], ld(v)));
+        for (l, x) in &rows {
+            for (reason, v) in [("stale", x.stale), ("lock_mismatch", x.mismatch), ("unavailable", x.unavailable), ("aborted", x.aborted)] {
+                refused.push((vec![("lock", l.clone()), ("reason", reason.to_string())], v));
             }
         }
         for r in f.refusals.by_reason.iter() {
-            refused.push((vec![("lock", String::new()), ("reason", r.key().to_string())], ld(r.value())));
+            refused.push((vec![("lock", String::new()), ("reason", r.key().to_string())], r.value().load(Ordering::Relaxed)));
         }
         metrics::encode_counters(&mut enc, "fencegate_filter_writes_refused", "Writes refused, by reason", refused)?;
-        metrics::encode_gauges(
-            &mut enc,
-            "fencegate_filter_highest_token",
-            "Highest fencing token admitted per lock",
-            locks.iter().map(|e| (lk(e), e.snapshot().0 as i64)),
-        )?;
-        metrics::encode_counters(
-            &mut enc,
-            "fencegate_filter_barrier_waits",
-            "Writes or fences that waited at the epoch barrier",
-            locks.iter().map(|e| (lk(e), ld(&e.stats.barrier_waits))),
-        )?;
-        metrics::encode_counters(
-            &mut enc,
-            "fencegate_filter_barrier_wait_microseconds",
-            "Total time spent waiting at the epoch barrier",
-            locks.iter().map(|e| (lk(e), ld(&e.stats.barrier_wait_us))),
-        )?;
-        metrics::encode_gauges(
-            &mut enc,
-            "fencegate_filter_inflight_writes",
-            "Writes forwarded and not yet answered, per lock",
-            locks.iter().map(|e| (lk(e), e.snapshot().3.values().sum::<usize>() as i64)),
-        )?;
+        metrics::encode_gauges(&mut enc, "fencegate_filter_highest_token", "Highest fencing token admitted per lock (the maximum under lock=\"*\")",
+            rows.iter().map(|(l, x)| (lk(l), x.highest as i64)))?;
+        metrics::encode_counters(&mut enc, "fencegate_filter_barrier_waits", "Writes or fences that waited at the epoch barrier",
+            rows.iter().map(|(l, x)| (lk(l), x.barrier_waits)))?;
+        metrics::encode_counters(&mut enc, "fencegate_filter_barrier_wait_microseconds", "Total time spent waiting at the epoch barrier",
+            rows.iter().map(|(l, x)| (lk(l), x.barrier_wait_us)))?;
+        metrics::encode_gauges(&mut enc, "fencegate_filter_inflight_writes", "Writes forwarded and not yet answered, per lock",
+            rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)))?;
         Ok(())
     }
 }

@@ -67,7 +67,7 @@ async fn main() {
     let mut seq = 0u64;
     let mut iter = 0u64;
     while started.elapsed() < Duration::from_secs(max_secs) {
-        if iter % check_every == 0 || belief.is_none() {
+        if iter.is_multiple_of(check_every) || belief.is_none() {
             belief = match lock_state(&c, &admin).await {
                 Some((true, t)) => Some(t),
                 _ => None,

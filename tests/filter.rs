@@ -165,7 +165,9 @@ async fn every_malformed_input_gets_its_status_and_code() {
     );
     let u = |p: &str| format!("{}{p}", f.url());
     let long = "a".repeat(129);
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, u16, &str)> = vec![
+    // (method, path, headers, status, error code)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("PUT", "/orders/1", vec![], 428, "fencing_token_missing"),
         ("PUT", "/orders/1", vec![("Fencing-Lock", "orders")], 428, "fencing_token_missing"),
         ("DELETE", "/orders/1", vec![("Fencing-Token", "3")], 428, "fencing_token_missing"),

@@ -33,12 +33,15 @@ pub use patch::{Decision, InjectorConfig};
 /// Largest AdmissionReview accepted (the API server's objects are < 3 MiB).
 const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 
+/// The served pair, with the files' modification times it was read at.
+type Loaded = (Arc<CertifiedKey>, Option<(SystemTime, SystemTime)>);
+
 /// A certificate and key read from PEM files, swapped in place on change.
 #[derive(Debug)]
 pub struct ReloadingCert {
     cert: PathBuf,
     key: PathBuf,
-    current: RwLock<(Arc<CertifiedKey>, Option<(SystemTime, SystemTime)>)>,
+    current: RwLock<Loaded>,
 }
 
 fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {

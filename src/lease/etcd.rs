@@ -119,12 +119,13 @@ impl LeaseBackend for EtcdBackend {
         async move {
             let mut keepers = self.keepers.lock().await;
             let result = async {
-                if !keepers.contains_key(&lease) {
-                    let mut c = self.client().await?;
-                    let pair = self.timed(c.lease_keep_alive(lease)).await?;
-                    keepers.insert(lease, pair);
-                }
-                let (keeper, stream) = keepers.get_mut(&lease).expect("inserted above");
+                let (keeper, stream) = match keepers.entry(lease) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let mut c = self.client().await?;
+                        v.insert(self.timed(c.lease_keep_alive(lease)).await?)
+                    }
+                };
                 self.timed(keeper.keep_alive()).await?;
                 match self.timed(stream.message()).await? {
                     Some(r) if r.ttl() > 0 => Ok(Some(Duration::from_secs(r.ttl() as u64))),

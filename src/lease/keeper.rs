@@ -384,13 +384,10 @@ impl Task {
         let mut retries = JoinSet::new();
         {
             let fence = fence_all(&self.cfg, token, &mut retries, tx.clone());
-            tokio::pin!(fence);
-            loop {
-                tokio::select! {
-                    () = &mut fence => break,
-                    why = &mut keep => return RoundEnd::Lost(why),
-                    _ = self.stop.cancelled() => return RoundEnd::Stopped,
-                }
+            tokio::select! {
+                () = fence => {}
+                why = &mut keep => return RoundEnd::Lost(why),
+                _ = self.stop.cancelled() => return RoundEnd::Stopped,
             }
         }
         self.tx.send_modify(|s| {

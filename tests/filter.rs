@@ -13,11 +13,22 @@ fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-#[tokio::test]
-async fn zombie_put_is_refused_and_the_store_keeps_the_newer_content() {
+/// A real nginx and a filter in front of it, with its state in a temp dir.
+fn filter_with(args: &[&str]) -> (Nginx, tempfile::TempDir, FilterProc) {
     let nginx = Nginx::start();
     let d = tmp();
-    let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &["--lock", LOCK]);
+    let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), args);
+    (nginx, d, f)
+}
+
+/// The two fencing headers, for raw requests.
+fn fence_headers(token: u64) -> Vec<(&'static str, String)> {
+    vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", token.to_string())]
+}
+
+#[tokio::test]
+async fn zombie_put_is_refused_and_the_store_keeps_the_newer_content() {
+    let (nginx, _d, f) = filter_with(&["--lock", LOCK]);
     let url = format!("{}/data/x", f.url());
 
     assert_eq!(put(&url, LOCK, 7, "from holder 7").await.status, 201);
@@ -69,7 +80,7 @@ async fn trickle_race(extra: &[&str]) -> (String, Duration) {
     let nginx = Nginx::start();
     let d = tmp();
     let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &[&["--lock", LOCK], extra].concat());
-    let fence = |t: u64| vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", t.to_string())];
+    let fence = fence_headers;
     let old_body = b"OLD-OLD-OLD-OLD!";
     let mut old = RawRequest::start(f.addr, "/race", &fence(1), old_body.len(), &old_body[..4]).await;
     // Let the filter admit token 1 and open the upstream request.
@@ -108,15 +119,8 @@ async fn without_the_barrier_the_older_write_overtakes_the_newer_one() {
 
 #[tokio::test]
 async fn an_older_write_that_never_finishes_is_aborted_after_the_drain_timeout() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(
-        d.path(),
-        &nginx.url(),
-        &d.path().join("state"),
-        &["--lock", LOCK, "--drain-timeout", "1s", "--abort-grace", "300ms"],
-    );
-    let fence = vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", "1".to_string())];
+    let (nginx, _d, f) = filter_with(&["--lock", LOCK, "--drain-timeout", "1s", "--abort-grace", "300ms"]);
+    let fence = fence_headers(1);
     let mut stuck = RawRequest::start(f.addr, "/stuck", &fence, 100, b"zombie").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
@@ -134,15 +138,8 @@ async fn an_older_write_that_never_finishes_is_aborted_after_the_drain_timeout()
 
 #[tokio::test]
 async fn a_write_that_cannot_wait_long_enough_gets_503_with_retry_after() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(
-        d.path(),
-        &nginx.url(),
-        &d.path().join("state"),
-        &["--lock", LOCK, "--drain-timeout", "5s", "--max-wait", "300ms"],
-    );
-    let fence = vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", "1".to_string())];
+    let (nginx, _d, f) = filter_with(&["--lock", LOCK, "--drain-timeout", "5s", "--max-wait", "300ms"]);
+    let fence = fence_headers(1);
     let _stuck = RawRequest::start(f.addr, "/slow", &fence, 100, b"zz").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = put(&format!("{}/slow", f.url()), LOCK, 2, "NEW").await;
@@ -155,14 +152,7 @@ async fn a_write_that_cannot_wait_long_enough_gets_503_with_retry_after() {
 
 #[tokio::test]
 async fn every_malformed_input_gets_its_status_and_code() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(
-        d.path(),
-        &nginx.url(),
-        &d.path().join("state"),
-        &["--protect", "/orders/=orders", "--protect", "/users/=users"],
-    );
+    let (nginx, _d, f) = filter_with(&["--protect", "/orders/=orders", "--protect", "/users/=users"]);
     let u = |p: &str| format!("{}{p}", f.url());
     let long = "a".repeat(129);
     // (method, path, headers, status, error code)
@@ -267,9 +257,7 @@ async fn two_filters_cannot_share_a_state_dir() {
 
 #[tokio::test]
 async fn proactive_fence_refuses_a_zombie_before_the_new_holder_writes() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &["--lock", LOCK]);
+    let (nginx, _d, f) = filter_with(&["--lock", LOCK]);
     assert_eq!(put(&format!("{}/doc", f.url()), LOCK, 3, "holder 3").await.status, 201);
     let fence = |t: &str| {
         let url = format!("{}/v1/locks/{LOCK}/fence", f.admin_url());
@@ -293,9 +281,7 @@ async fn proactive_fence_refuses_a_zombie_before_the_new_holder_writes() {
 
 #[tokio::test]
 async fn admin_endpoints_and_metrics() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &["--lock", LOCK]);
+    let (_nginx, _d, f) = filter_with(&["--lock", LOCK]);
     put(&format!("{}/m", f.url()), LOCK, 4, "x").await;
     put(&format!("{}/m", f.url()), LOCK, 2, "x").await;
     put(&format!("{}/m", f.url()), LOCK, 0, "x").await;
@@ -319,14 +305,7 @@ async fn admin_endpoints_and_metrics() {
 
 #[tokio::test]
 async fn many_locks_collapse_into_totals_in_metrics() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(
-        d.path(),
-        &nginx.url(),
-        &d.path().join("state"),
-        &["--protect", "/a/=a", "--protect", "/b/=b", "--protect", "/c/=c", "--metrics-lock-limit", "2"],
-    );
+    let (_nginx, _d, f) = filter_with(&["--protect", "/a/=a", "--protect", "/b/=b", "--protect", "/c/=c", "--metrics-lock-limit", "2"]);
     for (p, l, t) in [("/a/x", "a", 3), ("/b/x", "b", 9), ("/c/x", "c", 5)] {
         assert_eq!(put(&format!("{}{p}", f.url()), l, t, "v").await.status, 201);
     }
@@ -345,10 +324,8 @@ async fn many_locks_collapse_into_totals_in_metrics() {
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_exits_0() {
-    let nginx = Nginx::start();
-    let d = tmp();
-    let mut f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &["--lock", LOCK]);
-    let fence = vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", "1".to_string())];
+    let (nginx, _d, mut f) = filter_with(&["--lock", LOCK]);
+    let fence = fence_headers(1);
     let mut slow = RawRequest::start(f.addr, "/bye", &fence, 8, b"half").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     f.proc.signal(libc::SIGTERM);
@@ -362,9 +339,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
 #[tokio::test]
 async fn many_clients_with_interleaved_tokens_end_on_the_highest() {
     use rand::{Rng, SeedableRng};
-    let nginx = Nginx::start();
-    let d = tmp();
-    let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &["--lock", LOCK]);
+    let (nginx, _d, f) = filter_with(&["--lock", LOCK]);
     let seed: u64 = rand::rng().random();
     println!("seed {seed}");
     let mut tasks = Vec::new();

@@ -15,22 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 
-type C = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+use fencegate::proxy::{call as send, simple_client, SimpleClient as C};
 
 async fn call(c: &C, method: &str, url: &str, body: String) -> (u16, String) {
-    let req = http::Request::builder().method(method).uri(url).body(Full::new(Bytes::from(body))).unwrap();
-    match tokio::time::timeout(Duration::from_secs(10), c.request(req)).await {
-        Ok(Ok(r)) => {
-            let s = r.status().as_u16();
-            let b = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            (s, String::from_utf8_lossy(&b).into_owned())
-        }
-        _ => (0, String::new()),
+    match send(c, method, url, None, body, Duration::from_secs(10)).await {
+        Ok((s, b)) => (s.as_u16(), String::from_utf8_lossy(&b).into_owned()),
+        Err(_) => (0, String::new()),
     }
 }
 
@@ -60,7 +51,7 @@ async fn main() {
         }
     });
 
-    let c: C = Client::builder(TokioExecutor::new()).build_http();
+    let c: C = simple_client();
     let mut j = std::fs::OpenOptions::new().create(true).append(true).open(&journal).unwrap();
     let started = Instant::now();
     let mut belief: Option<u64> = None;

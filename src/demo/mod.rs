@@ -22,10 +22,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -68,15 +64,10 @@ impl Clock {
 }
 
 async fn http(method: &str, url: &str, body: &str) -> (u16, String) {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = http::Request::builder().method(method).uri(url).body(Full::new(Bytes::from(body.to_owned()))).expect("valid request");
-    match client.request(req).await {
-        Ok(r) => {
-            let s = r.status().as_u16();
-            let b = r.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            (s, String::from_utf8_lossy(&b).into_owned())
-        }
-        Err(e) => (0, e.to_string()),
+    let client = crate::proxy::simple_client();
+    match crate::proxy::call(&client, method, url, None, body.to_owned(), Duration::from_secs(60)).await {
+        Ok((s, b)) => (s.as_u16(), String::from_utf8_lossy(&b).into_owned()),
+        Err(e) => (0, e),
     }
 }
 

@@ -21,10 +21,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -501,20 +497,14 @@ enum FenceAnswer {
 }
 
 async fn fence_one(url: &str, lock: &LockName, token: Token, timeout: Duration) -> FenceAnswer {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri = format!("{}/v1/locks/{lock}/fence", url.trim_end_matches('/'));
     let body = serde_json::json!({ "token": token, "timeout_ms": timeout.as_millis() as u64 }).to_string();
-    let req = match http::Request::post(&uri).header("content-type", "application/json").body(Full::new(Bytes::from(body))) {
-        Ok(r) => r,
-        Err(e) => return FenceAnswer::Failed(format!("bad fence URL {uri}: {e}")),
-    };
-    let resp = match tokio::time::timeout(timeout + Duration::from_secs(1), client.request(req)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => return FenceAnswer::Failed(format!("{uri}: {}", crate::proxy::error_chain(&e))),
-        Err(_) => return FenceAnswer::Failed(format!("{uri}: timed out")),
-    };
-    let status = resp.status();
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let client = crate::proxy::simple_client();
+    let (status, body) =
+        match crate::proxy::call(&client, "POST", &uri, Some("application/json"), body, timeout + Duration::from_secs(1)).await {
+            Ok(r) => r,
+            Err(why) => return FenceAnswer::Failed(why),
+        };
     match status.as_u16() {
         200 => FenceAnswer::Ok,
         409 => {
@@ -597,14 +587,20 @@ mod tests {
         rx.wait_for(|s| s.phase == p).await.unwrap().clone()
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn one_holds_the_other_waits_then_takes_over_with_a_higher_token() {
+    /// Keeper `a` holding the lock (with its status), and keeper `c` queued behind it.
+    async fn holder_and_waiter() -> (Keeper, LockStatus, Keeper, watch::Receiver<LockStatus>) {
         let b: Arc<dyn LeaseBackend> = Arc::new(Embedded::new());
         let a = Keeper::spawn(b.clone(), cfg("a"));
-        let mut ra = a.subscribe();
-        let sa = until_phase(&mut ra, Phase::Holding).await;
-        let c = Keeper::spawn(b.clone(), cfg("c"));
-        let mut rc = c.subscribe();
+        let sa = until_phase(&mut a.subscribe(), Phase::Holding).await;
+        let c = Keeper::spawn(b, cfg("c"));
+        let rc = c.subscribe();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        (a, sa, c, rc)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_holds_the_other_waits_then_takes_over_with_a_higher_token() {
+        let (a, sa, _c, mut rc) = holder_and_waiter().await;
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(rc.borrow().phase, Phase::Campaigning, "only one holder");
         assert!(a.status().write_token(Instant::now()).is_some(), "keep-alives keep a holding");
@@ -615,13 +611,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_frozen_holder_self_fences_before_its_lease_can_expire() {
-        let b: Arc<dyn LeaseBackend> = Arc::new(Embedded::new());
-        let a = Keeper::spawn(b.clone(), cfg("a"));
-        let mut ra = a.subscribe();
-        let sa = until_phase(&mut ra, Phase::Holding).await;
-        let c = Keeper::spawn(b.clone(), cfg("c"));
-        let mut rc = c.subscribe();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (a, sa, _c, mut rc) = holder_and_waiter().await;
         a.freeze(Duration::from_secs(20));
         // While frozen, a's published state still says Holding, but its
         // deadline passes before the lease can expire and c can take over.
@@ -639,13 +629,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn release_hands_over_and_campaigns_again() {
-        let b: Arc<dyn LeaseBackend> = Arc::new(Embedded::new());
-        let a = Keeper::spawn(b.clone(), cfg("a"));
-        let mut ra = a.subscribe();
-        until_phase(&mut ra, Phase::Holding).await;
-        let c = Keeper::spawn(b.clone(), cfg("c"));
-        let mut rc = c.subscribe();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (a, _, _c, mut rc) = holder_and_waiter().await;
         a.release();
         until_phase(&mut rc, Phase::Holding).await;
         tokio::time::sleep(Duration::from_secs(5)).await;

@@ -61,16 +61,26 @@ def start(name, args, work, env=None):
     log = open(os.path.join(work, f"{name}.log"), "ab")
     e = dict(os.environ)
     e.update(env or {})
-    p = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=e)
+    # Each part leads a process group of its own, so that stopping it stops its children too: nginx's and HAProxy's
+    # workers outlive a SIGKILLed master otherwise, holding their listening sockets.
+    p = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=e, start_new_session=True)
     procs.append(p)
     return p
 
 
+def kill_group(p, sig=signal.SIGKILL):
+    """Sends sig to p's whole process group (p leads it: start() made it so)."""
+    try:
+        os.killpg(p.pid, signal.SIGCONT)
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def stop_all():
     for p in procs:
+        kill_group(p)
         try:
-            p.send_signal(signal.SIGCONT)
-            p.kill()
             p.wait(timeout=5)
         except Exception:
             pass
@@ -315,7 +325,7 @@ def throughput(work, store_port, etcd):
     rss = {n: status_kib([p for pid in pids for p in tree(pid)], "VmHWM") for n, (_, pids) in paths.items() if pids}
     rss_each = {"fencegate-sidecar": status_kib([sc.pid], "VmHWM"), "fencegate-filter": status_kib([f.pid], "VmHWM")}
     for p in (f, sc, na1, na2, ha1, ha2):
-        p.kill()
+        kill_group(p)
     return raw, rss, rss_each, idle_rss
 
 
@@ -370,8 +380,8 @@ def failover(work, store_port, etcd, runs=5):
             holder[0] = p
             print(f"  {kind}: {results[kind][-1]:.0f} ms", flush=True)
     for s in sides:
-        s[0].kill()
-    f.kill()
+        kill_group(s[0])
+    kill_group(f)
     return results
 
 
@@ -394,7 +404,7 @@ def many_locks(work, store_port, n=100_000):
     rss_locks = status_kib([f.pid], "VmRSS")
     spread = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": str(n), "WRK_BODY": "1024"})
     one = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": "1", "WRK_BODY": "1024"})
-    f.kill()
+    kill_group(f)
     shutil.rmtree(shm, ignore_errors=True)
     for r in (spread, one):
         r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
@@ -415,8 +425,8 @@ def profile(work, store_port, etcd):
     rec.wait(timeout=SECONDS + 30)
     rep = subprocess.run(["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "dso,symbol",
                           "--percent-limit", "0.7"], capture_output=True, text=True, timeout=120)
-    sc.kill()
-    f.kill()
+    kill_group(sc)
+    kill_group(f)
     lines = [re.sub(r"\s+-\s+-\s*$", "", l).rstrip() for l in rep.stdout.splitlines()
              if l.strip() and not l.startswith("#") and "%" in l.split()[0]]
     return lines[:45]

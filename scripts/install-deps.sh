@@ -1,30 +1,95 @@
 #!/usr/bin/env bash
-# Installs what the build and the tests need on a fresh Debian machine:
-# protoc (etcd-client's build), nginx + WebDAV (the test store), etcd (the
-# lease backend), iproute2 (network namespaces for partition tests).
+# The one installer for the README's two commands.
+#
+#   bash scripts/install-deps.sh build   # what `cargo build` needs: protoc and the protobuf well-known types
+#   bash scripts/install-deps.sh test    # that, plus everything the test suite starts or calls
+#
+# It checks what the build and the tests really use, not whether a command exists: after installing, each piece is
+# exercised (protoc compiles a file importing google/protobuf/descriptor.proto; nginx loads the WebDAV modules and
+# accepts a config using them; etcd and etcdctl print their versions; `ip netns` runs; ...). A piece that still fails
+# stops the script with its name.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-test}"
+case "$mode" in build | test) ;; *) echo "usage: $0 build|test" >&2; exit 2 ;; esac
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
 
-need_apt=()
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
-[ -f /usr/lib/nginx/modules/ngx_http_dav_ext_module.so ] || need_apt+=(libnginx-mod-http-dav-ext)
-command -v etcd >/dev/null || need_apt+=(etcd-server)
-command -v etcdctl >/dev/null || need_apt+=(etcd-client)
-command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
-command -v unzip >/dev/null || need_apt+=(unzip)
-command -v npm >/dev/null || need_apt+=(npm)
-python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
-if [ ${#need_apt[@]} -gt 0 ]; then
-  echo "installing: ${need_apt[*]}"
+# --- checks: each returns non-zero when the piece does not work -------------------------------------------------
+check_protoc() {
+  command -v protoc >/dev/null || return 1
+  # etcd-client's protos import the well-known types; protobuf-compiler alone does not ship them (libprotobuf-dev does).
+  printf 'syntax = "proto3";\nimport "google/protobuf/descriptor.proto";\nmessage M { google.protobuf.FileDescriptorProto f = 1; }\n' \
+    >"$scratch/wkt.proto"
+  protoc --proto_path="$scratch" --descriptor_set_out="$scratch/wkt.pb" "$scratch/wkt.proto" >/dev/null 2>&1
+}
+nginx_bin() { command -v nginx 2>/dev/null || { [ -x /usr/sbin/nginx ] && echo /usr/sbin/nginx; }; }
+check_nginx_dav() {
+  local bin mod=/usr/lib/nginx/modules/ngx_http_dav_ext_module.so
+  bin=$(nginx_bin) || return 1
+  [ -f "$mod" ] || return 1
+  mkdir -p "$scratch/ngx"
+  cat >"$scratch/ngx/nginx.conf" <<EOF
+load_module $mod;
+pid $scratch/ngx/nginx.pid;
+error_log $scratch/ngx/error.log;
+events {}
+http { server { listen 127.0.0.1:1; location / { dav_methods PUT DELETE MKCOL COPY MOVE; dav_ext_methods PROPFIND OPTIONS; } } }
+EOF
+  "$bin" -t -q -p "$scratch/ngx" -c "$scratch/ngx/nginx.conf" -e "$scratch/ngx/error.log" >/dev/null 2>&1
+}
+etcd_bin() { command -v etcd 2>/dev/null || { [ -x /usr/bin/etcd ] && echo /usr/bin/etcd; }; }
+check_etcd() { local b; b=$(etcd_bin) && "$b" --version >/dev/null 2>&1; }
+check_etcdctl() { command -v etcdctl >/dev/null && ETCDCTL_API=3 etcdctl version >/dev/null 2>&1; }
+check_netns() {
+  local ip; ip=$(command -v ip || echo /usr/sbin/ip)
+  [ -x "$ip" ] && "$ip" netns list >/dev/null 2>&1
+}
+check_unzip() { command -v unzip >/dev/null; }
+check_npm() { command -v npm >/dev/null && npm --version >/dev/null 2>&1; }
+check_pip() { python3 -m pip --version >/dev/null 2>&1; }
+check_www_data() { id -u www-data >/dev/null 2>&1; }
+
+# --- what each piece installs from Debian -------------------------------------------------------------------------
+declare -A apt_for=(
+  [protoc]="protobuf-compiler libprotobuf-dev"
+  [nginx_dav]="nginx libnginx-mod-http-dav-ext"
+  [etcd]="etcd-server"
+  [etcdctl]="etcd-client"
+  [netns]="iproute2"
+  [unzip]="unzip"
+  [npm]="npm"
+  [pip]="python3-pip"
+  [www_data]="nginx"
+)
+pieces=(protoc)
+if [ "$mode" = test ]; then pieces+=(nginx_dav etcd etcdctl netns unzip npm pip www_data); fi
+
+missing=()
+for p in "${pieces[@]}"; do check_"$p" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  pkgs=()
+  for p in "${missing[@]}"; do read -r -a more <<<"${apt_for[$p]}"; pkgs+=("${more[@]}"); done
+  echo "installing (for ${missing[*]}): ${pkgs[*]}"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
-# Debian starts the packaged services; the tests run their own on free ports.
-for svc in nginx etcd; do
-  if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then $SUDO systemctl stop "$svc" || true; fi
-done
+failed=()
+for p in "${pieces[@]}"; do check_"$p" || failed+=("$p (${apt_for[$p]})"); done
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'install-deps: these pieces still do not work after installing:\n' >&2
+  printf '  - %s\n' "${failed[@]}" >&2
+  exit 1
+fi
 
-# helm, kubectl and kubernetes-validate for the chart tests.
-bash "$(dirname "$0")/install-k8s-tools.sh"
+if [ "$mode" = test ]; then
+  # Debian starts the packaged services; the tests run their own on free ports.
+  for svc in nginx etcd; do
+    if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then $SUDO systemctl stop "$svc" || true; fi
+  done
+  # helm, kubectl and kubernetes-validate for the chart tests.
+  bash scripts/install-k8s-tools.sh
+fi
+echo "install-deps ($mode): ${pieces[*]} ok"

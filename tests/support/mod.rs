@@ -46,13 +46,22 @@ impl Proc {
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
+    /// Sends `sig` to the process alone (SIGSTOP of a sidecar, SIGTERM for a graceful stop).
     pub fn signal(&self, sig: i32) {
         unsafe {
             libc::kill(self.pid(), sig);
         }
     }
+    /// Sends `sig` to the process and every child it started: `spawn` made the process lead a process group of its
+    /// own. nginx's workers outlive a SIGKILLed master otherwise, each holding the listening socket.
+    pub fn signal_group(&self, sig: i32) {
+        unsafe {
+            libc::kill(-self.pid(), sig);
+        }
+    }
+    /// kill -9 of the process and its children, reaped.
     pub fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
+        self.signal_group(libc::SIGKILL);
         let _ = self.child.wait();
     }
     /// Waits for exit, returning the exit code (None if killed by a signal).
@@ -74,10 +83,11 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Runs on pass, fail and panic (unwinding): the whole group goes, children included.
     fn drop(&mut self) {
         // A stopped process must be continued to die promptly under some kernels' accounting.
-        self.signal(libc::SIGCONT);
-        let _ = self.child.kill();
+        self.signal_group(libc::SIGCONT);
+        self.signal_group(libc::SIGKILL);
         let _ = self.child.wait();
     }
 }
@@ -87,6 +97,8 @@ pub fn spawn(name: &str, dir: &Path, program: &str, args: &[String], env: &[(&st
     let log = dir.join(format!("{name}.log"));
     let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
     let mut cmd = Command::new(program);
+    // Its own process group, so that Drop and kill9 can stop its children too.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     cmd.args(args).stdin(Stdio::null()).stdout(out.try_clone().unwrap()).stderr(out);
     for (k, v) in env {
         cmd.env(k, v);

@@ -233,9 +233,13 @@ pub struct SidecarArgs {
     /// Filters' admin URLs to fence on takeover (repeatable or comma-separated).
     #[arg(long = "fence", env = "FENCEGATE_FENCE", value_delimiter = ',', value_name = "URL")]
     pub fence: Vec<String>,
-    /// Longest the takeover waits for filters to confirm the fence.
-    #[arg(long, env = "FENCEGATE_FENCE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    /// Longest the takeover waits for filters to confirm the fence (above the filter's drain timeout + abort grace).
+    #[arg(long, env = "FENCEGATE_FENCE_TIMEOUT", default_value = "8s", value_parser = duration)]
     pub fence_timeout: Duration,
+    /// Longest a write may stream to the upstream after its token was checked; it is also cut off the moment the
+    /// lock stops being safely held (default: the TTL).
+    #[arg(long, env = "FENCEGATE_WRITE_DEADLINE", value_parser = duration)]
+    pub write_deadline: Option<Duration>,
     /// Hold the lock only once every --fence filter has confirmed (retrying without bound).
     #[arg(long, env = "FENCEGATE_FENCE_REQUIRED")]
     pub fence_required: bool,
@@ -274,12 +278,13 @@ impl SidecarArgs {
             ttl: self.ttl,
             margin,
             key_prefix: self.key_prefix.clone(),
-            fence_urls: self.fence.clone(),
             fence_timeout: self.fence_timeout,
             fence_required: self.fence_required,
             release_pause: self.release_pause,
         };
         let mut c = crate::sidecar::SidecarConfig::new(keeper, self.upstream.clone());
+        c.fence_urls = self.fence.clone();
+        c.write_deadline = self.write_deadline.unwrap_or(self.ttl);
         c.read_methods = ReadMethods::parse(&self.read_methods)?;
         c.reads_need_lease = self.reads_need_lease;
         c.ready_always = self.ready_always;

@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod fence;
 pub mod filter;
 pub mod injector;
 pub mod lease;

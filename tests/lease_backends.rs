@@ -9,7 +9,8 @@ use std::time::Duration;
 use fencegate::lease::embedded::Embedded;
 use fencegate::lease::etcd::{EtcdBackend, EtcdOptions};
 use fencegate::lease::keeper::{Keeper, KeeperConfig, LockStatus, Phase};
-use fencegate::lease::{queue_prefix, LeaseBackend, LeaseError};
+use fencegate::lease::deadline::Stamp;
+use fencegate::lease::{queue_prefix, LeaseBackend, LeaseError, NoFence};
 use tokio::sync::watch;
 
 fn cfg(holder: &str) -> KeeperConfig {
@@ -50,19 +51,19 @@ async fn suite(b: Arc<dyn LeaseBackend>) {
 
     // Keeper level: one holder, the other takes over with a higher token,
     // and a restarted candidate gets a higher token still.
-    let a = Keeper::spawn(b.clone(), cfg("a"));
+    let a = Keeper::spawn(b.clone(), Arc::new(NoFence), cfg("a"));
     let mut ra = a.subscribe();
     let sa = until(&mut ra, Phase::Holding).await;
-    let c = Keeper::spawn(b.clone(), cfg("c"));
+    let c = Keeper::spawn(b.clone(), Arc::new(NoFence), cfg("c"));
     let mut rc = c.subscribe();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(rc.borrow().phase, Phase::Campaigning, "only one holder");
-    assert!(a.status().write_token(tokio::time::Instant::now()).is_some(), "keep-alives keep the lock");
+    assert!(a.status().write_token(Stamp::now()).is_some(), "keep-alives keep the lock");
     a.shutdown().await;
     let sc = until(&mut rc, Phase::Holding).await;
     assert!(sc.token > sa.token);
     c.shutdown().await;
-    let a2 = Keeper::spawn(b.clone(), cfg("a"));
+    let a2 = Keeper::spawn(b.clone(), Arc::new(NoFence), cfg("a"));
     let mut ra2 = a2.subscribe();
     let sa2 = until(&mut ra2, Phase::Holding).await;
     assert!(sa2.token > sc.token, "tokens grow across restarts");

@@ -15,6 +15,7 @@
 //!    B's data; with it, it is refused with 409. A's *next* write is refused
 //!    by its own sidecar (self-fenced).
 
+pub mod freeze;
 pub mod relay;
 pub mod store;
 
@@ -30,10 +31,12 @@ use crate::filter::{Filter, FilterConfig, Protection};
 use crate::lease::embedded::Embedded;
 use crate::lease::etcd::{EtcdBackend, EtcdOptions};
 use crate::lease::keeper::KeeperConfig;
+use crate::lease::deadline::Stamp;
 use crate::lease::LeaseBackend;
 use crate::proxy::Upstream;
 use crate::sidecar::{Sidecar, SidecarConfig};
 use crate::token::LockName;
+use freeze::Freezable;
 use relay::Relay;
 use store::MemStore;
 
@@ -94,10 +97,12 @@ struct Side {
 async fn start_sidecar(
     backend: Arc<dyn LeaseBackend>,
     keeper: KeeperConfig,
+    fence_urls: Vec<String>,
     upstream: SocketAddr,
     stop: &CancellationToken,
 ) -> Result<Side, String> {
-    let cfg = SidecarConfig::new(keeper, format!("http://{upstream}"));
+    let mut cfg = SidecarConfig::new(keeper, format!("http://{upstream}"));
+    cfg.fence_urls = fence_urls;
     let up = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?;
     let (l, a) = (bind().await.map_err(|e| e.to_string())?, bind().await.map_err(|e| e.to_string())?);
     let url = format!("http://{}", l.local_addr().map_err(|e| e.to_string())?);
@@ -108,7 +113,7 @@ async fn start_sidecar(
 
 async fn wait_holding(s: &Side, within: Duration) -> Result<u64, String> {
     let mut rx = s.sc.status();
-    let r = tokio::time::timeout(within, rx.wait_for(|st| st.write_token(Instant::now()).is_some()))
+    let r = tokio::time::timeout(within, rx.wait_for(|st| st.write_token(Stamp::now()).is_some()))
         .await
         .map_err(|_| format!("no lock after {within:?}"))?
         .map_err(|e| e.to_string())?;
@@ -149,15 +154,16 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
     let keeper = |holder: &str| {
         let mut k = KeeperConfig::new(lock.clone(), holder, opts.ttl);
         k.key_prefix = prefix.to_string();
-        k.fence_urls = fence_urls.clone();
         k
     };
     // A's path to the store goes through a relay the demo can freeze.
     let relay = Relay::start(target).await.map_err(|e| e.to_string())?;
-    let a = start_sidecar(backend.clone(), keeper("app-A"), relay.addr, &stop).await?;
+    // A's lease calls go through a wrapper the demo can freeze, as if A's process paused.
+    let a_backend = Arc::new(Freezable::new(backend.clone()));
+    let a = start_sidecar(a_backend.clone(), keeper("app-A"), fence_urls.clone(), relay.addr, &stop).await?;
     let ta = wait_holding(&a, Duration::from_secs(10)).await?;
     clock.say("A", format!("holds the lock \"ledger\" with fencing token {ta}"));
-    let b = start_sidecar(backend.clone(), keeper("app-B"), target, &stop).await?;
+    let b = start_sidecar(backend.clone(), keeper("app-B"), fence_urls.clone(), target, &stop).await?;
     clock.say("B", "starts and waits for the lock");
 
     let v1 = "balance=100 (written by A)";
@@ -166,7 +172,7 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
 
     // A freezes: keeper paused, and its next write is caught in the network.
     let freeze_for = opts.ttl * 2 + Duration::from_secs(1);
-    a.sc.freeze(freeze_for);
+    a_backend.freeze(freeze_for);
     relay.freeze();
     let v_zombie = "balance=150 (written by A before its pause)";
     let a_url = a.url.clone();

@@ -113,6 +113,23 @@ impl Embedded {
     pub fn revision(&self) -> i64 {
         self.with(|st| st.rev)
     }
+
+    /// Deletes `key` as an operator (or another client) would; true if it existed.
+    pub fn delete_key(&self, key: &str) -> bool {
+        self.with(|st| {
+            let existed = st.keys.remove(key).is_some();
+            if existed {
+                st.rev += 1;
+            }
+            existed
+        })
+    }
+
+    /// Sets the revision counter back, as an etcd restored from an old
+    /// snapshot would be (tests of tokens going backwards).
+    pub fn rewind_revision(&self, rev: i64) {
+        self.with(|st| st.rev = rev);
+    }
 }
 
 impl LeaseBackend for Embedded {
@@ -169,6 +186,11 @@ impl LeaseBackend for Embedded {
             .await
         }
         .boxed()
+    }
+
+    fn key_revision<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<i64>, LeaseError>> {
+        let r = self.with(|st| st.keys.get(key).map(|k| k.create_rev));
+        async move { Ok(r) }.boxed()
     }
 
     fn watch_gone<'a>(&'a self, key: &'a str, rev: i64) -> BoxFuture<'a, Result<(), LeaseError>> {

@@ -1,21 +1,32 @@
 //! The etcd lease backend (production).
 //!
 //! Unary calls carry their own deadline (`call_timeout`) so a partition turns
-//! into an error the keeper can act on, never a hang. Keep-alives reuse one
-//! bidirectional stream per lease and open a new one after any error. The
-//! client reconnects by itself (tonic balances over every endpoint given).
+//! into an error the keeper can act on, never a hang; creating a watch is
+//! bounded the same way, and a watch is re-checked with a fresh read every
+//! `recheck` so a watch parked on a member that lost its quorum cannot hide a
+//! deletion for long. Watches require a leader (etcd cancels them on a member
+//! that has none instead of letting them go silent).
+//!
+//! Keep-alives open a fresh stream per call: a keep-alive whose answer was
+//! not read (it timed out, or its future was cancelled) must not leave that
+//! answer behind for the next call to read and time from its own, later send
+//! (which would move the self-fencing deadline later than etcd's expiry).
+//!
+//! HTTP/2 pings go every 10 s and only while a stream is open: etcd's default
+//! `--grpc-keepalive-min-time` is 5 s, and pings more often than that (or on
+//! an idle connection) get the connection closed with GOAWAY `too_many_pings`,
+//! which drops every watch and keep-alive on it. The client reconnects by
+//! itself (tonic balances over every endpoint given).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, LeaseKeepAliveStream,
-    LeaseKeeper, PutOptions, SortOrder, SortTarget, TlsOptions, Txn, TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity, PutOptions, SortOrder,
+    SortTarget, TlsOptions, Txn, TxnOp, WatchOptions, WatchStream,
 };
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
-use tokio::sync::Mutex;
 
 use super::{Granted, LeaseBackend, LeaseError};
 
@@ -40,8 +51,10 @@ pub struct EtcdBackend {
     // while etcd is still down; the keeper's backoff drives the retries.
     conn: tokio::sync::OnceCell<Client>,
     call_timeout: Duration,
-    keepers: Mutex<HashMap<i64, (LeaseKeeper, LeaseKeepAliveStream)>>,
 }
+
+/// The HTTP/2 ping interval: above etcd's default `--grpc-keepalive-min-time` (5 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -57,7 +70,7 @@ impl EtcdBackend {
     /// A backend that connects on first use.
     pub fn new(opts: EtcdOptions) -> EtcdBackend {
         let call_timeout = opts.call_timeout;
-        EtcdBackend { opts, conn: tokio::sync::OnceCell::new(), call_timeout, keepers: Mutex::new(HashMap::new()) }
+        EtcdBackend { opts, conn: tokio::sync::OnceCell::new(), call_timeout }
     }
 
     async fn client(&self) -> Result<Client, LeaseError> {
@@ -68,8 +81,9 @@ impl EtcdBackend {
     async fn connect(o: &EtcdOptions) -> Result<Client, LeaseError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(o.call_timeout)
-            .with_keep_alive(Duration::from_secs(2), o.call_timeout)
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(PING_INTERVAL, o.call_timeout.max(Duration::from_secs(1)))
+            .with_keep_alive_while_idle(false)
+            .with_require_leader(true);
         if let (Some(u), Some(p)) = (&o.user, &o.password) {
             opts = opts.with_user(u, p);
         }
@@ -97,10 +111,40 @@ impl EtcdBackend {
         tokio::time::timeout(self.call_timeout, f).await.map_err(|_| be("etcd call timed out"))?.map_err(be)
     }
 
-    async fn key_exists(&self, key: &str) -> Result<Option<i64>, LeaseError> {
+    /// `key`'s create revision (or `None`) and the revision the answer was read at.
+    async fn key_at(&self, key: &str) -> Result<(Option<i64>, i64), LeaseError> {
         let mut c = self.client().await?;
         let r = self.timed(c.get(key, None)).await?;
-        Ok(r.kvs().first().map(|kv| kv.create_revision()))
+        let at = r.header().map(|h| h.revision()).ok_or_else(|| be("get answer without a header"))?;
+        Ok((r.kvs().first().map(|kv| kv.create_revision()), at))
+    }
+
+    /// Opens a watch on `key` from revision `from`, bounded like a unary call.
+    async fn watch_from(&self, key: impl Into<Vec<u8>>, from: i64) -> Result<WatchStream, LeaseError> {
+        let mut c = self.client().await?;
+        self.timed(c.watch(key, Some(WatchOptions::new().with_start_revision(from)))).await
+    }
+
+    /// How long one watch is trusted before the state is read afresh.
+    fn recheck(&self) -> Duration {
+        (self.call_timeout * 5).max(Duration::from_secs(5))
+    }
+
+    /// Waits for a delete event on an open watch; `Ok(true)` if one came,
+    /// `Ok(false)` if the watch was cancelled or `recheck` passed (read again).
+    async fn delete_seen(&self, w: &mut WatchStream) -> Result<bool, LeaseError> {
+        let wait = async {
+            loop {
+                match w.message().await.map_err(be)? {
+                    Some(m) if m.events().iter().any(|e| e.event_type() == EventType::Delete) => return Ok(true),
+                    // Cancelled (compacted, no leader): read again and re-watch from then.
+                    Some(m) if m.canceled() => return Ok(false),
+                    Some(_) => continue,
+                    None => return Err(be("watch stream closed")),
+                }
+            }
+        };
+        tokio::time::timeout(self.recheck(), wait).await.unwrap_or(Ok(false))
     }
 }
 
@@ -117,15 +161,14 @@ impl LeaseBackend for EtcdBackend {
 
     fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Option<Duration>, LeaseError>> {
         async move {
-            let mut keepers = self.keepers.lock().await;
+            // A fresh stream per call (see the module docs). etcd-client's
+            // `lease_keep_alive` sends one keep-alive and reads its answer
+            // itself (an error if the lease is gone) but does not return the
+            // TTL; the second round trip on the same stream does. Both were
+            // sent after the caller's `sent` instant, which is what counts.
+            let mut c = self.client().await?;
             let result = async {
-                let (keeper, stream) = match keepers.entry(lease) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let mut c = self.client().await?;
-                        v.insert(self.timed(c.lease_keep_alive(lease)).await?)
-                    }
-                };
+                let (mut keeper, mut stream) = self.timed(c.lease_keep_alive(lease)).await?;
                 self.timed(keeper.keep_alive()).await?;
                 match self.timed(stream.message()).await? {
                     Some(r) if r.ttl() > 0 => Ok(Some(Duration::from_secs(r.ttl() as u64))),
@@ -134,11 +177,6 @@ impl LeaseBackend for EtcdBackend {
                 }
             }
             .await;
-            // Drop the stream after an error or once the lease is gone: the
-            // next call opens a fresh one.
-            if !matches!(result, Ok(Some(_))) {
-                keepers.remove(&lease);
-            }
             match result {
                 // etcd-client reports a missing lease as an error, not TTL 0.
                 Err(LeaseError::Backend(m)) if m.contains("lease not found") => Ok(None),
@@ -150,7 +188,6 @@ impl LeaseBackend for EtcdBackend {
 
     fn revoke(&self, lease: i64) -> BoxFuture<'_, Result<(), LeaseError>> {
         async move {
-            self.keepers.lock().await.remove(&lease);
             let mut c = self.client().await?;
             match self.timed(c.lease_revoke(lease)).await {
                 Ok(_) => Ok(()),
@@ -178,7 +215,7 @@ impl LeaseBackend for EtcdBackend {
                 // The put happened in this transaction's revision.
                 return r.header().map(|h| h.revision()).ok_or_else(|| be("txn answer without a header"));
             }
-            self.key_exists(key).await?.ok_or_else(|| LeaseError::Gone(format!("{key} vanished")))
+            self.key_at(key).await?.0.ok_or_else(|| LeaseError::Gone(format!("{key} vanished")))
         }
         .boxed()
     }
@@ -196,47 +233,43 @@ impl LeaseBackend for EtcdBackend {
                 let r = self.timed(c.get(prefix, Some(opts))).await?;
                 let Some(ahead) = r.kvs().first() else {
                     // Nobody ahead; make sure we are still queued.
-                    return match self.key_exists(key).await? {
+                    return match self.key_at(key).await?.0 {
                         Some(r0) if r0 == rev => Ok(()),
                         _ => Err(LeaseError::Gone(format!("{key} was deleted"))),
                     };
                 };
                 let ahead_key = ahead.key().to_vec();
-                let from = r.header().map(|h| h.revision() + 1).unwrap_or(0);
+                let from = r.header().map(|h| h.revision() + 1).ok_or_else(|| be("get answer without a header"))?;
                 tracing::debug!(ahead = %String::from_utf8_lossy(&ahead_key), "waiting for the key ahead");
-                let mut w = c.watch(ahead_key, Some(WatchOptions::new().with_start_revision(from))).await.map_err(be)?;
-                loop {
-                    match w.message().await.map_err(be)? {
-                        Some(m) if m.canceled() => break,
-                        Some(m) if m.events().iter().any(|e| e.event_type() == EventType::Delete) => break,
-                        Some(_) => continue,
-                        None => return Err(be("watch stream closed")),
-                    }
-                }
+                let mut w = self.watch_from(ahead_key, from).await?;
+                // Deleted, cancelled or re-check time: read the queue again.
+                self.delete_seen(&mut w).await?;
             }
         }
         .boxed()
     }
 
     fn watch_gone<'a>(&'a self, key: &'a str, rev: i64) -> BoxFuture<'a, Result<(), LeaseError>> {
+        // etcd's own `waitDeletes`: read, then watch from the revision of
+        // that read + 1. Never from the key's create revision + 1, which a
+        // compaction may have removed (the watch would be cancelled at once,
+        // every time).
         async move {
-            let mut c = self.client().await?;
-            let mut w = c.watch(key, Some(WatchOptions::new().with_start_revision(rev + 1))).await.map_err(be)?;
             loop {
-                match w.message().await.map_err(be)? {
-                    Some(m) if m.events().iter().any(|e| e.event_type() == EventType::Delete) => return Ok(()),
-                    Some(m) if m.canceled() => {
-                        // Compacted past our revision: ask directly.
-                        return match self.key_exists(key).await? {
-                            Some(r) if r == rev => Err(be("watch canceled")),
-                            _ => Ok(()),
-                        };
-                    }
-                    Some(_) => continue,
-                    None => return Err(be("watch stream closed")),
+                let (now, at) = self.key_at(key).await?;
+                if now != Some(rev) {
+                    return Ok(());
+                }
+                let mut w = self.watch_from(key, at + 1).await?;
+                if self.delete_seen(&mut w).await? {
+                    return Ok(());
                 }
             }
         }
         .boxed()
+    }
+
+    fn key_revision<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<i64>, LeaseError>> {
+        async move { Ok(self.key_at(key).await?.0) }.boxed()
     }
 }

@@ -7,16 +7,33 @@
 //! its own). Background fence retries live in a `JoinSet` owned by the
 //! current round, so they end with it.
 //!
+//! One round is one lease: [`Task::acquire`] (queue, wait for our turn),
+//! [`Task::fence`] (fence the filters, our key watched), [`Task::hold`].
+//! The lease is kept alive by [`keep_lease`] through all three.
+//!
 //! # Self-fencing
 //!
 //! The sidecar trusts that it holds the lock only until
-//! `instant the last acknowledged keep-alive was sent + TTL - margin`, on the
-//! monotonic clock. etcd starts a lease's new TTL when it *receives* the
-//! keep-alive, which is after we sent it, so our deadline falls at least
-//! `margin` before etcd could expire the lease and let another candidate in,
-//! as long as the two clocks' rates differ by less than `margin / TTL`
-//! (10% with the defaults: TTL 10 s, margin 1 s).
+//! `instant the last acknowledged keep-alive was sent + TTL - margin`,
+//! measured on CLOCK_MONOTONIC and CLOCK_BOOTTIME both (see [`super::deadline`]).
+//! etcd starts a lease's new TTL when it *receives* the keep-alive, which is
+//! after we sent it, so our deadline falls at least `margin` before etcd could
+//! expire the lease and let another candidate in, as long as the two clocks'
+//! rates differ by less than `margin / TTL` (10% with the defaults: TTL 10 s,
+//! margin 1 s). The rules, as implemented:
+//! * only an acknowledged keep-alive moves the deadline, and only forward,
+//!   timed from the send of the very request that was acknowledged (the etcd
+//!   backend uses a fresh stream per keep-alive, so no stale answer is read);
+//! * a keep-alive that fails or times out moves nothing; it is retried at
+//!   TTL/12, and never waited on past the deadline;
+//! * the round ends (token withdrawn *before* the lease is revoked) when the
+//!   deadline passes, the lease is reported gone, or our queue key is deleted
+//!   (seen by a watch, or by a read of the key every keep-alive interval);
+//! * a token at or below one this sidecar already held is never used
+//!   (`fenced_out`): etcd's revision went backwards.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,10 +41,11 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{queue_prefix, LeaseBackend, LeaseError};
+use super::backoff::Backoff;
+use super::deadline::{Deadline, Stamp};
+use super::{queue_prefix, Fencer, LeaseBackend, LeaseError, Outcome};
 use crate::token::{LockName, Token};
 
 /// Where the keeper stands.
@@ -41,7 +59,8 @@ pub enum Phase {
     /// Holding the lock: writes are forwarded with the token.
     Holding,
     /// Holding in etcd, but a filter has seen a higher token than etcd gave
-    /// us (etcd restored from an old snapshot?): writes are refused.
+    /// us, or etcd gave us a token at or below one we held before (etcd
+    /// restored from an old snapshot?): writes are refused.
     FencedOut,
     /// Shut down; the lease was revoked.
     Stopped,
@@ -52,32 +71,33 @@ pub enum Phase {
 pub struct LockStatus {
     pub phase: Phase,
     pub token: Option<Token>,
-    /// The token of the last time this sidecar held the lock (kept after a loss).
+    /// The highest token this sidecar has held (kept after a loss).
     pub last_token: Option<Token>,
     pub lease_id: Option<i64>,
     /// TTL granted by the backend.
     pub ttl: Duration,
     /// Self-fencing deadline; see the module docs.
-    pub valid_until: Option<Instant>,
-    /// The highest token a filter reported when it refused our fence.
+    pub valid_until: Option<Deadline>,
+    /// The highest token a filter reported when it refused our fence (or the
+    /// token we held before, when etcd's went backwards).
     pub fenced_out_highest: Option<u64>,
     pub last_error: Option<String>,
 }
 
 impl LockStatus {
     /// The token to inject in a write at `now`, if the lock is safely held.
-    pub fn write_token(&self, now: Instant) -> Option<Token> {
+    pub fn write_token(&self, now: Stamp) -> Option<Token> {
         match (self.phase, self.token, self.valid_until) {
-            (Phase::Holding, Some(t), Some(until)) if now < until => Some(t),
+            (Phase::Holding, Some(t), Some(until)) if !until.passed(now) => Some(t),
             _ => None,
         }
     }
 
     /// How much longer the lock is safely held (zero if not held).
-    pub fn valid_for(&self, now: Instant) -> Duration {
-        match self.write_token(now) {
-            Some(_) => self.valid_until.map(|u| u.saturating_duration_since(now)).unwrap_or_default(),
-            None => Duration::ZERO,
+    pub fn valid_for(&self, now: Stamp) -> Duration {
+        match (self.write_token(now), self.valid_until) {
+            (Some(_), Some(u)) => u.remaining(now),
+            _ => Duration::ZERO,
         }
     }
 }
@@ -92,6 +112,8 @@ pub struct KeeperStats {
     /// Microseconds of the last keep-alive round trip.
     pub last_keepalive_us: AtomicU64,
     pub keepalive_us_total: AtomicU64,
+    /// Fences that were not confirmed within the fence timeout.
+    pub fence_timeouts: AtomicU64,
 }
 
 /// What the keeper is configured with.
@@ -103,8 +125,6 @@ pub struct KeeperConfig {
     /// Self-fencing margin; must be below the TTL.
     pub margin: Duration,
     pub key_prefix: String,
-    /// Filters' admin base URLs to fence on takeover.
-    pub fence_urls: Vec<String>,
     /// Longest the initial fencing may take before holding anyway.
     pub fence_timeout: Duration,
     /// Hold only once every filter has confirmed the fence (retrying without
@@ -116,6 +136,11 @@ pub struct KeeperConfig {
     pub release_pause: Duration,
 }
 
+/// The default fence timeout: above the filter's default drain timeout plus
+/// abort grace (5 s + 1 s), so a takeover with a stuck older write waits for
+/// the filter's barrier instead of holding before the fence is confirmed.
+pub const DEFAULT_FENCE_TIMEOUT: Duration = Duration::from_secs(8);
+
 impl KeeperConfig {
     pub fn new(lock: LockName, holder: impl Into<String>, ttl: Duration) -> Self {
         KeeperConfig {
@@ -124,8 +149,7 @@ impl KeeperConfig {
             ttl,
             margin: default_margin(ttl),
             key_prefix: "/fencegate/locks".into(),
-            fence_urls: vec![],
-            fence_timeout: Duration::from_secs(5),
+            fence_timeout: DEFAULT_FENCE_TIMEOUT,
             fence_required: false,
             release_pause: Duration::from_secs(1),
         }
@@ -139,8 +163,6 @@ pub fn default_margin(ttl: Duration) -> Duration {
 
 enum Command {
     Release,
-    /// The demo's "process freeze": the keeper does nothing for a while.
-    Freeze(Duration),
 }
 
 /// Handle on the keeper task.
@@ -154,8 +176,8 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    /// Starts campaigning.
-    pub fn spawn(backend: Arc<dyn LeaseBackend>, cfg: KeeperConfig) -> Keeper {
+    /// Starts campaigning; on takeover, `fencer` fences the filters.
+    pub fn spawn(backend: Arc<dyn LeaseBackend>, fencer: Arc<dyn Fencer>, cfg: KeeperConfig) -> Keeper {
         assert!(cfg.margin < cfg.ttl, "the self-fencing margin must be below the TTL");
         let (tx, rx) = watch::channel(LockStatus {
             phase: Phase::Campaigning,
@@ -170,7 +192,16 @@ impl Keeper {
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
         let stats = Arc::new(KeeperStats::default());
-        let task = Task { backend, cfg, tx: Arc::new(tx), cmd: cmd_rx, stop: stop.clone(), stats: stats.clone() };
+        let task = Task {
+            backend,
+            fencer,
+            cfg,
+            tx: Arc::new(tx),
+            cmd: cmd_rx,
+            stop: stop.clone(),
+            stats: stats.clone(),
+            abandoned: Vec::new(),
+        };
         let task = tokio::spawn(task.run());
         Keeper { status: rx, cmd: cmd_tx, stop, task: Some(task), stats }
     }
@@ -187,11 +218,6 @@ impl Keeper {
     /// Steps down: revoke, then campaign again after `release_pause`.
     pub fn release(&self) {
         let _ = self.cmd.send(Command::Release);
-    }
-
-    /// The demo's freeze: keep-alives stop for `d`, as if the process paused.
-    pub fn freeze(&self, d: Duration) {
-        let _ = self.cmd.send(Command::Freeze(d));
     }
 
     /// Stops the keeper and revokes its lease, so a waiting candidate takes
@@ -219,79 +245,72 @@ enum RoundEnd {
     Stopped,
 }
 
+/// A granted lease and when it was asked for.
+#[derive(Clone, Copy)]
+struct Lease {
+    id: i64,
+    ttl: Duration,
+    asked: Stamp,
+}
+
+/// A future that ends the round when it resolves (with the reason).
+type Ender<'a> = Pin<&'a mut (dyn Future<Output = String> + Send)>;
+
 struct Task {
     backend: Arc<dyn LeaseBackend>,
+    fencer: Arc<dyn Fencer>,
     cfg: KeeperConfig,
     tx: Arc<watch::Sender<LockStatus>>,
     cmd: mpsc::UnboundedReceiver<Command>,
     stop: CancellationToken,
     stats: Arc<KeeperStats>,
+    /// Leases whose revoke failed (etcd unreachable). Revoked once etcd
+    /// answers again, so we do not queue behind our own stale key for a TTL.
+    abandoned: Vec<i64>,
 }
 
 impl Task {
     async fn run(mut self) {
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            if self.stop.is_cancelled() {
-                break;
+        let mut backoff = Backoff::default_retry();
+        while !self.stop.is_cancelled() {
+            self.publish(Phase::Campaigning, None);
+            let Some(lease) = self.grant(&mut backoff).await else { break };
+            let end = self.round(lease).await;
+            // The token and the deadline go first, then the revoke: no write
+            // may carry the token while we wait (up to 2 s) for etcd.
+            match &end {
+                RoundEnd::Stopped => self.publish(Phase::Stopped, None),
+                RoundEnd::Released => self.publish_lost(None),
+                RoundEnd::Lost(why) => self.publish_lost(Some(why.clone())),
             }
-            self.tx.send_modify(|s| {
-                s.phase = Phase::Campaigning;
-                s.token = None;
-                s.lease_id = None;
-                s.valid_until = None;
-            });
-            let sent = Instant::now();
-            let granted = tokio::select! {
-                g = self.backend.grant(self.cfg.ttl) => g,
-                _ = self.stop.cancelled() => break,
-            };
-            let lease = match granted {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "could not get a lease; retrying");
-                    self.tx.send_modify(|s| s.last_error = Some(e.to_string()));
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = self.stop.cancelled() => break,
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            let margin = self.cfg.margin.min(lease.ttl / 2);
-            self.tx.send_modify(|s| {
-                s.lease_id = Some(lease.id);
-                s.ttl = lease.ttl;
-                s.valid_until = Some(sent + lease.ttl - margin);
-            });
-            let end = self.round(lease.id, lease.ttl, margin).await;
-            // Revoke in every case: after a loss it removes our queue key at
-            // once if the lease somehow survives.
-            let _ = tokio::time::timeout(Duration::from_secs(2), self.backend.revoke(lease.id)).await;
+            self.revoke(lease.id).await;
             match end {
                 RoundEnd::Stopped => break,
                 RoundEnd::Released => {
                     tracing::info!(lock = %self.cfg.lock, "released the lock");
-                    self.publish_lost(None);
                     tokio::select! {
                         _ = tokio::time::sleep(self.cfg.release_pause) => {}
                         _ = self.stop.cancelled() => break,
                     }
                 }
-                RoundEnd::Lost(why) => {
-                    tracing::warn!(lock = %self.cfg.lock, reason = %why, "lost the lease");
-                    self.publish_lost(Some(why));
-                }
+                RoundEnd::Lost(why) => tracing::warn!(lock = %self.cfg.lock, reason = %why, "lost the lease"),
             }
         }
-        self.tx.send_modify(|s| {
-            s.phase = Phase::Stopped;
-            s.token = None;
-            s.valid_until = None;
-        });
+        self.publish(Phase::Stopped, None);
         tracing::info!(lock = %self.cfg.lock, "keeper stopped; lease revoked");
+    }
+
+    /// Sets the phase and withdraws (or keeps) the token. Every phase change
+    /// goes through here or [`Self::publish_lost`].
+    fn publish(&self, phase: Phase, token: Option<Token>) {
+        self.tx.send_modify(|s| {
+            s.phase = phase;
+            s.token = token;
+            if token.is_none() {
+                s.valid_until = None;
+                s.lease_id = None;
+            }
+        });
     }
 
     fn publish_lost(&self, why: Option<String>) {
@@ -299,92 +318,189 @@ impl Task {
         if was_holding {
             self.stats.losses.fetch_add(1, Ordering::Relaxed);
         }
-        self.tx.send_modify(|s| {
-            s.phase = Phase::Campaigning;
-            s.token = None;
-            s.valid_until = None;
-            if why.is_some() {
-                s.last_error = why;
-            }
+        self.publish(Phase::Campaigning, None);
+        if why.is_some() {
+            self.tx.send_modify(|s| s.last_error = why);
+        }
+    }
+
+    fn note_error(&self, e: String) {
+        self.tx.send_if_modified(|s| {
+            s.last_error = Some(e);
+            false
         });
     }
 
-    /// One lease's life: queue, wait, fence, hold.
-    async fn round(&mut self, lease: i64, ttl: Duration, margin: Duration) -> RoundEnd {
-        let prefix = queue_prefix(&self.cfg.key_prefix, self.cfg.lock.as_str());
-        let key = format!("{prefix}{lease:016x}");
-        let backend = self.backend.clone();
-        let tx = self.tx.clone();
-        let stats = self.stats.clone();
-        let keep = keep_lease(backend.clone(), lease, ttl, margin, tx.clone(), stats);
-        tokio::pin!(keep);
+    /// A lease, retried with backoff; `None` once stopped.
+    async fn grant(&mut self, backoff: &mut Backoff) -> Option<Lease> {
+        loop {
+            self.revoke_abandoned().await;
+            let asked = Stamp::now();
+            let granted = tokio::select! {
+                g = self.backend.grant(self.cfg.ttl) => g,
+                _ = self.stop.cancelled() => return None,
+            };
+            match granted {
+                Ok(g) => {
+                    backoff.reset();
+                    return Some(Lease { id: g.id, ttl: g.ttl, asked });
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, ?wait, "could not get a lease; retrying");
+                    self.note_error(e.to_string());
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.stop.cancelled() => return None,
+                    }
+                }
+            }
+        }
+    }
 
-        // Queue up and wait for our turn.
-        let acquire = async {
+    /// Revokes `lease` (bounded); remembers it if etcd did not answer.
+    async fn revoke(&mut self, lease: i64) {
+        match tokio::time::timeout(Duration::from_secs(2), self.backend.revoke(lease)).await {
+            Ok(Ok(())) => {}
+            _ => self.abandoned.push(lease),
+        }
+    }
+
+    async fn revoke_abandoned(&mut self) {
+        let mut left = Vec::new();
+        for lease in std::mem::take(&mut self.abandoned) {
+            match tokio::time::timeout(Duration::from_secs(2), self.backend.revoke(lease)).await {
+                Ok(Ok(())) => tracing::info!(lease = format!("{lease:x}"), "revoked a lease abandoned during an outage"),
+                _ => left.push(lease),
+            }
+        }
+        self.abandoned = left;
+    }
+
+    /// One lease's life: queue, wait, fence, hold.
+    async fn round(&mut self, lease: Lease) -> RoundEnd {
+        let margin = self.cfg.margin.min(lease.ttl / 2);
+        self.tx.send_modify(|s| {
+            s.lease_id = Some(lease.id);
+            s.ttl = lease.ttl;
+            s.valid_until = Some(Deadline::after(lease.asked, lease.ttl - margin));
+        });
+        let prefix = queue_prefix(&self.cfg.key_prefix, self.cfg.lock.as_str());
+        let key = format!("{prefix}{:016x}", lease.id);
+        let keep = keep_lease(self.backend.clone(), lease.id, margin, self.tx.clone(), self.stats.clone());
+        let mut keep: Pin<Box<dyn Future<Output = String> + Send>> = Box::pin(keep);
+
+        let rev = match self.acquire(&prefix, &key, lease.id, keep.as_mut()).await {
+            Ok(rev) => rev,
+            Err(end) => return end,
+        };
+        let Some(token) = u64::try_from(rev).ok().and_then(Token::new) else {
+            return RoundEnd::Lost(format!("etcd gave a revision that is no token: {rev}"));
+        };
+        self.stats.acquisitions.fetch_add(1, Ordering::Relaxed);
+
+        // Our key is watched from before the fence: a key deleted while we
+        // fence must not let us hold (another candidate may already).
+        let gone = key_gone(self.backend.clone(), key.clone(), rev, keepalive_interval(lease.ttl));
+        let mut gone: Pin<Box<dyn Future<Output = String> + Send>> = Box::pin(gone);
+        let mut retries = JoinSet::new();
+        if let Some(end) = self.fence(token, &key, rev, &mut retries, keep.as_mut(), gone.as_mut()).await {
+            return end;
+        }
+        self.hold(keep.as_mut(), gone.as_mut(), &mut retries).await
+    }
+
+    /// Queues and waits for our turn; the create revision of our key.
+    async fn acquire(&self, prefix: &str, key: &str, lease: i64, keep: Ender<'_>) -> Result<i64, RoundEnd> {
+        let backend = self.backend.clone();
+        let work = async {
+            let mut backoff = Backoff::default_retry();
             let rev = loop {
-                match backend.enqueue(&key, &self.cfg.holder, lease).await {
+                match backend.enqueue(key, &self.cfg.holder, lease).await {
                     Ok(rev) => break rev,
                     Err(e @ LeaseError::Gone(_)) => return Err(e),
                     Err(e) => {
                         tracing::warn!(error = %e, "could not queue for the lock; retrying");
-                        self.tx.send_if_modified(|s| {
-                            s.last_error = Some(format!("queueing for the lock: {e}"));
-                            false
-                        });
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        self.note_error(format!("queueing for the lock: {e}"));
+                        backoff.wait().await;
                     }
                 }
             };
+            backoff.reset();
             loop {
-                match backend.wait_turn(&prefix, &key, rev).await {
+                match backend.wait_turn(prefix, key, rev).await {
                     Ok(()) => return Ok(rev),
                     Err(e @ LeaseError::Gone(_)) => return Err(e),
                     Err(e) => {
                         tracing::debug!(error = %e, "waiting for our turn failed; retrying");
-                        self.tx.send_if_modified(|s| {
-                            s.last_error = Some(format!("waiting for the lock: {e}"));
-                            false
-                        });
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        self.note_error(format!("waiting for the lock: {e}"));
+                        backoff.wait().await;
                     }
                 }
             }
         };
-        tokio::pin!(acquire);
-        let rev = loop {
-            tokio::select! {
-                r = &mut acquire => match r {
-                    Ok(rev) => break rev,
-                    Err(e) => return RoundEnd::Lost(e.to_string()),
-                },
-                why = &mut keep => return RoundEnd::Lost(why),
-                _ = self.stop.cancelled() => return RoundEnd::Stopped,
-                c = self.cmd.recv() => match c {
-                    Some(Command::Release) => {} // not holding: nothing to release
-                    Some(Command::Freeze(d)) => tokio::time::sleep(d).await,
-                    None => return RoundEnd::Stopped,
-                },
-            }
-        };
-        let token = Token::new(rev as u64).expect("etcd revisions are positive");
-        self.stats.acquisitions.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(lock = %self.cfg.lock, token = rev, lease = format!("{lease:x}"), "won the lock; fencing filters");
+        match until_ended(&self.stop, work, keep, None).await? {
+            Ok(rev) => Ok(rev),
+            Err(e) => Err(RoundEnd::Lost(e.to_string())),
+        }
+    }
+
+    /// Fences the filters with `token`, then confirms our key still stands;
+    /// `None` when the round goes on to holding.
+    async fn fence(
+        &self,
+        token: Token,
+        key: &str,
+        rev: i64,
+        retries: &mut JoinSet<()>,
+        mut keep: Ender<'_>,
+        mut gone: Ender<'_>,
+    ) -> Option<RoundEnd> {
+        let last = self.tx.borrow().last_token;
+        if let Some(last) = last.filter(|l| token <= *l) {
+            tracing::error!(
+                token = token.get(), last = last.get(),
+                "FENCED OUT: etcd gave a token at or below one this sidecar already held; etcd's revision went \
+                 backwards (restored from an old snapshot?). Writes are refused. Recover with \
+                 `etcdutl snapshot restore --bump-revision`."
+            );
+            self.tx.send_modify(|s| {
+                s.phase = Phase::FencedOut;
+                s.token = Some(token);
+                s.fenced_out_highest = Some(last.get());
+            });
+            return None;
+        }
+        tracing::info!(lock = %self.cfg.lock, token = token.get(), "won the lock; fencing filters");
         self.tx.send_modify(|s| {
             s.phase = Phase::Fencing;
             s.token = Some(token);
             s.last_token = Some(token);
             s.last_error = None;
         });
-
-        // Fence the filters (bounded), keeping the lease alive meanwhile.
-        let mut retries = JoinSet::new();
-        {
-            let fence = fence_all(&self.cfg, token, &mut retries, tx.clone());
-            tokio::select! {
-                () = fence => {}
-                why = &mut keep => return RoundEnd::Lost(why),
-                _ = self.stop.cancelled() => return RoundEnd::Stopped,
+        let fenced = fence_all(self.fencer.clone(), &self.cfg, token, retries, self.tx.clone(), self.stats.clone());
+        if let Err(end) = until_ended(&self.stop, fenced, keep.as_mut(), Some(gone.as_mut())).await {
+            return Some(end);
+        }
+        // Check the key again before holding: a deletion the watch has not
+        // reported yet must not let us hold.
+        let backend = self.backend.clone();
+        let confirm = async {
+            let mut backoff = Backoff::default_retry();
+            loop {
+                match backend.key_revision(key).await {
+                    Ok(r) => return r == Some(rev),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "could not confirm our key before holding; retrying");
+                        backoff.wait().await;
+                    }
+                }
             }
+        };
+        match until_ended(&self.stop, confirm, keep, Some(gone)).await {
+            Ok(true) => {}
+            Ok(false) => return Some(RoundEnd::Lost("our lock key was deleted while fencing".into())),
+            Err(end) => return Some(end),
         }
         self.tx.send_modify(|s| {
             if s.phase == Phase::Fencing {
@@ -392,23 +508,22 @@ impl Task {
             }
         });
         if self.tx.borrow().phase == Phase::Holding {
-            tracing::info!(lock = %self.cfg.lock, token = rev, "holding the lock");
+            tracing::info!(lock = %self.cfg.lock, token = token.get(), "holding the lock");
         }
+        None
+    }
 
-        // Hold until something ends it.
-        let gone = watch_gone_retrying(backend.as_ref(), &key, rev);
-        tokio::pin!(gone);
+    /// Holds until something ends the round.
+    async fn hold(&mut self, mut keep: Ender<'_>, mut gone: Ender<'_>, retries: &mut JoinSet<()>) -> RoundEnd {
+        // A release asked for before we held is not a release of this hold.
+        while self.cmd.try_recv().is_ok() {}
         loop {
             tokio::select! {
                 why = &mut keep => return RoundEnd::Lost(why),
-                () = &mut gone => return RoundEnd::Lost("our lock key was deleted".into()),
+                why = &mut gone => return RoundEnd::Lost(why),
                 _ = self.stop.cancelled() => return RoundEnd::Stopped,
                 c = self.cmd.recv() => match c {
                     Some(Command::Release) => return RoundEnd::Released,
-                    Some(Command::Freeze(d)) => {
-                        tracing::info!(?d, "freezing (demo)");
-                        tokio::time::sleep(d).await;
-                    }
                     None => return RoundEnd::Stopped,
                 },
                 Some(_) = retries.join_next(), if !retries.is_empty() => {}
@@ -417,107 +532,133 @@ impl Task {
     }
 }
 
-/// Keeps `lease` alive until it is lost; returns why. Updates the
+/// Runs `work` unless the round ends first: the lease is lost (`keep`), our
+/// key is gone (`gone`), or the keeper is stopped.
+async fn until_ended<T>(
+    stop: &CancellationToken,
+    work: impl Future<Output = T>,
+    keep: Ender<'_>,
+    gone: Option<Ender<'_>>,
+) -> Result<T, RoundEnd> {
+    let gone = async {
+        match gone {
+            Some(g) => g.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        v = work => Ok(v),
+        why = keep => Err(RoundEnd::Lost(why)),
+        why = gone => Err(RoundEnd::Lost(why)),
+        _ = stop.cancelled() => Err(RoundEnd::Stopped),
+    }
+}
+
+/// Keep-alives go every TTL/3.
+fn keepalive_interval(ttl: Duration) -> Duration {
+    (ttl / 3).max(Duration::from_millis(100))
+}
+
+/// Keeps `lease` alive until it is lost; returns why. Moves the
 /// self-fencing deadline after every acknowledged keep-alive.
 async fn keep_lease(
     backend: Arc<dyn LeaseBackend>,
     lease: i64,
-    ttl: Duration,
     margin: Duration,
     tx: Arc<watch::Sender<LockStatus>>,
     stats: Arc<KeeperStats>,
 ) -> String {
-    let interval = (ttl / 3).max(Duration::from_millis(100));
-    let mut next = Instant::now() + interval;
+    let interval = keepalive_interval(tx.borrow().ttl);
+    let mut next = tokio::time::Instant::now() + interval;
     loop {
         tokio::time::sleep_until(next).await;
-        let sent = Instant::now();
-        let deadline = tx.borrow().valid_until.unwrap_or(sent);
+        let sent = Stamp::now();
+        let deadline = tx.borrow().valid_until;
         // Never wait on one keep-alive past the moment we would self-fence.
-        let budget = deadline.saturating_duration_since(sent).clamp(Duration::from_millis(100), interval);
+        let budget = deadline.map(|d| d.remaining(sent)).unwrap_or_default().clamp(Duration::from_millis(100), interval);
         match tokio::time::timeout(budget, backend.keep_alive(lease)).await {
             Ok(Ok(Some(granted))) => {
-                let rtt = sent.elapsed();
+                let rtt = sent.mono.elapsed();
                 stats.keepalives.fetch_add(1, Ordering::Relaxed);
                 stats.last_keepalive_us.store(rtt.as_micros() as u64, Ordering::Relaxed);
                 stats.keepalive_us_total.fetch_add(rtt.as_micros() as u64, Ordering::Relaxed);
-                let until = sent + granted - margin;
+                // Timed from this request's own send (see the module docs).
+                let until = Deadline::after(sent, granted.saturating_sub(margin));
                 tx.send_if_modified(|s| {
-                    if s.lease_id == Some(lease) && s.valid_until.is_none_or(|u| u < until) {
+                    if s.lease_id == Some(lease) && s.valid_until.is_none_or(|u| u.mono() < until.mono()) {
                         s.valid_until = Some(until);
                     }
+                    s.last_error = None;
                     false // a deadline moving is not a state change worth waking watchers for
                 });
-                next = sent + interval;
+                next = sent.mono + interval;
             }
             Ok(Ok(None)) => return "the lease expired in the backend".into(),
             Ok(Err(e)) => {
                 stats.keepalive_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(error = %e, "keep-alive failed");
                 tx.send_if_modified(|s| {
-                    s.last_error = Some(e.to_string());
+                    s.last_error = Some(format!("keep-alive: {e}"));
                     false
                 });
                 if let LeaseError::Gone(_) = e {
                     return e.to_string();
                 }
-                next = Instant::now() + interval / 4;
+                next = tokio::time::Instant::now() + interval / 4;
             }
             Err(_) => {
                 stats.keepalive_failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(?budget, "keep-alive timed out");
-                next = Instant::now() + interval / 4;
+                tx.send_if_modified(|s| {
+                    s.last_error = Some(format!("keep-alive timed out after {budget:?}"));
+                    false
+                });
+                next = tokio::time::Instant::now() + interval / 4;
             }
         }
-        if Instant::now() >= tx.borrow().valid_until.unwrap_or(sent) {
+        if tx.borrow().valid_until.is_none_or(|d| d.passed(Stamp::now())) {
             return "no keep-alive acknowledged within the TTL (self-fenced)".into();
         }
     }
 }
 
-async fn watch_gone_retrying(backend: &dyn LeaseBackend, key: &str, rev: i64) {
-    loop {
-        match backend.watch_gone(key, rev).await {
-            Ok(()) => return,
-            Err(e) => {
-                // Losing the watch is not losing the lock: keep-alives and the
-                // self-fencing deadline still decide. Watch again shortly.
-                tracing::debug!(error = %e, "watch on our key failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+/// Resolves once our key (created at `rev`) is gone: seen by a watch (the
+/// fast path), or by a linearizable read every `every` (a watch parked on an
+/// etcd member cut off from the quorum can miss the deletion).
+async fn key_gone(backend: Arc<dyn LeaseBackend>, key: String, rev: i64, every: Duration) -> String {
+    let watch = async {
+        let mut backoff = Backoff::default_retry();
+        loop {
+            match backend.watch_gone(&key, rev).await {
+                Ok(()) => return "our lock key was deleted".to_string(),
+                Err(e) => {
+                    // Losing the watch is not losing the lock: keep-alives, the
+                    // reads below and the deadline still decide.
+                    tracing::debug!(error = %e, "watch on our key failed; retrying");
+                    backoff.wait().await;
+                }
             }
         }
-    }
-}
-
-/// The outcome of one fence call.
-enum FenceAnswer {
-    Ok,
-    Stale(u64),
-    Failed(String),
-}
-
-async fn fence_one(url: &str, lock: &LockName, token: Token, timeout: Duration) -> FenceAnswer {
-    let uri = format!("{}/v1/locks/{lock}/fence", url.trim_end_matches('/'));
-    let body = serde_json::json!({ "token": token, "timeout_ms": timeout.as_millis() as u64 }).to_string();
-    let client = crate::proxy::simple_client();
-    let (status, body) =
-        match crate::proxy::call(&client, "POST", &uri, Some("application/json"), body, timeout + Duration::from_secs(1)).await {
-            Ok(r) => r,
-            Err(why) => return FenceAnswer::Failed(why),
-        };
-    match status.as_u16() {
-        200 => FenceAnswer::Ok,
-        409 => {
-            let highest = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| v["highest"].as_u64());
-            FenceAnswer::Stale(highest.unwrap_or(0))
+    };
+    let read = async {
+        loop {
+            tokio::time::sleep(every).await;
+            match backend.key_revision(&key).await {
+                Ok(Some(r)) if r == rev => {}
+                Ok(_) => return "our lock key is gone (read)".to_string(),
+                Err(e) => tracing::debug!(error = %e, "could not read our key"),
+            }
         }
-        _ => FenceAnswer::Failed(format!("{uri}: {status} {}", String::from_utf8_lossy(&body))),
+    };
+    tokio::select! {
+        why = watch => why,
+        why = read => why,
     }
 }
 
-fn mark_fenced_out(tx: &watch::Sender<LockStatus>, token: Token, highest: u64, url: &str) {
+fn mark_fenced_out(tx: &watch::Sender<LockStatus>, token: Token, highest: u64, target: &str) {
     tracing::error!(
-        token = token.get(), highest, filter = url,
+        token = token.get(), highest, filter = target,
         "FENCED OUT: a filter has admitted a higher token than etcd just gave us; etcd may have been restored \
          from an old snapshot. Writes are refused. Recover with `etcdutl snapshot restore --bump-revision`."
     );
@@ -529,43 +670,58 @@ fn mark_fenced_out(tx: &watch::Sender<LockStatus>, token: Token, highest: u64, u
     });
 }
 
-/// Fences every filter at once, waiting at most `fence_timeout`; filters that
-/// fail are retried in the background (tasks in `retries`).
-async fn fence_all(cfg: &KeeperConfig, token: Token, retries: &mut JoinSet<()>, tx: Arc<watch::Sender<LockStatus>>) {
-    let calls = cfg.fence_urls.iter().map(|url| {
-        let url = url.clone();
-        let lock = cfg.lock.clone();
-        let t = cfg.fence_timeout;
-        async move { (fence_one(&url, &lock, token, t).await, url) }
+/// Fences every target at once, waiting at most the fence timeout (and a
+/// second for the answer to travel); targets that fail are retried in the
+/// background (tasks in `retries`), or in the foreground with `fence_required`.
+async fn fence_all(
+    fencer: Arc<dyn Fencer>,
+    cfg: &KeeperConfig,
+    token: Token,
+    retries: &mut JoinSet<()>,
+    tx: Arc<watch::Sender<LockStatus>>,
+    stats: Arc<KeeperStats>,
+) {
+    let (lock, t) = (&cfg.lock, cfg.fence_timeout);
+    let targets = fencer.targets().to_vec();
+    let calls = targets.iter().map(|target| {
+        let fencer = fencer.clone();
+        async move { fencer.fence(target, lock, token, t).await }
     });
-    let mut answers = match tokio::time::timeout(cfg.fence_timeout, futures_util::future::join_all(calls)).await {
+    let bound = t + Duration::from_secs(1);
+    let mut answers = match tokio::time::timeout(bound, futures_util::future::join_all(calls)).await {
         Ok(a) => a,
-        Err(_) => cfg.fence_urls.iter().map(|u| (FenceAnswer::Failed("timed out".into()), u.clone())).collect(),
+        Err(_) => {
+            stats.fence_timeouts.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(timeout = ?bound, "fencing the filters timed out");
+            targets.iter().map(|_| Outcome::Failed(format!("no answer within {bound:?}"))).collect()
+        }
     };
     if cfg.fence_required {
         // Retry in the foreground until every filter has answered for sure.
-        for (answer, url) in answers.iter_mut() {
-            while let FenceAnswer::Failed(why) = answer {
-                tracing::warn!(filter = %url, error = %why, "fence required but not confirmed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                *answer = fence_one(url, &cfg.lock, token, cfg.fence_timeout).await;
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+        for (answer, target) in answers.iter_mut().zip(&targets) {
+            while let Outcome::Failed(why) = answer {
+                tracing::warn!(filter = %target, error = %why, "fence required but not confirmed; retrying");
+                backoff.wait().await;
+                *answer = fencer.fence(target, lock, token, t).await;
             }
         }
     }
-    for (answer, url) in answers {
+    for (answer, target) in answers.into_iter().zip(targets) {
         match answer {
-            FenceAnswer::Ok => tracing::info!(filter = %url, token = token.get(), "fenced filter"),
-            FenceAnswer::Stale(highest) => mark_fenced_out(&tx, token, highest, &url),
-            FenceAnswer::Failed(why) => {
-                tracing::warn!(filter = %url, error = %why, "could not fence filter; retrying in the background (its first write fences it anyway)");
-                let (lock, tx, t) = (cfg.lock.clone(), tx.clone(), cfg.fence_timeout);
+            Outcome::Fenced => tracing::info!(filter = %target, token = token.get(), "fenced filter"),
+            Outcome::Stale { highest } => mark_fenced_out(&tx, token, highest, &target),
+            Outcome::Failed(why) => {
+                tracing::warn!(filter = %target, error = %why, "could not fence filter; retrying in the background (its first write fences it anyway)");
+                let (fencer, lock, tx) = (fencer.clone(), cfg.lock.clone(), tx.clone());
                 retries.spawn(async move {
+                    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(5));
                     loop {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        match fence_one(&url, &lock, token, t).await {
-                            FenceAnswer::Ok => return tracing::info!(filter = %url, "fenced filter (retry)"),
-                            FenceAnswer::Stale(h) => return mark_fenced_out(&tx, token, h, &url),
-                            FenceAnswer::Failed(_) => {}
+                        backoff.wait().await;
+                        match fencer.fence(&target, &lock, token, t).await {
+                            Outcome::Fenced => return tracing::info!(filter = %target, "fenced filter (retry)"),
+                            Outcome::Stale { highest } => return mark_fenced_out(&tx, token, highest, &target),
+                            Outcome::Failed(_) => {}
                         }
                     }
                 });
@@ -575,71 +731,4 @@ async fn fence_all(cfg: &KeeperConfig, token: Token, retries: &mut JoinSet<()>, 
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::lease::embedded::Embedded;
-
-    fn cfg(holder: &str) -> KeeperConfig {
-        KeeperConfig::new("l".parse().unwrap(), holder, Duration::from_secs(3))
-    }
-
-    async fn until_phase(rx: &mut watch::Receiver<LockStatus>, p: Phase) -> LockStatus {
-        rx.wait_for(|s| s.phase == p).await.unwrap().clone()
-    }
-
-    /// Keeper `a` holding the lock (with its status), and keeper `c` queued behind it.
-    async fn holder_and_waiter() -> (Keeper, LockStatus, Keeper, watch::Receiver<LockStatus>) {
-        let b: Arc<dyn LeaseBackend> = Arc::new(Embedded::new());
-        let a = Keeper::spawn(b.clone(), cfg("a"));
-        let sa = until_phase(&mut a.subscribe(), Phase::Holding).await;
-        let c = Keeper::spawn(b, cfg("c"));
-        let rc = c.subscribe();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        (a, sa, c, rc)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn one_holds_the_other_waits_then_takes_over_with_a_higher_token() {
-        let (a, sa, _c, mut rc) = holder_and_waiter().await;
-        tokio::time::sleep(Duration::from_secs(10)).await;
-        assert_eq!(rc.borrow().phase, Phase::Campaigning, "only one holder");
-        assert!(a.status().write_token(Instant::now()).is_some(), "keep-alives keep a holding");
-        a.shutdown().await;
-        let sc = until_phase(&mut rc, Phase::Holding).await;
-        assert!(sc.token > sa.token);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_frozen_holder_self_fences_before_its_lease_can_expire() {
-        let (a, sa, _c, mut rc) = holder_and_waiter().await;
-        a.freeze(Duration::from_secs(20));
-        // While frozen, a's published state still says Holding, but its
-        // deadline passes before the lease can expire and c can take over.
-        let sc = until_phase(&mut rc, Phase::Holding).await;
-        let now = Instant::now();
-        let a_now = a.status();
-        assert_eq!(a_now.phase, Phase::Holding, "the frozen keeper has not noticed");
-        assert_eq!(a_now.write_token(now), None, "but its self-fencing deadline has passed");
-        assert!(a_now.valid_until.unwrap() + Duration::from_millis(250) <= now, "deadline came at least the margin before the takeover");
-        assert!(sc.token > sa.token);
-        // After the thaw a notices the loss and queues again.
-        tokio::time::sleep(Duration::from_secs(25)).await;
-        assert_eq!(a.status().phase, Phase::Campaigning);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn release_hands_over_and_campaigns_again() {
-        let (a, _, _c, mut rc) = holder_and_waiter().await;
-        a.release();
-        until_phase(&mut rc, Phase::Holding).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(a.status().phase, Phase::Campaigning, "a queued again behind c");
-        assert_eq!(a.stats.losses.load(Ordering::Relaxed), 1);
-    }
-
-    #[test]
-    fn default_margin_is_a_tenth_with_a_floor() {
-        assert_eq!(default_margin(Duration::from_secs(10)), Duration::from_secs(1));
-        assert_eq!(default_margin(Duration::from_secs(1)), Duration::from_millis(200));
-    }
-}
+mod tests;

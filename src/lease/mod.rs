@@ -12,8 +12,12 @@
 //! [`LeaseBackend`] is that recipe's storage: [`etcd::EtcdBackend`] in
 //! production, [`embedded::Embedded`] in-process for the demo and unit tests.
 //! [`keeper`] runs the recipe and publishes the lock's state on a
-//! `tokio::sync::watch` channel that the proxy reads on every write.
+//! `tokio::sync::watch` channel that the proxy reads on every write. On
+//! takeover it fences the filters through a [`Fencer`] it is given (the
+//! sidecar's speaks HTTP; the keeper does not).
 
+pub mod backoff;
+pub mod deadline;
 pub mod embedded;
 pub mod etcd;
 pub mod keeper;
@@ -21,6 +25,9 @@ pub mod keeper;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+
+pub use crate::fence::Outcome;
+use crate::token::{LockName, Token};
 
 /// A granted lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +64,33 @@ pub trait LeaseBackend: Send + Sync + 'static {
     fn wait_turn<'a>(&'a self, prefix: &'a str, key: &'a str, rev: i64) -> BoxFuture<'a, Result<(), LeaseError>>;
     /// Resolves when `key` (created at `rev`) has been deleted.
     fn watch_gone<'a>(&'a self, key: &'a str, rev: i64) -> BoxFuture<'a, Result<(), LeaseError>>;
+    /// The create revision of `key` now (a linearizable read), `None` if it does not exist.
+    fn key_revision<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<i64>, LeaseError>>;
+}
+
+/// Raises the filters' marks to a new holder's token before it takes writes.
+///
+/// Each target is fenced by its own call, so the keeper can bound, retry and
+/// report each one; what a target is (a URL, for the sidecar's HTTP fencer)
+/// is the implementation's business.
+pub trait Fencer: Send + Sync + 'static {
+    /// The targets, by name (for logs and retries).
+    fn targets(&self) -> &[String];
+    /// Fences one target with `token`, waiting at most `timeout` for it.
+    fn fence<'a>(&'a self, target: &'a str, lock: &'a LockName, token: Token, timeout: Duration) -> BoxFuture<'a, Outcome>;
+}
+
+/// A fencer with no targets (no `--fence`).
+#[derive(Debug, Default)]
+pub struct NoFence;
+
+impl Fencer for NoFence {
+    fn targets(&self) -> &[String] {
+        &[]
+    }
+    fn fence<'a>(&'a self, _: &'a str, _: &'a LockName, _: Token, _: Duration) -> BoxFuture<'a, Outcome> {
+        Box::pin(async { Outcome::Fenced })
+    }
 }
 
 /// The key prefix of a lock's queue: `<key_prefix>/<lock>/`.

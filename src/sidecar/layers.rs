@@ -5,6 +5,11 @@
 //!   is outside the trust boundary and must not forge tokens.
 //! * [`InjectToken`] adds the lock and current token to writes, or answers
 //!   503 `lease_not_held` without forwarding when the lock is not safely held.
+//! * [`BoundWrites`] bounds a forwarded write's life: a token checked when the
+//!   request starts could otherwise reach the filter long after (a slow
+//!   connect, a long body). When the lock stops being safely held, or
+//!   `write_deadline` passes, the upstream request is dropped: hyper closes its
+//!   connection, so no more of the body goes out under that token.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,10 +19,13 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
 use serde_json::json;
+use std::time::Duration;
+
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
+use crate::lease::deadline::Stamp;
 use crate::lease::keeper::{LockStatus, Phase};
 use crate::proxy::{json_error, Body};
 use crate::token::{self, LockName, ReadMethods};
@@ -75,6 +83,8 @@ pub struct InjectConfig {
     /// TESTS ONLY: inject the last token held, whatever the lease's state,
     /// like a naive lock client; the filter is then the only defence.
     pub unsafe_no_self_fence: bool,
+    /// See [`BoundWrites`].
+    pub write_deadline: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -132,7 +142,7 @@ where
         // so a keeper that has not yet noticed a loss cannot leak a write.
         let (token, status) = {
             let s = l.status.borrow();
-            let t = if l.cfg.unsafe_no_self_fence { s.last_token } else { s.write_token(Instant::now()) };
+            let t = if l.cfg.unsafe_no_self_fence { s.last_token } else { s.write_token(Stamp::now()) };
             (t, s.phase)
         };
         let stopping = l.stopping.load(Ordering::Relaxed);
@@ -172,4 +182,114 @@ fn refusal(lock: &LockName, phase: Phase, stopping: bool) -> Response<Body> {
     );
     r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
     r
+}
+
+/// Bounds writes that carry a token; see the module docs.
+#[derive(Clone, Debug)]
+pub struct BoundWritesLayer {
+    cfg: Arc<InjectConfig>,
+    status: watch::Receiver<LockStatus>,
+}
+
+impl BoundWritesLayer {
+    pub fn new(cfg: InjectConfig, status: watch::Receiver<LockStatus>) -> Self {
+        BoundWritesLayer { cfg: Arc::new(cfg), status }
+    }
+}
+
+impl<S> Layer<S> for BoundWritesLayer {
+    type Service = BoundWrites<S>;
+    fn layer(&self, inner: S) -> BoundWrites<S> {
+        BoundWrites { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BoundWrites<S> {
+    inner: S,
+    layer: BoundWritesLayer,
+}
+
+impl<S, B> Service<Request<B>> for BoundWrites<S>
+where
+    S: Service<Request<B>, Response = Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFut<S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let l = &self.layer;
+        // Only requests that InjectToken gave a token (the app's own were stripped).
+        let token = token::parse_headers(req.headers()).ok().map(|f| f.token);
+        let fut = self.inner.call(req);
+        let Some(token) = token.filter(|_| !l.cfg.unsafe_no_self_fence) else { return Box::pin(fut) };
+        let (rx, lock) = (l.status.clone(), l.cfg.lock.clone());
+        let until = Instant::now() + l.cfg.write_deadline;
+        Box::pin(async move {
+            tokio::select! {
+                r = fut => r,
+                why = stops_being_safe(rx, token, until) => {
+                    tracing::warn!(%lock, token = token.get(), reason = why.code(), "write aborted while streaming to the upstream");
+                    Ok(why.answer(&lock))
+                }
+            }
+        })
+    }
+}
+
+/// Why a forwarded write was cut off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Cutoff {
+    LeaseLost,
+    Deadline,
+}
+
+impl Cutoff {
+    fn code(self) -> &'static str {
+        match self {
+            Cutoff::LeaseLost => "lease_not_held",
+            Cutoff::Deadline => "write_deadline_exceeded",
+        }
+    }
+
+    fn answer(self, lock: &LockName) -> Response<Body> {
+        let (status, why) = match self {
+            Cutoff::LeaseLost => (StatusCode::SERVICE_UNAVAILABLE, "the lock stopped being safely held"),
+            Cutoff::Deadline => (StatusCode::GATEWAY_TIMEOUT, "the write outlived --write-deadline"),
+        };
+        json_error(
+            status,
+            self.code(),
+            &format!("write aborted mid-way ({why}); it may or may not have been applied"),
+            Some(json!({ "lock": lock, "outcome": "unknown" })),
+        )
+    }
+}
+
+/// Resolves when `token` stops being the safely held token, or at `until`.
+async fn stops_being_safe(mut rx: watch::Receiver<LockStatus>, token: token::Token, until: Instant) -> Cutoff {
+    loop {
+        let valid_until = {
+            let s = rx.borrow_and_update();
+            if s.write_token(Stamp::now()) != Some(token) {
+                return Cutoff::LeaseLost;
+            }
+            s.valid_until.map(|d| d.mono())
+        };
+        if Instant::now() >= until {
+            return Cutoff::Deadline;
+        }
+        // Wake at the self-fencing deadline too: it passes without a message.
+        let wake = valid_until.map_or(until, |v| v.min(until));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            r = rx.changed() => if r.is_err() { return Cutoff::LeaseLost },
+        }
+    }
 }

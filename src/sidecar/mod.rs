@@ -11,6 +11,7 @@
 //! in-flight ones finish (bounded), *then* revoke the lease so the next
 //! candidate takes over at once, then stop the local API.
 
+pub mod fence;
 pub mod layers;
 
 use std::convert::Infallible;
@@ -30,22 +31,27 @@ use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt};
 
+use crate::lease::deadline::Stamp;
 use crate::lease::keeper::{Keeper, KeeperConfig, KeeperStats, LockStatus, Phase};
 use crate::lease::LeaseBackend;
 use crate::metrics;
 use crate::proxy::{self, json_response, Body, ServerLimits, Upstream};
 use crate::token::ReadMethods;
-use layers::{InjectConfig, InjectTokenLayer, ProxyStats, StripFencingLayer};
+use layers::{BoundWritesLayer, InjectConfig, InjectTokenLayer, ProxyStats, StripFencingLayer};
 
 /// Everything `fencegate sidecar` is configured with.
 #[derive(Clone, Debug)]
 pub struct SidecarConfig {
     pub keeper: KeeperConfig,
     pub upstream: String,
+    /// Filters' admin base URLs to fence on takeover.
+    pub fence_urls: Vec<String>,
+    /// Longest a write may stream its body to the upstream after its token
+    /// was checked; see [`layers::InjectConfig::write_deadline`].
+    pub write_deadline: Duration,
     pub read_methods: ReadMethods,
     pub reads_need_lease: bool,
     /// `/readyz` answers 200 even when not holding.
@@ -59,9 +65,12 @@ pub struct SidecarConfig {
 
 impl SidecarConfig {
     pub fn new(keeper: KeeperConfig, upstream: impl Into<String>) -> Self {
+        let write_deadline = keeper.ttl;
         SidecarConfig {
             keeper,
             upstream: upstream.into(),
+            fence_urls: vec![],
+            write_deadline,
             read_methods: ReadMethods::default(),
             reads_need_lease: false,
             ready_always: false,
@@ -88,7 +97,8 @@ pub struct Sidecar {
 impl Sidecar {
     /// Starts the keeper (campaigning at once).
     pub fn start(cfg: SidecarConfig, backend: Arc<dyn LeaseBackend>) -> Arc<Sidecar> {
-        let keeper = Keeper::spawn(backend, cfg.keeper.clone());
+        let fencer = Arc::new(fence::HttpFencer::new(cfg.fence_urls.clone()));
+        let keeper = Keeper::spawn(backend, fencer, cfg.keeper.clone());
         let status = keeper.subscribe();
         let keeper_stats = keeper.stats.clone();
         Arc::new_cyclic(|weak: &std::sync::Weak<Sidecar>| {
@@ -110,16 +120,9 @@ impl Sidecar {
         self.status.clone()
     }
 
-    /// The demo's freeze (see [`Keeper::freeze`]).
-    pub fn freeze(&self, d: Duration) {
-        if let Some(k) = self.keeper.lock().as_ref() {
-            k.freeze(d);
-        }
-    }
-
     fn lock_json(&self) -> Value {
         let s = self.status.borrow().clone();
-        let now = Instant::now();
+        let now = Stamp::now();
         let holding = s.write_token(now).is_some();
         json!({
             "lock": self.cfg.keeper.lock,
@@ -152,7 +155,7 @@ impl Sidecar {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz") => proxy::text_response(StatusCode::OK, "text/plain", "ok\n"),
             (&Method::GET, "/readyz") => {
-                let holding = self.status.borrow().write_token(Instant::now()).is_some();
+                let holding = self.status.borrow().write_token(Stamp::now()).is_some();
                 if holding || self.cfg.ready_always {
                     proxy::text_response(StatusCode::OK, "text/plain", "ready\n")
                 } else {
@@ -191,7 +194,7 @@ impl Sidecar {
         let stream = futures_util::stream::unfold(st, |mut st| async move {
             loop {
                 let s = st.rx.borrow_and_update().clone();
-                let now = Instant::now();
+                let now = Stamp::now();
                 let valid = s.write_token(now).is_some();
                 let key = (s.phase, s.token.map(|t| t.get()), valid);
                 if st.last != Some(key) {
@@ -209,7 +212,7 @@ impl Sidecar {
                     let frame = Bytes::from(format!("event: {event}\ndata: {data}\n\n"));
                     return Some((frame, st));
                 }
-                let deadline = if valid { s.valid_until } else { None };
+                let deadline = if valid { s.valid_until.map(|d| d.mono()) } else { None };
                 tokio::select! {
                     r = st.rx.changed() => if r.is_err() { return None },
                     _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
@@ -236,7 +239,7 @@ impl Collector for SidecarCollector {
         let Some(sc) = self.0.upgrade() else { return Ok(()) };
         let s = sc.status.borrow().clone();
         let lock = || vec![("lock", sc.cfg.keeper.lock.to_string())];
-        let now = Instant::now();
+        let now = Stamp::now();
         let g = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
             metrics::encode_gauges(enc, name, help, [(lock(), v)])
         };
@@ -303,10 +306,12 @@ pub async fn serve(
         read_methods: sc.cfg.read_methods.clone(),
         reads_need_lease: sc.cfg.reads_need_lease,
         unsafe_no_self_fence: sc.cfg.unsafe_no_self_fence,
+        write_deadline: sc.cfg.write_deadline,
     };
     let svc = ServiceBuilder::new()
         .layer(StripFencingLayer)
-        .layer(InjectTokenLayer::new(inject, sc.status(), sc.proxy_stats.clone(), sc.stopping.clone()))
+        .layer(InjectTokenLayer::new(inject.clone(), sc.status(), sc.proxy_stats.clone(), sc.stopping.clone()))
+        .layer(BoundWritesLayer::new(inject, sc.status()))
         .service(forward);
 
     let stop_proxy = CancellationToken::new();

@@ -23,7 +23,7 @@ enum Cmd {
     /// Run in front of a store: refuse writes whose fencing token is stale.
     Filter(FilterArgs),
     /// Run beside an app: hold its lock in etcd and inject the fencing token into its writes.
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
     /// Kubernetes mutating admission webhook: add the sidecar to annotated pods.
     Injector(InjectorArgs),
     /// Watch a zombie lock holder destroy data, then watch fencegate stop it (no etcd needed).

@@ -15,6 +15,7 @@ RUN cargo build --release --locked --bin fencegate \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/fencegate /usr/local/bin/fencegate
 USER 65532:65532
-# filter 8080/9090, sidecar 15001/15000/15020, injector 8443
-EXPOSE 8080 9090 15000 15001 15020 8443
+# filter 8080/9090, sidecar 7850/7851/7852 (proxy/admin/health: outside Istio's
+# and Linkerd's port ranges), injector 8443
+EXPOSE 8080 9090 7850 7851 7852 8443
 ENTRYPOINT ["/usr/local/bin/fencegate"]

@@ -15,9 +15,8 @@ use crate::filter::{FilterConfig, Protection};
 use crate::proxy::ServerLimits;
 use crate::token::{LockName, ReadMethods};
 
-pub fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 2m)"))
-}
+/// Kept here too: flags and other code name it `config::duration`.
+pub use crate::duration::parse as duration;
 
 /// Limits shared by every server.
 #[derive(Args, Debug, Clone)]
@@ -216,13 +215,13 @@ pub struct SidecarArgs {
     #[arg(long, env = "FENCEGATE_SAFETY_MARGIN", value_parser = duration)]
     pub safety_margin: Option<Duration>,
     /// The app's proxy address.
-    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "127.0.0.1:15001")]
+    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "127.0.0.1:7850")]
     pub listen: SocketAddr,
     /// Where writes go: the filter in front of the store.
     #[arg(long, env = "FENCEGATE_UPSTREAM")]
     pub upstream: String,
     /// Local API: /v1/lock, /v1/lock/events, /v1/lock/release, /healthz, /readyz, /metrics.
-    #[arg(long, env = "FENCEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
+    #[arg(long, env = "FENCEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:7851")]
     pub admin_listen: SocketAddr,
     /// Health port for kubelet probes: only /healthz, /readyz and /metrics (the local API stays on --admin-listen).
     #[arg(long, env = "FENCEGATE_HEALTH_LISTEN")]
@@ -299,8 +298,8 @@ impl SidecarArgs {
 /// `fencegate injector`: the Kubernetes mutating admission webhook.
 #[derive(Args, Debug, Clone)]
 pub struct InjectorArgs {
-    /// HTTPS address (POST /mutate, GET /healthz).
-    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "0.0.0.0:8443")]
+    /// HTTPS address (POST /mutate, GET /healthz); `[::]` takes IPv4 too, and falls back to 0.0.0.0 where IPv6 is off.
+    #[arg(long, env = "FENCEGATE_LISTEN", default_value = "[::]:8443")]
     pub listen: SocketAddr,
     /// TLS certificate chain (PEM); re-read when it changes.
     #[arg(long, env = "FENCEGATE_TLS_CERT")]
@@ -333,13 +332,15 @@ pub struct InjectorArgs {
     pub cpu_limit: Option<String>,
     #[arg(long, env = "FENCEGATE_MEMORY_LIMIT", default_value = "64Mi")]
     pub memory_limit: Option<String>,
-    #[arg(long, env = "FENCEGATE_PROXY_PORT", default_value_t = 15001)]
+    #[arg(long, env = "FENCEGATE_PROXY_PORT", default_value_t = crate::injector::patch::DEFAULT_PROXY_PORT)]
     pub proxy_port: u16,
-    #[arg(long, env = "FENCEGATE_ADMIN_PORT", default_value_t = 15000)]
+    #[arg(long, env = "FENCEGATE_ADMIN_PORT", default_value_t = crate::injector::patch::DEFAULT_ADMIN_PORT)]
     pub admin_port: u16,
-    #[arg(long, env = "FENCEGATE_HEALTH_PORT", default_value_t = 15020)]
+    #[arg(long, env = "FENCEGATE_HEALTH_PORT", default_value_t = crate::injector::patch::DEFAULT_HEALTH_PORT)]
     pub health_port: u16,
-    /// Inject a plain container instead of a native sidecar (clusters older than 1.29).
+    /// Inject a plain container instead of a native sidecar: only for 1.30-1.32 clusters with the SidecarContainers
+    /// feature gate switched off (its preStop sleep needs 1.30). Pods with restartPolicy Never/OnFailure (Jobs) are then
+    /// not injected: a plain sidecar never exits, so they would never complete.
     #[arg(long, env = "FENCEGATE_LEGACY_SIDECAR")]
     pub legacy_sidecar: bool,
     /// Deny pods with bad fencegate.io annotations (default: admit unchanged, with a warning).

@@ -20,6 +20,8 @@
 //! * [`proxy`]: shared hyper plumbing: accept loop with graceful shutdown,
 //!   pooled upstream client, hop-by-hop headers, JSON errors.
 //! * [`metrics`]: Prometheus helpers.
+//! * [`duration`]: the duration syntax of flags and annotations.
+//! * [`listen`]: binding listeners, `[::]` with a fallback to `0.0.0.0`.
 //! * [`config`]: flags and `FENCEGATE_*` environment variables.
 //!
 //! Entry points take bound listeners and a shutdown future, so tests bind
@@ -27,10 +29,12 @@
 
 pub mod config;
 pub mod demo;
+pub mod duration;
 pub mod fence;
 pub mod filter;
 pub mod injector;
 pub mod lease;
+pub mod listen;
 pub mod metrics;
 pub mod proxy;
 pub mod sidecar;

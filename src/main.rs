@@ -41,7 +41,7 @@ struct DemoArgs {
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+    fencegate::listen::bind(addr).await.with_context(|| format!("binding {addr}"))
 }
 
 fn main() -> anyhow::Result<()> {

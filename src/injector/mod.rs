@@ -1,13 +1,16 @@
 //! `fencegate injector`: a mutating admission webhook that adds the sidecar
 //! to annotated pods.
 //!
-//! The decision is the pure [`patch::patch`]; this module is the HTTPS
+//! The decision is the pure [`patch::patch`] (reading the annotations:
+//! [`annotations`]; the container: [`sidecar`]); this module is the HTTPS
 //! plumbing around it: `POST /mutate` (an `admission.k8s.io/v1`
 //! `AdmissionReview`), `GET /healthz`, and a TLS certificate that is reloaded
 //! when its files change, so cert-manager or the chart can rotate it
 //! without a restart.
 
+pub mod annotations;
 pub mod patch;
+pub mod sidecar;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -52,17 +55,28 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", cert.display()));
     }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("{}: {e}", key.display()))?;
+    let key_der =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
     let ck = CertifiedKey::new(certs, signer);
     // A rotation writes two files; reading between the writes must not pair
     // a new certificate with the old key.
-    ck.keys_match().map_err(|e| format!("{} and {} do not belong together: {e}", cert.display(), key.display()))?;
+    ck.keys_match().map_err(|e| {
+        format!(
+            "{} and {} do not belong together: {e}",
+            cert.display(),
+            key.display()
+        )
+    })?;
     Ok(ck)
 }
 
 fn mtimes(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
-    Some((std::fs::metadata(cert).ok()?.modified().ok()?, std::fs::metadata(key).ok()?.modified().ok()?))
+    Some((
+        std::fs::metadata(cert).ok()?.modified().ok()?,
+        std::fs::metadata(key).ok()?.modified().ok()?,
+    ))
 }
 
 impl ReloadingCert {
@@ -86,7 +100,9 @@ impl ReloadingCert {
                 *self.current.write() = (Arc::new(ck), now);
                 tracing::info!(cert = %self.cert.display(), "reloaded the TLS certificate");
             }
-            Err(e) => tracing::warn!(error = %e, "new TLS files do not load; keeping the old certificate"),
+            Err(e) => {
+                tracing::warn!(error = %e, "new TLS files do not load; keeping the old certificate")
+            }
         }
     }
 }
@@ -111,10 +127,17 @@ pub fn review_response(uid: &str, decision: &Decision, strict: bool) -> Value {
         }
         Decision::Invalid(errors) if strict => {
             resp["allowed"] = json!(false);
-            resp["status"] = json!({ "code": 400, "message": format!("fencegate: {}", errors.join("; ")) });
+            resp["status"] =
+                json!({ "code": 400, "message": format!("fencegate: {}", errors.join("; ")) });
+        }
+        Decision::Unsupported(why) => {
+            resp["warnings"] = json!([format!("fencegate: sidecar not injected: {why}")]);
         }
         Decision::Invalid(errors) => {
-            let mut w: Vec<String> = errors.iter().map(|e| format!("fencegate: sidecar not injected: {e}")).collect();
+            let mut w: Vec<String> = errors
+                .iter()
+                .map(|e| format!("fencegate: sidecar not injected: {e}"))
+                .collect();
             w.truncate(10);
             resp["warnings"] = json!(w);
         }
@@ -123,8 +146,12 @@ pub fn review_response(uid: &str, decision: &Decision, strict: bool) -> Value {
 }
 
 async fn mutate(cfg: &InjectorConfig, req: Request<Incoming>) -> Response<Body> {
-    let bad = |m: String| proxy::json_error(StatusCode::BAD_REQUEST, "bad_admission_review", &m, None);
-    let bytes = match Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect().await {
+    let bad =
+        |m: String| proxy::json_error(StatusCode::BAD_REQUEST, "bad_admission_review", &m, None);
+    let bytes = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
+        .collect()
+        .await
+    {
         Ok(b) => b.to_bytes(),
         Err(e) => return bad(format!("could not read the body: {e}")),
     };
@@ -142,11 +169,21 @@ async fn mutate(cfg: &InjectorConfig, req: Request<Incoming>) -> Response<Body> 
     };
     let name = request.name.clone();
     match &decision {
-        Decision::Patch(p) => tracing::info!(namespace = ?request.namespace, %name, ops = p.0.len(), "injected"),
-        Decision::Invalid(e) => tracing::warn!(namespace = ?request.namespace, %name, errors = ?e, strict = cfg.strict, "bad annotations"),
+        Decision::Patch(p) => {
+            tracing::info!(namespace = ?request.namespace, %name, ops = p.0.len(), "injected")
+        }
+        Decision::Invalid(e) => {
+            tracing::warn!(namespace = ?request.namespace, %name, errors = ?e, strict = cfg.strict, "bad annotations")
+        }
+        Decision::Unsupported(why) => {
+            tracing::warn!(namespace = ?request.namespace, %name, why, "not injected")
+        }
         Decision::Skip(why) => tracing::debug!(%name, why, "skipped"),
     }
-    json_response(StatusCode::OK, &review_response(&request.uid, &decision, cfg.strict))
+    json_response(
+        StatusCode::OK,
+        &review_response(&request.uid, &decision, cfg.strict),
+    )
 }
 
 /// Serves the webhook on `listener` with TLS from `cert`/`key` (re-read every
@@ -160,11 +197,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let certs = ReloadingCert::open(cert, key)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
-        .with_cert_resolver(certs.clone());
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_cert_resolver(certs.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     // The reloader task lives as long as the server: it is aborted on return.
@@ -186,8 +225,15 @@ pub async fn run(
             async move {
                 match (req.method(), req.uri().path()) {
                     (&Method::POST, "/mutate") => mutate(&cfg, req).await,
-                    (&Method::GET, "/healthz") => proxy::text_response(StatusCode::OK, "text/plain", "ok\n"),
-                    (m, p) => proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None),
+                    (&Method::GET, "/healthz") => {
+                        proxy::text_response(StatusCode::OK, "text/plain", "ok\n")
+                    }
+                    (m, p) => proxy::json_error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!("no such endpoint: {m} {p}"),
+                        None,
+                    ),
                 }
             }
         },
@@ -214,11 +260,30 @@ mod tests {
         .unwrap();
         let req: AdmissionRequest<Pod> = req.try_into().unwrap();
         let p = json_patch::Patch(vec![]);
-        let theirs = serde_json::to_value(kube_core::admission::AdmissionResponse::from(&req).with_patch(p.clone()).unwrap()).unwrap();
-        assert!(theirs["patch"].is_array(), "kube-core emits bytes as an array: {theirs}");
+        let theirs = serde_json::to_value(
+            kube_core::admission::AdmissionResponse::from(&req)
+                .with_patch(p.clone())
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(
+            theirs["patch"].is_array(),
+            "kube-core emits bytes as an array: {theirs}"
+        );
         let ours = review_response("u1", &Decision::Patch(p), false);
         assert_eq!(ours["response"]["patch"], json!("W10="), "base64 of []");
         assert_eq!(ours["response"]["patchType"], "JSONPatch");
         assert_eq!(ours["response"]["uid"], "u1");
+    }
+
+    #[test]
+    fn unsupported_pods_are_admitted_with_a_warning_even_when_strict() {
+        let ours = review_response("u2", &Decision::Unsupported("hostNetwork".into()), true);
+        assert_eq!(ours["response"]["allowed"], true);
+        assert!(ours["response"].get("patch").is_none());
+        assert_eq!(
+            ours["response"]["warnings"],
+            json!(["fencegate: sidecar not injected: hostNetwork"])
+        );
     }
 }

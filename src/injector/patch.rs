@@ -1,5 +1,7 @@
 //! The injector's decision, as a pure function of the pod and the config:
 //! [`patch`] returns the JSON Patch that adds the sidecar, or why not.
+//! Reading the annotations is [`super::annotations`], building the container
+//! [`super::sidecar`]; this module decides and emits the patch.
 //!
 //! Annotations on the pod (all under `fencegate.io/`):
 //!
@@ -19,20 +21,19 @@ use std::time::Duration;
 
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, LifecycleHandler, ObjectFieldSelector, Pod, Probe,
-    ResourceRequirements, SecretVolumeSource, SleepAction, Volume, VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::api::core::v1::{Container, Pod, PodSpec, SecretVolumeSource, Volume};
 use serde_json::{json, Value};
 
-use crate::token::LockName;
+pub use super::annotations::ANN;
+use super::annotations::{self, Settings};
+pub use super::sidecar::SIDECAR_NAME;
+use super::sidecar::{self, env, TLS_VOLUME};
 
-pub const ANN: &str = "fencegate.io/";
-pub const SIDECAR_NAME: &str = "fencegate-sidecar";
-const TLS_VOLUME: &str = "fencegate-etcd-tls";
-const TLS_DIR: &str = "/etc/fencegate/etcd-tls";
+/// The sidecar's default ports: outside Istio's 15000-15090 and Linkerd's
+/// 4140-4191, so the sidecar lives beside a mesh's proxy.
+pub const DEFAULT_PROXY_PORT: u16 = 7850;
+pub const DEFAULT_ADMIN_PORT: u16 = 7851;
+pub const DEFAULT_HEALTH_PORT: u16 = 7852;
 
 /// Defaults for injected sidecars (set by the chart).
 #[derive(Clone, Debug)]
@@ -69,9 +70,9 @@ impl Default for InjectorConfig {
             memory_request: "16Mi".into(),
             cpu_limit: None,
             memory_limit: Some("64Mi".into()),
-            proxy_port: 15001,
-            admin_port: 15000,
-            health_port: 15020,
+            proxy_port: DEFAULT_PROXY_PORT,
+            admin_port: DEFAULT_ADMIN_PORT,
+            health_port: DEFAULT_HEALTH_PORT,
             native_sidecar: true,
             strict: false,
         }
@@ -88,193 +89,65 @@ pub enum Decision {
     /// The annotations are wrong: admit unchanged with these warnings, or
     /// deny in strict mode.
     Invalid(Vec<String>),
-}
-
-fn ptr(tokens: &[&str]) -> PointerBuf {
-    PointerBuf::from_tokens(tokens.iter().copied())
+    /// Asked for, but this kind of pod cannot have the sidecar: admit it
+    /// unchanged with this warning, in strict mode too (the pod is not wrong,
+    /// fencegate cannot serve it; Istio and Linkerd skip such pods the same way).
+    Unsupported(String),
 }
 
 fn add(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path: ptr(tokens), value })
+    PatchOperation::Add(AddOperation {
+        path: PointerBuf::from_tokens(tokens.iter().copied()),
+        value,
+    })
 }
 
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
-}
-
-fn field_env(name: &str, path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
-            ..Default::default()
-        }),
-        ..Default::default()
+/// Why `spec` cannot get the sidecar under `cfg`, if it cannot.
+fn unsupported(spec: &PodSpec, cfg: &InjectorConfig) -> Option<String> {
+    if spec.host_network == Some(true) {
+        // The sidecar's ports would be the node's: two such pods on one node collide.
+        return Some(
+            "hostNetwork pods are not injected (the sidecar's ports would collide on the node)"
+                .into(),
+        );
     }
-}
-
-fn quantity(what: &str, v: &str, errors: &mut Vec<String>) -> Option<Quantity> {
-    let ok = !v.is_empty()
-        && v.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<f64>().is_ok_and(|n| n >= 0.0)
-        && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.'));
-    if ok {
-        Some(Quantity(v.into()))
-    } else {
-        errors.push(format!("{ANN}{what}: {v:?} is not a resource quantity (e.g. 100m, 64Mi)"));
-        None
+    let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
+    if !cfg.native_sidecar && runs_to_completion {
+        // A plain-container sidecar never exits, so a Job's pod would never complete.
+        return Some("with --legacy-sidecar, pods with restartPolicy Never/OnFailure (Jobs) are not injected: they would never complete".into());
     }
+    None
 }
 
 /// The decision for `pod`.
 pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
     let empty = BTreeMap::new();
     let ann = pod.metadata.annotations.as_ref().unwrap_or(&empty);
-    let get = |k: &str| ann.get(&format!("{ANN}{k}")).map(|s| s.trim());
-    match get("inject") {
-        Some("true") => {}
-        Some(_) | None => return Decision::Skip("not annotated fencegate.io/inject: \"true\""),
+    if ann.get(&format!("{ANN}inject")).map(|s| s.trim()) != Some("true") {
+        return Decision::Skip("not annotated fencegate.io/inject: \"true\"");
     }
     let spec = pod.spec.clone().unwrap_or_default();
-    let has_sidecar = spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_NAME);
-    if get("status") == Some("injected") || has_sidecar {
+    let has_sidecar = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .any(|c| c.name == SIDECAR_NAME);
+    if ann.get(&format!("{ANN}status")).map(|s| s.trim()) == Some("injected") || has_sidecar {
         return Decision::Skip("already injected");
     }
+    if let Some(why) = unsupported(&spec, cfg) {
+        return Decision::Unsupported(why);
+    }
+    match annotations::parse(ann, cfg) {
+        Ok(settings) => Decision::Patch(emit(&spec, &settings, cfg)),
+        Err(errors) => Decision::Invalid(errors),
+    }
+}
 
-    // Validate every annotation, collecting all problems at once.
-    let mut errors = Vec::new();
-    let lock = match get("lock") {
-        None | Some("") => {
-            errors.push(format!("{ANN}lock is required"));
-            None
-        }
-        Some(l) => l.parse::<LockName>().map_err(|e| errors.push(format!("{ANN}lock: {e}"))).ok(),
-    };
-    let upstream = match get("upstream") {
-        Some(u) if u.starts_with("http://") && u.len() > 7 => Some(u.to_string()),
-        Some(u) => {
-            errors.push(format!("{ANN}upstream: {u:?} must be an http:// URL (the filter's)"));
-            None
-        }
-        None => {
-            errors.push(format!("{ANN}upstream is required (the filter's URL)"));
-            None
-        }
-    };
-    let ttl = match get("ttl") {
-        None => Some(cfg.default_ttl),
-        Some(t) => match crate::config::duration(t) {
-            Ok(d) if d >= Duration::from_secs(2) => Some(d),
-            Ok(_) => {
-                errors.push(format!("{ANN}ttl: {t:?} is below etcd's smallest lease (2s)"));
-                None
-            }
-            Err(e) => {
-                errors.push(format!("{ANN}ttl: {t:?}: {e}"));
-                None
-            }
-        },
-    };
-    let ready_gate = match get("ready-gate") {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(v) => {
-            errors.push(format!("{ANN}ready-gate: {v:?} must be \"true\" or \"false\""));
-            false
-        }
-    };
-    let fence = get("fence").map(str::to_string);
-    if let Some(f) = &fence {
-        if f.split(',').any(|u| !u.trim().starts_with("http://")) {
-            errors.push(format!("{ANN}fence: {f:?} must be comma-separated http:// URLs"));
-        }
-    }
-    let mut res_req = BTreeMap::new();
-    let mut res_lim = BTreeMap::new();
-    for (key, is_limit, kind, default) in [
-        ("cpu-request", false, "cpu", Some(cfg.cpu_request.as_str())),
-        ("memory-request", false, "memory", Some(cfg.memory_request.as_str())),
-        ("cpu-limit", true, "cpu", cfg.cpu_limit.as_deref()),
-        ("memory-limit", true, "memory", cfg.memory_limit.as_deref()),
-    ] {
-        if let Some(q) = get(key).or(default).and_then(|v| quantity(key, v, &mut errors)) {
-            if is_limit { &mut res_lim } else { &mut res_req }.insert(kind.to_string(), q);
-        }
-    }
-    if !errors.is_empty() {
-        return Decision::Invalid(errors);
-    }
-    let (lock, upstream, ttl) = (lock.expect("validated"), upstream.expect("validated"), ttl.expect("validated"));
-
-    // The sidecar container.
-    let mut envs = vec![
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-        env("FENCEGATE_HOLDER", "$(POD_NAMESPACE)/$(POD_NAME)"),
-        env("FENCEGATE_ETCD", &cfg.etcd_endpoints),
-        env("FENCEGATE_LOCK", lock.as_str()),
-        env("FENCEGATE_UPSTREAM", &upstream),
-        env("FENCEGATE_TTL", humantime::format_duration(ttl).to_string()),
-        env("FENCEGATE_LISTEN", format!("127.0.0.1:{}", cfg.proxy_port)),
-        env("FENCEGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", cfg.admin_port)),
-        env("FENCEGATE_HEALTH_LISTEN", format!("0.0.0.0:{}", cfg.health_port)),
-        env("FENCEGATE_LOG_FORMAT", "json"),
-    ];
-    if let Some(f) = &fence {
-        envs.push(env("FENCEGATE_FENCE", f));
-    }
-    if !ready_gate {
-        envs.push(env("FENCEGATE_READY_ALWAYS", "true"));
-    }
-    let mut mounts = None;
-    if cfg.etcd_tls_secret.is_some() {
-        envs.push(env("FENCEGATE_ETCD_CA", format!("{TLS_DIR}/ca.crt")));
-        envs.push(env("FENCEGATE_ETCD_CERT", format!("{TLS_DIR}/tls.crt")));
-        envs.push(env("FENCEGATE_ETCD_KEY", format!("{TLS_DIR}/tls.key")));
-        mounts = Some(vec![VolumeMount { name: TLS_VOLUME.into(), mount_path: TLS_DIR.into(), read_only: Some(true), ..Default::default() }]);
-    }
-    let probe = |path: &str| Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(cfg.health_port.into()), ..Default::default() }),
-        period_seconds: Some(2),
-        failure_threshold: Some(if path == "/readyz" { 1 } else { 3 }),
-        ..Default::default()
-    };
-    let sidecar = Container {
-        name: SIDECAR_NAME.into(),
-        image: Some(cfg.image.clone()),
-        image_pull_policy: Some(cfg.image_pull_policy.clone()),
-        args: Some(vec!["sidecar".into()]),
-        env: Some(envs),
-        ports: Some(vec![ContainerPort {
-            name: Some("fg-health".into()),
-            container_port: cfg.health_port.into(),
-            ..Default::default()
-        }]),
-        readiness_probe: Some(probe(if ready_gate { "/readyz" } else { "/healthz" })),
-        liveness_probe: Some(probe("/healthz")),
-        resources: Some(ResourceRequirements {
-            requests: (!res_req.is_empty()).then_some(res_req),
-            limits: (!res_lim.is_empty()).then_some(res_lim),
-            ..Default::default()
-        }),
-        volume_mounts: mounts,
-        // Native sidecar: started before the app, stopped after it.
-        restart_policy: cfg.native_sidecar.then(|| "Always".to_string()),
-        // As a plain container it gets SIGTERM together with the app: wait a
-        // little so the app's last writes still go through.
-        lifecycle: (!cfg.native_sidecar).then(|| k8s_openapi::api::core::v1::Lifecycle {
-            pre_stop: Some(LifecycleHandler { sleep: Some(SleepAction { seconds: 5 }), ..Default::default() }),
-            ..Default::default()
-        }),
-        security_context: Some(k8s_openapi::api::core::v1::SecurityContext {
-            run_as_non_root: Some(true),
-            read_only_root_filesystem: Some(true),
-            allow_privilege_escalation: Some(false),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let sidecar = serde_json::to_value(&sidecar).expect("containers serialize");
-
+/// The JSON Patch that adds the sidecar for `settings` to a pod with `spec`.
+pub fn emit(spec: &PodSpec, settings: &Settings, cfg: &InjectorConfig) -> Patch {
+    let sidecar =
+        serde_json::to_value(sidecar::container(settings, cfg)).expect("containers serialize");
     let mut ops = Vec::new();
     if cfg.native_sidecar {
         match &spec.init_containers {
@@ -284,31 +157,14 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
     } else {
         ops.push(add(&["spec", "containers", "-"], sidecar));
     }
-    // The app's containers learn where their sidecar is (unless they set it).
-    let app_env = [
-        ("FENCEGATE_URL", format!("http://127.0.0.1:{}", cfg.proxy_port)),
-        ("FENCEGATE_ADMIN_URL", format!("http://127.0.0.1:{}", cfg.admin_port)),
-    ];
-    for (i, c) in spec.containers.iter().enumerate() {
-        let idx = i.to_string();
-        let existing: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        let missing: Vec<Value> = app_env
-            .iter()
-            .filter(|(n, _)| !existing.contains(n))
-            .map(|(n, v)| serde_json::to_value(env(n, v)).expect("env serializes"))
-            .collect();
-        if c.env.is_none() {
-            ops.push(add(&["spec", "containers", &idx, "env"], Value::Array(missing)));
-        } else {
-            for m in missing {
-                ops.push(add(&["spec", "containers", &idx, "env", "-"], m));
-            }
-        }
-    }
+    app_env(&spec.containers, cfg, &mut ops);
     if let Some(secret) = &cfg.etcd_tls_secret {
         let vol = serde_json::to_value(Volume {
             name: TLS_VOLUME.into(),
-            secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..Default::default() }),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .expect("volumes serialize");
@@ -318,6 +174,179 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
         }
     }
     // `annotations` exists: the pod asked for injection through it.
-    ops.push(add(&["metadata", "annotations", "fencegate.io/status"], json!("injected")));
-    Decision::Patch(Patch(ops))
+    ops.push(add(
+        &["metadata", "annotations", "fencegate.io/status"],
+        json!("injected"),
+    ));
+    Patch(ops)
+}
+
+/// The app's containers learn where their sidecar is (unless they set it).
+fn app_env(containers: &[Container], cfg: &InjectorConfig, ops: &mut Vec<PatchOperation>) {
+    let app_env = [
+        (
+            "FENCEGATE_URL",
+            format!("http://127.0.0.1:{}", cfg.proxy_port),
+        ),
+        (
+            "FENCEGATE_ADMIN_URL",
+            format!("http://127.0.0.1:{}", cfg.admin_port),
+        ),
+    ];
+    for (i, c) in containers.iter().enumerate() {
+        let idx = i.to_string();
+        let existing: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        let missing: Vec<Value> = app_env
+            .iter()
+            .filter(|(n, _)| !existing.contains(n))
+            .map(|(n, v)| serde_json::to_value(env(n, v)).expect("env serializes"))
+            .collect();
+        if c.env.is_none() {
+            ops.push(add(
+                &["spec", "containers", &idx, "env"],
+                Value::Array(missing),
+            ));
+        } else {
+            for m in missing {
+                ops.push(add(&["spec", "containers", &idx, "env", "-"], m));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::annotations::tests::fixture_pod;
+    use super::*;
+
+    fn applied(pod: &Pod, p: &Patch) -> Value {
+        let mut v = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut v, p).expect("the patch applies");
+        v
+    }
+
+    fn patched(pod: &Pod, cfg: &InjectorConfig) -> Value {
+        match patch(pod, cfg) {
+            Decision::Patch(p) => applied(pod, &p),
+            other => panic!("not patched: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn native_sidecar_goes_first_and_apps_learn_the_ports() {
+        let pod = patched(
+            &fixture_pod("pod-with-init.json"),
+            &InjectorConfig::default(),
+        );
+        let inits: Vec<&str> = pod["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(inits, vec![SIDECAR_NAME, "migrate"]);
+        let app_env = &pod["spec"]["containers"][0]["env"];
+        assert_eq!(
+            app_env[0],
+            json!({"name": "FENCEGATE_URL", "value": "http://127.0.0.1:7850"})
+        );
+        assert_eq!(
+            app_env[1],
+            json!({"name": "FENCEGATE_ADMIN_URL", "value": "http://127.0.0.1:7851"})
+        );
+        assert_eq!(
+            pod["spec"]["containers"][1]["env"][0]["value"], "http://custom:1",
+            "an app's own setting wins"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["fencegate.io/status"],
+            "injected"
+        );
+        let again: Pod = serde_json::from_value(pod).unwrap();
+        assert_eq!(
+            patch(&again, &InjectorConfig::default()),
+            Decision::Skip("already injected")
+        );
+    }
+
+    #[test]
+    fn legacy_sidecar_is_appended_and_tls_volume_added() {
+        let cfg = InjectorConfig {
+            native_sidecar: false,
+            etcd_tls_secret: Some("etcd-tls".into()),
+            ..Default::default()
+        };
+        let pod = patched(&fixture_pod("deployment-pod.json"), &cfg);
+        assert_eq!(
+            pod["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()["name"],
+            SIDECAR_NAME
+        );
+        assert_eq!(
+            pod["spec"]["volumes"].as_array().unwrap().last().unwrap()["secret"]["secretName"],
+            "etcd-tls"
+        );
+    }
+
+    #[test]
+    fn host_network_pods_are_admitted_unchanged_with_a_reason() {
+        let mut pod = fixture_pod("deployment-pod.json");
+        pod.spec.as_mut().unwrap().host_network = Some(true);
+        for strict in [false, true] {
+            let d = patch(
+                &pod,
+                &InjectorConfig {
+                    strict,
+                    ..Default::default()
+                },
+            );
+            assert!(
+                matches!(&d, Decision::Unsupported(w) if w.contains("hostNetwork")),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn jobs_are_not_given_a_legacy_sidecar_that_never_exits() {
+        let mut pod = fixture_pod("pod-with-init.json");
+        pod.spec.as_mut().unwrap().restart_policy = Some("Never".into());
+        let d = patch(
+            &pod,
+            &InjectorConfig {
+                native_sidecar: false,
+                ..Default::default()
+            },
+        );
+        assert!(
+            matches!(&d, Decision::Unsupported(w) if w.contains("never complete")),
+            "{d:?}"
+        );
+        assert!(
+            matches!(patch(&pod, &InjectorConfig::default()), Decision::Patch(_)),
+            "native sidecars end with the Job"
+        );
+    }
+
+    #[test]
+    fn not_annotated_or_bad_annotations() {
+        let mut pod = fixture_pod("pod-with-init.json");
+        let ann = pod.metadata.annotations.as_mut().unwrap();
+        ann.insert(format!("{ANN}ttl"), "1s".into());
+        assert!(
+            matches!(patch(&pod, &InjectorConfig::default()), Decision::Invalid(e) if e.len() == 1)
+        );
+        pod.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(format!("{ANN}inject"), "false".into());
+        assert!(matches!(
+            patch(&pod, &InjectorConfig::default()),
+            Decision::Skip(_)
+        ));
+    }
 }

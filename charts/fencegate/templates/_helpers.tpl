@@ -16,7 +16,25 @@
 
 {{- define "fencegate.injector" -}}{{ include "fencegate.fullname" . | trunc 54 | trimSuffix "-" }}-injector{{- end -}}
 {{- define "fencegate.filter" -}}{{ include "fencegate.fullname" . | trunc 56 | trimSuffix "-" }}-filter{{- end -}}
-{{- define "fencegate.tlsSecret" -}}{{ include "fencegate.injector" . }}-tls{{- end -}}
+{{- define "fencegate.tlsSecret" -}}{{ .Values.tls.existingSecret | default (printf "%s-tls" (include "fencegate.injector" .)) }}{{- end -}}
+
+{{/* Cluster-scoped objects carry the namespace in their name: two releases
+     of the same name in two namespaces must not overwrite each other's. */}}
+{{- define "fencegate.webhookName" -}}{{ printf "%s-%s" (include "fencegate.injector" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}{{- end -}}
+
+{{/* The container securityContext the `restricted` Pod Security level asks
+     for; 65532 is the distroless nonroot user the Dockerfile runs as. */}}
+{{- define "fencegate.containerSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
 
 {{- define "fencegate.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
@@ -34,4 +52,22 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "fencegate.image" -}}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{/* The webhook's namespaceSelector. Helm merges a user's map into the
+     default one, so custom matchExpressions would be ANDed with the default
+     label; given matchExpressions replace it instead (add the label as an
+     expression, or set matchLabels explicitly to keep it). */}}
+{{- define "fencegate.namespaceSelector" -}}
+{{- $sel := .Values.webhook.namespaceSelector | default dict -}}
+{{- if $sel.matchExpressions -}}
+{{- $out := dict "matchExpressions" $sel.matchExpressions -}}
+{{- $labels := $sel.matchLabels | default dict -}}
+{{- if ne (toJson $labels) (toJson (dict "fencegate.io/injection" "enabled")) -}}
+{{- $_ := set $out "matchLabels" $labels -}}
+{{- end -}}
+{{- toYaml (omit $out (ternary "matchLabels" "" (empty $labels))) -}}
+{{- else -}}
+{{- toYaml $sel -}}
+{{- end -}}
 {{- end -}}

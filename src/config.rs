@@ -106,11 +106,14 @@ impl FilterArgs {
         let mut rules = self.protect.clone();
         if let Some(f) = &self.protect_file {
             let text = std::fs::read_to_string(f).map_err(|e| format!("--protect-file {}: {e}", f.display()))?;
-            rules.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+            rules
+                .extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
         }
         let protection = match (&self.lock, rules.is_empty()) {
             (Some(l), true) => Protection::All(l.clone()),
-            (None, false) => Protection::Rules(rules.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?),
+            (None, false) => {
+                Protection::Rules(rules.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?)
+            }
             (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };

@@ -230,7 +230,11 @@ impl Upstream {
     /// sends it; resolves when the upstream's response head has arrived. The
     /// body streams both ways: nothing here buffers it.
     /// `peer`, when given, is appended to `X-Forwarded-For`.
-    pub async fn send(&self, mut req: Request<Incoming>, peer: Option<SocketAddr>) -> Result<Response<Incoming>, UpstreamError> {
+    pub async fn send(
+        &self,
+        mut req: Request<Incoming>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         *req.uri_mut() = self.target(req.uri());
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
@@ -253,7 +257,8 @@ impl Upstream {
             // The common case: no prefix, so the request's path and query are
             // reused as they are (a cheap clone, no formatting).
             let mut parts = self.base.clone().into_parts();
-            parts.path_and_query = Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+            parts.path_and_query =
+                Some(uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
             return Uri::from_parts(parts).expect("joined from valid parts");
         }
         let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");

@@ -86,8 +86,17 @@ fn lint_passes_with_default_and_custom_values() {
     let (ok, out) = run(Command::new(helm()).args(["lint", "--strict", &chart()]));
     assert!(ok, "{out}");
     let (ok, out) = run(Command::new(helm()).args([
-        "lint", "--strict", &chart(), "--set", "filter.enabled=true", "--set", "filter.upstream=http://store:80",
-        "--set", "filter.protect={/a/=a,/b/=b}", "--set", "tls.certManager.enabled=true",
+        "lint",
+        "--strict",
+        &chart(),
+        "--set",
+        "filter.enabled=true",
+        "--set",
+        "filter.upstream=http://store:80",
+        "--set",
+        "filter.protect={/a/=a,/b/=b}",
+        "--set",
+        "tls.certManager.enabled=true",
     ]));
     assert!(ok, "{out}");
 }
@@ -147,12 +156,16 @@ fn custom_render_with_filter_cert_manager_and_legacy_sidecar_is_valid() {
     assert_eq!(f["spec"]["replicas"], 1, "one filter per state directory");
     assert_eq!(f["spec"]["strategy"]["type"], "Recreate");
     let c = &f["spec"]["template"]["spec"]["containers"][0];
-    let env: Vec<String> = c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
+    let env: Vec<String> =
+        c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
     env_names_known("filter", env.clone());
     assert!(env.contains(&"FENCEGATE_PROTECT".to_string()));
     let protect = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "FENCEGATE_PROTECT").unwrap();
     assert_eq!(protect["value"], "/orders/=orders,/users/=users");
-    assert_eq!(find(&docs, "PersistentVolumeClaim", "filter-state")["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    assert_eq!(
+        find(&docs, "PersistentVolumeClaim", "filter-state")["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
     assert_eq!(find(&docs, "Service", "filter")["spec"]["ports"].as_array().unwrap().len(), 2);
     assert_eq!(find(&docs, "Certificate", "injector")["spec"]["secretName"], "fg-fencegate-injector-tls");
     assert!(docs.iter().any(|d| d["kind"] == "Issuer"));

@@ -82,10 +82,19 @@ fn start(extra: &[&str]) -> Injector {
     let certs = issue(dir.path(), "first");
     let port = free_port();
     let mut args: Vec<String> = [
-        "injector", "--listen", &format!("127.0.0.1:{port}"),
-        "--tls-cert", &dir.path().join("tls.crt").display().to_string(),
-        "--tls-key", &dir.path().join("tls.key").display().to_string(),
-        "--tls-reload", "200ms", "--image", "fencegate:test", "--etcd-endpoints", "https://etcd-0:2379,https://etcd-1:2379",
+        "injector",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--tls-cert",
+        &dir.path().join("tls.crt").display().to_string(),
+        "--tls-key",
+        &dir.path().join("tls.key").display().to_string(),
+        "--tls-reload",
+        "200ms",
+        "--image",
+        "fencegate:test",
+        "--etcd-endpoints",
+        "https://etcd-0:2379,https://etcd-1:2379",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -104,7 +113,8 @@ fn fixture(name: &str) -> Value {
 
 /// Sends a review; returns the response object and the patched pod (if patched).
 async fn review(inj: &Injector, review: &Value) -> (Value, Option<Value>) {
-    let (status, body, _) = https(inj.addr, &inj.certs.ca_pem, "POST", "/mutate", serde_json::to_vec(review).unwrap()).await;
+    let (status, body, _) =
+        https(inj.addr, &inj.certs.ca_pem, "POST", "/mutate", serde_json::to_vec(review).unwrap()).await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
@@ -123,7 +133,13 @@ async fn review(inj: &Injector, review: &Value) -> (Value, Option<Value>) {
 }
 
 fn env_of(c: &Value) -> Vec<(String, String)> {
-    c["env"].as_array().cloned().unwrap_or_default().iter().map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].as_str().unwrap_or("").to_string())).collect()
+    c["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e["value"].as_str().unwrap_or("").to_string()))
+        .collect()
 }
 
 fn get_env(c: &Value, name: &str) -> Option<String> {
@@ -161,7 +177,12 @@ async fn deployment_pod_gets_a_native_sidecar() {
     for (n, _) in env_of(sc_json).iter().filter(|(n, _)| n.starts_with("FENCEGATE_")) {
         assert!(help.contains(&format!("[env: {n}=")), "`fencegate sidecar` does not read {n}");
     }
-    let downward: Vec<&str> = sc_json["env"].as_array().unwrap().iter().filter_map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str()).collect();
+    let downward: Vec<&str> = sc_json["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["valueFrom"]["fieldRef"]["fieldPath"].as_str())
+        .collect();
     assert_eq!(downward, vec!["metadata.name", "metadata.namespace"]);
     assert_eq!(sc_json["readinessProbe"]["httpGet"]["path"], "/readyz");
     assert_eq!(sc_json["readinessProbe"]["httpGet"]["port"], 15020);
@@ -176,7 +197,10 @@ async fn deployment_pod_gets_a_native_sidecar() {
     assert_eq!(pod["spec"]["volumes"].as_array().unwrap().len(), 2, "etcd TLS secret volume added");
     assert_eq!(pod["spec"]["volumes"][1]["secret"]["secretName"], "etcd-client-tls");
     assert_eq!(pod["metadata"]["annotations"]["fencegate.io/status"], "injected");
-    assert_eq!(pod["metadata"]["ownerReferences"], fx["request"]["object"]["metadata"]["ownerReferences"], "rest untouched");
+    assert_eq!(
+        pod["metadata"]["ownerReferences"], fx["request"]["object"]["metadata"]["ownerReferences"],
+        "rest untouched"
+    );
 
     // Idempotent: the injected pod goes through again unchanged.
     let mut again = fx.clone();
@@ -192,7 +216,8 @@ async fn pod_with_init_containers_and_legacy_mode() {
     let fx = fixture("pod-with-init.json");
     let (_, pod) = review(&inj, &fx).await;
     let pod = pod.unwrap();
-    let inits: Vec<&str> = pod["spec"]["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    let inits: Vec<&str> =
+        pod["spec"]["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
     assert_eq!(inits, vec!["fencegate-sidecar", "migrate"], "the sidecar starts before other init containers");
     let sc = &pod["spec"]["initContainers"][0];
     assert_eq!(get_env(sc, "FENCEGATE_READY_ALWAYS").as_deref(), Some("true"), "no ready-gate: always ready");
@@ -241,7 +266,10 @@ async fn bad_or_missing_annotations_admit_unchanged_with_warnings_or_deny_in_str
     fx2["request"]["object"]["metadata"]["annotations"] = json!({"fencegate.io/inject": "true"});
     let (resp, _) = review(&inj, &fx2).await;
     let w: Vec<String> = resp["warnings"].as_array().unwrap().iter().map(|x| x.as_str().unwrap().to_string()).collect();
-    assert!(w.iter().any(|x| x.contains("lock is required")) && w.iter().any(|x| x.contains("upstream is required")), "{w:?}");
+    assert!(
+        w.iter().any(|x| x.contains("lock is required")) && w.iter().any(|x| x.contains("upstream is required")),
+        "{w:?}"
+    );
 
     // Not annotated, or inject != "true": untouched, no warnings.
     for a in [json!(null), json!({"fencegate.io/inject": "false"})] {

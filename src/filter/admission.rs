@@ -304,7 +304,13 @@ impl LockEntry {
                     if !forward {
                         break Ok(None);
                     }
-                    break Ok(Some(Permit { entry: self.clone(), token: t, abort, grace: cfg.abort_grace, done: false }));
+                    break Ok(Some(Permit {
+                        entry: self.clone(),
+                        token: t,
+                        abort,
+                        grace: cfg.abort_grace,
+                        done: false,
+                    }));
                 }
                 Decision::Stale { highest } => {
                     break Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest });
@@ -381,7 +387,10 @@ impl Locks {
         let map = DashMap::new();
         for r in records {
             let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
-            map.insert(r.lock.clone(), Arc::new(LockEntry::new(r.lock, LockState::with_durable(r.highest, Some(set_at)))));
+            map.insert(
+                r.lock.clone(),
+                Arc::new(LockEntry::new(r.lock, LockState::with_durable(r.highest, Some(set_at)))),
+            );
         }
         Locks { map, dir: dir.map(Arc::new), barrier }
     }
@@ -391,7 +400,10 @@ impl Locks {
         if let Some(e) = self.map.get(lock) {
             return e.clone();
         }
-        self.map.entry(lock.clone()).or_insert_with(|| Arc::new(LockEntry::new(lock.clone(), LockState::default()))).clone()
+        self.map
+            .entry(lock.clone())
+            .or_insert_with(|| Arc::new(LockEntry::new(lock.clone(), LockState::default())))
+            .clone()
     }
 
     /// All entries, sorted by name.
@@ -466,10 +478,14 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         let old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
         let (e2, l2) = (e.clone(), locks.clone());
-        let newer = tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|p| p.is_some()) });
+        let newer =
+            tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|p| p.is_some()) });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!newer.is_finished(), "token 2 must wait while token 1 is in flight");
-        assert!(matches!(e.admit(Token::new(1).unwrap(), far, &locks, true).await, Err(AdmitError::Stale { highest: 2, .. })));
+        assert!(matches!(
+            e.admit(Token::new(1).unwrap(), far, &locks, true).await,
+            Err(AdmitError::Stale { highest: 2, .. })
+        ));
         old.complete();
         assert!(newer.await.unwrap().unwrap());
     }
@@ -482,7 +498,8 @@ mod tests {
         let old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
         let start = Instant::now();
         let (e2, l2) = (e.clone(), locks.clone());
-        let newer = tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|_| Instant::now()) });
+        let newer =
+            tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|_| Instant::now()) });
         old.aborted().await;
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         drop(old); // dropped without complete(): released after abort_grace

@@ -79,10 +79,9 @@ impl FilterError {
                 json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_state_unavailable", &msg, None),
                 Duration::from_secs(1),
             ),
-            FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => retry(
-                json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None),
-                retry_after,
-            ),
+            FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => {
+                retry(json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None), retry_after)
+            }
             FilterError::Aborted(lock) => json_error(
                 StatusCode::CONFLICT,
                 "fencing_write_aborted",

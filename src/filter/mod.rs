@@ -87,7 +87,8 @@ impl Protection {
 
     /// Parses `PREFIX=LOCK`.
     pub fn parse_rule(s: &str) -> Result<(String, LockName), String> {
-        let (prefix, lock) = s.rsplit_once('=').ok_or_else(|| format!("--protect wants PATH_PREFIX=LOCK, got {s:?}"))?;
+        let (prefix, lock) =
+            s.rsplit_once('=').ok_or_else(|| format!("--protect wants PATH_PREFIX=LOCK, got {s:?}"))?;
         if !prefix.starts_with('/') {
             return Err(format!("--protect prefix {prefix:?} must start with '/'"));
         }
@@ -203,7 +204,12 @@ impl Filter {
     }
 
     /// The proxy's request handler.
-    pub async fn handle(self: Arc<Self>, up: Arc<Upstream>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        up: Arc<Upstream>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         match self.clone().route(&up, req, peer).await {
             Ok(r) => r,
             Err((lock, e)) => {
@@ -280,7 +286,12 @@ impl Filter {
         }
     }
 
-    async fn pass(&self, up: &Upstream, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, FilterError> {
+    async fn pass(
+        &self,
+        up: &Upstream,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, FilterError> {
         let started = StdInstant::now();
         let resp = up.send(req, Some(peer)).await?;
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
@@ -435,7 +446,12 @@ impl Collector for FilterCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let Some(f) = self.0.upgrade() else { return Ok(()) };
         let locks = f.locks.all();
-        metrics::encode_gauge(&mut enc, "fencegate_filter_locks", "Locks the filter has state for", locks.len() as i64)?;
+        metrics::encode_gauge(
+            &mut enc,
+            "fencegate_filter_locks",
+            "Locks the filter has state for",
+            locks.len() as i64,
+        )?;
         // Per-lock series up to the limit; above it, totals under lock="*" so
         // a scrape stays small with thousands of locks.
         let rows: Vec<(String, LockFigures)> = if locks.len() <= f.cfg.metrics_lock_limit {
@@ -446,26 +462,54 @@ impl Collector for FilterCollector {
             vec![("*".to_string(), all)]
         };
         let lk = |l: &str| vec![("lock", l.to_string())];
-        metrics::encode_counters(&mut enc, "fencegate_filter_writes_admitted", "Writes admitted and forwarded to the store",
-            rows.iter().map(|(l, x)| (lk(l), x.admitted)))?;
+        metrics::encode_counters(
+            &mut enc,
+            "fencegate_filter_writes_admitted",
+            "Writes admitted and forwarded to the store",
+            rows.iter().map(|(l, x)| (lk(l), x.admitted)),
+        )?;
         let mut refused = Vec::new();
         for (l, x) in &rows {
-            for (reason, v) in [("stale", x.stale), ("lock_mismatch", x.mismatch), ("unavailable", x.unavailable), ("aborted", x.aborted)] {
+            for (reason, v) in [
+                ("stale", x.stale),
+                ("lock_mismatch", x.mismatch),
+                ("unavailable", x.unavailable),
+                ("aborted", x.aborted),
+            ] {
                 refused.push((vec![("lock", l.clone()), ("reason", reason.to_string())], v));
             }
         }
         for r in f.refusals.by_reason.iter() {
-            refused.push((vec![("lock", String::new()), ("reason", r.key().to_string())], r.value().load(Ordering::Relaxed)));
+            refused.push((
+                vec![("lock", String::new()), ("reason", r.key().to_string())],
+                r.value().load(Ordering::Relaxed),
+            ));
         }
         metrics::encode_counters(&mut enc, "fencegate_filter_writes_refused", "Writes refused, by reason", refused)?;
-        metrics::encode_gauges(&mut enc, "fencegate_filter_highest_token", "Highest fencing token admitted per lock (the maximum under lock=\"*\")",
-            rows.iter().map(|(l, x)| (lk(l), x.highest as i64)))?;
-        metrics::encode_counters(&mut enc, "fencegate_filter_barrier_waits", "Writes or fences that waited at the epoch barrier",
-            rows.iter().map(|(l, x)| (lk(l), x.barrier_waits)))?;
-        metrics::encode_counters(&mut enc, "fencegate_filter_barrier_wait_microseconds", "Total time spent waiting at the epoch barrier",
-            rows.iter().map(|(l, x)| (lk(l), x.barrier_wait_us)))?;
-        metrics::encode_gauges(&mut enc, "fencegate_filter_inflight_writes", "Writes forwarded and not yet answered, per lock",
-            rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)))?;
+        metrics::encode_gauges(
+            &mut enc,
+            "fencegate_filter_highest_token",
+            "Highest fencing token admitted per lock (the maximum under lock=\"*\")",
+            rows.iter().map(|(l, x)| (lk(l), x.highest as i64)),
+        )?;
+        metrics::encode_counters(
+            &mut enc,
+            "fencegate_filter_barrier_waits",
+            "Writes or fences that waited at the epoch barrier",
+            rows.iter().map(|(l, x)| (lk(l), x.barrier_waits)),
+        )?;
+        metrics::encode_counters(
+            &mut enc,
+            "fencegate_filter_barrier_wait_microseconds",
+            "Total time spent waiting at the epoch barrier",
+            rows.iter().map(|(l, x)| (lk(l), x.barrier_wait_us)),
+        )?;
+        metrics::encode_gauges(
+            &mut enc,
+            "fencegate_filter_inflight_writes",
+            "Writes forwarded and not yet answered, per lock",
+            rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)),
+        )?;
         Ok(())
     }
 }
@@ -523,14 +567,25 @@ pub async fn serve(
             rt.block_on(async move {
                 let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
                 let up = Arc::new(Filter::client(&f.cfg).expect("validated at open"));
-                proxy::serve(listener, limits, move |req, peer| f.clone().handle(up.clone(), req, peer), stop.cancelled_owned()).await;
+                proxy::serve(
+                    listener,
+                    limits,
+                    move |req, peer| f.clone().handle(up.clone(), req, peer),
+                    stop.cancelled_owned(),
+                )
+                .await;
             });
         })?);
     }
     let listener = TcpListener::from_std(std_listener)?;
     let up = Arc::new(Filter::client(&filter.cfg).expect("validated at open"));
     let f = filter.clone();
-    let main = proxy::serve(listener, limits.clone(), move |req, peer| f.clone().handle(up.clone(), req, peer), stop.clone().cancelled_owned());
+    let main = proxy::serve(
+        listener,
+        limits.clone(),
+        move |req, peer| f.clone().handle(up.clone(), req, peer),
+        stop.clone().cancelled_owned(),
+    );
     match admin {
         Some(admin) => {
             let f = filter.clone();
@@ -539,7 +594,12 @@ pub async fn serve(
         }
         None => main.await,
     }
-    let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| { let _ = t.join(); })).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        threads.into_iter().for_each(|t| {
+            let _ = t.join();
+        })
+    })
+    .await;
     tracing::info!("filter stopped");
     Ok(())
 }
@@ -550,7 +610,8 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins() {
-        let rules: BTreeMap<_, _> = ["/a/=x", "/a/b/=y", "/c=z"].iter().map(|r| Protection::parse_rule(r).unwrap()).collect();
+        let rules: BTreeMap<_, _> =
+            ["/a/=x", "/a/b/=y", "/c=z"].iter().map(|r| Protection::parse_rule(r).unwrap()).collect();
         let p = Protection::Rules(rules);
         assert_eq!(p.lock_for("/a/file").unwrap().as_str(), "x");
         assert_eq!(p.lock_for("/a/b/file").unwrap().as_str(), "y");

@@ -176,11 +176,11 @@ mod tests {
         let p = d.path().join("lock-a.json");
         let good = fs::read_to_string(&p).unwrap();
         for bad in [
-            good.replace("12345", "12346"),       // bit rot that still parses
-            good[..good.len() / 2].to_string(),   // torn write
-            String::new(),                        // empty file
-            "{\"lock\":\"a\"}".to_string(),       // missing fields
-            good.replace("\"a\"", "\"b\""),        // record moved to another name
+            good.replace("12345", "12346"),     // bit rot that still parses
+            good[..good.len() / 2].to_string(), // torn write
+            String::new(),                      // empty file
+            "{\"lock\":\"a\"}".to_string(),     // missing fields
+            good.replace("\"a\"", "\"b\""),     // record moved to another name
         ] {
             fs::write(&p, &bad).unwrap();
             let err = StateDir::open(d.path()).unwrap_err();

@@ -53,7 +53,8 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
         return Err(format!("{}: no certificate found", cert.display()));
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("{}: {e}", key.display()))?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("{}: {e}", key.display()))?;
     let ck = CertifiedKey::new(certs, signer);
     // A rotation writes two files; reading between the writes must not pair
     // a new certificate with the old key.
@@ -143,7 +144,9 @@ async fn mutate(cfg: &InjectorConfig, req: Request<Incoming>) -> Response<Body> 
     let name = request.name.clone();
     match &decision {
         Decision::Patch(p) => tracing::info!(namespace = ?request.namespace, %name, ops = p.0.len(), "injected"),
-        Decision::Invalid(e) => tracing::warn!(namespace = ?request.namespace, %name, errors = ?e, strict = cfg.strict, "bad annotations"),
+        Decision::Invalid(e) => {
+            tracing::warn!(namespace = ?request.namespace, %name, errors = ?e, strict = cfg.strict, "bad annotations")
+        }
         Decision::Skip(why) => tracing::debug!(%name, why, "skipped"),
     }
     json_response(StatusCode::OK, &review_response(&request.uid, &decision, cfg.strict))
@@ -187,7 +190,12 @@ pub async fn run(
                 match (req.method(), req.uri().path()) {
                     (&Method::POST, "/mutate") => mutate(&cfg, req).await,
                     (&Method::GET, "/healthz") => proxy::text_response(StatusCode::OK, "text/plain", "ok\n"),
-                    (m, p) => proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None),
+                    (m, p) => proxy::json_error(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        &format!("no such endpoint: {m} {p}"),
+                        None,
+                    ),
                 }
             }
         },
@@ -214,7 +222,9 @@ mod tests {
         .unwrap();
         let req: AdmissionRequest<Pod> = req.try_into().unwrap();
         let p = json_patch::Patch(vec![]);
-        let theirs = serde_json::to_value(kube_core::admission::AdmissionResponse::from(&req).with_patch(p.clone()).unwrap()).unwrap();
+        let theirs =
+            serde_json::to_value(kube_core::admission::AdmissionResponse::from(&req).with_patch(p.clone()).unwrap())
+                .unwrap();
         assert!(theirs["patch"].is_array(), "kube-core emits bytes as an array: {theirs}");
         let ours = review_response("u1", &Decision::Patch(p), false);
         assert_eq!(ours["response"]["patch"], json!("W10="), "base64 of []");

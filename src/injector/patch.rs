@@ -116,7 +116,8 @@ fn field_env(name: &str, path: &str) -> EnvVar {
 fn quantity(what: &str, v: &str, errors: &mut Vec<String>) -> Option<Quantity> {
     let ok = !v.is_empty()
         && v.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<f64>().is_ok_and(|n| n >= 0.0)
-        && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"].contains(&v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.'));
+        && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"]
+            .contains(&v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.'));
     if ok {
         Some(Quantity(v.into()))
     } else {
@@ -135,7 +136,8 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
         Some(_) | None => return Decision::Skip("not annotated fencegate.io/inject: \"true\""),
     }
     let spec = pod.spec.clone().unwrap_or_default();
-    let has_sidecar = spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_NAME);
+    let has_sidecar =
+        spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_NAME);
     if get("status") == Some("injected") || has_sidecar {
         return Decision::Skip("already injected");
     }
@@ -230,10 +232,19 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
         envs.push(env("FENCEGATE_ETCD_CA", format!("{TLS_DIR}/ca.crt")));
         envs.push(env("FENCEGATE_ETCD_CERT", format!("{TLS_DIR}/tls.crt")));
         envs.push(env("FENCEGATE_ETCD_KEY", format!("{TLS_DIR}/tls.key")));
-        mounts = Some(vec![VolumeMount { name: TLS_VOLUME.into(), mount_path: TLS_DIR.into(), read_only: Some(true), ..Default::default() }]);
+        mounts = Some(vec![VolumeMount {
+            name: TLS_VOLUME.into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]);
     }
     let probe = |path: &str| Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::Int(cfg.health_port.into()), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(cfg.health_port.into()),
+            ..Default::default()
+        }),
         period_seconds: Some(2),
         failure_threshold: Some(if path == "/readyz" { 1 } else { 3 }),
         ..Default::default()

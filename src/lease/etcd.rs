@@ -93,7 +93,10 @@ impl EtcdBackend {
         Ok(client)
     }
 
-    async fn timed<T>(&self, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, LeaseError> {
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, LeaseError> {
         tokio::time::timeout(self.call_timeout, f).await.map_err(|_| be("etcd call timed out"))?.map_err(be)
     }
 
@@ -204,7 +207,8 @@ impl LeaseBackend for EtcdBackend {
                 let ahead_key = ahead.key().to_vec();
                 let from = r.header().map(|h| h.revision() + 1).unwrap_or(0);
                 tracing::debug!(ahead = %String::from_utf8_lossy(&ahead_key), "waiting for the key ahead");
-                let mut w = c.watch(ahead_key, Some(WatchOptions::new().with_start_revision(from))).await.map_err(be)?;
+                let mut w =
+                    c.watch(ahead_key, Some(WatchOptions::new().with_start_revision(from))).await.map_err(be)?;
                 loop {
                     match w.message().await.map_err(be)? {
                         Some(m) if m.canceled() => break,

@@ -500,11 +500,19 @@ async fn fence_one(url: &str, lock: &LockName, token: Token, timeout: Duration) 
     let uri = format!("{}/v1/locks/{lock}/fence", url.trim_end_matches('/'));
     let body = serde_json::json!({ "token": token, "timeout_ms": timeout.as_millis() as u64 }).to_string();
     let client = crate::proxy::simple_client();
-    let (status, body) =
-        match crate::proxy::call(&client, "POST", &uri, Some("application/json"), body, timeout + Duration::from_secs(1)).await {
-            Ok(r) => r,
-            Err(why) => return FenceAnswer::Failed(why),
-        };
+    let (status, body) = match crate::proxy::call(
+        &client,
+        "POST",
+        &uri,
+        Some("application/json"),
+        body,
+        timeout + Duration::from_secs(1),
+    )
+    .await
+    {
+        Ok(r) => r,
+        Err(why) => return FenceAnswer::Failed(why),
+    };
     match status.as_u16() {
         200 => FenceAnswer::Ok,
         409 => {
@@ -517,7 +525,9 @@ async fn fence_one(url: &str, lock: &LockName, token: Token, timeout: Duration) 
 
 fn mark_fenced_out(tx: &watch::Sender<LockStatus>, token: Token, highest: u64, url: &str) {
     tracing::error!(
-        token = token.get(), highest, filter = url,
+        token = token.get(),
+        highest,
+        filter = url,
         "FENCED OUT: a filter has admitted a higher token than etcd just gave us; etcd may have been restored \
          from an old snapshot. Writes are refused. Recover with `etcdutl snapshot restore --bump-revision`."
     );
@@ -620,7 +630,10 @@ mod tests {
         let a_now = a.status();
         assert_eq!(a_now.phase, Phase::Holding, "the frozen keeper has not noticed");
         assert_eq!(a_now.write_token(now), None, "but its self-fencing deadline has passed");
-        assert!(a_now.valid_until.unwrap() + Duration::from_millis(250) <= now, "deadline came at least the margin before the takeover");
+        assert!(
+            a_now.valid_until.unwrap() + Duration::from_millis(250) <= now,
+            "deadline came at least the margin before the takeover"
+        );
         assert!(sc.token > sa.token);
         // After the thaw a notices the loss and queues again.
         tokio::time::sleep(Duration::from_secs(25)).await;

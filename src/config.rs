@@ -37,6 +37,12 @@ pub struct LimitArgs {
     /// How long to wait for the upstream's response head.
     #[arg(long, env = "FENCEGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub upstream_timeout: Duration,
+    /// Close a connection with no request in flight and no bytes either way for this long (HTTP/1 and h2c).
+    #[arg(long, env = "FENCEGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Most client connections open at once per server; above it, stop accepting until one closes.
+    #[arg(long, env = "FENCEGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 impl LimitArgs {
@@ -45,6 +51,8 @@ impl LimitArgs {
             header_read_timeout: self.header_timeout,
             max_header_bytes: self.max_header_bytes,
             shutdown_grace: self.shutdown_grace,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
         }
     }
 }

@@ -102,9 +102,17 @@ pub struct FilterArgs {
     /// Above this many locks, /metrics reports totals (lock="*") instead of one series per lock.
     #[arg(long, env = "FENCEGATE_METRICS_LOCK_LIMIT", default_value_t = 1000)]
     pub metrics_lock_limit: usize,
+    /// Accept `;` path parameters in protected paths (rules then match with them cut, as servlet stores read them).
+    #[arg(long, env = "FENCEGATE_ALLOW_PATH_PARAMS")]
+    pub allow_path_params: bool,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
+    #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
     pub unsafe_no_barrier: bool,
+    /// TESTS ONLY: match rules on the raw request path and ignore Destination, to show what decoding prevents.
+    #[cfg(feature = "test-unsafe")]
+    #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_RAW_PATHS")]
+    pub unsafe_raw_paths: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -130,12 +138,20 @@ impl FilterArgs {
             state_dir: self.state_dir.clone(),
             protection,
             allow_unprotected: self.allow_unprotected,
+            allow_path_params: self.allow_path_params,
+            #[cfg(feature = "test-unsafe")]
+            unsafe_raw_paths: self.unsafe_raw_paths,
+            #[cfg(not(feature = "test-unsafe"))]
+            unsafe_raw_paths: false,
             fence_reads: self.fence_reads,
             read_methods: ReadMethods::parse(&self.read_methods)?,
             barrier: BarrierConfig {
                 drain_timeout: self.drain_timeout,
                 abort_grace: self.abort_grace,
+                #[cfg(feature = "test-unsafe")]
                 disabled: self.unsafe_no_barrier,
+                #[cfg(not(feature = "test-unsafe"))]
+                disabled: false,
             },
             max_wait: self.max_wait,
             connect_timeout: self.limits.connect_timeout,

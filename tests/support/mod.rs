@@ -449,12 +449,24 @@ impl FilterProc {
         f
     }
 
+    /// Waits until `/readyz` answers 200: the admin port is up and the
+    /// start-up barrier (`--abort-grace`) has passed, so writes go at once.
     fn wait_started(&self) {
         let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&self.admin, Duration::from_millis(100)).is_err() {
-            assert!(Instant::now() < end, "filter did not start:\n{}", self.proc.log_text());
+        while !self.ready() {
+            assert!(Instant::now() < end, "filter did not become ready:\n{}", self.proc.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `GET /readyz` answered 200.
+    pub fn ready(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.admin, Duration::from_millis(100)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
     }
 
     /// Starts the same filter again (same ports, flags and state dir).

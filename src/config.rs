@@ -195,8 +195,11 @@ pub struct EtcdArgs {
     #[arg(long, env = "FENCEGATE_ETCD_USER")]
     pub etcd_user: Option<String>,
     /// etcd password.
-    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD", hide_env_values = true, conflicts_with = "etcd_password_file")]
     pub etcd_password: Option<String>,
+    /// File holding the etcd password (a trailing newline is dropped), so it stays out of argv and the environment.
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
     /// CA bundle (PEM) that signed etcd's server certificate.
     #[arg(long, env = "FENCEGATE_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
@@ -212,16 +215,25 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    pub fn options(&self) -> crate::lease::etcd::EtcdOptions {
-        crate::lease::etcd::EtcdOptions {
+    pub fn options(&self) -> Result<crate::lease::etcd::EtcdOptions, String> {
+        Ok(crate::lease::etcd::EtcdOptions {
             endpoints: self.endpoints.clone(),
             user: self.etcd_user.clone(),
-            password: self.etcd_password.clone(),
+            password: self.password()?,
             ca_file: self.etcd_ca.clone(),
             cert_file: self.etcd_cert.clone(),
             key_file: self.etcd_key.clone(),
             call_timeout: self.etcd_timeout,
-        }
+        })
+    }
+
+    /// `--etcd-password`, or the contents of `--etcd-password-file` less one
+    /// trailing newline (`\n` or `\r\n`, as editors and `echo` leave it).
+    fn password(&self) -> Result<Option<String>, String> {
+        let Some(f) = &self.etcd_password_file else { return Ok(self.etcd_password.clone()) };
+        let text = std::fs::read_to_string(f).map_err(|e| format!("--etcd-password-file {}: {e}", f.display()))?;
+        let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+        Ok(Some(text.to_owned()))
     }
 }
 
@@ -387,5 +399,32 @@ impl InjectorArgs {
             native_sidecar: !self.legacy_sidecar,
             strict: self.strict,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Etcd {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    #[test]
+    fn etcd_password_from_a_file_or_a_flag_not_both() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pw");
+        std::fs::write(&f, "s3cret \n").unwrap();
+        let f = f.display().to_string();
+        let parse = |args: &[&str]| Etcd::try_parse_from([&["t", "--etcd", "http://e:2379"], args].concat());
+        let o = parse(&["--etcd-password-file", &f]).unwrap().etcd.options().unwrap();
+        assert_eq!(o.password.as_deref(), Some("s3cret "), "only the trailing newline goes");
+        let o = parse(&["--etcd-password", "pw"]).unwrap().etcd.options().unwrap();
+        assert_eq!(o.password.as_deref(), Some("pw"));
+        assert!(parse(&["--etcd-password", "pw", "--etcd-password-file", &f]).is_err());
+        assert!(parse(&["--etcd-password-file", "/nonexistent/pw"]).unwrap().etcd.options().is_err());
     }
 }

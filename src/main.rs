@@ -110,7 +110,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Sidecar(args) => {
             let cfg = args.config().map_err(anyhow::Error::msg)?;
-            let backend = Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options()));
+            let backend =
+                Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options().map_err(anyhow::Error::msg)?));
             let (listener, admin) = (bind(args.listen).await?, bind(args.admin_listen).await?);
             let health = match args.health_listen {
                 Some(a) => Some(bind(a).await?),

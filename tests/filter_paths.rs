@@ -217,7 +217,7 @@ fn random_path(rng: &mut rand::rngs::StdRng) -> Vec<u8> {
         p.push(b'/'); // a doubled slash at the start
     }
     for _ in 0..rng.random_range(1..=4) {
-        p.push(b'/');
+        p.extend_from_slice(b"/");
         for _ in 0..rng.random_range(1..=2) {
             p.extend_from_slice(PIECES[rng.random_range(0..PIECES.len())]);
         }

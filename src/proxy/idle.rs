@@ -77,6 +77,47 @@ impl Default for Idle {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A response body that keeps its connection busy until it ends (or is
+    /// dropped).
+    pub struct BusyBody<B> {
+        #[pin]
+        inner: B,
+        busy: Option<Busy>,
+    }
+}
+
+impl<B> BusyBody<B> {
+    pub fn new(inner: B, busy: Busy) -> Self {
+        BusyBody { inner, busy: Some(busy) }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            this.busy.take();
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A stream that records activity on every byte read or written.
 #[derive(Debug)]
 pub struct IdleIo<T> {

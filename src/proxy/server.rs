@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -133,8 +134,9 @@ pub async fn serve_capped<H, F>(
             let fut = h(req, peer);
             let busy = busy.request();
             async move {
-                let resp = fut.await;
-                drop(busy);
+                // Busy until the response body has ended too: a quiet stream
+                // (server-sent events, a slow store) is not an idle connection.
+                let resp = fut.await.map(|b| super::idle::BusyBody::new(b, busy).boxed_unsync());
                 Ok::<_, Infallible>(resp)
             }
         });

@@ -17,9 +17,11 @@
 //! **Start-up barrier**: a filter that was just (re)started cannot know what
 //! its previous process had in flight: after `kill -9`, a write whose
 //! connection died with the old process may still be applied by the store.
-//! So every lock's barrier starts closed: nothing is forwarded before
-//! `abort_grace` has passed since start-up (writes wait, they are not
-//! refused), exactly as after an abort.
+//! So the barrier of every lock with a durable record starts closed: nothing
+//! of it is forwarded before `abort_grace` has passed since start-up (writes
+//! wait, they are not refused), exactly as after an abort. A lock with no
+//! record needs no hold: a record is written before any write of a lock is
+//! forwarded, so no earlier process on this state directory sent one.
 //!
 //! The decisions ([`LockState::admit`] for a write, [`LockState::fence`] for a
 //! proactive fence) are pure functions of the state and the clock, tested
@@ -418,24 +420,25 @@ pub struct Locks {
 }
 
 impl Locks {
-    /// The registry at start-up: every lock's barrier is held for
-    /// `abort_grace` from now (see the module docs).
+    /// The registry at start-up: the barrier of every lock with a record is
+    /// held for `abort_grace` from now (see the module docs).
     pub fn new(dir: Option<StateDir>, records: impl IntoIterator<Item = Record>, barrier: BarrierConfig) -> Self {
-        let ready_at = Instant::now() + barrier.abort_grace;
-        let locks = Locks { map: DashMap::new(), dir: dir.map(Arc::new), barrier, ready_at };
+        let now = Instant::now();
+        let mut locks = Locks { map: DashMap::new(), dir: dir.map(Arc::new), barrier, ready_at: now };
         for r in records {
             let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
-            let state = LockState::with_durable(r.highest, Some(set_at));
+            locks.ready_at = now + locks.barrier.abort_grace;
+            let state = LockState::with_durable(r.highest, Some(set_at)).hold_until(locks.ready_at);
             locks.map.insert(r.lock.clone(), locks.new_entry(r.lock, state));
         }
         locks
     }
 
     fn new_entry(&self, name: LockName, state: LockState) -> Arc<LockEntry> {
-        Arc::new(LockEntry::new(name, state.hold_until(self.ready_at), self.barrier.clone(), self.dir.clone()))
+        Arc::new(LockEntry::new(name, state, self.barrier.clone(), self.dir.clone()))
     }
 
-    /// When the start-up barrier opens.
+    /// When the start-up barrier opens (now, when there were no records).
     pub fn ready_at(&self) -> Instant {
         self.ready_at
     }
@@ -623,9 +626,11 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         known.admit_write(Token::new(5).unwrap(), far).await.unwrap().complete();
         assert_eq!(started.elapsed(), Duration::from_secs(1), "went when the grace was over");
-        // A lock first seen after start-up is held the same way, and not longer.
-        let fresh = locks.entry(&"m".parse().unwrap());
-        fresh.admit_write(Token::new(1).unwrap(), far).await.unwrap().complete();
-        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        // A lock with no record never had a write forwarded: it is not held.
+        let empty = Arc::new(Locks::new(None, [], cfg()));
+        assert_eq!(empty.ready_at(), Instant::now());
+        let t = Instant::now();
+        empty.entry(&"m".parse().unwrap()).admit_write(Token::new(1).unwrap(), far).await.unwrap().complete();
+        assert_eq!(t.elapsed(), Duration::ZERO);
     }
 }

@@ -82,10 +82,10 @@ impl Protection {
 /// What a write's path looks like once the store has decoded it, or why it
 /// is refused.
 ///
-/// With `allow_params`, `;` parameters are cut from every segment before the
-/// checks (`/x/..;/a/f` is then refused as a dot segment, the way a servlet
-/// store would read it as `/a/f`); without, a `;` anywhere is refused.
-pub fn canonical_path(raw: &str, allow_params: bool) -> Result<String, String> {
+/// With `cut_params`, `;` parameters are cut from every segment before the
+/// checks, as servlet stores read paths (`/x/..;/a/f` is then refused as a
+/// dot segment); without, `;` is an ordinary character, as nginx reads it.
+pub fn canonical_path(raw: &str, cut_params: bool) -> Result<String, String> {
     let bytes = decode(raw)?;
     let path = String::from_utf8(bytes).map_err(|_| "it decodes to invalid UTF-8".to_string())?;
     if !path.starts_with('/') {
@@ -94,11 +94,8 @@ pub fn canonical_path(raw: &str, allow_params: bool) -> Result<String, String> {
     if let Some(c) = path.chars().find(|c| c.is_control() || *c == '\\') {
         return Err(format!("it holds {c:?} once decoded"));
     }
-    if path.contains(';') && !allow_params {
-        return Err("it has ';' path parameters, which some stores strip (see --allow-path-params)".into());
-    }
     let segs: Vec<&str> =
-        path[1..].split('/').map(|s| if allow_params { s.split(';').next().unwrap_or("") } else { s }).collect();
+        path[1..].split('/').map(|s| if cut_params { s.split(';').next().unwrap_or("") } else { s }).collect();
     let last = segs.len() - 1;
     for (i, s) in segs.iter().enumerate() {
         if *s == "." || *s == ".." {
@@ -160,6 +157,29 @@ pub fn destination(headers: &HeaderMap) -> Result<Option<String>, FilterError> {
     Ok(Some(path.to_owned()))
 }
 
+/// The decoded path rules are matched on. A path with `;` parameters is read
+/// both ways (as nginx does, and with the parameters cut, as servlet stores
+/// do): with `--allow-path-params` the cut reading is used; without, the
+/// path is refused if either reading is protected or reaches a protected
+/// collection, and passes as it is in unprotected space.
+fn decoded(protection: &Protection, raw: &str, allow_params: bool) -> Result<String, String> {
+    let literal = canonical_path(raw, false)?;
+    if !literal.contains(';') {
+        return Ok(literal);
+    }
+    let cut = canonical_path(raw, true)?;
+    if allow_params {
+        return Ok(cut);
+    }
+    let protected = |p: &str| protection.lock_for(p).is_some() || !protection.other_locks_under(p, None).is_empty();
+    if protected(&literal) || protected(&cut) {
+        return Err(
+            "it has ';' path parameters in protected space, which some stores cut (see --allow-path-params)".into()
+        );
+    }
+    Ok(literal)
+}
+
 /// The checks of one write's targets against the rules.
 #[derive(Debug)]
 pub struct Targets {
@@ -175,9 +195,8 @@ impl Targets {
         for r in raw {
             let path = match protection {
                 Protection::All(_) => (*r).to_owned(),
-                Protection::Rules(_) => {
-                    canonical_path(r, allow_params).map_err(|why| FilterError::NotCanonical(format!("{r} ({why})")))?
-                }
+                Protection::Rules(_) => decoded(protection, r, allow_params)
+                    .map_err(|why| FilterError::NotCanonical(format!("{r} ({why})")))?,
             };
             let lock = protection.lock_for(&path).cloned();
             let others = protection.other_locks_under(&path, lock.as_ref());
@@ -264,14 +283,24 @@ mod tests {
             "/a%zz",
             "/%2e/a",
             "/a/%2E%2e/",
-            "/x/..;/a/f",
-            "/a;p/doc",
-            "/a%3bp/doc",
         ] {
             assert!(canonical_path(bad, false).is_err(), "{bad}");
         }
         assert_eq!(canonical_path("/a;p/doc;v=1", true).as_deref(), Ok("/a/doc"));
+        assert_eq!(canonical_path("/a;p/doc", false).as_deref(), Ok("/a;p/doc"));
         assert!(canonical_path("/x/..;/a/f", true).is_err(), "a servlet store reads it as /a/f");
+    }
+
+    #[test]
+    fn path_params_only_outside_protected_space() {
+        let p = rules(&["/a/=A", "/b/c/=C"]);
+        let path = |raw: &str, allow: bool| Targets::resolve(&p, &[raw], allow).map(|t| t.paths[0].0.clone());
+        for bad in ["/x/..;/a/f", "/a;p/doc", "/a%3bp/doc", "/a/doc;v=1", "/b;x", "/x/..;/b/c/f"] {
+            assert!(matches!(path(bad, false), Err(FilterError::NotCanonical(_))), "{bad}");
+        }
+        assert_eq!(path("/tmp/a;b", false).unwrap(), "/tmp/a;b", "unprotected either way");
+        assert_eq!(path("/a;p/doc", true).unwrap(), "/a/doc");
+        assert!(path("/x/..;/a/f", true).is_err());
     }
 
     #[test]

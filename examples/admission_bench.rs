@@ -25,7 +25,7 @@ async fn run(locks: &Locks, names: &[LockName], ops: u64) -> f64 {
         x ^= x << 17;
         let name = &names[(x % names.len() as u64) as usize];
         let e = locks.entry(name);
-        let p = e.admit(token, far, locks, true).await.expect("admitted").expect("a permit");
+        let p = e.admit_write(token, far).await.expect("admitted");
         p.complete();
     }
     start.elapsed().as_nanos() as f64 / ops as f64
@@ -49,7 +49,7 @@ async fn main() {
     let token = Token::new(1).unwrap();
     let far = tokio::time::Instant::now() + Duration::from_secs(3600);
     for name in &many {
-        spread.entry(name).admit(token, far, &spread, true).await.unwrap().unwrap().complete();
+        spread.entry(name).admit_write(token, far).await.unwrap().complete();
     }
     let after = rss_kib();
     let ns_many = run(&spread, &many, ops).await;

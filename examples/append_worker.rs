@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-
 use fencegate::proxy::{call as send, simple_client, SimpleClient as C};
 
 async fn call(c: &C, method: &str, url: &str, body: String) -> (u16, String) {

@@ -36,6 +36,12 @@ pub struct LimitArgs {
     /// How long to wait for the upstream's response head.
     #[arg(long, env = "FENCEGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub upstream_timeout: Duration,
+    /// Close a connection with no request in flight and no bytes either way for this long (HTTP/1 and h2c).
+    #[arg(long, env = "FENCEGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Most client connections open at once per server; above it, stop accepting until one closes.
+    #[arg(long, env = "FENCEGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
 }
 
 impl LimitArgs {
@@ -44,6 +50,8 @@ impl LimitArgs {
             header_read_timeout: self.header_timeout,
             max_header_bytes: self.max_header_bytes,
             shutdown_grace: self.shutdown_grace,
+            idle_timeout: self.idle_timeout,
+            max_connections: self.max_connections as usize,
         }
     }
 }
@@ -93,9 +101,17 @@ pub struct FilterArgs {
     /// Above this many locks, /metrics reports totals (lock="*") instead of one series per lock.
     #[arg(long, env = "FENCEGATE_METRICS_LOCK_LIMIT", default_value_t = 1000)]
     pub metrics_lock_limit: usize,
+    /// Accept `;` path parameters in protected paths (rules then match with them cut, as servlet stores read them).
+    #[arg(long, env = "FENCEGATE_ALLOW_PATH_PARAMS")]
+    pub allow_path_params: bool,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
+    #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
     pub unsafe_no_barrier: bool,
+    /// TESTS ONLY: match rules on the raw request path and ignore Destination, to show what decoding prevents.
+    #[cfg(feature = "test-unsafe")]
+    #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_RAW_PATHS")]
+    pub unsafe_raw_paths: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -105,11 +121,14 @@ impl FilterArgs {
         let mut rules = self.protect.clone();
         if let Some(f) = &self.protect_file {
             let text = std::fs::read_to_string(f).map_err(|e| format!("--protect-file {}: {e}", f.display()))?;
-            rules.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
+            rules
+                .extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
         }
         let protection = match (&self.lock, rules.is_empty()) {
             (Some(l), true) => Protection::All(l.clone()),
-            (None, false) => Protection::Rules(rules.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?),
+            (None, false) => {
+                Protection::Rules(rules.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?)
+            }
             (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };
@@ -118,12 +137,20 @@ impl FilterArgs {
             state_dir: self.state_dir.clone(),
             protection,
             allow_unprotected: self.allow_unprotected,
+            allow_path_params: self.allow_path_params,
+            #[cfg(feature = "test-unsafe")]
+            unsafe_raw_paths: self.unsafe_raw_paths,
+            #[cfg(not(feature = "test-unsafe"))]
+            unsafe_raw_paths: false,
             fence_reads: self.fence_reads,
             read_methods: ReadMethods::parse(&self.read_methods)?,
             barrier: BarrierConfig {
                 drain_timeout: self.drain_timeout,
                 abort_grace: self.abort_grace,
+                #[cfg(feature = "test-unsafe")]
                 disabled: self.unsafe_no_barrier,
+                #[cfg(not(feature = "test-unsafe"))]
+                disabled: false,
             },
             max_wait: self.max_wait,
             connect_timeout: self.limits.connect_timeout,
@@ -167,8 +194,11 @@ pub struct EtcdArgs {
     #[arg(long, env = "FENCEGATE_ETCD_USER")]
     pub etcd_user: Option<String>,
     /// etcd password.
-    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD", hide_env_values = true, conflicts_with = "etcd_password_file")]
     pub etcd_password: Option<String>,
+    /// File holding the etcd password (a trailing newline is dropped), so it stays out of argv and the environment.
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
     /// CA bundle (PEM) that signed etcd's server certificate.
     #[arg(long, env = "FENCEGATE_ETCD_CA")]
     pub etcd_ca: Option<PathBuf>,
@@ -184,16 +214,25 @@ pub struct EtcdArgs {
 }
 
 impl EtcdArgs {
-    pub fn options(&self) -> crate::lease::etcd::EtcdOptions {
-        crate::lease::etcd::EtcdOptions {
+    pub fn options(&self) -> Result<crate::lease::etcd::EtcdOptions, String> {
+        Ok(crate::lease::etcd::EtcdOptions {
             endpoints: self.endpoints.clone(),
             user: self.etcd_user.clone(),
-            password: self.etcd_password.clone(),
+            password: self.password()?,
             ca_file: self.etcd_ca.clone(),
             cert_file: self.etcd_cert.clone(),
             key_file: self.etcd_key.clone(),
             call_timeout: self.etcd_timeout,
-        }
+        })
+    }
+
+    /// `--etcd-password`, or the contents of `--etcd-password-file` less one
+    /// trailing newline (`\n` or `\r\n`, as editors and `echo` leave it).
+    fn password(&self) -> Result<Option<String>, String> {
+        let Some(f) = &self.etcd_password_file else { return Ok(self.etcd_password.clone()) };
+        let text = std::fs::read_to_string(f).map_err(|e| format!("--etcd-password-file {}: {e}", f.display()))?;
+        let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+        Ok(Some(text.to_owned()))
     }
 }
 
@@ -242,7 +281,9 @@ pub struct SidecarArgs {
     /// Hold the lock only once every --fence filter has confirmed (retrying without bound).
     #[arg(long, env = "FENCEGATE_FENCE_REQUIRED")]
     pub fence_required: bool,
-    /// TESTS ONLY: keep injecting the last token held whatever the lease says (a naive lock client).
+    /// TESTS ONLY: keep injecting the last token held whatever the lease says (a naive lock client). Exists only
+    /// in builds with the `test-unsafe` feature, never in the release binary.
+    #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_SELF_FENCE")]
     pub unsafe_no_self_fence: bool,
     /// After POST /v1/lock/release, wait this long before campaigning again.
@@ -287,7 +328,10 @@ impl SidecarArgs {
         c.read_methods = ReadMethods::parse(&self.read_methods)?;
         c.reads_need_lease = self.reads_need_lease;
         c.ready_always = self.ready_always;
-        c.unsafe_no_self_fence = self.unsafe_no_self_fence;
+        #[cfg(feature = "test-unsafe")]
+        {
+            c.unsafe_no_self_fence = self.unsafe_no_self_fence;
+        }
         c.connect_timeout = self.limits.connect_timeout;
         c.upstream_timeout = self.limits.upstream_timeout;
         c.limits = self.limits.server();
@@ -366,5 +410,32 @@ impl InjectorArgs {
             native_sidecar: !self.legacy_sidecar,
             strict: self.strict,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Etcd {
+        #[command(flatten)]
+        etcd: EtcdArgs,
+    }
+
+    #[test]
+    fn etcd_password_from_a_file_or_a_flag_not_both() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("pw");
+        std::fs::write(&f, "s3cret \n").unwrap();
+        let f = f.display().to_string();
+        let parse = |args: &[&str]| Etcd::try_parse_from([&["t", "--etcd", "http://e:2379"], args].concat());
+        let o = parse(&["--etcd-password-file", &f]).unwrap().etcd.options().unwrap();
+        assert_eq!(o.password.as_deref(), Some("s3cret "), "only the trailing newline goes");
+        let o = parse(&["--etcd-password", "pw"]).unwrap().etcd.options().unwrap();
+        assert_eq!(o.password.as_deref(), Some("pw"));
+        assert!(parse(&["--etcd-password", "pw", "--etcd-password-file", &f]).is_err());
+        assert!(parse(&["--etcd-password-file", "/nonexistent/pw"]).unwrap().etcd.options().is_err());
     }
 }

@@ -99,7 +99,10 @@ mod tests {
     #[test]
     fn answers_are_read_strictly() {
         assert_eq!(Outcome::from_answer(200, b"{}"), Outcome::Fenced);
-        assert_eq!(Outcome::from_answer(409, br#"{"error":"fencing_token_stale","highest":9}"#), Outcome::Stale { highest: 9 });
+        assert_eq!(
+            Outcome::from_answer(409, br#"{"error":"fencing_token_stale","highest":9}"#),
+            Outcome::Stale { highest: 9 }
+        );
         // A 409 we cannot read is not taken as "fenced out" (nor as fenced).
         assert!(matches!(Outcome::from_answer(409, b"nope"), Outcome::Failed(_)));
         assert!(matches!(Outcome::from_answer(503, b"busy"), Outcome::Failed(_)));

@@ -12,10 +12,7 @@ use tokio::net::TcpListener;
 /// The IPv4 wildcard to try when binding `addr` failed with `err`, if that
 /// is the fix: only for the IPv6 wildcard, and only when IPv6 is missing.
 fn ipv4_fallback(addr: SocketAddr, err: &io::Error) -> Option<SocketAddr> {
-    let ipv6_missing = matches!(
-        err.raw_os_error(),
-        Some(libc_codes::EAFNOSUPPORT | libc_codes::EADDRNOTAVAIL)
-    );
+    let ipv6_missing = matches!(err.raw_os_error(), Some(libc_codes::EAFNOSUPPORT | libc_codes::EADDRNOTAVAIL));
     (addr.is_ipv6() && addr.ip().is_unspecified() && ipv6_missing)
         .then(|| SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())))
 }
@@ -79,20 +76,10 @@ mod tests {
         let l = bind_with("[::]:0".parse().unwrap(), no_ipv6).await.unwrap();
         assert!(l.local_addr().unwrap().is_ipv4());
         // Only the wildcard falls back: an explicit IPv6 address is the user's choice.
-        let err = bind_with("[::1]:0".parse().unwrap(), no_ipv6)
-            .await
-            .unwrap_err();
+        let err = bind_with("[::1]:0".parse().unwrap(), no_ipv6).await.unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc_codes::EAFNOSUPPORT));
         // Other errors (a port in use) are not hidden by a fallback.
-        let in_use = |_: SocketAddr| async {
-            Err::<TcpListener, _>(io::Error::from(io::ErrorKind::AddrInUse))
-        };
-        assert_eq!(
-            bind_with("[::]:1".parse().unwrap(), in_use)
-                .await
-                .unwrap_err()
-                .kind(),
-            io::ErrorKind::AddrInUse
-        );
+        let in_use = |_: SocketAddr| async { Err::<TcpListener, _>(io::Error::from(io::ErrorKind::AddrInUse)) };
+        assert_eq!(bind_with("[::]:1".parse().unwrap(), in_use).await.unwrap_err().kind(), io::ErrorKind::AddrInUse);
     }
 }

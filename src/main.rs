@@ -18,6 +18,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start-up: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run in front of a store: refuse writes whose fencing token is stale.
@@ -57,9 +59,9 @@ fn main() -> anyhow::Result<()> {
     let rt = match (&cli.cmd, threads) {
         (Cmd::Filter(_), _) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         (_, t) => match t {
-        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.max(1)).enable_all().build(),
-        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+            Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+            Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.max(1)).enable_all().build(),
+            None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
         },
     }
     .context("starting the runtime")?;
@@ -86,7 +88,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => Some(bind(a).await?),
                 None => None,
             };
-            let workers = cli.log.worker_threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+            let workers = cli
+                .log
+                .worker_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
             fencegate::filter::run(cfg, listener, admin, workers, fencegate::proxy::shutdown_signal())
                 .await
                 .context("the filter could not start")?;
@@ -94,13 +99,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo(_) => unreachable!("handled above"),
         Cmd::Injector(args) => {
             let listener = bind(args.listen).await?;
-            fencegate::injector::run(args.config(), listener, &args.tls_cert, &args.tls_key, args.tls_reload, fencegate::proxy::shutdown_signal())
-                .await
-                .map_err(anyhow::Error::msg)?;
+            fencegate::injector::run(
+                args.config(),
+                listener,
+                &args.tls_cert,
+                &args.tls_key,
+                args.tls_reload,
+                fencegate::proxy::shutdown_signal(),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
         }
         Cmd::Sidecar(args) => {
             let cfg = args.config().map_err(anyhow::Error::msg)?;
-            let backend = Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options()));
+            let backend =
+                Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options().map_err(anyhow::Error::msg)?));
             let (listener, admin) = (bind(args.listen).await?, bind(args.admin_listen).await?);
             let health = match args.health_listen {
                 Some(a) => Some(bind(a).await?),

@@ -102,9 +102,8 @@ impl FromStr for Token {
                 truncate(s)
             )));
         }
-        let v: u64 = s.parse().map_err(|_| {
-            TokenError::Malformed(format!("fencing token {:?} overflows a u64", truncate(s)))
-        })?;
+        let v: u64 =
+            s.parse().map_err(|_| TokenError::Malformed(format!("fencing token {:?} overflows a u64", truncate(s))))?;
         Token::new(v).ok_or_else(|| TokenError::Malformed("fencing token must be greater than 0".into()))
     }
 }
@@ -138,9 +137,7 @@ pub fn parse_headers(headers: &HeaderMap) -> Result<Fence, TokenError> {
     let token = token.map(str::parse::<Token>).transpose()?;
     match (lock, token) {
         (Some(lock), Some(token)) => Ok(Fence { lock, token }),
-        (None, None) => Err(TokenError::Missing(
-            "this write needs the Fencing-Lock and Fencing-Token headers".into(),
-        )),
+        (None, None) => Err(TokenError::Missing("this write needs the Fencing-Lock and Fencing-Token headers".into())),
         (None, _) => Err(TokenError::Missing("this write needs the Fencing-Lock header".into())),
         (_, None) => Err(TokenError::Missing("this write needs the Fencing-Token header".into())),
     }
@@ -154,10 +151,7 @@ fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a st
     if values.next().is_some() {
         return Err(TokenError::Malformed(format!("the {name} header must appear once")));
     }
-    first
-        .to_str()
-        .map(Some)
-        .map_err(|_| TokenError::Malformed(format!("the {name} header is not visible ASCII")))
+    first.to_str().map(Some).map_err(|_| TokenError::Malformed(format!("the {name} header is not visible ASCII")))
 }
 
 /// Writes the two headers, replacing any present.
@@ -169,8 +163,7 @@ pub fn insert_headers(headers: &mut HeaderMap, lock: &LockName, token: Token) {
 
 /// Removes every `Fencing-*` header: the sidecar's trust boundary.
 pub fn strip_headers(headers: &mut HeaderMap) {
-    let names: Vec<HeaderName> =
-        headers.keys().filter(|n| n.as_str().starts_with(HEADER_PREFIX)).cloned().collect();
+    let names: Vec<HeaderName> = headers.keys().filter(|n| n.as_str().starts_with(HEADER_PREFIX)).cloned().collect();
     for n in names {
         headers.remove(&n);
     }

@@ -14,23 +14,14 @@ fn root() -> PathBuf {
 }
 
 fn helm() -> PathBuf {
-    let p = std::env::var_os("FENCEGATE_HELM")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join(".tools/bin/helm"));
-    assert!(
-        p.exists(),
-        "{} is missing: run scripts/install-k8s-tools.sh",
-        p.display()
-    );
+    let p = std::env::var_os("FENCEGATE_HELM").map(PathBuf::from).unwrap_or_else(|| root().join(".tools/bin/helm"));
+    assert!(p.exists(), "{} is missing: run scripts/install-k8s-tools.sh", p.display());
     p
 }
 
 fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
 }
 
 fn chart() -> String {
@@ -66,50 +57,28 @@ fn docs(yaml: &str) -> Vec<Value> {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(yaml.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "python3 with PyYAML is needed (scripts/install-k8s-tools.sh)"
-    );
+    assert!(out.status.success(), "python3 with PyYAML is needed (scripts/install-k8s-tools.sh)");
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, suffix: &str) -> &'a Value {
     docs.iter()
-        .find(|d| {
-            d["kind"] == kind
-                && d["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or("")
-                    .ends_with(suffix)
-        })
+        .find(|d| d["kind"] == kind && d["metadata"]["name"].as_str().unwrap_or("").ends_with(suffix))
         .unwrap_or_else(|| panic!("no {kind} *{suffix}"))
 }
 
 fn validate(yaml: &str, dir: &Path) {
     let out = validate_only(yaml, dir);
-    assert!(
-        out.contains("passed for resource mutatingwebhookconfiguration"),
-        "{out}"
-    );
+    assert!(out.contains("passed for resource mutatingwebhookconfiguration"), "{out}");
 }
 
 /// Validates every rendered manifest; returns kubernetes-validate's report.
 fn validate_only(yaml: &str, dir: &Path) -> String {
     let f = dir.join("rendered.yaml");
     std::fs::write(&f, yaml).unwrap();
-    let (ok, out) = run(Command::new("kubernetes-validate").args([
-        "-k",
-        "1.33",
-        "--strict",
-        &f.display().to_string(),
-    ]));
+    let (ok, out) = run(Command::new("kubernetes-validate").args(["-k", "1.33", "--strict", &f.display().to_string()]));
     assert!(ok, "kubernetes-validate failed:\n{out}");
     out
 }
@@ -119,10 +88,7 @@ fn env_names_known(cmd: &str, names: impl IntoIterator<Item = String>) {
     let (ok, help) = run(Command::new(support::fencegate_bin()).args([cmd, "--help"]));
     assert!(ok);
     for n in names.into_iter().filter(|n| n.starts_with("FENCEGATE_")) {
-        assert!(
-            help.contains(&format!("[env: {n}=")),
-            "`fencegate {cmd}` does not read {n}"
-        );
+        assert!(help.contains(&format!("[env: {n}=")), "`fencegate {cmd}` does not read {n}");
     }
 }
 
@@ -157,14 +123,8 @@ fn default_render_is_valid_and_coherent() {
     assert_eq!(hook["failurePolicy"], "Fail");
     assert_eq!(hook["sideEffects"], "None");
     assert_eq!(hook["clientConfig"]["service"]["path"], "/mutate");
-    assert_eq!(
-        hook["namespaceSelector"]["matchLabels"]["fencegate.io/injection"],
-        "enabled"
-    );
-    assert!(hook["matchConditions"][0]["expression"]
-        .as_str()
-        .unwrap()
-        .contains("fencegate.io/inject"));
+    assert_eq!(hook["namespaceSelector"]["matchLabels"]["fencegate.io/injection"], "enabled");
+    assert!(hook["matchConditions"][0]["expression"].as_str().unwrap().contains("fencegate.io/inject"));
     // The CA bundle is the CA of the certificate in the Secret the injector mounts.
     let secret = find(&docs, "Secret", "injector-tls");
     assert_eq!(hook["clientConfig"]["caBundle"], secret["data"]["ca.crt"]);
@@ -173,35 +133,15 @@ fn default_render_is_valid_and_coherent() {
     }
     let dep = find(&docs, "Deployment", "injector");
     assert_eq!(dep["spec"]["replicas"], 2);
-    assert_eq!(
-        find(&docs, "PodDisruptionBudget", "injector")["spec"]["minAvailable"],
-        1
-    );
-    assert_eq!(
-        find(&docs, "ServiceAccount", "injector")["automountServiceAccountToken"],
-        false
-    );
-    assert!(
-        docs.iter()
-            .all(|d| d["kind"] != "Role" && d["kind"] != "ClusterRole"),
-        "the injector needs no API access"
-    );
-    assert!(
-        docs.iter().all(|d| d["kind"] != "PersistentVolumeClaim"),
-        "no filter by default"
-    );
+    assert_eq!(find(&docs, "PodDisruptionBudget", "injector")["spec"]["minAvailable"], 1);
+    assert_eq!(find(&docs, "ServiceAccount", "injector")["automountServiceAccountToken"], false);
+    assert!(docs.iter().all(|d| d["kind"] != "Role" && d["kind"] != "ClusterRole"), "the injector needs no API access");
+    assert!(docs.iter().all(|d| d["kind"] != "PersistentVolumeClaim"), "no filter by default");
     // The chart speaks the binary's language.
     let cm = find(&docs, "ConfigMap", "injector");
     env_names_known("injector", cm["data"].as_object().unwrap().keys().cloned());
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
-    env_names_known(
-        "injector",
-        c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["name"].as_str().unwrap().to_string()),
-    );
+    env_names_known("injector", c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()));
     assert_eq!(cm["data"]["FENCEGATE_LEGACY_SIDECAR"], "false");
 }
 
@@ -227,47 +167,22 @@ fn custom_render_with_filter_cert_manager_and_legacy_sidecar_is_valid() {
     assert_eq!(f["spec"]["replicas"], 1, "one filter per state directory");
     assert_eq!(f["spec"]["strategy"]["type"], "Recreate");
     let c = &f["spec"]["template"]["spec"]["containers"][0];
-    let env: Vec<String> = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["name"].as_str().unwrap().to_string())
-        .collect();
+    let env: Vec<String> =
+        c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
     env_names_known("filter", env.clone());
     assert!(env.contains(&"FENCEGATE_PROTECT".to_string()));
-    let protect = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == "FENCEGATE_PROTECT")
-        .unwrap();
+    let protect = c["env"].as_array().unwrap().iter().find(|e| e["name"] == "FENCEGATE_PROTECT").unwrap();
     assert_eq!(protect["value"], "/orders/=orders,/users/=users");
     assert_eq!(
-        find(&docs, "PersistentVolumeClaim", "filter-state")["metadata"]["annotations"]
-            ["helm.sh/resource-policy"],
+        find(&docs, "PersistentVolumeClaim", "filter-state")["metadata"]["annotations"]["helm.sh/resource-policy"],
         "keep"
     );
-    assert_eq!(
-        find(&docs, "Service", "filter")["spec"]["ports"]
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
-    assert_eq!(
-        find(&docs, "Certificate", "injector")["spec"]["secretName"],
-        "fg-fencegate-injector-tls"
-    );
+    assert_eq!(find(&docs, "Service", "filter")["spec"]["ports"].as_array().unwrap().len(), 2);
+    assert_eq!(find(&docs, "Certificate", "injector")["spec"]["secretName"], "fg-fencegate-injector-tls");
     assert!(docs.iter().any(|d| d["kind"] == "Issuer"));
-    assert!(
-        docs.iter().all(|d| d["kind"] != "Secret"),
-        "cert-manager makes the secret"
-    );
+    assert!(docs.iter().all(|d| d["kind"] != "Secret"), "cert-manager makes the secret");
     let wh = find(&docs, "MutatingWebhookConfiguration", "injector-fencegate");
-    assert_eq!(
-        wh["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
-        "fencegate/fg-fencegate-injector"
-    );
+    assert_eq!(wh["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], "fencegate/fg-fencegate-injector");
     assert_eq!(wh["webhooks"][0]["failurePolicy"], "Ignore");
     assert!(wh["webhooks"][0].get("matchConditions").is_none());
     let cm = find(&docs, "ConfigMap", "injector");
@@ -286,23 +201,10 @@ fn bad_values_are_refused_with_a_clear_message() {
         (vec!["sidecar.defaultTtl=ten"], "defaultTtl"),
         (vec!["nonsense=1"], "nonsense"),
         (vec!["filter.enabled=true"], "filter.upstream"),
-        (
-            vec!["filter.enabled=true", "filter.upstream=http://s:1"],
-            "filter.lock or filter.protect",
-        ),
+        (vec!["filter.enabled=true", "filter.upstream=http://s:1"], "filter.lock or filter.protect"),
         (vec!["tls.existingSecret=mine"], "tls.caBundle"),
-        (
-            vec![
-                "tls.existingSecret=mine",
-                "tls.caBundle=Q0E=",
-                "tls.certManager.enabled=true",
-            ],
-            "exclude each other",
-        ),
-        (
-            vec!["filter.persistence.accessMode=ReadWriteMany"],
-            "accessMode",
-        ),
+        (vec!["tls.existingSecret=mine", "tls.caBundle=Q0E=", "tls.certManager.enabled=true"], "exclude each other"),
+        (vec!["filter.persistence.accessMode=ReadWriteMany"], "accessMode"),
     ] {
         let err = template(&sets).expect_err(&format!("{sets:?} must be refused"));
         assert!(err.contains(want), "{sets:?}: {err}");
@@ -310,19 +212,11 @@ fn bad_values_are_refused_with_a_clear_message() {
 }
 
 /// Values that turn every optional part on, for the tests that look at all pods.
-const EVERYTHING: &[&str] = &[
-    "filter.enabled=true",
-    "filter.upstream=http://minio.storage.svc:9000",
-    "filter.lock=ledger",
-];
+const EVERYTHING: &[&str] =
+    &["filter.enabled=true", "filter.upstream=http://minio.storage.svc:9000", "filter.lock=ledger"];
 
 fn env_value<'a>(c: &'a Value, name: &str) -> &'a str {
-    let e = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["name"] == name)
-        .unwrap_or_else(|| panic!("no {name}"));
+    let e = c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("no {name}"));
     e["value"].as_str().unwrap()
 }
 
@@ -330,10 +224,7 @@ fn env_value<'a>(c: &'a Value, name: &str) -> &'a str {
 fn pod_specs(docs: &[Value]) -> Vec<(String, &Value)> {
     docs.iter()
         .filter_map(|d| match d["kind"].as_str() {
-            Some("Deployment") => Some((
-                d["metadata"]["name"].to_string(),
-                &d["spec"]["template"]["spec"],
-            )),
+            Some("Deployment") => Some((d["metadata"]["name"].to_string(), &d["spec"]["template"]["spec"])),
             Some("Pod") => Some((d["metadata"]["name"].to_string(), &d["spec"])),
             _ => None,
         })
@@ -347,19 +238,12 @@ fn every_pod_passes_the_restricted_pod_security_level() {
     assert_eq!(specs.len(), 3, "injector, filter and the test pod");
     for (name, spec) in specs {
         assert_eq!(spec["securityContext"]["runAsNonRoot"], true, "{name}");
-        assert_eq!(
-            spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
-            "{name}"
-        );
+        assert_eq!(spec["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{name}");
         for c in spec["containers"].as_array().unwrap() {
             let sc = &c["securityContext"];
             assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
             assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
-            assert_eq!(
-                sc["capabilities"]["drop"],
-                serde_json::json!(["ALL"]),
-                "{name}"
-            );
+            assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]), "{name}");
             assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{name}");
             assert_eq!(
                 (&sc["runAsUser"], &sc["runAsGroup"], &sc["runAsNonRoot"]),
@@ -374,11 +258,7 @@ fn every_pod_passes_the_restricted_pod_security_level() {
 fn sidecar_ports_stay_clear_of_istio_and_linkerd_and_listeners_take_ipv6() {
     let docs = docs(&template(EVERYTHING).unwrap());
     let cm = find(&docs, "ConfigMap", "injector");
-    for key in [
-        "FENCEGATE_PROXY_PORT",
-        "FENCEGATE_ADMIN_PORT",
-        "FENCEGATE_HEALTH_PORT",
-    ] {
+    for key in ["FENCEGATE_PROXY_PORT", "FENCEGATE_ADMIN_PORT", "FENCEGATE_HEALTH_PORT"] {
         let port: u16 = cm["data"][key].as_str().unwrap().parse().unwrap();
         assert!(
             !(15000..=15090).contains(&port) && !(4140..=4191).contains(&port),
@@ -386,8 +266,7 @@ fn sidecar_ports_stay_clear_of_istio_and_linkerd_and_listeners_take_ipv6() {
         );
     }
     assert_eq!(cm["data"]["FENCEGATE_PROXY_PORT"], "7850");
-    let injector =
-        &find(&docs, "Deployment", "injector")["spec"]["template"]["spec"]["containers"][0];
+    let injector = &find(&docs, "Deployment", "injector")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(env_value(injector, "FENCEGATE_LISTEN"), "[::]:8443");
     let filter = &find(&docs, "Deployment", "filter")["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(env_value(filter, "FENCEGATE_LISTEN"), "[::]:8080");
@@ -401,16 +280,9 @@ fn one_replica_has_no_budget_that_blocks_drain() {
     validate(&yaml, d.path());
     let docs = docs(&yaml);
     assert_eq!(find(&docs, "Deployment", "injector")["spec"]["replicas"], 1);
-    assert!(
-        docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"),
-        "a budget at one replica blocks kubectl drain"
-    );
+    assert!(docs.iter().all(|d| d["kind"] != "PodDisruptionBudget"), "a budget at one replica blocks kubectl drain");
     let docs = docs_of(&["injector.replicas=2"]);
-    assert_eq!(
-        find(&docs, "PodDisruptionBudget", "injector")["spec"]["minAvailable"],
-        1,
-        "two replicas keep one up"
-    );
+    assert_eq!(find(&docs, "PodDisruptionBudget", "injector")["spec"]["minAvailable"], 1, "two replicas keep one up");
 }
 
 fn docs_of(sets: &[&str]) -> Vec<Value> {
@@ -424,20 +296,11 @@ fn filter_without_the_injector() {
     sets.push("injector.enabled=false");
     let yaml = template(&sets).unwrap();
     let report = validate_only(&yaml, d.path());
-    assert!(
-        report.contains("passed for resource deployment/fg-fencegate-filter"),
-        "{report}"
-    );
+    assert!(report.contains("passed for resource deployment/fg-fencegate-filter"), "{report}");
     let docs = docs(&yaml);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(
-        kinds,
-        vec!["PersistentVolumeClaim", "Service", "Deployment"],
-        "only the filter"
-    );
-    assert!(docs
-        .iter()
-        .all(|d| !d["metadata"]["name"].as_str().unwrap().contains("injector")));
+    assert_eq!(kinds, vec!["PersistentVolumeClaim", "Service", "Deployment"], "only the filter");
+    assert!(docs.iter().all(|d| !d["metadata"]["name"].as_str().unwrap().contains("injector")));
 }
 
 #[test]
@@ -451,11 +314,7 @@ fn two_namespaces_do_not_share_cluster_scoped_names() {
             .collect()
     };
     let (a, b) = (names("team-a"), names("team-b"));
-    assert_eq!(
-        a,
-        vec!["fg-fencegate-injector-team-a"],
-        "the webhook configuration is the only cluster-scoped object"
-    );
+    assert_eq!(a, vec!["fg-fencegate-injector-team-a"], "the webhook configuration is the only cluster-scoped object");
     assert!(a.iter().all(|n| !b.contains(n)), "{a:?} vs {b:?}");
 }
 
@@ -477,20 +336,12 @@ fn usable_as_a_dependency_with_global_values_and_a_condition() {
         "global:\n  imageRegistry: registry.example.com\nfencegate:\n  enabled: true\n",
     )
     .unwrap();
-    let (ok, out) =
-        run(Command::new(helm()).args(["dependency", "update", &umbrella.display().to_string()]));
+    let (ok, out) = run(Command::new(helm()).args(["dependency", "update", &umbrella.display().to_string()]));
     assert!(ok, "{out}");
-    let (ok, out) = run(Command::new(helm()).args([
-        "template",
-        "app",
-        &umbrella.display().to_string(),
-        "--namespace",
-        "apps",
-    ]));
+    let (ok, out) =
+        run(Command::new(helm()).args(["template", "app", &umbrella.display().to_string(), "--namespace", "apps"]));
     assert!(ok, "global and enabled must pass the schema: {out}");
-    assert!(docs(&out)
-        .iter()
-        .any(|d| d["kind"] == "MutatingWebhookConfiguration"));
+    assert!(docs(&out).iter().any(|d| d["kind"] == "MutatingWebhookConfiguration"));
     let (ok, out) = run(Command::new(helm()).args([
         "template",
         "app",
@@ -499,10 +350,7 @@ fn usable_as_a_dependency_with_global_values_and_a_condition() {
         "fencegate.enabled=false",
     ]));
     assert!(ok, "{out}");
-    assert!(
-        docs(&out).is_empty(),
-        "the condition switches the whole chart off"
-    );
+    assert!(docs(&out).is_empty(), "the condition switches the whole chart off");
 }
 
 #[test]
@@ -510,43 +358,22 @@ fn tls_can_be_stable_under_helm_template() {
     // The chart's own CA is made at render time: `helm template` (Argo CD,
     // Flux) gets a new one each time, which is why the other two ways exist.
     let ca = |sets: &[&str]| {
-        find(
-            &docs_of(sets),
-            "MutatingWebhookConfiguration",
-            "injector-fencegate",
-        )["webhooks"][0]["clientConfig"]["caBundle"]
+        find(&docs_of(sets), "MutatingWebhookConfiguration", "injector-fencegate")["webhooks"][0]["clientConfig"]
+            ["caBundle"]
             .clone()
     };
-    assert_ne!(
-        ca(&[]),
-        ca(&[]),
-        "the chart-made CA is not stable under helm template"
-    );
+    assert_ne!(ca(&[]), ca(&[]), "the chart-made CA is not stable under helm template");
     let mine = ["tls.existingSecret=webhook-tls", "tls.caBundle=Q0EgUEVN"];
-    assert_eq!(
-        template(&mine).unwrap(),
-        template(&mine).unwrap(),
-        "an existing secret renders the same every time"
-    );
+    assert_eq!(template(&mine).unwrap(), template(&mine).unwrap(), "an existing secret renders the same every time");
     let docs = docs_of(&mine);
     assert_eq!(ca(&mine), "Q0EgUEVN");
-    assert!(
-        docs.iter().all(|d| d["kind"] != "Secret"),
-        "the secret is the user's"
-    );
+    assert!(docs.iter().all(|d| d["kind"] != "Secret"), "the secret is the user's");
     let vols = &find(&docs, "Deployment", "injector")["spec"]["template"]["spec"]["volumes"];
     assert_eq!(vols[0]["secret"]["secretName"], "webhook-tls");
     let cm = find(&docs, "ConfigMap", "injector-test-ca");
-    assert_eq!(
-        cm["data"]["ca.crt"], "CA PEM",
-        "helm test trusts the given CA"
-    );
+    assert_eq!(cm["data"]["ca.crt"], "CA PEM", "helm test trusts the given CA");
     let cm_sets = ["tls.certManager.enabled=true"];
-    assert_eq!(
-        template(&cm_sets).unwrap(),
-        template(&cm_sets).unwrap(),
-        "cert-manager renders the same every time"
-    );
+    assert_eq!(template(&cm_sets).unwrap(), template(&cm_sets).unwrap(), "cert-manager renders the same every time");
 }
 
 #[test]
@@ -555,52 +382,26 @@ fn helm_test_checks_the_webhook_over_https() {
     let pod = find(&docs, "Pod", "injector-test");
     assert_eq!(pod["metadata"]["annotations"]["helm.sh/hook"], "test");
     let c = &pod["spec"]["containers"][0];
-    let args: Vec<&str> = c["args"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    assert_eq!(
-        args.last(),
-        Some(&"https://fg-fencegate-injector.fencegate.svc:443/healthz")
-    );
-    let cacert = args
-        .iter()
-        .position(|a| *a == "--cacert")
-        .expect("the CA is checked");
+    let args: Vec<&str> = c["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert_eq!(args.last(), Some(&"https://fg-fencegate-injector.fencegate.svc:443/healthz"));
+    let cacert = args.iter().position(|a| *a == "--cacert").expect("the CA is checked");
     assert_eq!(args[cacert + 1], "/etc/fencegate/tls/ca.crt");
-    assert_eq!(
-        pod["spec"]["volumes"][0]["secret"]["secretName"],
-        "fg-fencegate-injector-tls"
-    );
-    assert!(docs_of(&["tests.enabled=false"])
-        .iter()
-        .all(|d| d["kind"] != "Pod"));
+    assert_eq!(pod["spec"]["volumes"][0]["secret"]["secretName"], "fg-fencegate-injector-tls");
+    assert!(docs_of(&["tests.enabled=false"]).iter().all(|d| d["kind"] != "Pod"));
 }
 
 #[test]
 fn custom_namespace_expressions_replace_the_default_label() {
     let sel = |sets: &[&str]| {
-        find(
-            &docs_of(sets),
-            "MutatingWebhookConfiguration",
-            "injector-fencegate",
-        )["webhooks"][0]["namespaceSelector"]
+        find(&docs_of(sets), "MutatingWebhookConfiguration", "injector-fencegate")["webhooks"][0]["namespaceSelector"]
             .clone()
     };
     let custom = sel(&[
         "webhook.namespaceSelector.matchExpressions[0].key=team",
         "webhook.namespaceSelector.matchExpressions[0].operator=Exists",
     ]);
-    assert_eq!(
-        custom,
-        serde_json::json!({"matchExpressions": [{"key": "team", "operator": "Exists"}]})
-    );
-    assert_eq!(
-        sel(&[]),
-        serde_json::json!({"matchLabels": {"fencegate.io/injection": "enabled"}})
-    );
+    assert_eq!(custom, serde_json::json!({"matchExpressions": [{"key": "team", "operator": "Exists"}]}));
+    assert_eq!(sel(&[]), serde_json::json!({"matchLabels": {"fencegate.io/injection": "enabled"}}));
 }
 
 #[test]
@@ -629,11 +430,7 @@ fn injector_scheduling_and_filter_volume_options() {
         serde_json::json!(["ReadWriteOncePod"])
     );
     assert_eq!(
-        find(
-            &docs_of(EVERYTHING),
-            "PersistentVolumeClaim",
-            "filter-state"
-        )["spec"]["accessModes"],
+        find(&docs_of(EVERYTHING), "PersistentVolumeClaim", "filter-state")["spec"]["accessModes"],
         serde_json::json!(["ReadWriteOnce"])
     );
 }

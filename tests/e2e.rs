@@ -32,7 +32,15 @@ struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { filter: true, fence: true, fence_required: false, unsafe_no_self_fence: false, n: 3, check_every: 1000, worker_secs: 120 }
+        Opts {
+            filter: true,
+            fence: true,
+            fence_required: false,
+            unsafe_no_self_fence: false,
+            n: 3,
+            check_every: 1000,
+            worker_secs: 120,
+        }
     }
 }
 
@@ -56,7 +64,8 @@ impl Cluster {
         let etcd = Etcd::start();
         let nginx = Nginx::start();
         let dir = tempfile::tempdir().unwrap();
-        let filter = o.filter.then(|| FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &["--lock", LOCK]));
+        let filter =
+            o.filter.then(|| FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &["--lock", LOCK]));
         let upstream = filter.as_ref().map(|f| f.url()).unwrap_or_else(|| nginx.url());
         let mut extra: Vec<String> = vec![];
         if let (Some(f), true) = (&filter, o.fence) {
@@ -70,8 +79,10 @@ impl Cluster {
         }
         let extra: Vec<&str> = extra.iter().map(|s| s.as_str()).collect();
         let names: Vec<String> = (0..o.n).map(|i| format!("w{i}")).collect();
-        let sidecars: Vec<SidecarProc> =
-            names.iter().map(|n| SidecarProc::start(dir.path(), &etcd.client_url, LOCK, n, &upstream, &extra)).collect();
+        let sidecars: Vec<SidecarProc> = names
+            .iter()
+            .map(|n| SidecarProc::start(dir.path(), &etcd.client_url, LOCK, n, &upstream, &extra))
+            .collect();
         let mut c = Cluster { o, etcd, nginx, filter, sidecars, workers: vec![], names, dir };
         for i in 0..o.n {
             let w = c.spawn_worker(i);
@@ -201,7 +212,8 @@ async fn zombie_scenario(o: Opts) -> (Vec<Attempt>, Vec<String>, Vec<Record>, St
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let zombie = c.names[h0].clone();
     let (log, atts, v) = c.verdict().await;
-    let after: Vec<Attempt> = atts.into_iter().filter(|a| a.worker == zombie && a.at_ms >= thawed && a.token == t0).collect();
+    let after: Vec<Attempt> =
+        atts.into_iter().filter(|a| a.worker == zombie && a.at_ms >= thawed && a.token == t0).collect();
     (after, v, log, zombie, t1)
 }
 
@@ -212,7 +224,10 @@ async fn zombie_after_sigstop_is_refused_and_the_log_stays_clean() {
     assert!(!after.is_empty(), "the zombie wrote after waking up");
     assert!(after.iter().all(|a| !a.acked()), "every write of the zombie was refused: {after:?}");
     let first_new = log.iter().position(|r| r.token == t1).unwrap();
-    assert!(log[first_new..].iter().all(|r| r.worker != zombie || r.token > t1), "no zombie record after the new holder's first");
+    assert!(
+        log[first_new..].iter().all(|r| r.worker != zombie || r.token > t1),
+        "no zombie record after the new holder's first"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,7 +290,8 @@ struct TestNet {
 }
 
 fn ip(args: &str) {
-    let out = std::process::Command::new("ip").args(args.split_whitespace()).output().expect("ip (iproute2) is installed");
+    let out =
+        std::process::Command::new("ip").args(args.split_whitespace()).output().expect("ip (iproute2) is installed");
     assert!(out.status.success(), "ip {args}: {}", String::from_utf8_lossy(&out.stderr));
 }
 
@@ -295,7 +311,10 @@ impl TestNet {
             store_host: format!("10.213.{net}.5"),
             ns_store: format!("10.213.{net}.6"),
         };
-        for (h, n, host_ip, ns_ip) in [(&he, &ne, format!("10.213.{net}.1"), format!("10.213.{net}.2")), (&hs, &nss, t.store_host.clone(), t.ns_store.clone())] {
+        for (h, n, host_ip, ns_ip) in [
+            (&he, &ne, format!("10.213.{net}.1"), format!("10.213.{net}.2")),
+            (&hs, &nss, t.store_host.clone(), t.ns_store.clone()),
+        ] {
             ip(&format!("link add {h} type veth peer name {n}"));
             ip(&format!("link set {n} netns {ns}"));
             ip(&format!("addr add {host_ip}/30 dev {h}"));
@@ -332,10 +351,25 @@ async fn partition_from_etcd_only_the_holder_self_fences_in_time() {
         "etcd-part",
         d.path(),
         "etcd",
-        &["--name", "p", "--data-dir", &d.path().join("etcd").display().to_string(), "--listen-client-urls", &client,
-          "--advertise-client-urls", &format!("http://127.0.0.1:{cport}"), "--listen-peer-urls", &peer,
-          "--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("p={peer}"), "--log-level", "warn"]
-            .map(String::from),
+        &[
+            "--name",
+            "p",
+            "--data-dir",
+            &d.path().join("etcd").display().to_string(),
+            "--listen-client-urls",
+            &client,
+            "--advertise-client-urls",
+            &format!("http://127.0.0.1:{cport}"),
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+            "--initial-cluster",
+            &format!("p={peer}"),
+            "--log-level",
+            "warn",
+        ]
+        .map(String::from),
         &[],
     );
     wait_port(format!("127.0.0.1:{cport}").parse().unwrap(), Duration::from_secs(15));
@@ -347,10 +381,29 @@ async fn partition_from_etcd_only_the_holder_self_fences_in_time() {
     // Sidecar A inside the namespace: etcd via one link, the filter via the other.
     let (ap, aap) = (free_port(), free_port());
     let args: Vec<String> = [
-        "netns", "exec", &net.ns, fencegate_bin(), "sidecar", "--etcd", &format!("http://{}:{cport}", net.etcd_host), "--lock", LOCK,
-        "--holder", "inside", "--ttl", "2s", "--etcd-timeout", "500ms",
-        "--listen", &format!("{}:{ap}", net.ns_store), "--admin-listen", &format!("{}:{aap}", net.ns_store),
-        "--upstream", &format!("http://{}:{fport}", net.store_host), "--fence", &f.admin_url().replace("127.0.0.1", &net.store_host),
+        "netns",
+        "exec",
+        &net.ns,
+        fencegate_bin(),
+        "sidecar",
+        "--etcd",
+        &format!("http://{}:{cport}", net.etcd_host),
+        "--lock",
+        LOCK,
+        "--holder",
+        "inside",
+        "--ttl",
+        "2s",
+        "--etcd-timeout",
+        "500ms",
+        "--listen",
+        &format!("{}:{ap}", net.ns_store),
+        "--admin-listen",
+        &format!("{}:{aap}", net.ns_store),
+        "--upstream",
+        &format!("http://{}:{fport}", net.store_host),
+        "--fence",
+        &f.admin_url().replace("127.0.0.1", &net.store_host),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -368,7 +421,14 @@ async fn partition_from_etcd_only_the_holder_self_fences_in_time() {
         assert!(Instant::now() < end, "the namespaced sidecar never held: {}", _a.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    let b = SidecarProc::start(d.path(), &format!("http://127.0.0.1:{cport}"), LOCK, "outside", &f.url(), &["--fence", &f.admin_url()]);
+    let b = SidecarProc::start(
+        d.path(),
+        &format!("http://127.0.0.1:{cport}"),
+        LOCK,
+        "outside",
+        &f.url(),
+        &["--fence", &f.admin_url()],
+    );
     assert!(request("PUT", &format!("{a_proxy}/p"), &[], "before the cut").await.status < 300);
 
     net.cut_etcd();
@@ -476,13 +536,20 @@ async fn history_run(o: Opts, seed: u64, total: Duration) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_checker_under_random_faults_with_a_control_run() {
     let secs: u64 = std::env::var("FENCEGATE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(25);
-    let seed: u64 = std::env::var("FENCEGATE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
+    let seed: u64 =
+        std::env::var("FENCEGATE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
     let total = Duration::from_secs(secs);
     println!("history check: seed {seed}, {secs}s of faults (FENCEGATE_SEED / FENCEGATE_SOAK_SECS to change)");
     println!("schedule: {:?}", schedule(seed, 3, total));
     // The strictest setting: sidecars do not self-fence, so every stale write
     // reaches the filter; the filter and the fence on takeover must hold alone.
-    let guarded = Opts { fence_required: true, unsafe_no_self_fence: true, check_every: 5, worker_secs: secs + 90, ..Opts::default() };
+    let guarded = Opts {
+        fence_required: true,
+        unsafe_no_self_fence: true,
+        check_every: 5,
+        worker_secs: secs + 90,
+        ..Opts::default()
+    };
     let v = history_run(guarded, seed, total).await;
     assert!(v.is_empty(), "seed {seed}: violations with the filter:\n{v:#?}");
 

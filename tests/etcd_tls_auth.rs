@@ -35,9 +35,22 @@ fn start_etcd(dir: &Path, scheme: &str, extra: &[String]) -> (Proc, String) {
     let client = format!("{scheme}://127.0.0.1:{cport}");
     let peer = format!("http://127.0.0.1:{pport}");
     let mut args: Vec<String> = [
-        "--name", "s", "--data-dir", &dir.join("etcd").display().to_string(), "--listen-client-urls", &client,
-        "--advertise-client-urls", &client, "--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer,
-        "--initial-cluster", &format!("s={peer}"), "--log-level", "warn",
+        "--name",
+        "s",
+        "--data-dir",
+        &dir.join("etcd").display().to_string(),
+        "--listen-client-urls",
+        &client,
+        "--advertise-client-urls",
+        &client,
+        "--listen-peer-urls",
+        &peer,
+        "--initial-advertise-peer-urls",
+        &peer,
+        "--initial-cluster",
+        &format!("s={peer}"),
+        "--log-level",
+        "warn",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -73,22 +86,42 @@ async fn mutual_tls_to_etcd() {
     let (_etcd, url) = start_etcd(
         d.path(),
         "https",
-        &["--cert-file", &f("server.crt"), "--key-file", &f("server.key"), "--trusted-ca-file", &f("ca.crt"), "--client-cert-auth"]
-            .map(String::from),
+        &[
+            "--cert-file",
+            &f("server.crt"),
+            "--key-file",
+            &f("server.key"),
+            "--trusted-ca-file",
+            &f("ca.crt"),
+            "--client-cert-auth",
+        ]
+        .map(String::from),
     );
     let nginx = Nginx::start();
     let ok = SidecarProc::start(
-        d.path(), &url, "tls", "with-cert", &nginx.url(),
+        d.path(),
+        &url,
+        "tls",
+        "with-cert",
+        &nginx.url(),
         &["--etcd-ca", &f("ca.crt"), "--etcd-cert", &f("client.crt"), "--etcd-key", &f("client.key")],
     );
     let token = holds_within(&ok, Duration::from_secs(15)).await.expect("holds over mutual TLS");
     assert!(token > 0);
     // Without a client certificate etcd refuses the connection: the sidecar never holds and says why.
-    let no_cert = SidecarProc::start(d.path(), &url, "tls-other", "no-cert", &nginx.url(), &["--etcd-ca", &f("ca.crt")]);
+    let no_cert =
+        SidecarProc::start(d.path(), &url, "tls-other", "no-cert", &nginx.url(), &["--etcd-ca", &f("ca.crt")]);
     let err = holds_within(&no_cert, Duration::from_secs(4)).await.expect_err("must not hold without a client cert");
     assert!(!err.is_empty() && err != "null", "reports an error: {err}");
     // A client that does not trust etcd's CA is refused too.
-    let bad_ca = SidecarProc::start(d.path(), &url, "tls-third", "bad-ca", &nginx.url(), &["--etcd-ca", &f("client.crt"), "--etcd-cert", &f("client.crt"), "--etcd-key", &f("client.key")]);
+    let bad_ca = SidecarProc::start(
+        d.path(),
+        &url,
+        "tls-third",
+        "bad-ca",
+        &nginx.url(),
+        &["--etcd-ca", &f("client.crt"), "--etcd-cert", &f("client.crt"), "--etcd-key", &f("client.key")],
+    );
     assert!(holds_within(&bad_ca, Duration::from_secs(4)).await.is_err());
 }
 
@@ -97,7 +130,13 @@ async fn user_and_password_auth_to_etcd() {
     let d = tempfile::tempdir().unwrap();
     let (_etcd, url) = start_etcd(d.path(), "http", &[]);
     let ctl = |args: &[&str]| {
-        let out = Command::new("etcdctl").env("ETCDCTL_API", "3").arg("--endpoints").arg(&url).args(args).output().expect("etcdctl is installed");
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg("--endpoints")
+            .arg(&url)
+            .args(args)
+            .output()
+            .expect("etcdctl is installed");
         assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
     ctl(&["user", "add", "root:rootpw"]);
@@ -107,11 +146,25 @@ async fn user_and_password_auth_to_etcd() {
     ctl(&["user", "grant-role", "app", "locks"]);
     ctl(&["auth", "enable"]);
     let nginx = Nginx::start();
-    let ok = SidecarProc::start(d.path(), &url, "auth", "app", &nginx.url(), &["--etcd-user", "app", "--etcd-password", "apppw"]);
+    let ok = SidecarProc::start(
+        d.path(),
+        &url,
+        "auth",
+        "app",
+        &nginx.url(),
+        &["--etcd-user", "app", "--etcd-password", "apppw"],
+    );
     holds_within(&ok, Duration::from_secs(15)).await.expect("holds with user and password");
     let anon = SidecarProc::start(d.path(), &url, "auth2", "anon", &nginx.url(), &[]);
     let err = holds_within(&anon, Duration::from_secs(4)).await.expect_err("anonymous must not hold");
     assert!(err.contains("user name is empty") || err.contains("permission denied") || err.contains("auth"), "{err}");
-    let wrong = SidecarProc::start(d.path(), &url, "auth3", "wrong", &nginx.url(), &["--etcd-user", "app", "--etcd-password", "nope"]);
+    let wrong = SidecarProc::start(
+        d.path(),
+        &url,
+        "auth3",
+        "wrong",
+        &nginx.url(),
+        &["--etcd-user", "app", "--etcd-password", "nope"],
+    );
     assert!(holds_within(&wrong, Duration::from_secs(4)).await.is_err());
 }

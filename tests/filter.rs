@@ -161,16 +161,40 @@ async fn every_malformed_input_gets_its_status_and_code() {
         ("PUT", "/orders/1", vec![], 428, "fencing_token_missing"),
         ("PUT", "/orders/1", vec![("Fencing-Lock", "orders")], 428, "fencing_token_missing"),
         ("DELETE", "/orders/1", vec![("Fencing-Token", "3")], 428, "fencing_token_missing"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "abc")], 400, "fencing_token_malformed"),
+        (
+            "PUT",
+            "/orders/1",
+            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "abc")],
+            400,
+            "fencing_token_malformed",
+        ),
         ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "0")], 400, "fencing_token_malformed"),
         ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "-4")], 400, "fencing_token_malformed"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "18446744073709551616")], 400, "fencing_token_malformed"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1"), ("Fencing-Token", "2")], 400, "fencing_token_malformed"),
+        (
+            "PUT",
+            "/orders/1",
+            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "18446744073709551616")],
+            400,
+            "fencing_token_malformed",
+        ),
+        (
+            "PUT",
+            "/orders/1",
+            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1"), ("Fencing-Token", "2")],
+            400,
+            "fencing_token_malformed",
+        ),
         ("PUT", "/orders/1", vec![("Fencing-Lock", "ord ers"), ("Fencing-Token", "1")], 400, "fencing_token_malformed"),
         ("PUT", "/orders/1", vec![("Fencing-Lock", &long), ("Fencing-Token", "1")], 400, "fencing_token_malformed"),
         ("PUT", "/orders/1", vec![("Fencing-Lock", "users"), ("Fencing-Token", "1")], 403, "fencing_lock_mismatch"),
         ("PUT", "/elsewhere/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1")], 403, "path_not_protected"),
-        ("PUT", "/users/../orders/1", vec![("Fencing-Lock", "users"), ("Fencing-Token", "1")], 400, "path_not_canonical"),
+        (
+            "PUT",
+            "/users/../orders/1",
+            vec![("Fencing-Lock", "users"), ("Fencing-Token", "1")],
+            400,
+            "path_not_canonical",
+        ),
         ("PUT", "//orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1")], 400, "path_not_canonical"),
         ("MKCOL", "/orders/dir/", vec![], 428, "fencing_token_missing"),
     ];
@@ -227,8 +251,18 @@ async fn a_corrupt_state_file_stops_the_start_up() {
         "filter-corrupt",
         d.path(),
         fencegate_bin(),
-        &["filter", "--listen", "127.0.0.1:0", "--upstream", &nginx.url(), "--state-dir", &state.display().to_string(), "--lock", LOCK]
-            .map(String::from),
+        &[
+            "filter",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &nginx.url(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--lock",
+            LOCK,
+        ]
+        .map(String::from),
         &[],
     );
     let code = p.wait_exit(Duration::from_secs(10));
@@ -247,8 +281,18 @@ async fn two_filters_cannot_share_a_state_dir() {
         "filter-second",
         d.path(),
         fencegate_bin(),
-        &["filter", "--listen", "127.0.0.1:0", "--upstream", &nginx.url(), "--state-dir", &state.display().to_string(), "--lock", LOCK]
-            .map(String::from),
+        &[
+            "filter",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            &nginx.url(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--lock",
+            LOCK,
+        ]
+        .map(String::from),
         &[],
     );
     assert_ne!(p.wait_exit(Duration::from_secs(10)), Some(0));
@@ -305,7 +349,8 @@ async fn admin_endpoints_and_metrics() {
 
 #[tokio::test]
 async fn many_locks_collapse_into_totals_in_metrics() {
-    let (_nginx, _d, f) = filter_with(&["--protect", "/a/=a", "--protect", "/b/=b", "--protect", "/c/=c", "--metrics-lock-limit", "2"]);
+    let (_nginx, _d, f) =
+        filter_with(&["--protect", "/a/=a", "--protect", "/b/=b", "--protect", "/c/=c", "--metrics-lock-limit", "2"]);
     for (p, l, t) in [("/a/x", "a", 3), ("/b/x", "b", 9), ("/c/x", "c", 5)] {
         assert_eq!(put(&format!("{}{p}", f.url()), l, t, "v").await.status, 201);
     }

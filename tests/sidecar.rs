@@ -32,10 +32,14 @@ async fn recording_store() -> (SocketAddr, Arc<Mutex<Vec<(String, HashMap<String
                             h.entry(k.as_str().to_string()).or_default().push(v.to_str().unwrap_or("").to_string());
                         }
                         seen.lock().unwrap().push((req.method().to_string(), h));
-                        Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))))
+                        Ok::<_, Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(
+                            b"ok",
+                        ))))
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
             });
         }
     });
@@ -47,7 +51,10 @@ async fn three_sidecars_exactly_one_holds_at_any_time() {
     let etcd = Etcd::start();
     let nginx = Nginx::start();
     let d = tempfile::tempdir().unwrap();
-    let s: Vec<SidecarProc> = ["a", "b", "c"].iter().map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[])).collect();
+    let s: Vec<SidecarProc> = ["a", "b", "c"]
+        .iter()
+        .map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[]))
+        .collect();
     let refs: Vec<&SidecarProc> = s.iter().collect();
     wait_holder(&refs, Duration::from_secs(10)).await;
     // Poll all three for a while: never two holders, never none for long.
@@ -80,7 +87,10 @@ async fn kill_9_of_the_holder_hands_over_within_ttl_with_a_higher_token() {
     let etcd = Etcd::start();
     let nginx = Nginx::start();
     let d = tempfile::tempdir().unwrap();
-    let mut s: Vec<SidecarProc> = ["a", "b", "c"].iter().map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[])).collect();
+    let mut s: Vec<SidecarProc> = ["a", "b", "c"]
+        .iter()
+        .map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[]))
+        .collect();
     let (i, t1, _) = wait_holder(&s.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
     let mut old = s.remove(i);
     old.proc.kill9();
@@ -97,7 +107,8 @@ async fn sigterm_of_the_holder_hands_over_within_a_second() {
     let etcd = Etcd::start();
     let nginx = Nginx::start();
     let d = tempfile::tempdir().unwrap();
-    let mut s: Vec<SidecarProc> = ["a", "b"].iter().map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[])).collect();
+    let mut s: Vec<SidecarProc> =
+        ["a", "b"].iter().map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[])).collect();
     let (i, t1, _) = wait_holder(&s.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
     let mut old = s.remove(i);
     old.proc.signal(libc::SIGTERM);
@@ -116,7 +127,8 @@ async fn etcd_down_the_holder_self_fences_within_ttl_reads_still_pass() {
     let nginx = Nginx::start();
     std::fs::write(nginx.dir.path().join("data/r"), "readable").unwrap();
     let d = tempfile::tempdir().unwrap();
-    let s: Vec<SidecarProc> = ["a", "b"].iter().map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[])).collect();
+    let s: Vec<SidecarProc> =
+        ["a", "b"].iter().map(|h| SidecarProc::start(d.path(), &etcd.client_url, LOCK, h, &nginx.url(), &[])).collect();
     let (i, t1, _) = wait_holder(&s.iter().collect::<Vec<_>>(), Duration::from_secs(10)).await;
     let holder = &s[i];
     assert!(request("PUT", &format!("{}/w", holder.url()), &[], "before").await.status < 300);
@@ -137,7 +149,11 @@ async fn etcd_down_the_holder_self_fences_within_ttl_reads_still_pass() {
             assert_eq!(r.error_code(), "lease_not_held");
             break stopped.elapsed();
         }
-        assert!(stopped.elapsed() < Duration::from_secs(5), "still forwarding writes {:?} after etcd stopped", stopped.elapsed());
+        assert!(
+            stopped.elapsed() < Duration::from_secs(5),
+            "still forwarding writes {:?} after etcd stopped",
+            stopped.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!("self-fenced {refused_after:?} after etcd stopped (TTL 2s)");

@@ -28,10 +28,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::filter::{Filter, FilterConfig, Protection};
+use crate::lease::deadline::Stamp;
 use crate::lease::embedded::Embedded;
 use crate::lease::etcd::{EtcdBackend, EtcdOptions};
 use crate::lease::keeper::KeeperConfig;
-use crate::lease::deadline::Stamp;
 use crate::lease::LeaseBackend;
 use crate::proxy::Upstream;
 use crate::sidecar::{Sidecar, SidecarConfig};
@@ -144,7 +144,8 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
         let cfg = FilterConfig::new(format!("http://{store_addr}"), _state.path(), Protection::All(lock.clone()));
         let filter = Filter::open(cfg).map_err(|e| e.to_string())?;
         let (fl, fa) = (bind().await.map_err(|e| e.to_string())?, bind().await.map_err(|e| e.to_string())?);
-        let (faddr, fadmin) = (fl.local_addr().map_err(|e| e.to_string())?, fa.local_addr().map_err(|e| e.to_string())?);
+        let (faddr, fadmin) =
+            (fl.local_addr().map_err(|e| e.to_string())?, fa.local_addr().map_err(|e| e.to_string())?);
         tokio::spawn(crate::filter::serve(filter, fl, Some(fa), 1, stop.clone().cancelled_owned()));
         (faddr, vec![format!("http://{fadmin}")])
     } else {
@@ -181,7 +182,13 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
     clock.say("", "         (a GC pause / SIGSTOP: no keep-alives; the write is stuck on the wire)");
 
     let tb = wait_holding(&b, opts.ttl * 3 + Duration::from_secs(5)).await?;
-    clock.say("B", format!("A's lease expired: B takes over with token {tb}{}", if with_filter { " and fences the filter" } else { "" }));
+    clock.say(
+        "B",
+        format!(
+            "A's lease expired: B takes over with token {tb}{}",
+            if with_filter { " and fences the filter" } else { "" }
+        ),
+    );
     let v2 = "balance=120 (written by B)";
     let (s, body) = http("PUT", &format!("{}{KEY}", b.url), v2).await;
     clock.say("B", format!("PUT {KEY} \"{v2}\" -> {}", describe(s, &body)));
@@ -218,7 +225,11 @@ pub async fn run(opts: DemoOptions) -> Result<bool, String> {
     let lost = r1.final_value.as_deref() != Some(r1.b_value.as_str());
     println!(
         "  => {}\n",
-        if lost { "LOST UPDATE: the zombie's late write overwrote B's newer data" } else { "(the race did not show this time)" }
+        if lost {
+            "LOST UPDATE: the zombie's late write overwrote B's newer data"
+        } else {
+            "(the race did not show this time)"
+        }
     );
 
     println!("Run 2: the same story with `fencegate filter` in front of the store");
@@ -226,15 +237,22 @@ pub async fn run(opts: DemoOptions) -> Result<bool, String> {
     let safe = r2.zombie_status == 409 && r2.final_value.as_deref() == Some(r2.b_value.as_str());
     println!(
         "  => {}\n",
-        if safe { "SAFE: the zombie's write was refused (409) and B's data is intact" } else { "UNSAFE: the zombie's write got through" }
+        if safe {
+            "SAFE: the zombie's write was refused (409) and B's data is intact"
+        } else {
+            "UNSAFE: the zombie's write got through"
+        }
     );
 
-    println!("Verdict: {}", if lost && safe {
-        "the lock alone let a paused holder destroy newer data; the fencing token checked by the filter stopped it."
-    } else if safe {
-        "the filter refused the zombie's write."
-    } else {
-        "something went wrong: the filter did not refuse the stale write."
-    });
+    println!(
+        "Verdict: {}",
+        if lost && safe {
+            "the lock alone let a paused holder destroy newer data; the fencing token checked by the filter stopped it."
+        } else if safe {
+            "the filter refused the zombie's write."
+        } else {
+            "something went wrong: the filter did not refuse the stale write."
+        }
+    );
     Ok(lost && safe)
 }

@@ -14,9 +14,19 @@
 //! connections closed) and the barrier holds `abort_grace` longer, since the
 //! store may still be applying a write whose connection we just closed.
 //!
-//! The decision itself ([`LockState::admit`]) is a pure function of the state
-//! and the clock, tested without sockets; [`LockEntry::admit`] is the async
-//! loop around it (persisting, waiting, aborting).
+//! **Start-up barrier**: a filter that was just (re)started cannot know what
+//! its previous process had in flight: after `kill -9`, a write whose
+//! connection died with the old process may still be applied by the store.
+//! So the barrier of every lock with a durable record starts closed: nothing
+//! of it is forwarded before `abort_grace` has passed since start-up (writes
+//! wait, they are not refused), exactly as after an abort. A lock with no
+//! record needs no hold: a record is written before any write of a lock is
+//! forwarded, so no earlier process on this state directory sent one.
+//!
+//! The decisions ([`LockState::admit`] for a write, [`LockState::fence`] for a
+//! proactive fence) are pure functions of the state and the clock, tested
+//! without sockets; [`LockEntry::admit_write`] and [`LockEntry::fence`] are
+//! the async loop around them (persisting, waiting, aborting).
 //!
 //! Concurrency: each lock has its own short `parking_lot::Mutex` (held only
 //! for the decision, never across an await) and its own async mutex that
@@ -95,12 +105,30 @@ impl LockState {
         LockState { highest, durable: highest, set_at, ..Default::default() }
     }
 
+    /// Holds the barrier closed until `until` (the start-up barrier).
+    pub fn hold_until(mut self, until: Instant) -> Self {
+        self.hold_until = Some(until);
+        self
+    }
+
     fn older_in_flight(&self, t: u64) -> bool {
         self.inflight.range(..t).next().is_some()
     }
 
-    /// The admission decision for token `t` at time `now`.
+    /// The decision for a write with token `t` at time `now`; on `Forward`
+    /// the write is counted in flight.
     pub fn admit(&mut self, t: u64, now: Instant, cfg: &BarrierConfig) -> Decision {
+        self.decide(t, now, cfg, true)
+    }
+
+    /// The decision for a proactive fence with token `t`: the same as a
+    /// write's, but nothing is counted in flight (a fence sends nothing to
+    /// the store), so it can never hold a newer write at the barrier.
+    pub fn fence(&mut self, t: u64, now: Instant, cfg: &BarrierConfig) -> Decision {
+        self.decide(t, now, cfg, false)
+    }
+
+    fn decide(&mut self, t: u64, now: Instant, cfg: &BarrierConfig, count: bool) -> Decision {
         if t < self.highest {
             return Decision::Stale { highest: self.highest };
         }
@@ -137,7 +165,9 @@ impl LockState {
                 self.hold_until = None;
             }
         }
-        self.inflight.entry(t).or_insert_with(|| Group { count: 0, abort: CancellationToken::new() }).count += 1;
+        if count {
+            self.inflight.entry(t).or_insert_with(|| Group { count: 0, abort: CancellationToken::new() }).count += 1;
+        }
         Decision::Forward
     }
 
@@ -178,13 +208,17 @@ pub struct LockStats {
     pub barrier_wait_us: AtomicU64,
 }
 
-/// One lock: its state, its wake-ups and its durable-write serializer.
+/// One lock: its state, its wake-ups, its durable-write serializer, and what
+/// its barrier needs (the barrier settings, the state directory).
 #[derive(Debug)]
 pub struct LockEntry {
     pub name: LockName,
     state: Mutex<LockState>,
     changed: Notify,
     persist: tokio::sync::Mutex<()>,
+    barrier: BarrierConfig,
+    /// `None` only in unit tests: state kept in memory.
+    dir: Option<Arc<StateDir>>,
     pub stats: LockStats,
 }
 
@@ -249,12 +283,14 @@ impl Drop for Permit {
 }
 
 impl LockEntry {
-    fn new(name: LockName, state: LockState) -> Self {
+    fn new(name: LockName, state: LockState, barrier: BarrierConfig, dir: Option<Arc<StateDir>>) -> Self {
         LockEntry {
             name,
             state: Mutex::new(state),
             changed: Notify::new(),
             persist: tokio::sync::Mutex::new(()),
+            barrier,
+            dir,
             stats: LockStats::default(),
         }
     }
@@ -270,18 +306,33 @@ impl LockEntry {
         self.changed.notify_waiters();
     }
 
-    /// Admits a write (or a fence) with token `t`, waiting at the barrier at
-    /// most until `deadline`. With `forward == false` (a proactive fence) the
-    /// token is raised and drained but nothing is counted in flight.
-    pub async fn admit(
-        self: &Arc<Self>,
-        t: Token,
-        deadline: Instant,
-        locks: &Locks,
-        forward: bool,
-    ) -> Result<Option<Permit>, AdmitError> {
+    /// Admits a write with token `t`, waiting at the barrier at most until
+    /// `deadline`. The permit counts the write in flight until released.
+    pub async fn admit_write(self: &Arc<Self>, t: Token, deadline: Instant) -> Result<Permit, AdmitError> {
         let t = t.get();
-        let cfg = &locks.barrier;
+        self.wait_for(t, deadline, LockState::admit).await?;
+        let abort = self.state.lock().abort_signal(t);
+        Ok(Permit { entry: self.clone(), token: t, abort, grace: self.barrier.abort_grace, done: false })
+    }
+
+    /// A proactive fence with token `t`: raises the lock's highest token to
+    /// `t` durably and waits (at most until `deadline`) until every older
+    /// write has drained; nothing is counted in flight.
+    pub async fn fence(self: &Arc<Self>, t: Token, deadline: Instant) -> Result<(), AdmitError> {
+        self.wait_for(t.get(), deadline, LockState::fence).await?;
+        // Writes already waiting may be stale now, or free to go: let them
+        // decide again instead of sleeping until their timer.
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// The loop around a pure decision: persist, wait, decide again.
+    async fn wait_for(
+        &self,
+        t: u64,
+        deadline: Instant,
+        decide: fn(&mut LockState, u64, Instant, &BarrierConfig) -> Decision,
+    ) -> Result<(), AdmitError> {
         let mut waited_since: Option<Instant> = None;
         let result = loop {
             // Register for wake-ups before deciding, so a release between the
@@ -290,27 +341,17 @@ impl LockEntry {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let decision = self.state.lock().admit(t, now, cfg);
+            let decision = decide(&mut self.state.lock(), t, now, &self.barrier);
             match decision {
-                Decision::Forward => {
-                    let abort = {
-                        let mut s = self.state.lock();
-                        let a = s.abort_signal(t);
-                        if !forward {
-                            s.release(t);
-                        }
-                        a
-                    };
-                    if !forward {
-                        break Ok(None);
-                    }
-                    break Ok(Some(Permit { entry: self.clone(), token: t, abort, grace: cfg.abort_grace, done: false }));
-                }
+                Decision::Forward => break Ok(()),
                 Decision::Stale { highest } => {
                     break Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest });
                 }
                 Decision::Persist => {
-                    if let Err(e) = self.persist(locks).await {
+                    // The highest token just rose: writes waiting with older
+                    // tokens are stale from now on; wake them to say so.
+                    self.changed.notify_waiters();
+                    if let Err(e) = self.persist().await {
                         break Err(e.into());
                     }
                 }
@@ -335,7 +376,7 @@ impl LockEntry {
     }
 
     /// Writes the current `highest` to disk and marks it durable.
-    async fn persist(&self, locks: &Locks) -> Result<(), StateError> {
+    async fn persist(&self) -> Result<(), StateError> {
         // One durable write at a time per lock; a waiter behind another's
         // write usually finds its token already durable.
         let _g = self.persist.lock().await;
@@ -348,7 +389,7 @@ impl LockEntry {
         };
         let now = SystemTime::now();
         let rec = Record::new(self.name.clone(), target, now);
-        let dir = locks.dir.clone();
+        let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || match &dir {
             Some(d) => d.write(&rec),
             None => Ok(()),
@@ -374,16 +415,32 @@ pub struct Locks {
     /// `None` only in unit tests: state kept in memory.
     dir: Option<Arc<StateDir>>,
     pub barrier: BarrierConfig,
+    /// The start-up barrier: nothing is forwarded before this instant.
+    ready_at: Instant,
 }
 
 impl Locks {
+    /// The registry at start-up: the barrier of every lock with a record is
+    /// held for `abort_grace` from now (see the module docs).
     pub fn new(dir: Option<StateDir>, records: impl IntoIterator<Item = Record>, barrier: BarrierConfig) -> Self {
-        let map = DashMap::new();
+        let now = Instant::now();
+        let mut locks = Locks { map: DashMap::new(), dir: dir.map(Arc::new), barrier, ready_at: now };
         for r in records {
             let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
-            map.insert(r.lock.clone(), Arc::new(LockEntry::new(r.lock, LockState::with_durable(r.highest, Some(set_at)))));
+            locks.ready_at = now + locks.barrier.abort_grace;
+            let state = LockState::with_durable(r.highest, Some(set_at)).hold_until(locks.ready_at);
+            locks.map.insert(r.lock.clone(), locks.new_entry(r.lock, state));
         }
-        Locks { map, dir: dir.map(Arc::new), barrier }
+        locks
+    }
+
+    fn new_entry(&self, name: LockName, state: LockState) -> Arc<LockEntry> {
+        Arc::new(LockEntry::new(name, state, self.barrier.clone(), self.dir.clone()))
+    }
+
+    /// When the start-up barrier opens (now, when there were no records).
+    pub fn ready_at(&self) -> Instant {
+        self.ready_at
     }
 
     /// The entry for `lock`, created (at highest 0) on first use.
@@ -391,7 +448,7 @@ impl Locks {
         if let Some(e) = self.map.get(lock) {
             return e.clone();
         }
-        self.map.entry(lock.clone()).or_insert_with(|| Arc::new(LockEntry::new(lock.clone(), LockState::default()))).clone()
+        self.map.entry(lock.clone()).or_insert_with(|| self.new_entry(lock.clone(), LockState::default())).clone()
     }
 
     /// All entries, sorted by name.
@@ -464,12 +521,12 @@ mod tests {
         let lock: LockName = "l".parse().unwrap();
         let e = locks.entry(&lock);
         let far = Instant::now() + Duration::from_secs(60);
-        let old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
-        let (e2, l2) = (e.clone(), locks.clone());
-        let newer = tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|p| p.is_some()) });
+        let old = e.admit_write(Token::new(1).unwrap(), far).await.unwrap();
+        let e2 = e.clone();
+        let newer = tokio::spawn(async move { e2.admit_write(Token::new(2).unwrap(), far).await.map(|_| true) });
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!newer.is_finished(), "token 2 must wait while token 1 is in flight");
-        assert!(matches!(e.admit(Token::new(1).unwrap(), far, &locks, true).await, Err(AdmitError::Stale { highest: 2, .. })));
+        assert!(matches!(e.admit_write(Token::new(1).unwrap(), far).await, Err(AdmitError::Stale { highest: 2, .. })));
         old.complete();
         assert!(newer.await.unwrap().unwrap());
     }
@@ -479,10 +536,11 @@ mod tests {
         let locks = Arc::new(Locks::new(None, [], cfg()));
         let e = locks.entry(&"l".parse().unwrap());
         let far = Instant::now() + Duration::from_secs(60);
-        let old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
+        let old = e.admit_write(Token::new(1).unwrap(), far).await.unwrap();
         let start = Instant::now();
-        let (e2, l2) = (e.clone(), locks.clone());
-        let newer = tokio::spawn(async move { e2.admit(Token::new(2).unwrap(), far, &l2, true).await.map(|_| Instant::now()) });
+        let e2 = e.clone();
+        let newer =
+            tokio::spawn(async move { e2.admit_write(Token::new(2).unwrap(), far).await.map(|_| Instant::now()) });
         old.aborted().await;
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         drop(old); // dropped without complete(): released after abort_grace
@@ -495,9 +553,9 @@ mod tests {
         let locks = Arc::new(Locks::new(None, [], cfg()));
         let e = locks.entry(&"l".parse().unwrap());
         let far = Instant::now() + Duration::from_secs(60);
-        let _old = e.admit(Token::new(1).unwrap(), far, &locks, true).await.unwrap().unwrap();
+        let _old = e.admit_write(Token::new(1).unwrap(), far).await.unwrap();
         let soon = Instant::now() + Duration::from_secs(2);
-        match e.admit(Token::new(2).unwrap(), soon, &locks, true).await {
+        match e.admit_write(Token::new(2).unwrap(), soon).await {
             Err(AdmitError::BarrierTimeout { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(3)),
             other => panic!("{other:?}"),
         }
@@ -508,9 +566,71 @@ mod tests {
         let locks = Arc::new(Locks::new(None, [], cfg()));
         let e = locks.entry(&"l".parse().unwrap());
         let far = Instant::now() + Duration::from_secs(60);
-        assert!(e.admit(Token::new(9).unwrap(), far, &locks, false).await.unwrap().is_none());
+        e.fence(Token::new(9).unwrap(), far).await.unwrap();
         let (h, d, _, inflight) = e.snapshot();
         assert_eq!((h, d), (9, 9));
         assert!(inflight.is_empty());
+    }
+
+    /// Closes the hole where a fence counted itself in flight between its
+    /// decision and its release: a newer write deciding in that window waited
+    /// at the barrier for the fence, and nothing woke it until the drain
+    /// timeout. A fence's decision now never counts anything in flight.
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_decision_never_holds_a_newer_write() {
+        let c = cfg();
+        let mut s = LockState::with_durable(5, None);
+        let now = Instant::now();
+        assert_eq!(s.fence(5, now, &c), Decision::Forward);
+        assert!(s.inflight().is_empty());
+        assert_eq!(s.admit(6, now, &c), Decision::Persist);
+        s.durable = 6;
+        assert_eq!(s.admit(6, now, &c), Decision::Forward, "no barrier wait behind the fence");
+    }
+
+    /// A fence wakes a write waiting at the barrier with an older token: it is
+    /// refused as stale at once, not when its barrier timer fires.
+    #[tokio::test(start_paused = true)]
+    async fn a_fence_wakes_older_writes_waiting_at_the_barrier() {
+        let locks = Arc::new(Locks::new(None, [], cfg()));
+        let e = locks.entry(&"l".parse().unwrap());
+        let far = Instant::now() + Duration::from_secs(60);
+        let _old = e.admit_write(Token::new(1).unwrap(), far).await.unwrap();
+        let e2 = e.clone();
+        let waiting = tokio::spawn(async move { e2.admit_write(Token::new(2).unwrap(), far).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let fenced_at = Instant::now();
+        let e3 = e.clone();
+        let fence = tokio::spawn(async move { e3.fence(Token::new(3).unwrap(), far).await });
+        let r = waiting.await.unwrap();
+        assert!(matches!(r, Err(AdmitError::Stale { highest: 3, .. })), "{r:?}");
+        assert!(fenced_at.elapsed() < Duration::from_secs(1), "woken at once: {:?}", fenced_at.elapsed());
+        fence.abort();
+    }
+
+    /// Closes the hole where a filter restarted within `abort_grace` of a
+    /// `kill -9` forwarded a new token's write at once, while the store could
+    /// still apply an older write whose connection died with the old process:
+    /// every lock's barrier is held for `abort_grace` from start-up. Writes
+    /// wait (up to their deadline), they are not refused.
+    #[tokio::test(start_paused = true)]
+    async fn start_up_barrier_holds_writes_for_abort_grace() {
+        let rec = Record::new("l".parse().unwrap(), 4, SystemTime::now());
+        let started = Instant::now();
+        let locks = Arc::new(Locks::new(None, [rec], cfg()));
+        assert_eq!(locks.ready_at(), started + Duration::from_secs(1));
+        let known = locks.entry(&"l".parse().unwrap());
+        let soon = Instant::now() + Duration::from_millis(500);
+        let r = known.admit_write(Token::new(5).unwrap(), soon).await;
+        assert!(matches!(r, Err(AdmitError::BarrierTimeout { .. })), "{r:?}");
+        let far = Instant::now() + Duration::from_secs(60);
+        known.admit_write(Token::new(5).unwrap(), far).await.unwrap().complete();
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "went when the grace was over");
+        // A lock with no record never had a write forwarded: it is not held.
+        let empty = Arc::new(Locks::new(None, [], cfg()));
+        assert_eq!(empty.ready_at(), Instant::now());
+        let t = Instant::now();
+        empty.entry(&"m".parse().unwrap()).admit_write(Token::new(1).unwrap(), far).await.unwrap().complete();
+        assert_eq!(t.elapsed(), Duration::ZERO);
     }
 }

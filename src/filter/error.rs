@@ -14,11 +14,18 @@ use crate::token::{LockName, TokenError};
 pub enum FilterError {
     #[error(transparent)]
     Token(#[from] TokenError),
-    #[error("this path is protected by lock {expected}, not {got}")]
-    LockMismatch { expected: LockName, got: LockName },
+    #[error("{}", mismatch_message(expected.as_ref(), got, paths))]
+    LockMismatch { expected: Option<LockName>, got: LockName, paths: Vec<(String, Option<LockName>)> },
+    #[error(
+        "a write to {path} reaches paths protected by other locks ({}); refused, since one token cannot fence them",
+        names(others)
+    )]
+    SpansLocks { path: String, own: Option<LockName>, others: Vec<LockName> },
+    #[error("{0}")]
+    DestinationMalformed(String),
     #[error("no protection rule covers path {0}; writes to it are refused (see --allow-unprotected)")]
     Unprotected(String),
-    #[error("path {0} is not canonical (dot segments, empty segments, backslashes or encoded separators); refused so it cannot dodge a protection rule")]
+    #[error("path {0} is not canonical; refused so it cannot dodge a protection rule once the store decodes it")]
     NotCanonical(String),
     #[error(transparent)]
     Admit(#[from] AdmitError),
@@ -30,6 +37,8 @@ pub enum FilterError {
     UnknownLock(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
 }
 
 impl FilterError {
@@ -41,6 +50,8 @@ impl FilterError {
             FilterError::LockMismatch { .. } => "lock_mismatch",
             FilterError::Unprotected(_) => "unprotected",
             FilterError::NotCanonical(_) => "not_canonical",
+            FilterError::SpansLocks { .. } => "spans_locks",
+            FilterError::DestinationMalformed(_) => "destination_malformed",
             FilterError::Admit(AdmitError::Stale { .. }) => "stale",
             FilterError::Admit(AdmitError::State(_)) => "state_unavailable",
             FilterError::Admit(AdmitError::BarrierTimeout { .. }) => "barrier_timeout",
@@ -48,6 +59,7 @@ impl FilterError {
             FilterError::Upstream(_) => "upstream",
             FilterError::UnknownLock(_) => "unknown_lock",
             FilterError::BadRequest(_) => "bad_request",
+            FilterError::NotFound(_) => "not_found",
         }
     }
 
@@ -61,12 +73,25 @@ impl FilterError {
             FilterError::Token(TokenError::Malformed(_)) => {
                 json_error(StatusCode::BAD_REQUEST, "fencing_token_malformed", &msg, None)
             }
-            FilterError::LockMismatch { expected, got } => json_error(
+            FilterError::LockMismatch { expected, got, paths } => {
+                let paths: serde_json::Map<String, serde_json::Value> =
+                    paths.into_iter().map(|(p, l)| (p, json!(l))).collect();
+                json_error(
+                    StatusCode::FORBIDDEN,
+                    "fencing_lock_mismatch",
+                    &msg,
+                    Some(json!({ "expected": expected, "lock": got, "paths": paths })),
+                )
+            }
+            FilterError::SpansLocks { path, own, others } => json_error(
                 StatusCode::FORBIDDEN,
-                "fencing_lock_mismatch",
+                "path_spans_locks",
                 &msg,
-                Some(json!({ "expected": expected, "lock": got })),
+                Some(json!({ "path": path, "lock": own, "locks": others })),
             ),
+            FilterError::DestinationMalformed(_) => {
+                json_error(StatusCode::BAD_REQUEST, "destination_malformed", &msg, None)
+            }
             FilterError::Unprotected(_) => json_error(StatusCode::FORBIDDEN, "path_not_protected", &msg, None),
             FilterError::NotCanonical(_) => json_error(StatusCode::BAD_REQUEST, "path_not_canonical", &msg, None),
             FilterError::Admit(AdmitError::Stale { lock, token, highest }) => json_error(
@@ -79,10 +104,9 @@ impl FilterError {
                 json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_state_unavailable", &msg, None),
                 Duration::from_secs(1),
             ),
-            FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => retry(
-                json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None),
-                retry_after,
-            ),
+            FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => {
+                retry(json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None), retry_after)
+            }
             FilterError::Aborted(lock) => json_error(
                 StatusCode::CONFLICT,
                 "fencing_write_aborted",
@@ -92,8 +116,25 @@ impl FilterError {
             FilterError::Upstream(e) => e.into_response(),
             FilterError::UnknownLock(_) => json_error(StatusCode::NOT_FOUND, "fencing_lock_unknown", &msg, None),
             FilterError::BadRequest(_) => json_error(StatusCode::BAD_REQUEST, "bad_request", &msg, None),
+            FilterError::NotFound(_) => json_error(StatusCode::NOT_FOUND, "not_found", &msg, None),
         }
     }
+}
+
+fn names(locks: &[LockName]) -> String {
+    locks.iter().map(|l| l.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+fn mismatch_message(expected: Option<&LockName>, got: &LockName, paths: &[(String, Option<LockName>)]) -> String {
+    if let [(_, _)] = paths {
+        return match expected {
+            Some(e) => format!("this path is protected by lock {e}, not {got}"),
+            None => format!("this path is not protected by lock {got}"),
+        };
+    }
+    let each: Vec<String> =
+        paths.iter().map(|(p, l)| format!("{p}: {}", l.as_ref().map_or("no lock", |l| l.as_str()))).collect();
+    format!("every path this write changes must be protected by lock {got}; they are protected by {}", each.join("; "))
 }
 
 fn with_retry_after(mut r: Response<Body>, after: Duration) -> Response<Body> {

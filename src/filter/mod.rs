@@ -26,74 +26,35 @@
 //! * Only this filter (one process, one state directory) writes to the
 //!   protected paths.
 
+pub mod admin;
 pub mod admission;
 pub mod error;
+pub mod metrics;
+pub mod rules;
 pub mod state;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http::{Request, Response};
 use hyper::body::Incoming;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use serde::Deserialize;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
-use crate::proxy::{self, json_response, Body, ServerLimits, Upstream};
-use crate::token::{self, LockName, ReadMethods, Token};
+use crate::proxy::{self, Body, ServerLimits, Upstream};
+use crate::token::{self, LockName, ReadMethods};
 use admission::{BarrierConfig, Locks};
 use error::FilterError;
+use metrics::{FilterCollector, Refusals};
+pub use rules::Protection;
+use rules::Targets;
 use state::{StateDir, StateError};
-
-/// Which lock protects which paths.
-#[derive(Clone, Debug)]
-pub enum Protection {
-    /// `--lock NAME`: one lock for every path.
-    All(LockName),
-    /// `--protect PREFIX=LOCK ...`: the longest matching prefix wins.
-    Rules(BTreeMap<String, LockName>),
-}
-
-impl Protection {
-    pub fn lock_for(&self, path: &str) -> Option<&LockName> {
-        match self {
-            Protection::All(l) => Some(l),
-            Protection::Rules(rules) => {
-                // Longest prefix first: one map lookup per candidate length,
-                // so thousands of rules cost no more than a handful.
-                (0..=path.len()).rev().filter(|&n| path.is_char_boundary(n)).find_map(|n| rules.get(&path[..n]))
-            }
-        }
-    }
-
-    pub fn protects(&self, lock: &LockName) -> bool {
-        match self {
-            Protection::All(l) => l == lock,
-            Protection::Rules(rules) => rules.values().any(|l| l == lock),
-        }
-    }
-
-    /// Parses `PREFIX=LOCK`.
-    pub fn parse_rule(s: &str) -> Result<(String, LockName), String> {
-        let (prefix, lock) = s.rsplit_once('=').ok_or_else(|| format!("--protect wants PATH_PREFIX=LOCK, got {s:?}"))?;
-        if !prefix.starts_with('/') {
-            return Err(format!("--protect prefix {prefix:?} must start with '/'"));
-        }
-        Ok((prefix.to_owned(), lock.parse().map_err(|e| format!("--protect {s:?}: {e}"))?))
-    }
-}
 
 /// Everything `fencegate filter` is configured with.
 #[derive(Clone, Debug)]
@@ -102,6 +63,11 @@ pub struct FilterConfig {
     pub state_dir: PathBuf,
     pub protection: Protection,
     pub allow_unprotected: bool,
+    /// Accept `;` path parameters in protected space (matched with them cut).
+    pub allow_path_params: bool,
+    /// Test-only control: match rules on the raw request path, ignore
+    /// `Destination` (the filter before issue 12). Never in production.
+    pub unsafe_raw_paths: bool,
     pub fence_reads: bool,
     pub read_methods: ReadMethods,
     pub barrier: BarrierConfig,
@@ -122,6 +88,8 @@ impl FilterConfig {
             state_dir: state_dir.into(),
             protection,
             allow_unprotected: false,
+            allow_path_params: false,
+            unsafe_raw_paths: false,
             fence_reads: false,
             read_methods: ReadMethods::default(),
             barrier: BarrierConfig::default(),
@@ -132,12 +100,6 @@ impl FilterConfig {
             metrics_lock_limit: 1000,
         }
     }
-}
-
-/// Refusals that happen before a lock is known (bad headers, bad paths).
-#[derive(Debug, Default)]
-struct Refusals {
-    by_reason: dashmap::DashMap<&'static str, AtomicU64>,
 }
 
 /// The running filter: configuration, locks and metrics.
@@ -171,7 +133,7 @@ impl Filter {
             tracing::info!(lock = %r.lock, highest = r.highest, "loaded high-water mark");
         }
         let locks = Arc::new(Locks::new(Some(dir), records.into_values(), cfg.barrier.clone()));
-        let upstream_latency = metrics::latency_histogram();
+        let upstream_latency = crate::metrics::latency_histogram();
         let mut registry = Registry::default();
         registry.register(
             "fencegate_filter_upstream_latency_seconds",
@@ -203,30 +165,33 @@ impl Filter {
     }
 
     /// The proxy's request handler.
-    pub async fn handle(self: Arc<Self>, up: Arc<Upstream>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    pub async fn handle(
+        self: Arc<Self>,
+        up: Arc<Upstream>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
         match self.clone().route(&up, req, peer).await {
             Ok(r) => r,
             Err((lock, e)) => {
-                self.count_refusal(lock.as_ref(), &e);
+                self.refusals.count(&self.locks, lock.as_ref(), &e);
                 tracing::info!(reason = e.reason(), lock = lock.as_ref().map(|l| l.as_str()), error = %e, "refused");
                 e.into_response()
             }
         }
     }
 
-    fn count_refusal(&self, lock: Option<&LockName>, e: &FilterError) {
-        let stats = lock.map(|l| self.locks.entry(l));
-        let counter = match (&stats, e) {
-            (Some(s), FilterError::Admit(admission::AdmitError::Stale { .. })) => &s.stats.refused_stale,
-            (Some(s), FilterError::LockMismatch { .. }) => &s.stats.refused_mismatch,
-            (Some(s), FilterError::Aborted(_)) => &s.stats.aborted,
-            (Some(s), FilterError::Admit(_)) => &s.stats.refused_unavailable,
-            _ => {
-                self.refusals.by_reason.entry(e.reason()).or_default().fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+    /// The write's targets (request path, `Destination`), checked against the
+    /// rules; see [`rules`].
+    fn targets(&self, req: &Request<Incoming>) -> Result<Targets, FilterError> {
+        let path = req.uri().path();
+        if self.cfg.unsafe_raw_paths {
+            let lock = self.cfg.protection.lock_for(path).cloned();
+            return Ok(Targets { paths: vec![(path.to_owned(), lock)] });
+        }
+        let dest = rules::destination(req.headers())?;
+        let raw: Vec<&str> = std::iter::once(path).chain(dest.as_deref()).collect();
+        Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)
     }
 
     async fn route(
@@ -239,28 +204,22 @@ impl Filter {
         if !is_write && !self.cfg.fence_reads {
             return self.pass(up, req, peer).await.map_err(|e| (None, e));
         }
-        let path = req.uri().path().to_owned();
-        if matches!(self.cfg.protection, Protection::Rules(_)) && !is_canonical(&path) {
-            return Err((None, FilterError::NotCanonical(path)));
-        }
-        let Some(lock) = self.cfg.protection.lock_for(&path).cloned() else {
+        let targets = self.targets(&req).map_err(|e| (None, e))?;
+        let Some(lock) = targets.lock().cloned() else {
             return if self.cfg.allow_unprotected || !is_write {
                 self.pass(up, req, peer).await.map_err(|e| (None, e))
             } else {
-                Err((None, FilterError::Unprotected(path)))
+                Err((None, FilterError::Unprotected(req.uri().path().to_owned())))
             };
         };
-        let fence = token::parse_headers(req.headers()).map_err(|e| (None, e.into()))?;
-        if fence.lock != lock {
-            return Err((Some(lock.clone()), FilterError::LockMismatch { expected: lock, got: fence.lock }));
+        if let (Some(path), false) = (targets.unprotected(), self.cfg.allow_unprotected) {
+            return Err((None, FilterError::Unprotected(path.to_owned())));
         }
+        let fence = token::parse_headers(req.headers()).map_err(|e| (None, e.into()))?;
+        targets.check_lock(&fence.lock).map_err(|e| (Some(lock.clone()), e))?;
         let entry = self.locks.entry(&lock);
         let deadline = Instant::now() + self.cfg.max_wait;
-        let permit = entry
-            .admit(fence.token, deadline, &self.locks, true)
-            .await
-            .map_err(|e| (Some(lock.clone()), e.into()))?
-            .expect("writes get a permit");
+        let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
         let sent = tokio::select! {
@@ -280,193 +239,16 @@ impl Filter {
         }
     }
 
-    async fn pass(&self, up: &Upstream, req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, FilterError> {
+    async fn pass(
+        &self,
+        up: &Upstream,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, FilterError> {
         let started = StdInstant::now();
         let resp = up.send(req, Some(peer)).await?;
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
         Ok(resp.map(proxy::stream))
-    }
-
-    /// The admin API: health, metrics, lock listing and the proactive fence.
-    pub async fn admin(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path().to_owned();
-        let result = match (req.method(), path.as_str()) {
-            (&Method::GET, "/healthz") => Ok(proxy::text_response(StatusCode::OK, "text/plain", "ok\n")),
-            (&Method::GET, "/readyz") => Ok(if self.shutting_down.load(Ordering::Relaxed) {
-                proxy::text_response(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "shutting down\n")
-            } else {
-                proxy::text_response(StatusCode::OK, "text/plain", "ready\n")
-            }),
-            (&Method::GET, "/metrics") => Ok(proxy::text_response(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics::render(&self.registry),
-            )),
-            (&Method::GET, "/v1/locks") => Ok(self.list_locks()),
-            (&Method::POST, p) if p.starts_with("/v1/locks/") && p.ends_with("/fence") => {
-                let name = &p["/v1/locks/".len()..p.len() - "/fence".len()];
-                self.fence(name, req).await
-            }
-            _ => Err(FilterError::BadRequest(format!("no such admin endpoint: {} {path}", req.method()))),
-        };
-        result.unwrap_or_else(|e| match e {
-            FilterError::BadRequest(m) if m.starts_with("no such") => {
-                proxy::json_error(StatusCode::NOT_FOUND, "not_found", &m, None)
-            }
-            e => e.into_response(),
-        })
-    }
-
-    fn list_locks(&self) -> Response<Body> {
-        let locks: Vec<_> = self
-            .locks
-            .all()
-            .iter()
-            .map(|e| {
-                let (highest, durable, set_at, inflight) = e.snapshot();
-                let set_at_ms = set_at
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map(|d| d.as_millis() as u64);
-                let inflight: BTreeMap<String, usize> = inflight.into_iter().map(|(t, n)| (t.to_string(), n)).collect();
-                json!({ "lock": e.name, "highest": highest, "durable": durable, "set_at_ms": set_at_ms, "inflight": inflight })
-            })
-            .collect();
-        json_response(StatusCode::OK, &json!({ "locks": locks }))
-    }
-
-    async fn fence(&self, name: &str, req: Request<Incoming>) -> Result<Response<Body>, FilterError> {
-        #[derive(Deserialize)]
-        struct FenceBody {
-            token: u64,
-            timeout_ms: Option<u64>,
-        }
-        let lock: LockName = name.parse().map_err(FilterError::Token)?;
-        if !self.cfg.protection.protects(&lock) {
-            return Err(FilterError::UnknownLock(lock.to_string()));
-        }
-        let bytes = Limited::new(req.into_body(), 4096)
-            .collect()
-            .await
-            .map_err(|e| FilterError::BadRequest(format!("could not read the body: {e}")))?
-            .to_bytes();
-        let body: FenceBody = serde_json::from_slice(&bytes)
-            .map_err(|e| FilterError::BadRequest(format!("body must be {{\"token\": N}}: {e}")))?;
-        let token = Token::new(body.token)
-            .ok_or_else(|| FilterError::Token(token::TokenError::Malformed("token must be greater than 0".into())))?;
-        let wait = body.timeout_ms.map(Duration::from_millis).unwrap_or(self.cfg.max_wait);
-        let entry = self.locks.entry(&lock);
-        let result = entry.admit(token, Instant::now() + wait, &self.locks, false).await;
-        if let Err(e) = result {
-            let e = FilterError::from(e);
-            self.count_refusal(Some(&lock), &e);
-            return Err(e);
-        }
-        let (highest, ..) = entry.snapshot();
-        tracing::info!(%lock, token = token.get(), "fenced");
-        Ok(json_response(StatusCode::OK, &json!({ "lock": lock, "token": token, "highest": highest })))
-    }
-}
-
-/// True if `path` has no dot segments, empty inner segments, backslashes or
-/// percent-encoded dots, slashes or backslashes: a path the store cannot
-/// normalize into a different one than the filter matched.
-pub fn is_canonical(path: &str) -> bool {
-    if !path.starts_with('/') || path.contains('\\') {
-        return false;
-    }
-    let lower = path.to_ascii_lowercase();
-    if ["%2e", "%2f", "%5c", "%00"].iter().any(|p| lower.contains(p)) {
-        return false;
-    }
-    let segs: Vec<&str> = path[1..].split('/').collect();
-    let last = segs.len() - 1;
-    segs.iter().enumerate().all(|(i, s)| *s != "." && *s != ".." && (!s.is_empty() || i == last))
-}
-
-/// Reads per-lock atomics at scrape time.
-#[derive(Debug)]
-struct FilterCollector(std::sync::Weak<Filter>);
-
-/// One lock's figures as read at scrape time.
-#[derive(Default)]
-struct LockFigures {
-    admitted: u64,
-    stale: u64,
-    mismatch: u64,
-    unavailable: u64,
-    aborted: u64,
-    highest: u64,
-    barrier_waits: u64,
-    barrier_wait_us: u64,
-    inflight: u64,
-}
-
-impl LockFigures {
-    fn read(e: &admission::LockEntry) -> Self {
-        let ld = |v: &AtomicU64| v.load(Ordering::Relaxed);
-        let (highest, _, _, inflight) = e.snapshot();
-        LockFigures {
-            admitted: ld(&e.stats.admitted),
-            stale: ld(&e.stats.refused_stale),
-            mismatch: ld(&e.stats.refused_mismatch),
-            unavailable: ld(&e.stats.refused_unavailable),
-            aborted: ld(&e.stats.aborted),
-            highest,
-            barrier_waits: ld(&e.stats.barrier_waits),
-            barrier_wait_us: ld(&e.stats.barrier_wait_us),
-            inflight: inflight.values().sum::<usize>() as u64,
-        }
-    }
-
-    fn add(&mut self, o: &LockFigures) {
-        self.admitted += o.admitted;
-        self.stale += o.stale;
-        self.mismatch += o.mismatch;
-        self.unavailable += o.unavailable;
-        self.aborted += o.aborted;
-        self.highest = self.highest.max(o.highest);
-        self.barrier_waits += o.barrier_waits;
-        self.barrier_wait_us += o.barrier_wait_us;
-        self.inflight += o.inflight;
-    }
-}
-
-impl Collector for FilterCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
-        let Some(f) = self.0.upgrade() else { return Ok(()) };
-        let locks = f.locks.all();
-        metrics::encode_gauge(&mut enc, "fencegate_filter_locks", "Locks the filter has state for", locks.len() as i64)?;
-        // Per-lock series up to the limit; above it, totals under lock="*" so
-        // a scrape stays small with thousands of locks.
-        let rows: Vec<(String, LockFigures)> = if locks.len() <= f.cfg.metrics_lock_limit {
-            locks.iter().map(|e| (e.name.to_string(), LockFigures::read(e))).collect()
-        } else {
-            let mut all = LockFigures::default();
-            locks.iter().for_each(|e| all.add(&LockFigures::read(e)));
-            vec![("*".to_string(), all)]
-        };
-        let lk = |l: &str| vec![("lock", l.to_string())];
-        metrics::encode_counters(&mut enc, "fencegate_filter_writes_admitted", "Writes admitted and forwarded to the store",
-            rows.iter().map(|(l, x)| (lk(l), x.admitted)))?;
-        let mut refused = Vec::new();
-        for (l, x) in &rows {
-            for (reason, v) in [("stale", x.stale), ("lock_mismatch", x.mismatch), ("unavailable", x.unavailable), ("aborted", x.aborted)] {
-                refused.push((vec![("lock", l.clone()), ("reason", reason.to_string())], v));
-            }
-        }
-        for r in f.refusals.by_reason.iter() {
-            refused.push((vec![("lock", String::new()), ("reason", r.key().to_string())], r.value().load(Ordering::Relaxed)));
-        }
-        metrics::encode_counters(&mut enc, "fencegate_filter_writes_refused", "Writes refused, by reason", refused)?;
-        metrics::encode_gauges(&mut enc, "fencegate_filter_highest_token", "Highest fencing token admitted per lock (the maximum under lock=\"*\")",
-            rows.iter().map(|(l, x)| (lk(l), x.highest as i64)))?;
-        metrics::encode_counters(&mut enc, "fencegate_filter_barrier_waits", "Writes or fences that waited at the epoch barrier",
-            rows.iter().map(|(l, x)| (lk(l), x.barrier_waits)))?;
-        metrics::encode_counters(&mut enc, "fencegate_filter_barrier_wait_microseconds", "Total time spent waiting at the epoch barrier",
-            rows.iter().map(|(l, x)| (lk(l), x.barrier_wait_us)))?;
-        metrics::encode_gauges(&mut enc, "fencegate_filter_inflight_writes", "Writes forwarded and not yet answered, per lock",
-            rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)))?;
-        Ok(())
     }
 }
 
@@ -513,24 +295,42 @@ pub async fn serve(
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %filter.upstream_base, state_dir = %filter.cfg.state_dir.display(), workers, "filter serving");
     let limits = filter.cfg.limits.clone();
+    // One connection cap for every worker accepting on the proxy's socket
+    // (the admin port has its own, so probes get through a full proxy).
+    let cap = proxy::connection_cap(&limits);
     let std_listener = listener.into_std()?;
     let mut threads = Vec::new();
     for i in 1..workers.max(1) {
         let l = std_listener.try_clone()?;
-        let (f, stop, limits) = (filter.clone(), stop.clone(), limits.clone());
+        let (f, stop, limits, cap) = (filter.clone(), stop.clone(), limits.clone(), cap.clone());
         threads.push(std::thread::Builder::new().name(format!("fencegate-filter-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a worker runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
                 let up = Arc::new(Filter::client(&f.cfg).expect("validated at open"));
-                proxy::serve(listener, limits, move |req, peer| f.clone().handle(up.clone(), req, peer), stop.cancelled_owned()).await;
+                proxy::serve_capped(
+                    listener,
+                    None,
+                    limits,
+                    cap,
+                    move |req, peer| f.clone().handle(up.clone(), req, peer),
+                    stop.cancelled_owned(),
+                )
+                .await;
             });
         })?);
     }
     let listener = TcpListener::from_std(std_listener)?;
     let up = Arc::new(Filter::client(&filter.cfg).expect("validated at open"));
     let f = filter.clone();
-    let main = proxy::serve(listener, limits.clone(), move |req, peer| f.clone().handle(up.clone(), req, peer), stop.clone().cancelled_owned());
+    let main = proxy::serve_capped(
+        listener,
+        None,
+        limits.clone(),
+        cap,
+        move |req, peer| f.clone().handle(up.clone(), req, peer),
+        stop.clone().cancelled_owned(),
+    );
     match admin {
         Some(admin) => {
             let f = filter.clone();
@@ -539,35 +339,12 @@ pub async fn serve(
         }
         None => main.await,
     }
-    let _ = tokio::task::spawn_blocking(move || threads.into_iter().for_each(|t| { let _ = t.join(); })).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        threads.into_iter().for_each(|t| {
+            let _ = t.join();
+        })
+    })
+    .await;
     tracing::info!("filter stopped");
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn longest_prefix_wins() {
-        let rules: BTreeMap<_, _> = ["/a/=x", "/a/b/=y", "/c=z"].iter().map(|r| Protection::parse_rule(r).unwrap()).collect();
-        let p = Protection::Rules(rules);
-        assert_eq!(p.lock_for("/a/file").unwrap().as_str(), "x");
-        assert_eq!(p.lock_for("/a/b/file").unwrap().as_str(), "y");
-        assert_eq!(p.lock_for("/cat").unwrap().as_str(), "z");
-        assert!(p.lock_for("/d").is_none());
-        assert!(p.protects(&"y".parse().unwrap()));
-        assert!(Protection::parse_rule("a=x").is_err());
-        assert!(Protection::parse_rule("/a=b c").is_err());
-    }
-
-    #[test]
-    fn canonical_paths() {
-        for ok in ["/", "/a", "/a/b/", "/a.b/c..d/.e"] {
-            assert!(is_canonical(ok), "{ok}");
-        }
-        for bad in ["", "a", "//a", "/a//b", "/./a", "/a/../b", "/a/..", "/%2e%2e/a", "/a%2Fb", "/a\\b", "/a%5cb"] {
-            assert!(!is_canonical(bad), "{bad}");
-        }
-    }
 }

@@ -74,7 +74,7 @@ impl StateDir {
     /// Opens (creating if needed) and locks `dir`, and reads every record.
     pub fn open(dir: &Path) -> Result<(StateDir, HashMap<LockName, Record>), StateError> {
         let io = |source| StateError::Io { dir: dir.to_owned(), source };
-        fs::create_dir_all(dir).map_err(io)?;
+        create_dir_durably(dir).map_err(io)?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(DIR_LOCK)).map_err(io)?;
         match lock.try_lock() {
             Ok(()) => {}
@@ -114,16 +114,52 @@ impl StateDir {
         let io = |source| StateError::Io { dir: self.dir.clone(), source };
         let final_path = self.dir.join(format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}", rec.lock));
         let tmp_path = self.dir.join(format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}{TMP_SUFFIX}", rec.lock));
-        let mut f = File::create(&tmp_path).map_err(io)?;
         let mut bytes = serde_json::to_vec(rec).expect("records serialize");
         bytes.push(b'\n');
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        drop(f);
-        fs::rename(&tmp_path, &final_path).map_err(io)?;
+        let written = write_new(&tmp_path, &bytes).and_then(|()| fs::rename(&tmp_path, &final_path));
+        if let Err(e) = written {
+            // Never leave a half-written temp file behind for the next write.
+            let _ = fs::remove_file(&tmp_path);
+            return Err(io(e));
+        }
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
         Ok(())
     }
+}
+
+/// Writes `bytes` to a new file at `path` and fsyncs it. The file must not
+/// exist yet and is never reached through a symlink (`O_EXCL | O_NOFOLLOW`,
+/// mode 0600): a link planted in the state directory cannot redirect the
+/// write. A leftover temp file (a write that failed before its rename) is
+/// removed once and the create retried.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(path);
+    let mut f = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            fs::remove_file(path)?;
+            open()?
+        }
+        r => r?,
+    };
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Creates `dir` and any missing parents, fsyncing the parent of each one
+/// created, so a new state directory survives a power loss along with the
+/// records written into it.
+fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    fs::create_dir_all(dir)?;
+    for d in missing.iter().rev() {
+        let parent = match d.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn read_record(path: &Path) -> Result<Record, StateError> {
@@ -176,16 +212,34 @@ mod tests {
         let p = d.path().join("lock-a.json");
         let good = fs::read_to_string(&p).unwrap();
         for bad in [
-            good.replace("12345", "12346"),       // bit rot that still parses
-            good[..good.len() / 2].to_string(),   // torn write
-            String::new(),                        // empty file
-            "{\"lock\":\"a\"}".to_string(),       // missing fields
-            good.replace("\"a\"", "\"b\""),        // record moved to another name
+            good.replace("12345", "12346"),     // bit rot that still parses
+            good[..good.len() / 2].to_string(), // torn write
+            String::new(),                      // empty file
+            "{\"lock\":\"a\"}".to_string(),     // missing fields
+            good.replace("\"a\"", "\"b\""),     // record moved to another name
         ] {
             fs::write(&p, &bad).unwrap();
             let err = StateDir::open(d.path()).unwrap_err();
             assert!(matches!(err, StateError::Corrupt { .. }), "{bad:?} -> {err}");
         }
+    }
+
+    /// Closes the hole where the temp record was opened with a plain
+    /// `File::create`, which follows a symlink planted at its name and
+    /// truncates whatever it points to.
+    #[test]
+    fn the_temp_record_never_follows_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = StateDir::open(&d.path().join("new/state")).unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+        std::os::unix::fs::symlink(&victim, d.path().join("new/state/lock-a.json.tmp")).unwrap();
+        s.write(&Record::new(lock("a"), 7, SystemTime::now())).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        let rec = d.path().join("new/state/lock-a.json");
+        assert_eq!(fs::metadata(&rec).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(read_record(&rec).unwrap().highest, 7);
     }
 
     #[test]

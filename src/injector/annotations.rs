@@ -27,17 +27,13 @@ pub struct Settings {
 
 fn quantity(what: &str, v: &str, errors: &mut Vec<String>) -> Option<Quantity> {
     let ok = !v.is_empty()
-        && v.trim_end_matches(|c: char| c.is_ascii_alphabetic())
-            .parse::<f64>()
-            .is_ok_and(|n| n >= 0.0)
+        && v.trim_end_matches(|c: char| c.is_ascii_alphabetic()).parse::<f64>().is_ok_and(|n| n >= 0.0)
         && ["", "m", "k", "M", "G", "T", "Ki", "Mi", "Gi", "Ti"]
             .contains(&v.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.'));
     if ok {
         Some(Quantity(v.into()))
     } else {
-        errors.push(format!(
-            "{ANN}{what}: {v:?} is not a resource quantity (e.g. 100m, 64Mi)"
-        ));
+        errors.push(format!("{ANN}{what}: {v:?} is not a resource quantity (e.g. 100m, 64Mi)"));
         None
     }
 }
@@ -48,10 +44,7 @@ fn lock(v: Option<&str>, errors: &mut Vec<String>) -> Option<LockName> {
             errors.push(format!("{ANN}lock is required"));
             None
         }
-        Some(l) => l
-            .parse::<LockName>()
-            .map_err(|e| errors.push(format!("{ANN}lock: {e}")))
-            .ok(),
+        Some(l) => l.parse::<LockName>().map_err(|e| errors.push(format!("{ANN}lock: {e}"))).ok(),
     }
 }
 
@@ -59,9 +52,7 @@ fn upstream(v: Option<&str>, errors: &mut Vec<String>) -> Option<String> {
     match v {
         Some(u) if u.starts_with("http://") && u.len() > 7 => Some(u.to_string()),
         Some(u) => {
-            errors.push(format!(
-                "{ANN}upstream: {u:?} must be an http:// URL (the filter's)"
-            ));
+            errors.push(format!("{ANN}upstream: {u:?} must be an http:// URL (the filter's)"));
             None
         }
         None => {
@@ -76,9 +67,7 @@ fn ttl(v: Option<&str>, default: Duration, errors: &mut Vec<String>) -> Option<D
     match crate::duration::parse(t) {
         Ok(d) if d >= Duration::from_secs(2) => Some(d),
         Ok(_) => {
-            errors.push(format!(
-                "{ANN}ttl: {t:?} is below etcd's smallest lease (2s)"
-            ));
+            errors.push(format!("{ANN}ttl: {t:?} is below etcd's smallest lease (2s)"));
             None
         }
         Err(e) => {
@@ -89,10 +78,7 @@ fn ttl(v: Option<&str>, default: Duration, errors: &mut Vec<String>) -> Option<D
 }
 
 /// Parses the annotations `ann` (the pod's, all keys) against `cfg`'s defaults.
-pub fn parse(
-    ann: &BTreeMap<String, String>,
-    cfg: &InjectorConfig,
-) -> Result<Settings, Vec<String>> {
+pub fn parse(ann: &BTreeMap<String, String>, cfg: &InjectorConfig) -> Result<Settings, Vec<String>> {
     let get = |k: &str| ann.get(&format!("{ANN}{k}")).map(|s| s.trim());
     let mut errors = Vec::new();
     let lock = lock(get("lock"), &mut errors);
@@ -102,49 +88,31 @@ pub fn parse(
         None | Some("false") => false,
         Some("true") => true,
         Some(v) => {
-            errors.push(format!(
-                "{ANN}ready-gate: {v:?} must be \"true\" or \"false\""
-            ));
+            errors.push(format!("{ANN}ready-gate: {v:?} must be \"true\" or \"false\""));
             false
         }
     };
     let fence = get("fence").map(str::to_string);
     if let Some(f) = &fence {
         if f.split(',').any(|u| !u.trim().starts_with("http://")) {
-            errors.push(format!(
-                "{ANN}fence: {f:?} must be comma-separated http:// URLs"
-            ));
+            errors.push(format!("{ANN}fence: {f:?} must be comma-separated http:// URLs"));
         }
     }
     let (mut requests, mut limits) = (BTreeMap::new(), BTreeMap::new());
     for (key, is_limit, kind, default) in [
         ("cpu-request", false, "cpu", Some(cfg.cpu_request.as_str())),
-        (
-            "memory-request",
-            false,
-            "memory",
-            Some(cfg.memory_request.as_str()),
-        ),
+        ("memory-request", false, "memory", Some(cfg.memory_request.as_str())),
         ("cpu-limit", true, "cpu", cfg.cpu_limit.as_deref()),
         ("memory-limit", true, "memory", cfg.memory_limit.as_deref()),
     ] {
-        if let Some(q) = get(key)
-            .or(default)
-            .and_then(|v| quantity(key, v, &mut errors))
-        {
+        if let Some(q) = get(key).or(default).and_then(|v| quantity(key, v, &mut errors)) {
             if is_limit { &mut limits } else { &mut requests }.insert(kind.to_string(), q);
         }
     }
     match (lock, upstream, ttl) {
-        (Some(lock), Some(upstream), Some(ttl)) if errors.is_empty() => Ok(Settings {
-            lock,
-            upstream,
-            ttl,
-            ready_gate,
-            fence,
-            requests,
-            limits,
-        }),
+        (Some(lock), Some(upstream), Some(ttl)) if errors.is_empty() => {
+            Ok(Settings { lock, upstream, ttl, ready_gate, fence, requests, limits })
+        }
         _ => Err(errors),
     }
 }
@@ -156,11 +124,8 @@ pub(crate) mod tests {
 
     /// The pod inside one of tests/fixtures/injector's AdmissionReviews.
     pub(crate) fn fixture_pod(name: &str) -> Pod {
-        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/injector")
-            .join(name);
-        let review: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/injector").join(name);
+        let review: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         serde_json::from_value(review["request"]["object"].clone()).unwrap()
     }
 
@@ -170,42 +135,22 @@ pub(crate) mod tests {
 
     #[test]
     fn deployment_fixture_parses_with_its_overrides() {
-        let s = parse(
-            &annotations(&fixture_pod("deployment-pod.json")),
-            &InjectorConfig::default(),
-        )
-        .unwrap();
+        let s = parse(&annotations(&fixture_pod("deployment-pod.json")), &InjectorConfig::default()).unwrap();
         assert_eq!(s.lock.as_str(), "ledger");
         assert_eq!(s.upstream, "http://fencegate-filter.payments.svc:8080");
         assert_eq!(s.ttl, Duration::from_secs(15));
         assert!(s.ready_gate);
-        assert_eq!(
-            s.fence.as_deref(),
-            Some("http://fencegate-filter.payments.svc:9090")
-        );
-        assert_eq!(
-            s.limits["memory"],
-            Quantity("48Mi".into()),
-            "annotation overrides the default"
-        );
+        assert_eq!(s.fence.as_deref(), Some("http://fencegate-filter.payments.svc:9090"));
+        assert_eq!(s.limits["memory"], Quantity("48Mi".into()), "annotation overrides the default");
         assert_eq!(s.requests["cpu"], Quantity("10m".into()), "default kept");
     }
 
     #[test]
     fn minimal_fixture_gets_the_defaults() {
-        let cfg = InjectorConfig {
-            default_ttl: Duration::from_secs(7),
-            ..Default::default()
-        };
+        let cfg = InjectorConfig { default_ttl: Duration::from_secs(7), ..Default::default() };
         let s = parse(&annotations(&fixture_pod("pod-with-init.json")), &cfg).unwrap();
-        assert_eq!(
-            (s.ttl, s.ready_gate, s.fence),
-            (Duration::from_secs(7), false, None)
-        );
-        assert!(
-            !s.limits.contains_key("cpu"),
-            "no CPU limit unless configured"
-        );
+        assert_eq!((s.ttl, s.ready_gate, s.fence), (Duration::from_secs(7), false, None));
+        assert!(!s.limits.contains_key("cpu"), "no CPU limit unless configured");
     }
 
     #[test]
@@ -223,26 +168,13 @@ pub(crate) mod tests {
         }
         let errors = parse(&ann, &InjectorConfig::default()).unwrap_err();
         assert_eq!(errors.len(), 6, "{errors:?}");
-        for k in [
-            "lock",
-            "upstream",
-            "ttl",
-            "ready-gate",
-            "cpu-limit",
-            "fence",
-        ] {
-            assert!(
-                errors.iter().any(|e| e.starts_with(&format!("{ANN}{k}"))),
-                "{k}: {errors:?}"
-            );
+        for k in ["lock", "upstream", "ttl", "ready-gate", "cpu-limit", "fence"] {
+            assert!(errors.iter().any(|e| e.starts_with(&format!("{ANN}{k}"))), "{k}: {errors:?}");
         }
         let errors = parse(&BTreeMap::new(), &InjectorConfig::default()).unwrap_err();
         assert_eq!(
             errors,
-            vec![
-                format!("{ANN}lock is required"),
-                format!("{ANN}upstream is required (the filter's URL)")
-            ]
+            vec![format!("{ANN}lock is required"), format!("{ANN}upstream is required (the filter's URL)")]
         );
     }
 }

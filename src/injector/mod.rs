@@ -55,28 +55,18 @@ fn load(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     if certs.is_empty() {
         return Err(format!("{}: no certificate found", cert.display()));
     }
-    let key_der =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&key_der)
-        .map_err(|e| format!("{}: {e}", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let signer =
+        rustls::crypto::ring::sign::any_supported_type(&key_der).map_err(|e| format!("{}: {e}", key.display()))?;
     let ck = CertifiedKey::new(certs, signer);
     // A rotation writes two files; reading between the writes must not pair
     // a new certificate with the old key.
-    ck.keys_match().map_err(|e| {
-        format!(
-            "{} and {} do not belong together: {e}",
-            cert.display(),
-            key.display()
-        )
-    })?;
+    ck.keys_match().map_err(|e| format!("{} and {} do not belong together: {e}", cert.display(), key.display()))?;
     Ok(ck)
 }
 
 fn mtimes(cert: &Path, key: &Path) -> Option<(SystemTime, SystemTime)> {
-    Some((
-        std::fs::metadata(cert).ok()?.modified().ok()?,
-        std::fs::metadata(key).ok()?.modified().ok()?,
-    ))
+    Some((std::fs::metadata(cert).ok()?.modified().ok()?, std::fs::metadata(key).ok()?.modified().ok()?))
 }
 
 impl ReloadingCert {
@@ -127,17 +117,13 @@ pub fn review_response(uid: &str, decision: &Decision, strict: bool) -> Value {
         }
         Decision::Invalid(errors) if strict => {
             resp["allowed"] = json!(false);
-            resp["status"] =
-                json!({ "code": 400, "message": format!("fencegate: {}", errors.join("; ")) });
+            resp["status"] = json!({ "code": 400, "message": format!("fencegate: {}", errors.join("; ")) });
         }
         Decision::Unsupported(why) => {
             resp["warnings"] = json!([format!("fencegate: sidecar not injected: {why}")]);
         }
         Decision::Invalid(errors) => {
-            let mut w: Vec<String> = errors
-                .iter()
-                .map(|e| format!("fencegate: sidecar not injected: {e}"))
-                .collect();
+            let mut w: Vec<String> = errors.iter().map(|e| format!("fencegate: sidecar not injected: {e}")).collect();
             w.truncate(10);
             resp["warnings"] = json!(w);
         }
@@ -146,12 +132,8 @@ pub fn review_response(uid: &str, decision: &Decision, strict: bool) -> Value {
 }
 
 async fn mutate(cfg: &InjectorConfig, req: Request<Incoming>) -> Response<Body> {
-    let bad =
-        |m: String| proxy::json_error(StatusCode::BAD_REQUEST, "bad_admission_review", &m, None);
-    let bytes = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
-        .collect()
-        .await
-    {
+    let bad = |m: String| proxy::json_error(StatusCode::BAD_REQUEST, "bad_admission_review", &m, None);
+    let bytes = match Limited::new(req.into_body(), MAX_REVIEW_BYTES).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return bad(format!("could not read the body: {e}")),
     };
@@ -180,10 +162,7 @@ async fn mutate(cfg: &InjectorConfig, req: Request<Incoming>) -> Response<Body> 
         }
         Decision::Skip(why) => tracing::debug!(%name, why, "skipped"),
     }
-    json_response(
-        StatusCode::OK,
-        &review_response(&request.uid, &decision, cfg.strict),
-    )
+    json_response(StatusCode::OK, &review_response(&request.uid, &decision, cfg.strict))
 }
 
 /// Serves the webhook on `listener` with TLS from `cert`/`key` (re-read every
@@ -197,13 +176,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
     let certs = ReloadingCert::open(cert, key)?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_no_client_auth()
-    .with_cert_resolver(certs.clone());
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(certs.clone());
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     // The reloader task lives as long as the server: it is aborted on return.
@@ -225,9 +202,7 @@ pub async fn run(
             async move {
                 match (req.method(), req.uri().path()) {
                     (&Method::POST, "/mutate") => mutate(&cfg, req).await,
-                    (&Method::GET, "/healthz") => {
-                        proxy::text_response(StatusCode::OK, "text/plain", "ok\n")
-                    }
+                    (&Method::GET, "/healthz") => proxy::text_response(StatusCode::OK, "text/plain", "ok\n"),
                     (m, p) => proxy::json_error(
                         StatusCode::NOT_FOUND,
                         "not_found",
@@ -260,16 +235,10 @@ mod tests {
         .unwrap();
         let req: AdmissionRequest<Pod> = req.try_into().unwrap();
         let p = json_patch::Patch(vec![]);
-        let theirs = serde_json::to_value(
-            kube_core::admission::AdmissionResponse::from(&req)
-                .with_patch(p.clone())
-                .unwrap(),
-        )
-        .unwrap();
-        assert!(
-            theirs["patch"].is_array(),
-            "kube-core emits bytes as an array: {theirs}"
-        );
+        let theirs =
+            serde_json::to_value(kube_core::admission::AdmissionResponse::from(&req).with_patch(p.clone()).unwrap())
+                .unwrap();
+        assert!(theirs["patch"].is_array(), "kube-core emits bytes as an array: {theirs}");
         let ours = review_response("u1", &Decision::Patch(p), false);
         assert_eq!(ours["response"]["patch"], json!("W10="), "base64 of []");
         assert_eq!(ours["response"]["patchType"], "JSONPatch");
@@ -281,9 +250,6 @@ mod tests {
         let ours = review_response("u2", &Decision::Unsupported("hostNetwork".into()), true);
         assert_eq!(ours["response"]["allowed"], true);
         assert!(ours["response"].get("patch").is_none());
-        assert_eq!(
-            ours["response"]["warnings"],
-            json!(["fencegate: sidecar not injected: hostNetwork"])
-        );
+        assert_eq!(ours["response"]["warnings"], json!(["fencegate: sidecar not injected: hostNetwork"]));
     }
 }

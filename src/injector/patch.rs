@@ -96,20 +96,14 @@ pub enum Decision {
 }
 
 fn add(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation {
-        path: PointerBuf::from_tokens(tokens.iter().copied()),
-        value,
-    })
+    PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(tokens.iter().copied()), value })
 }
 
 /// Why `spec` cannot get the sidecar under `cfg`, if it cannot.
 fn unsupported(spec: &PodSpec, cfg: &InjectorConfig) -> Option<String> {
     if spec.host_network == Some(true) {
         // The sidecar's ports would be the node's: two such pods on one node collide.
-        return Some(
-            "hostNetwork pods are not injected (the sidecar's ports would collide on the node)"
-                .into(),
-        );
+        return Some("hostNetwork pods are not injected (the sidecar's ports would collide on the node)".into());
     }
     let runs_to_completion = matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure"));
     if !cfg.native_sidecar && runs_to_completion {
@@ -127,11 +121,8 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
         return Decision::Skip("not annotated fencegate.io/inject: \"true\"");
     }
     let spec = pod.spec.clone().unwrap_or_default();
-    let has_sidecar = spec
-        .containers
-        .iter()
-        .chain(spec.init_containers.iter().flatten())
-        .any(|c| c.name == SIDECAR_NAME);
+    let has_sidecar =
+        spec.containers.iter().chain(spec.init_containers.iter().flatten()).any(|c| c.name == SIDECAR_NAME);
     if ann.get(&format!("{ANN}status")).map(|s| s.trim()) == Some("injected") || has_sidecar {
         return Decision::Skip("already injected");
     }
@@ -146,8 +137,7 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
 
 /// The JSON Patch that adds the sidecar for `settings` to a pod with `spec`.
 pub fn emit(spec: &PodSpec, settings: &Settings, cfg: &InjectorConfig) -> Patch {
-    let sidecar =
-        serde_json::to_value(sidecar::container(settings, cfg)).expect("containers serialize");
+    let sidecar = serde_json::to_value(sidecar::container(settings, cfg)).expect("containers serialize");
     let mut ops = Vec::new();
     if cfg.native_sidecar {
         match &spec.init_containers {
@@ -161,10 +151,7 @@ pub fn emit(spec: &PodSpec, settings: &Settings, cfg: &InjectorConfig) -> Patch 
     if let Some(secret) = &cfg.etcd_tls_secret {
         let vol = serde_json::to_value(Volume {
             name: TLS_VOLUME.into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                ..Default::default()
-            }),
+            secret: Some(SecretVolumeSource { secret_name: Some(secret.clone()), ..Default::default() }),
             ..Default::default()
         })
         .expect("volumes serialize");
@@ -174,24 +161,15 @@ pub fn emit(spec: &PodSpec, settings: &Settings, cfg: &InjectorConfig) -> Patch 
         }
     }
     // `annotations` exists: the pod asked for injection through it.
-    ops.push(add(
-        &["metadata", "annotations", "fencegate.io/status"],
-        json!("injected"),
-    ));
+    ops.push(add(&["metadata", "annotations", "fencegate.io/status"], json!("injected")));
     Patch(ops)
 }
 
 /// The app's containers learn where their sidecar is (unless they set it).
 fn app_env(containers: &[Container], cfg: &InjectorConfig, ops: &mut Vec<PatchOperation>) {
     let app_env = [
-        (
-            "FENCEGATE_URL",
-            format!("http://127.0.0.1:{}", cfg.proxy_port),
-        ),
-        (
-            "FENCEGATE_ADMIN_URL",
-            format!("http://127.0.0.1:{}", cfg.admin_port),
-        ),
+        ("FENCEGATE_URL", format!("http://127.0.0.1:{}", cfg.proxy_port)),
+        ("FENCEGATE_ADMIN_URL", format!("http://127.0.0.1:{}", cfg.admin_port)),
     ];
     for (i, c) in containers.iter().enumerate() {
         let idx = i.to_string();
@@ -202,10 +180,7 @@ fn app_env(containers: &[Container], cfg: &InjectorConfig, ops: &mut Vec<PatchOp
             .map(|(n, v)| serde_json::to_value(env(n, v)).expect("env serializes"))
             .collect();
         if c.env.is_none() {
-            ops.push(add(
-                &["spec", "containers", &idx, "env"],
-                Value::Array(missing),
-            ));
+            ops.push(add(&["spec", "containers", &idx, "env"], Value::Array(missing)));
         } else {
             for m in missing {
                 ops.push(add(&["spec", "containers", &idx, "env", "-"], m));
@@ -234,61 +209,26 @@ mod tests {
 
     #[test]
     fn native_sidecar_goes_first_and_apps_learn_the_ports() {
-        let pod = patched(
-            &fixture_pod("pod-with-init.json"),
-            &InjectorConfig::default(),
-        );
-        let inits: Vec<&str> = pod["spec"]["initContainers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c["name"].as_str().unwrap())
-            .collect();
+        let pod = patched(&fixture_pod("pod-with-init.json"), &InjectorConfig::default());
+        let inits: Vec<&str> =
+            pod["spec"]["initContainers"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
         assert_eq!(inits, vec![SIDECAR_NAME, "migrate"]);
         let app_env = &pod["spec"]["containers"][0]["env"];
-        assert_eq!(
-            app_env[0],
-            json!({"name": "FENCEGATE_URL", "value": "http://127.0.0.1:7850"})
-        );
-        assert_eq!(
-            app_env[1],
-            json!({"name": "FENCEGATE_ADMIN_URL", "value": "http://127.0.0.1:7851"})
-        );
-        assert_eq!(
-            pod["spec"]["containers"][1]["env"][0]["value"], "http://custom:1",
-            "an app's own setting wins"
-        );
-        assert_eq!(
-            pod["metadata"]["annotations"]["fencegate.io/status"],
-            "injected"
-        );
+        assert_eq!(app_env[0], json!({"name": "FENCEGATE_URL", "value": "http://127.0.0.1:7850"}));
+        assert_eq!(app_env[1], json!({"name": "FENCEGATE_ADMIN_URL", "value": "http://127.0.0.1:7851"}));
+        assert_eq!(pod["spec"]["containers"][1]["env"][0]["value"], "http://custom:1", "an app's own setting wins");
+        assert_eq!(pod["metadata"]["annotations"]["fencegate.io/status"], "injected");
         let again: Pod = serde_json::from_value(pod).unwrap();
-        assert_eq!(
-            patch(&again, &InjectorConfig::default()),
-            Decision::Skip("already injected")
-        );
+        assert_eq!(patch(&again, &InjectorConfig::default()), Decision::Skip("already injected"));
     }
 
     #[test]
     fn legacy_sidecar_is_appended_and_tls_volume_added() {
-        let cfg = InjectorConfig {
-            native_sidecar: false,
-            etcd_tls_secret: Some("etcd-tls".into()),
-            ..Default::default()
-        };
+        let cfg =
+            InjectorConfig { native_sidecar: false, etcd_tls_secret: Some("etcd-tls".into()), ..Default::default() };
         let pod = patched(&fixture_pod("deployment-pod.json"), &cfg);
-        assert_eq!(
-            pod["spec"]["containers"]
-                .as_array()
-                .unwrap()
-                .last()
-                .unwrap()["name"],
-            SIDECAR_NAME
-        );
-        assert_eq!(
-            pod["spec"]["volumes"].as_array().unwrap().last().unwrap()["secret"]["secretName"],
-            "etcd-tls"
-        );
+        assert_eq!(pod["spec"]["containers"].as_array().unwrap().last().unwrap()["name"], SIDECAR_NAME);
+        assert_eq!(pod["spec"]["volumes"].as_array().unwrap().last().unwrap()["secret"]["secretName"], "etcd-tls");
     }
 
     #[test]
@@ -296,17 +236,8 @@ mod tests {
         let mut pod = fixture_pod("deployment-pod.json");
         pod.spec.as_mut().unwrap().host_network = Some(true);
         for strict in [false, true] {
-            let d = patch(
-                &pod,
-                &InjectorConfig {
-                    strict,
-                    ..Default::default()
-                },
-            );
-            assert!(
-                matches!(&d, Decision::Unsupported(w) if w.contains("hostNetwork")),
-                "{d:?}"
-            );
+            let d = patch(&pod, &InjectorConfig { strict, ..Default::default() });
+            assert!(matches!(&d, Decision::Unsupported(w) if w.contains("hostNetwork")), "{d:?}");
         }
     }
 
@@ -314,17 +245,8 @@ mod tests {
     fn jobs_are_not_given_a_legacy_sidecar_that_never_exits() {
         let mut pod = fixture_pod("pod-with-init.json");
         pod.spec.as_mut().unwrap().restart_policy = Some("Never".into());
-        let d = patch(
-            &pod,
-            &InjectorConfig {
-                native_sidecar: false,
-                ..Default::default()
-            },
-        );
-        assert!(
-            matches!(&d, Decision::Unsupported(w) if w.contains("never complete")),
-            "{d:?}"
-        );
+        let d = patch(&pod, &InjectorConfig { native_sidecar: false, ..Default::default() });
+        assert!(matches!(&d, Decision::Unsupported(w) if w.contains("never complete")), "{d:?}");
         assert!(
             matches!(patch(&pod, &InjectorConfig::default()), Decision::Patch(_)),
             "native sidecars end with the Job"
@@ -336,17 +258,8 @@ mod tests {
         let mut pod = fixture_pod("pod-with-init.json");
         let ann = pod.metadata.annotations.as_mut().unwrap();
         ann.insert(format!("{ANN}ttl"), "1s".into());
-        assert!(
-            matches!(patch(&pod, &InjectorConfig::default()), Decision::Invalid(e) if e.len() == 1)
-        );
-        pod.metadata
-            .annotations
-            .as_mut()
-            .unwrap()
-            .insert(format!("{ANN}inject"), "false".into());
-        assert!(matches!(
-            patch(&pod, &InjectorConfig::default()),
-            Decision::Skip(_)
-        ));
+        assert!(matches!(patch(&pod, &InjectorConfig::default()), Decision::Invalid(e) if e.len() == 1));
+        pod.metadata.annotations.as_mut().unwrap().insert(format!("{ANN}inject"), "false".into());
+        assert!(matches!(patch(&pod, &InjectorConfig::default()), Decision::Skip(_)));
     }
 }

@@ -2,9 +2,8 @@
 //! and the injector's [`InjectorConfig`].
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, SleepAction, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Lifecycle, LifecycleHandler,
+    ObjectFieldSelector, Probe, ResourceRequirements, SeccompProfile, SecurityContext, SleepAction, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -20,21 +19,14 @@ const TLS_DIR: &str = "/etc/fencegate/etcd-tls";
 pub const NONROOT_ID: i64 = 65532;
 
 pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
+    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
         value_from: Some(EnvVarSource {
-            field_ref: Some(ObjectFieldSelector {
-                field_path: path.into(),
-                ..Default::default()
-            }),
+            field_ref: Some(ObjectFieldSelector { field_path: path.into(), ..Default::default() }),
             ..Default::default()
         }),
         ..Default::default()
@@ -49,22 +41,13 @@ fn envs(s: &Settings, cfg: &InjectorConfig) -> Vec<EnvVar> {
         env("FENCEGATE_ETCD", &cfg.etcd_endpoints),
         env("FENCEGATE_LOCK", s.lock.as_str()),
         env("FENCEGATE_UPSTREAM", &s.upstream),
-        env(
-            "FENCEGATE_TTL",
-            humantime::format_duration(s.ttl).to_string(),
-        ),
+        env("FENCEGATE_TTL", humantime::format_duration(s.ttl).to_string()),
         // The app's side stays on loopback: a mesh does not capture it, and
         // nothing outside the pod can write through the sidecar.
         env("FENCEGATE_LISTEN", format!("127.0.0.1:{}", cfg.proxy_port)),
-        env(
-            "FENCEGATE_ADMIN_LISTEN",
-            format!("127.0.0.1:{}", cfg.admin_port),
-        ),
+        env("FENCEGATE_ADMIN_LISTEN", format!("127.0.0.1:{}", cfg.admin_port)),
         // Both families: on an IPv6-only cluster the kubelet probes over IPv6.
-        env(
-            "FENCEGATE_HEALTH_LISTEN",
-            format!("[::]:{}", cfg.health_port),
-        ),
+        env("FENCEGATE_HEALTH_LISTEN", format!("[::]:{}", cfg.health_port)),
         env("FENCEGATE_LOG_FORMAT", "json"),
     ];
     if let Some(f) = &s.fence {
@@ -103,14 +86,8 @@ pub fn restricted_security_context() -> SecurityContext {
         run_as_group: Some(NONROOT_ID),
         read_only_root_filesystem: Some(true),
         allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".into(),
-            ..Default::default()
-        }),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), ..Default::default() }),
         ..Default::default()
     }
 }
@@ -159,10 +136,7 @@ pub fn container(s: &Settings, cfg: &InjectorConfig) -> Container {
         // As a plain container it gets SIGTERM together with the app: wait a
         // little so the app's last writes still go through.
         lifecycle: (!cfg.native_sidecar).then(|| Lifecycle {
-            pre_stop: Some(LifecycleHandler {
-                sleep: Some(SleepAction { seconds: 5 }),
-                ..Default::default()
-            }),
+            pre_stop: Some(LifecycleHandler { sleep: Some(SleepAction { seconds: 5 }), ..Default::default() }),
             ..Default::default()
         }),
         security_context: Some(restricted_security_context()),
@@ -181,11 +155,7 @@ mod tests {
     }
 
     fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
-        c.env
-            .iter()
-            .flatten()
-            .find(|e| e.name == name)
-            .and_then(|e| e.value.as_deref())
+        c.env.iter().flatten().find(|e| e.name == name).and_then(|e| e.value.as_deref())
     }
 
     #[test]
@@ -194,20 +164,10 @@ mod tests {
         let sc = c.security_context.unwrap();
         assert_eq!(sc.capabilities.unwrap().drop, Some(vec!["ALL".to_string()]));
         assert_eq!(sc.seccomp_profile.unwrap().type_, "RuntimeDefault");
-        assert_eq!(
-            (sc.run_as_user, sc.run_as_group, sc.run_as_non_root),
-            (Some(65532), Some(65532), Some(true))
-        );
-        assert_eq!(
-            (sc.allow_privilege_escalation, sc.read_only_root_filesystem),
-            (Some(false), Some(true))
-        );
-        let dockerfile =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
-        assert!(
-            dockerfile.contains(&format!("USER {NONROOT_ID}:{NONROOT_ID}")),
-            "the image runs as the same user"
-        );
+        assert_eq!((sc.run_as_user, sc.run_as_group, sc.run_as_non_root), (Some(65532), Some(65532), Some(true)));
+        assert_eq!((sc.allow_privilege_escalation, sc.read_only_root_filesystem), (Some(false), Some(true)));
+        let dockerfile = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Dockerfile")).unwrap();
+        assert!(dockerfile.contains(&format!("USER {NONROOT_ID}:{NONROOT_ID}")), "the image runs as the same user");
     }
 
     #[test]
@@ -216,46 +176,20 @@ mod tests {
         let startup = c.startup_probe.unwrap();
         assert_eq!(startup.http_get.unwrap().path.as_deref(), Some("/healthz"));
         let live = c.liveness_probe.unwrap();
-        assert_eq!(
-            (
-                live.period_seconds,
-                live.failure_threshold,
-                live.timeout_seconds
-            ),
-            (Some(10), Some(6), Some(3))
-        );
-        assert_eq!(
-            c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
-            Some("/readyz"),
-            "ready-gate"
-        );
+        assert_eq!((live.period_seconds, live.failure_threshold, live.timeout_seconds), (Some(10), Some(6), Some(3)));
+        assert_eq!(c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/readyz"), "ready-gate");
         let c = built("pod-with-init.json", &InjectorConfig::default());
         assert_eq!(env_value(&c, "FENCEGATE_READY_ALWAYS"), Some("true"));
-        assert_eq!(
-            c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(),
-            Some("/healthz")
-        );
+        assert_eq!(c.readiness_probe.unwrap().http_get.unwrap().path.as_deref(), Some("/healthz"));
     }
 
     #[test]
     fn ports_and_listen_addresses_follow_the_config() {
-        let cfg = InjectorConfig {
-            proxy_port: 1001,
-            admin_port: 1002,
-            health_port: 1003,
-            ..Default::default()
-        };
+        let cfg = InjectorConfig { proxy_port: 1001, admin_port: 1002, health_port: 1003, ..Default::default() };
         let c = built("pod-with-init.json", &cfg);
         assert_eq!(env_value(&c, "FENCEGATE_LISTEN"), Some("127.0.0.1:1001"));
-        assert_eq!(
-            env_value(&c, "FENCEGATE_ADMIN_LISTEN"),
-            Some("127.0.0.1:1002")
-        );
-        assert_eq!(
-            env_value(&c, "FENCEGATE_HEALTH_LISTEN"),
-            Some("[::]:1003"),
-            "dual-stack"
-        );
+        assert_eq!(env_value(&c, "FENCEGATE_ADMIN_LISTEN"), Some("127.0.0.1:1002"));
+        assert_eq!(env_value(&c, "FENCEGATE_HEALTH_LISTEN"), Some("[::]:1003"), "dual-stack");
         assert_eq!(c.ports.unwrap()[0].container_port, 1003);
     }
 
@@ -264,36 +198,12 @@ mod tests {
         let native = built("pod-with-init.json", &InjectorConfig::default());
         assert_eq!(native.restart_policy.as_deref(), Some("Always"));
         assert!(native.lifecycle.is_none());
-        let legacy = built(
-            "pod-with-init.json",
-            &InjectorConfig {
-                native_sidecar: false,
-                ..Default::default()
-            },
-        );
+        let legacy = built("pod-with-init.json", &InjectorConfig { native_sidecar: false, ..Default::default() });
         assert!(legacy.restart_policy.is_none());
-        assert_eq!(
-            legacy
-                .lifecycle
-                .unwrap()
-                .pre_stop
-                .unwrap()
-                .sleep
-                .unwrap()
-                .seconds,
-            5
-        );
-        let tls = built(
-            "pod-with-init.json",
-            &InjectorConfig {
-                etcd_tls_secret: Some("s".into()),
-                ..Default::default()
-            },
-        );
-        assert_eq!(
-            env_value(&tls, "FENCEGATE_ETCD_KEY"),
-            Some("/etc/fencegate/etcd-tls/tls.key")
-        );
+        assert_eq!(legacy.lifecycle.unwrap().pre_stop.unwrap().sleep.unwrap().seconds, 5);
+        let tls =
+            built("pod-with-init.json", &InjectorConfig { etcd_tls_secret: Some("s".into()), ..Default::default() });
+        assert_eq!(env_value(&tls, "FENCEGATE_ETCD_KEY"), Some("/etc/fencegate/etcd-tls/tls.key"));
         assert_eq!(tls.volume_mounts.unwrap()[0].name, TLS_VOLUME);
     }
 }

@@ -51,7 +51,10 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(800));
         let steps: Vec<Duration> = (0..6).map(|_| b.next_delay()).collect();
         for (d, step) in steps.iter().zip([100u64, 200, 400, 800, 800, 800]) {
-            assert!(*d >= Duration::from_millis(step / 2) && *d <= Duration::from_millis(step), "{d:?} for step {step}");
+            assert!(
+                *d >= Duration::from_millis(step / 2) && *d <= Duration::from_millis(step),
+                "{d:?} for step {step}"
+            );
         }
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -180,7 +180,11 @@ impl LeaseBackend for Embedded {
                 if !st.keys.contains_key(key) {
                     return Some(Err(LeaseError::Gone(format!("{key} was deleted"))));
                 }
-                let older = st.keys.range(prefix.to_owned()..).take_while(|(k, _)| k.starts_with(prefix)).any(|(_, k)| k.create_rev < rev);
+                let older = st
+                    .keys
+                    .range(prefix.to_owned()..)
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .any(|(_, k)| k.create_rev < rev);
                 (!older).then_some(Ok(()))
             })
             .await

@@ -107,7 +107,10 @@ impl EtcdBackend {
         Ok(client)
     }
 
-    async fn timed<T>(&self, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, LeaseError> {
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, LeaseError> {
         tokio::time::timeout(self.call_timeout, f).await.map_err(|_| be("etcd call timed out"))?.map_err(be)
     }
 

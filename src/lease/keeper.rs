@@ -370,7 +370,9 @@ impl Task {
         let mut left = Vec::new();
         for lease in std::mem::take(&mut self.abandoned) {
             match tokio::time::timeout(Duration::from_secs(2), self.backend.revoke(lease)).await {
-                Ok(Ok(())) => tracing::info!(lease = format!("{lease:x}"), "revoked a lease abandoned during an outage"),
+                Ok(Ok(())) => {
+                    tracing::info!(lease = format!("{lease:x}"), "revoked a lease abandoned during an outage")
+                }
                 _ => left.push(lease),
             }
         }
@@ -459,7 +461,8 @@ impl Task {
         let last = self.tx.borrow().last_token;
         if let Some(last) = last.filter(|l| token <= *l) {
             tracing::error!(
-                token = token.get(), last = last.get(),
+                token = token.get(),
+                last = last.get(),
                 "FENCED OUT: etcd gave a token at or below one this sidecar already held; etcd's revision went \
                  backwards (restored from an old snapshot?). Writes are refused. Recover with \
                  `etcdutl snapshot restore --bump-revision`."
@@ -575,7 +578,8 @@ async fn keep_lease(
         let sent = Stamp::now();
         let deadline = tx.borrow().valid_until;
         // Never wait on one keep-alive past the moment we would self-fence.
-        let budget = deadline.map(|d| d.remaining(sent)).unwrap_or_default().clamp(Duration::from_millis(100), interval);
+        let budget =
+            deadline.map(|d| d.remaining(sent)).unwrap_or_default().clamp(Duration::from_millis(100), interval);
         match tokio::time::timeout(budget, backend.keep_alive(lease)).await {
             Ok(Ok(Some(granted))) => {
                 let rtt = sent.mono.elapsed();
@@ -658,7 +662,9 @@ async fn key_gone(backend: Arc<dyn LeaseBackend>, key: String, rev: i64, every: 
 
 fn mark_fenced_out(tx: &watch::Sender<LockStatus>, token: Token, highest: u64, target: &str) {
     tracing::error!(
-        token = token.get(), highest, filter = target,
+        token = token.get(),
+        highest,
+        filter = target,
         "FENCED OUT: a filter has admitted a higher token than etcd just gave us; etcd may have been restored \
          from an old snapshot. Writes are refused. Recover with `etcdutl snapshot restore --bump-revision`."
     );

@@ -77,7 +77,13 @@ pub trait Fencer: Send + Sync + 'static {
     /// The targets, by name (for logs and retries).
     fn targets(&self) -> &[String];
     /// Fences one target with `token`, waiting at most `timeout` for it.
-    fn fence<'a>(&'a self, target: &'a str, lock: &'a LockName, token: Token, timeout: Duration) -> BoxFuture<'a, Outcome>;
+    fn fence<'a>(
+        &'a self,
+        target: &'a str,
+        lock: &'a LockName,
+        token: Token,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Outcome>;
 }
 
 /// A fencer with no targets (no `--fence`).

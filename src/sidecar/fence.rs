@@ -28,14 +28,27 @@ impl Fencer for HttpFencer {
         &self.urls
     }
 
-    fn fence<'a>(&'a self, url: &'a str, lock: &'a LockName, token: Token, timeout: Duration) -> BoxFuture<'a, Outcome> {
+    fn fence<'a>(
+        &'a self,
+        url: &'a str,
+        lock: &'a LockName,
+        token: Token,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Outcome> {
         async move {
             let uri = format!("{}{}", url.trim_end_matches('/'), fence::path(lock));
             let body = FenceRequest { token: token.get(), timeout_ms: Some(timeout.as_millis() as u64) };
             let body = serde_json::to_vec(&body).expect("serializable");
             // The filter may wait `timeout` at its barrier; give the answer a second to travel.
-            let answer =
-                proxy::call(&self.client, "POST", &uri, Some("application/json"), body, timeout + Duration::from_secs(1)).await;
+            let answer = proxy::call(
+                &self.client,
+                "POST",
+                &uri,
+                Some("application/json"),
+                body,
+                timeout + Duration::from_secs(1),
+            )
+            .await;
             match answer {
                 Ok((status, body)) => match Outcome::from_answer(status.as_u16(), &body) {
                     Outcome::Failed(why) => Outcome::Failed(format!("{uri}: {why}")),

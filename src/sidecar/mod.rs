@@ -146,7 +146,9 @@ impl Sidecar {
     pub async fn health(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, "/healthz" | "/readyz" | "/metrics") => self.admin(req).await,
-            (m, p) => proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None),
+            (m, p) => {
+                proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None)
+            }
         }
     }
 
@@ -176,7 +178,9 @@ impl Sidecar {
                 }
                 json_response(StatusCode::ACCEPTED, &json!({ "released": was_holding }))
             }
-            (m, p) => proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None),
+            (m, p) => {
+                proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None)
+            }
         }
     }
 
@@ -204,7 +208,11 @@ impl Sidecar {
                         (Phase::FencedOut, _) => "fenced_out",
                         (Phase::Fencing, _) => "fencing",
                         (Phase::Stopped, _) => "stopped",
-                        (Phase::Campaigning, _) if matches!(st.last, Some((Phase::Holding | Phase::Fencing | Phase::FencedOut, ..))) => "lost",
+                        (Phase::Campaigning, _)
+                            if matches!(st.last, Some((Phase::Holding | Phase::Fencing | Phase::FencedOut, ..))) =>
+                        {
+                            "lost"
+                        }
                         (Phase::Campaigning, _) => "campaigning",
                     };
                     st.last = Some(key);
@@ -243,20 +251,57 @@ impl Collector for SidecarCollector {
         let g = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
             metrics::encode_gauges(enc, name, help, [(lock(), v)])
         };
-        g(&mut enc, "fencegate_sidecar_holding", "1 while the lock is safely held", s.write_token(now).is_some() as i64)?;
-        g(&mut enc, "fencegate_sidecar_token", "Current fencing token (0 if none)", s.token.map_or(0, |t| t.get() as i64))?;
-        g(&mut enc, "fencegate_sidecar_fenced_out", "1 if a filter has seen a higher token than etcd gave us", (s.phase == Phase::FencedOut) as i64)?;
-        g(&mut enc, "fencegate_sidecar_valid_for_milliseconds", "How long the lock is still safely held", s.valid_for(now).as_millis() as i64)?;
+        g(
+            &mut enc,
+            "fencegate_sidecar_holding",
+            "1 while the lock is safely held",
+            s.write_token(now).is_some() as i64,
+        )?;
+        g(
+            &mut enc,
+            "fencegate_sidecar_token",
+            "Current fencing token (0 if none)",
+            s.token.map_or(0, |t| t.get() as i64),
+        )?;
+        g(
+            &mut enc,
+            "fencegate_sidecar_fenced_out",
+            "1 if a filter has seen a higher token than etcd gave us",
+            (s.phase == Phase::FencedOut) as i64,
+        )?;
+        g(
+            &mut enc,
+            "fencegate_sidecar_valid_for_milliseconds",
+            "How long the lock is still safely held",
+            s.valid_for(now).as_millis() as i64,
+        )?;
         let ks = &sc.keeper_stats;
         let ps = &sc.proxy_stats;
         let ld = |v: &std::sync::atomic::AtomicU64| v.load(Ordering::Relaxed);
-        let c = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64| metrics::encode_counters(enc, name, help, [(lock(), v)]);
+        let c = |enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
+            metrics::encode_counters(enc, name, help, [(lock(), v)])
+        };
         c(&mut enc, "fencegate_sidecar_acquisitions", "Times this sidecar won the lock", ld(&ks.acquisitions))?;
         c(&mut enc, "fencegate_sidecar_losses", "Times this sidecar lost or released the lock", ld(&ks.losses))?;
         c(&mut enc, "fencegate_sidecar_keepalives", "Keep-alives acknowledged", ld(&ks.keepalives))?;
-        c(&mut enc, "fencegate_sidecar_keepalive_failures", "Keep-alives failed or timed out", ld(&ks.keepalive_failures))?;
-        c(&mut enc, "fencegate_sidecar_keepalive_latency_microseconds", "Sum of keep-alive round trips", ld(&ks.keepalive_us_total))?;
-        g(&mut enc, "fencegate_sidecar_last_keepalive_latency_microseconds", "Last keep-alive round trip", ld(&ks.last_keepalive_us) as i64)?;
+        c(
+            &mut enc,
+            "fencegate_sidecar_keepalive_failures",
+            "Keep-alives failed or timed out",
+            ld(&ks.keepalive_failures),
+        )?;
+        c(
+            &mut enc,
+            "fencegate_sidecar_keepalive_latency_microseconds",
+            "Sum of keep-alive round trips",
+            ld(&ks.keepalive_us_total),
+        )?;
+        g(
+            &mut enc,
+            "fencegate_sidecar_last_keepalive_latency_microseconds",
+            "Last keep-alive round trip",
+            ld(&ks.last_keepalive_us) as i64,
+        )?;
         c(&mut enc, "fencegate_sidecar_writes_forwarded", "Writes forwarded with a token", ld(&ps.writes_forwarded))?;
         c(&mut enc, "fencegate_sidecar_writes_refused", "Writes refused (lock not held)", ld(&ps.writes_refused))?;
         c(&mut enc, "fencegate_sidecar_reads_forwarded", "Reads forwarded", ld(&ps.reads_forwarded))?;
@@ -331,7 +376,8 @@ pub async fn serve(
         stop_proxy.clone().cancelled_owned(),
     );
     let sc2 = sc.clone();
-    let admin_task = proxy::serve(admin, limits, move |req, _| sc2.clone().admin(req), stop_admin.clone().cancelled_owned());
+    let admin_task =
+        proxy::serve(admin, limits, move |req, _| sc2.clone().admin(req), stop_admin.clone().cancelled_owned());
     let admin_task = tokio::spawn(admin_task);
     let health_task = health.map(|h| {
         let sc = sc.clone();

@@ -94,7 +94,10 @@ pub fn check(log: &[Record], attempts: &[Attempt]) -> Vec<String> {
             continue;
         }
         if r.token < highest {
-            v.push(format!("record {i} {r:?} has token {} after token {highest} (a stale holder's write landed)", r.token));
+            v.push(format!(
+                "record {i} {r:?} has token {} after token {highest} (a stale holder's write landed)",
+                r.token
+            ));
         }
         highest = highest.max(r.token);
     }
@@ -102,7 +105,10 @@ pub fn check(log: &[Record], attempts: &[Attempt]) -> Vec<String> {
     for a in attempts.iter().filter(|a| a.acked()) {
         let r = Record { worker: a.worker.clone(), token: a.token, seq: a.seq };
         if !in_log.contains(&r) && !a.token_changed {
-            v.push(format!("acknowledged write {r:?} (status {}) is missing from the final log (lost update)", a.status));
+            v.push(format!(
+                "acknowledged write {r:?} (status {}) is missing from the final log (lost update)",
+                a.status
+            ));
         }
     }
     v

@@ -103,7 +103,8 @@ pub fn spawn(name: &str, dir: &Path, program: &str, args: &[String], env: &[(&st
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {program}: {e} (is it installed? run scripts/test.sh)"));
+    let child =
+        cmd.spawn().unwrap_or_else(|e| panic!("cannot start {program}: {e} (is it installed? run scripts/test.sh)"));
     Proc { child, name: name.into(), log }
 }
 
@@ -161,10 +162,11 @@ impl Nginx {
             std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
             let out = Command::new("id").args(["-u", "www-data"]).output().unwrap();
             let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("user www-data exists");
-            let gid: u32 = String::from_utf8_lossy(&Command::new("id").args(["-g", "www-data"]).output().unwrap().stdout)
-                .trim()
-                .parse()
-                .unwrap();
+            let gid: u32 =
+                String::from_utf8_lossy(&Command::new("id").args(["-g", "www-data"]).output().unwrap().stdout)
+                    .trim()
+                    .parse()
+                    .unwrap();
             for d in ["data", "tmp"] {
                 std::os::unix::fs::chown(root.join(d), Some(uid), Some(gid)).unwrap();
             }
@@ -209,7 +211,14 @@ http {{
             "nginx",
             root,
             &bin,
-            &["-c".into(), root.join("nginx.conf").display().to_string(), "-p".into(), r.to_string(), "-e".into(), format!("{r}/error.log")],
+            &[
+                "-c".into(),
+                root.join("nginx.conf").display().to_string(),
+                "-p".into(),
+                r.to_string(),
+                "-e".into(),
+                format!("{r}/error.log"),
+            ],
             &[],
         );
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -249,15 +258,24 @@ impl Etcd {
         let client_url = format!("http://127.0.0.1:{cport}");
         let peer_url = format!("http://127.0.0.1:{pport}");
         let args: Vec<String> = [
-            "--name", "t",
-            "--data-dir", &dir.path().join("data").display().to_string(),
-            "--listen-client-urls", &client_url,
-            "--advertise-client-urls", &client_url,
-            "--listen-peer-urls", &peer_url,
-            "--initial-advertise-peer-urls", &peer_url,
-            "--initial-cluster", &format!("t={peer_url}"),
-            "--log-level", "warn",
-            "--logger", "zap",
+            "--name",
+            "t",
+            "--data-dir",
+            &dir.path().join("data").display().to_string(),
+            "--listen-client-urls",
+            &client_url,
+            "--advertise-client-urls",
+            &client_url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("t={peer_url}"),
+            "--log-level",
+            "warn",
+            "--logger",
+            "zap",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -344,7 +362,13 @@ pub struct RawRequest {
 
 impl RawRequest {
     /// Sends the head of a PUT with `Content-Length: len` and `first` bytes of body.
-    pub async fn start(addr: SocketAddr, path: &str, headers: &[(&str, String)], len: usize, first: &[u8]) -> RawRequest {
+    pub async fn start(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, String)],
+        len: usize,
+        first: &[u8],
+    ) -> RawRequest {
         use tokio::io::AsyncWriteExt;
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let mut head = format!("PUT {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {len}\r\n");
@@ -370,7 +394,10 @@ impl RawRequest {
         let mut buf = vec![0u8; 4096];
         let mut got = Vec::new();
         loop {
-            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buf)).await.expect("response in time").unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(30), self.stream.read(&mut buf))
+                .await
+                .expect("response in time")
+                .unwrap();
             if n == 0 {
                 break;
             }
@@ -422,12 +449,24 @@ impl FilterProc {
         f
     }
 
+    /// Waits until `/readyz` answers 200: the admin port is up and the
+    /// start-up barrier (`--abort-grace`) has passed, so writes go at once.
     fn wait_started(&self) {
         let end = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&self.admin, Duration::from_millis(100)).is_err() {
-            assert!(Instant::now() < end, "filter did not start:\n{}", self.proc.log_text());
+        while !self.ready() {
+            assert!(Instant::now() < end, "filter did not become ready:\n{}", self.proc.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// `GET /readyz` answered 200.
+    pub fn ready(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.admin, Duration::from_millis(100)) else { return false };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let _ = s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n");
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        buf.starts_with("HTTP/1.0 200") || buf.starts_with("HTTP/1.1 200")
     }
 
     /// Starts the same filter again (same ports, flags and state dir).
@@ -458,23 +497,49 @@ impl SidecarProc {
     pub fn start(dir: &Path, etcd: &str, lock: &str, holder: &str, upstream: &str, extra: &[&str]) -> SidecarProc {
         let (port, admin_port) = (free_port(), free_port());
         let mut args: Vec<String> = [
-            "sidecar", "--etcd", etcd, "--lock", lock, "--holder", holder, "--ttl", "2s",
-            "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin_port}"),
-            "--upstream", upstream,
+            "sidecar",
+            "--etcd",
+            etcd,
+            "--lock",
+            lock,
+            "--holder",
+            holder,
+            "--ttl",
+            "2s",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin_port}"),
+            "--upstream",
+            upstream,
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
         args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = spawn(&format!("sidecar-{holder}"), dir, fencegate_bin(), &args, &[("RUST_LOG", "info,fencegate=debug")]);
+        let proc =
+            spawn(&format!("sidecar-{holder}"), dir, fencegate_bin(), &args, &[("RUST_LOG", "info,fencegate=debug")]);
         let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
         wait_port(admin, Duration::from_secs(10));
-        SidecarProc { proc, addr: format!("127.0.0.1:{port}").parse().unwrap(), admin, holder: holder.into(), args, dir: dir.to_owned() }
+        SidecarProc {
+            proc,
+            addr: format!("127.0.0.1:{port}").parse().unwrap(),
+            admin,
+            holder: holder.into(),
+            args,
+            dir: dir.to_owned(),
+        }
     }
 
     /// Starts the same sidecar again (same ports and flags) after it died.
     pub fn restart(&mut self) {
-        self.proc = spawn(&format!("sidecar-{}", self.holder), &self.dir, fencegate_bin(), &self.args, &[("RUST_LOG", "info,fencegate=debug")]);
+        self.proc = spawn(
+            &format!("sidecar-{}", self.holder),
+            &self.dir,
+            fencegate_bin(),
+            &self.args,
+            &[("RUST_LOG", "info,fencegate=debug")],
+        );
         wait_port(self.admin, Duration::from_secs(10));
     }
 
@@ -496,7 +561,11 @@ impl SidecarProc {
 
     pub async fn holding(&self) -> Option<u64> {
         let v = self.lock().await?;
-        if v["holding"].as_bool() == Some(true) { v["token"].as_u64() } else { None }
+        if v["holding"].as_bool() == Some(true) {
+            v["token"].as_u64()
+        } else {
+            None
+        }
     }
 }
 

@@ -120,7 +120,10 @@ async fn a_stalled_holder_self_fences_before_its_lease_can_expire() {
     assert_eq!(a_now.write_token(now()), None, "a's deadline has passed by the takeover");
     assert!(sc.token > sa.token);
     // a noticed on its own, at least the margin before c could take over.
-    assert!(ra.borrow().phase != Phase::Holding || a_now.valid_until.unwrap().mono() + Duration::from_millis(250) <= takeover);
+    assert!(
+        ra.borrow().phase != Phase::Holding
+            || a_now.valid_until.unwrap().mono() + Duration::from_millis(250) <= takeover
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -163,8 +166,15 @@ async fn a_holder_with_a_silent_watch_notices_its_key_deleted() {
     let deleted = Instant::now();
     let mut ra = a.subscribe();
     // It may win again at once with a new lease: wait for the token to change.
-    tokio::time::timeout(Duration::from_secs(30), ra.wait_for(|s| s.token != sa.token)).await.expect("noticed at all").unwrap();
-    assert!(deleted.elapsed() <= Duration::from_millis(1100), "noticed within one keep-alive interval: {:?}", deleted.elapsed());
+    tokio::time::timeout(Duration::from_secs(30), ra.wait_for(|s| s.token != sa.token))
+        .await
+        .expect("noticed at all")
+        .unwrap();
+    assert!(
+        deleted.elapsed() <= Duration::from_millis(1100),
+        "noticed within one keep-alive interval: {:?}",
+        deleted.elapsed()
+    );
 }
 
 /// A fencer that deletes the holder's key while it fences (as an operator,

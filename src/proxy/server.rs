@@ -1,0 +1,182 @@
+//! The accept loop shared by every server here: HTTP/1.1 and h2c (or TLS),
+//! limits, and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::body::Body;
+use super::idle::Idle;
+
+/// Limits for the accepting side of a server.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// How long a client may take to send the request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head (bytes) hyper buffers.
+    pub max_header_bytes: usize,
+    /// How long in-flight requests get to finish after shutdown begins.
+    pub shutdown_grace: Duration,
+    /// A connection with no request in flight and no bytes either way for
+    /// this long is closed (HTTP/1 keep-alive and h2c alike), so idle clients
+    /// cannot hold sockets forever.
+    pub idle_timeout: Duration,
+    /// Most connections open at once per server; above it the accept loop
+    /// stops accepting until one closes (the kernel's backlog queues the rest).
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// Serves HTTP/1.1 and h2c on `listener` until `shutdown` resolves, then stops
+/// accepting and gives in-flight connections `limits.shutdown_grace` to finish.
+pub async fn serve<H, F>(listener: TcpListener, limits: ServerLimits, handler: H, shutdown: impl Future<Output = ()>)
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let cap = connection_cap(&limits);
+    serve_capped(listener, None, limits, cap, handler, shutdown).await
+}
+
+/// A connection cap that several accept loops can share (the filter's worker
+/// threads all accept on one socket and count against one cap).
+pub fn connection_cap(limits: &ServerLimits) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)))
+}
+
+/// [`serve`], with TLS when `tls` is given. The handshake runs in each
+/// connection's own task (bounded by the header timeout), so a slow client
+/// cannot stall the accept loop.
+///
+/// Every connection task is owned by the `GracefulShutdown` watcher, so no
+/// task outlives this function by more than the grace period.
+pub async fn serve_tls<H, F>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ServerLimits,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let cap = connection_cap(&limits);
+    serve_capped(listener, tls, limits, cap, handler, shutdown).await
+}
+
+/// [`serve_tls`], counting connections against a shared `cap`.
+pub async fn serve_capped<H, F>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: ServerLimits,
+    cap: Arc<Semaphore>,
+    handler: H,
+    shutdown: impl Future<Output = ()>,
+) where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        // Over the cap: wait for a connection to close before accepting more.
+        let permit = tokio::select! {
+            p = cap.clone().acquire_owned() => p.expect("the cap is never closed"),
+            _ = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let h = handler.clone();
+        let idle = Idle::new();
+        let busy = idle.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let fut = h(req, peer);
+            let busy = busy.request();
+            async move {
+                // Busy until the response body has ended too: a quiet stream
+                // (server-sent events, a slow store) is not an idle connection.
+                let resp = fut.await.map(|b| super::idle::BusyBody::new(b, busy).boxed_unsync());
+                Ok::<_, Infallible>(resp)
+            }
+        });
+        // A watcher per connection: the task owns it, the accept loop keeps
+        // the `GracefulShutdown` that signals them all.
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let (handshake_timeout, idle_timeout) = (limits.header_read_timeout, limits.idle_timeout);
+        tokio::spawn(async move {
+            // Held until the connection ends: that frees a place under the cap.
+            let _permit = permit;
+            let io = idle.wrap(stream);
+            let serve = async {
+                match tls {
+                    None => Ok(watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()).await),
+                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
+                        Ok(Ok(tls_stream)) => Ok(watcher
+                            .watch(builder.serve_connection(TokioIo::new(tls_stream), svc).into_owned())
+                            .await),
+                        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                        Err(_) => Err("TLS handshake timed out".to_string()),
+                    },
+                }
+            };
+            let result = tokio::select! {
+                r = serve => match r {
+                    Ok(r) => r,
+                    Err(e) => return tracing::debug!(%peer, "{e}"),
+                },
+                _ = idle.expired(idle_timeout) => return tracing::debug!(%peer, ?idle_timeout, "idle connection closed"),
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => tracing::debug!("all connections closed"),
+        _ = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace period over; dropping open connections")
+        }
+    }
+}

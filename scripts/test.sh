@@ -18,7 +18,7 @@ cargo clippy --all-targets --locked -- -D warnings
 cargo build --locked --all-targets
 log=$(mktemp)
 set +e
-cargo test --locked --lib --bins --tests -- --test-threads="${FENCEGATE_TEST_THREADS:-4}" 2>&1 | tee "$log"
+cargo test --locked --no-fail-fast --lib --bins --tests -- --test-threads="${FENCEGATE_TEST_THREADS:-4}" 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 count() { grep -E '^test result:' "$log" | sed -E "s/.* ([0-9]+) $1.*/\\1/" | awk '{s += $1} END {print s + 0}'; }

@@ -7,13 +7,15 @@
 //!
 //! The story, told twice (without, then with the filter):
 //! 1. A holds the lock and writes through its sidecar; B waits.
-//! 2. A freezes: its keeper stops (no keep-alives) and a write it had just
-//!    sent, token attached, is stuck in its network ([`relay`]).
+//! 2. A freezes: its lease calls stop ([`freeze`]: no keep-alives) and a
+//!    write it had just sent, token attached, is stuck in its network
+//!    ([`relay`]). A's sidecar self-fences before the lease can expire and
+//!    cuts the write off, but the bytes already on the wire stay there.
 //! 3. A's lease expires; B takes over with a higher token (fencing the
 //!    filter first) and writes.
-//! 4. A wakes up. Its stuck write arrives: without the filter it overwrites
-//!    B's data; with it, it is refused with 409. A's *next* write is refused
-//!    by its own sidecar (self-fenced).
+//! 4. The network wakes up. A's stuck write arrives: without the filter it
+//!    overwrites B's data; with it, it is refused with 409. A's *next* write
+//!    is refused by its own sidecar (self-fenced).
 
 pub mod freeze;
 pub mod relay;
@@ -177,10 +179,18 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
     relay.freeze();
     let v_zombie = "balance=150 (written by A before its pause)";
     let a_url = a.url.clone();
+    let delivered = relay.answer_count();
     let zombie = tokio::spawn(async move { http("PUT", &format!("{a_url}{KEY}"), v_zombie).await });
     clock.say("A", format!("sends PUT \"{v_zombie}\" with token {ta}, then FREEZES"));
     clock.say("", "         (a GC pause / SIGSTOP: no keep-alives; the write is stuck on the wire)");
 
+    // A's own sidecar cuts the write off once the lease may be gone; the
+    // bytes already on the wire are not called back by that.
+    let (cs, cbody) = zombie.await.map_err(|e| e.to_string())?;
+    clock.say(
+        "A",
+        format!("its sidecar self-fences and cuts the write off -> {} (outcome unknown)", describe(cs, &cbody)),
+    );
     let tb = wait_holding(&b, opts.ttl * 3 + Duration::from_secs(5)).await?;
     clock.say(
         "B",
@@ -194,11 +204,10 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
     clock.say("B", format!("PUT {KEY} \"{v2}\" -> {}", describe(s, &body)));
     clock.say("store", format!("holds \"{}\"", store.get(KEY).unwrap_or_default()));
 
-    // A wakes up and its stuck write finally arrives.
+    // The network wakes up and A's stuck write finally arrives.
     tokio::time::sleep(Duration::from_millis(300)).await;
     relay.thaw();
-    clock.say("A", "wakes up, still believing it holds the lock");
-    let (zs, zbody) = zombie.await.map_err(|e| e.to_string())?;
+    let (zs, zbody) = relay.answer(delivered + 1, Duration::from_secs(10)).await.unwrap_or((0, "no answer".into()));
     let dest = if with_filter { "the filter" } else { "the store" };
     clock.say("A", format!("its stuck write (token {ta}) reaches {dest} -> {}", describe(zs, &zbody)));
     let (s, body) = http("PUT", &format!("{}{KEY}", a.url), "balance=999 (A, after waking)").await;

@@ -122,6 +122,30 @@ async fn wait_holding(s: &Side, within: Duration) -> Result<u64, String> {
     Ok(r.token.map(|t| t.get()).unwrap_or(0))
 }
 
+/// The store, and in front of it (in the second run) the filter: where the
+/// sidecars write, and the filters' admin URLs to fence.
+async fn stage(
+    with_filter: bool,
+    lock: &LockName,
+    state: &std::path::Path,
+    stop: &CancellationToken,
+) -> Result<(Arc<MemStore>, SocketAddr, Vec<String>), String> {
+    let err = |e: std::io::Error| e.to_string();
+    let store = Arc::new(MemStore::default());
+    let sl = bind().await.map_err(err)?;
+    let store_addr = sl.local_addr().map_err(err)?;
+    tokio::spawn(store::serve(store.clone(), sl, stop.clone().cancelled_owned()));
+    if !with_filter {
+        return Ok((store, store_addr, vec![]));
+    }
+    let cfg = FilterConfig::new(format!("http://{store_addr}"), state, Protection::All(lock.clone()));
+    let filter = Filter::open(cfg).map_err(|e| e.to_string())?;
+    let (fl, fa) = (bind().await.map_err(err)?, bind().await.map_err(err)?);
+    let (faddr, fadmin) = (fl.local_addr().map_err(err)?, fa.local_addr().map_err(err)?);
+    tokio::spawn(crate::filter::serve(filter, fl, Some(fa), 1, stop.clone().cancelled_owned()));
+    Ok((store, faddr, vec![format!("http://{fadmin}")]))
+}
+
 /// One telling of the story.
 pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Result<RunResult, String> {
     let clock = Clock(Instant::now());
@@ -136,23 +160,8 @@ pub async fn run_once(opts: &DemoOptions, with_filter: bool, prefix: &str) -> Re
         None => Arc::new(Embedded::new()),
     };
 
-    // The store, and the filter in front of it in the second run.
-    let store = Arc::new(MemStore::default());
-    let sl = bind().await.map_err(|e| e.to_string())?;
-    let store_addr = sl.local_addr().map_err(|e| e.to_string())?;
-    tokio::spawn(store::serve(store.clone(), sl, stop.clone().cancelled_owned()));
     let _state = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (target, fence_urls) = if with_filter {
-        let cfg = FilterConfig::new(format!("http://{store_addr}"), _state.path(), Protection::All(lock.clone()));
-        let filter = Filter::open(cfg).map_err(|e| e.to_string())?;
-        let (fl, fa) = (bind().await.map_err(|e| e.to_string())?, bind().await.map_err(|e| e.to_string())?);
-        let (faddr, fadmin) =
-            (fl.local_addr().map_err(|e| e.to_string())?, fa.local_addr().map_err(|e| e.to_string())?);
-        tokio::spawn(crate::filter::serve(filter, fl, Some(fa), 1, stop.clone().cancelled_owned()));
-        (faddr, vec![format!("http://{fadmin}")])
-    } else {
-        (store_addr, vec![])
-    };
+    let (store, target, fence_urls) = stage(with_filter, &lock, _state.path(), &stop).await?;
 
     let keeper = |holder: &str| {
         let mut k = KeeperConfig::new(lock.clone(), holder, opts.ttl);

@@ -3,7 +3,7 @@
 //! has closed its end meanwhile, as bytes already on the wire are. The demo
 //! puts one between a sidecar and its upstream to model a network pause that
 //! catches a write after its token was attached. The relay records what the
-//! far side answered to each request it delivered ([`Relay::answers`]), since
+//! far side answered to each request it delivered ([`Relay::answer`]), since
 //! the sender may no longer be there to hear it.
 
 use std::net::SocketAddr;

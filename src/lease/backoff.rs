@@ -18,9 +18,9 @@ impl Backoff {
         Backoff { base, cap, next: base }
     }
 
-    /// The keeper's default: 100 ms doubling up to 5 s.
+    /// The keeper's default: 100 ms doubling up to 2 s (a sidecar back from an etcd outage should hold again soon).
     pub fn default_retry() -> Backoff {
-        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(2))
     }
 
     /// The next wait: between half and all of the current step; the step doubles up to the cap.

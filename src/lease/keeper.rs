@@ -7,9 +7,9 @@
 //! its own). Background fence retries live in a `JoinSet` owned by the
 //! current round, so they end with it.
 //!
-//! One round is one lease: [`Task::acquire`] (queue, wait for our turn),
-//! [`Task::fence`] (fence the filters, our key watched), [`Task::hold`].
-//! The lease is kept alive by [`keep_lease`] through all three.
+//! One round is one lease: `Task::acquire` (queue, wait for our turn),
+//! `Task::fence` (fence the filters, our key watched), `Task::hold`.
+//! The lease is kept alive by `keep_lease` through all three.
 //!
 //! # Self-fencing
 //!

@@ -504,8 +504,6 @@ impl SidecarProc {
             lock,
             "--holder",
             holder,
-            "--ttl",
-            "2s",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--admin-listen",
@@ -516,6 +514,10 @@ impl SidecarProc {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // TTL 2 s unless the test gives its own.
+        if !extra.contains(&"--ttl") {
+            args.extend(["--ttl".to_string(), "2s".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc =
             spawn(&format!("sidecar-{holder}"), dir, fencegate_bin(), &args, &[("RUST_LOG", "info,fencegate=debug")]);

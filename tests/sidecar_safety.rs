@@ -72,14 +72,41 @@ fn keep_writing(url: String, stop: Arc<std::sync::atomic::AtomicBool>) -> tokio:
     })
 }
 
-/// Item 1: one slow keep-alive must not make self-fencing late for good. etcd
-/// stalls 0.9 s (a keep-alive times out and is cancelled), settles, then
-/// stops at T: the last token-bearing write leaves before T + TTL - margin.
-/// (Before: the cancelled keep-alive's answer stayed on its stream and every
-/// later keep-alive was timed from the wrong send, so tokens went out until
-/// T + 2.36 s and later with TTL 2 s.)
+/// A counter from the sidecar's `/metrics`.
+async fn counter(a: &SidecarProc, name: &str) -> u64 {
+    let body = request("GET", &format!("{}/metrics", a.admin_url()), &[], "").await.body;
+    body.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {body}"))
+}
+
+/// Waits until the counter `name` passes `from`; returns when it did.
+async fn until_counter_above(a: &SidecarProc, name: &str, from: u64, within: Duration) -> Instant {
+    let end = Instant::now() + within;
+    loop {
+        if counter(a, name).await > from {
+            return Instant::now();
+        }
+        assert!(Instant::now() < end, "{name} stayed at {from}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Item 1: one slow keep-alive must not make self-fencing late for good.
+/// etcd is stopped right after an acknowledged keep-alive, so the next one
+/// times out and is cancelled (well before the self-fencing deadline); etcd
+/// goes on, settles, and is stopped for good at T, again right after an
+/// acknowledged keep-alive: the last token-bearing write leaves before
+/// T + TTL - margin. (Before: the cancelled keep-alive's answer stayed on its
+/// stream and every later keep-alive read the previous one's answer, timed
+/// from its own, later send, so tokens went out until about T + 2.4 s with
+/// TTL 2 s.)
 #[tokio::test]
 async fn a_cancelled_keepalive_does_not_make_self_fencing_late() {
+    const ACKS: &str = "fencegate_sidecar_keepalives_total";
+    const FAILS: &str = "fencegate_sidecar_keepalive_failures_total";
     let etcd = Etcd::start();
     let (store, seen) = timing_store().await;
     let d = tempfile::tempdir().unwrap();
@@ -87,15 +114,22 @@ async fn a_cancelled_keepalive_does_not_make_self_fencing_late() {
     wait_holder(&[&a], Duration::from_secs(10)).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = keep_writing(a.url(), stop.clone());
-
     let etcd_proc = etcd.proc.as_ref().unwrap();
+
+    // One keep-alive cancelled by its timeout: stall etcd from just after an ack until a failure is counted.
+    let (acks, fails) = (counter(&a, ACKS).await, counter(&a, FAILS).await);
+    until_counter_above(&a, ACKS, acks, Duration::from_secs(3)).await;
     etcd_proc.signal(libc::SIGSTOP);
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    until_counter_above(&a, FAILS, fails, Duration::from_secs(3)).await;
     etcd_proc.signal(libc::SIGCONT);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(a.holding().await.is_some(), "still holding after the stall");
-    let t = Instant::now();
+
+    // Then etcd stops for good at T, just after an acknowledged keep-alive.
+    let acks = counter(&a, ACKS).await;
+    until_counter_above(&a, ACKS, acks, Duration::from_secs(3)).await;
     etcd_proc.signal(libc::SIGSTOP);
+    let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = writer.await;

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header;
+use http::{header, HeaderMap};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -32,13 +32,25 @@ pub async fn call(
         b = b.header(header::CONTENT_TYPE, ct);
     }
     let req = b.body(Full::new(body.into())).map_err(|e| format!("bad request {method} {url}: {e}"))?;
+    let (status, _, body) = send(client, req, timeout).await?;
+    Ok((status, body))
+}
+
+/// Sends a request built by the caller and collects the whole answer:
+/// `(status, headers, body)`, or a sentence saying why there is none.
+pub async fn send(
+    client: &SimpleClient,
+    req: Request<Full<Bytes>>,
+    timeout: Duration,
+) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let url = req.uri().to_string();
     let resp = tokio::time::timeout(timeout, client.request(req))
         .await
         .map_err(|_| format!("{url}: timed out"))?
         .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
-    let status = resp.status();
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    Ok((status, body))
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    Ok((parts.status, parts.headers, body))
 }
 
 /// The full cause chain of an error, for messages that say what went wrong.

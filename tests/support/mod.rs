@@ -14,9 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::Full;
 
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
@@ -333,20 +331,17 @@ impl Resp {
 
 /// One HTTP request with a fresh connection.
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // The project's own control client (fresh each time: a fresh connection).
+    let client = fencegate::proxy::simple_client();
     let mut b = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
     let req = b.body(Full::new(Bytes::from(body.to_owned()))).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(60), client.request(req))
+    let (status, headers, body) = fencegate::proxy::send(&client, req, Duration::from_secs(60))
         .await
-        .unwrap_or_else(|_| panic!("{method} {url} timed out"))
-        .unwrap_or_else(|e| panic!("{method} {url}: {e:?}"));
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    Resp { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+        .unwrap_or_else(|e| panic!("{method} {url}: {e}"));
+    Resp { status: status.as_u16(), headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
 /// A fenced PUT.
@@ -554,10 +549,9 @@ impl SidecarProc {
 
     /// `GET /v1/lock`, or None if the sidecar does not answer.
     pub async fn lock(&self) -> Option<serde_json::Value> {
-        let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-        let req = http::Request::get(format!("{}/v1/lock", self.admin_url())).body(Full::new(Bytes::new())).unwrap();
-        let r = tokio::time::timeout(Duration::from_millis(500), client.request(req)).await.ok()?.ok()?;
-        let b = r.into_body().collect().await.ok()?.to_bytes();
+        let client = fencegate::proxy::simple_client();
+        let url = format!("{}/v1/lock", self.admin_url());
+        let (_, b) = fencegate::proxy::call(&client, "GET", &url, None, "", Duration::from_millis(500)).await.ok()?;
         serde_json::from_slice(&b).ok()
     }
 

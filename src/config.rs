@@ -65,6 +65,9 @@ pub struct FilterArgs {
     /// The store, e.g. http://store:80 (a path prefix is kept).
     #[arg(long, env = "FENCEGATE_UPSTREAM")]
     pub upstream: String,
+    /// Send this Host to the store instead of the client's (default: the client's, which S3 clients sign).
+    #[arg(long, env = "FENCEGATE_UPSTREAM_HOST")]
+    pub upstream_host: Option<String>,
     /// Directory for the durable high-water marks (one filter per directory).
     #[arg(long, env = "FENCEGATE_STATE_DIR")]
     pub state_dir: PathBuf,
@@ -134,6 +137,7 @@ impl FilterArgs {
         };
         Ok(FilterConfig {
             upstream: self.upstream.clone(),
+            upstream_host: self.upstream_host.clone(),
             state_dir: self.state_dir.clone(),
             protection,
             allow_unprotected: self.allow_unprotected,
@@ -259,6 +263,13 @@ pub struct SidecarArgs {
     /// Where writes go: the filter in front of the store.
     #[arg(long, env = "FENCEGATE_UPSTREAM")]
     pub upstream: String,
+    /// Send this Host upstream instead of the app's (default: the app's, which S3 clients sign).
+    #[arg(long, env = "FENCEGATE_UPSTREAM_HOST")]
+    pub upstream_host: Option<String>,
+    /// After losing the lock: `auto` campaigns again at once; `manual` refuses writes and waits for
+    /// POST /v1/lock/rejoin (for apps that retry writes on their own).
+    #[arg(long, env = "FENCEGATE_REJOIN", default_value = "auto")]
+    pub rejoin: crate::lease::keeper::Rejoin,
     /// Local API: /v1/lock, /v1/lock/events, /v1/lock/release, /healthz, /readyz, /metrics.
     #[arg(long, env = "FENCEGATE_ADMIN_LISTEN", default_value = "127.0.0.1:7851")]
     pub admin_listen: SocketAddr,
@@ -321,9 +332,11 @@ impl SidecarArgs {
             fence_timeout: self.fence_timeout,
             fence_required: self.fence_required,
             release_pause: self.release_pause,
+            rejoin: self.rejoin,
         };
         let mut c = crate::sidecar::SidecarConfig::new(keeper, self.upstream.clone());
         c.fence_urls = self.fence.clone();
+        c.upstream_host = self.upstream_host.clone();
         c.write_deadline = self.write_deadline.unwrap_or(self.ttl);
         c.read_methods = ReadMethods::parse(&self.read_methods)?;
         c.reads_need_lease = self.reads_need_lease;

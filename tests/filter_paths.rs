@@ -54,8 +54,9 @@ async fn a_move_onto_a_protected_path_needs_that_paths_lock_and_a_fresh_token() 
     assert_eq!(put(&u("/a/staged"), "lockA", 5, "staged by 5").await.status, 201);
     let r = req("MOVE", &u("/a/staged"), &[dest.clone(), fenced("lockA", 4)].concat(), "").await;
     assert_eq!((r.status, r.error_code().as_str()), (409, "fencing_token_stale"), "{}", r.body);
-    // The absolute-URL form (as clients send it; nginx checks its host) is read the same way.
-    let abs = vec![("Destination", format!("{}/%61/doc", nginx.url()))];
+    // The absolute-URL form is read the same way; clients send it with the host they talk to (the filter's),
+    // which nginx compares with the Host passed through.
+    let abs = vec![("Destination", format!("{}/%61/doc", f.url()))];
     let r = req("MOVE", &u("/tmp/upload-1"), &abs, "").await;
     assert_eq!((r.status, r.error_code().as_str()), (428, "fencing_token_missing"), "{}", r.body);
     assert_eq!(nginx.get("/a/doc").await.as_deref(), Some("holder 5"));
@@ -295,7 +296,7 @@ fn differential(extra: &[&str], n: usize, seed: u64) -> (Option<String>, BTreeMa
         let dest = matches!(method, "MOVE" | "COPY").then(|| {
             let p = random_path(&mut rng);
             if rng.random_bool(0.3) {
-                [nginx.url().as_bytes(), &p].concat()
+                [f.url().as_bytes(), &p].concat()
             } else {
                 p
             }

@@ -60,6 +60,8 @@ use state::{StateDir, StateError};
 #[derive(Clone, Debug)]
 pub struct FilterConfig {
     pub upstream: String,
+    /// `--upstream-host`: the `Host` sent to the store instead of the client's.
+    pub upstream_host: Option<String>,
     pub state_dir: PathBuf,
     pub protection: Protection,
     pub allow_unprotected: bool,
@@ -85,6 +87,7 @@ impl FilterConfig {
     pub fn new(upstream: impl Into<String>, state_dir: impl Into<PathBuf>, protection: Protection) -> Self {
         FilterConfig {
             upstream: upstream.into(),
+            upstream_host: None,
             state_dir: state_dir.into(),
             protection,
             allow_unprotected: false,
@@ -161,7 +164,7 @@ impl Filter {
     /// A new pooled client for the upstream. Each worker thread owns one, so
     /// its connections' tasks live on the worker's own runtime.
     pub fn client(cfg: &FilterConfig) -> Result<Upstream, String> {
-        Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)
+        Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?.with_host(cfg.upstream_host.as_deref())
     }
 
     /// The proxy's request handler.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 use super::patch::InjectorConfig;
+use crate::lease::keeper::Rejoin;
 use crate::token::LockName;
 
 pub const ANN: &str = "fencegate.io/";
@@ -20,6 +21,8 @@ pub struct Settings {
     pub ttl: Duration,
     pub ready_gate: bool,
     pub fence: Option<String>,
+    /// `fencegate.io/rejoin`: `--rejoin` for the sidecar (`None`: its default, `auto`).
+    pub rejoin: Option<Rejoin>,
     /// `cpu`/`memory` requests and limits for the sidecar.
     pub requests: BTreeMap<String, Quantity>,
     pub limits: BTreeMap<String, Quantity>,
@@ -98,6 +101,15 @@ pub fn parse(ann: &BTreeMap<String, String>, cfg: &InjectorConfig) -> Result<Set
             errors.push(format!("{ANN}fence: {f:?} must be comma-separated http:// URLs"));
         }
     }
+    let rejoin = match get("rejoin") {
+        None => None,
+        Some("auto") => Some(Rejoin::Auto),
+        Some("manual") => Some(Rejoin::Manual),
+        Some(v) => {
+            errors.push(format!("{ANN}rejoin: {v:?} must be \"auto\" or \"manual\""));
+            None
+        }
+    };
     let (mut requests, mut limits) = (BTreeMap::new(), BTreeMap::new());
     for (key, is_limit, kind, default) in [
         ("cpu-request", false, "cpu", Some(cfg.cpu_request.as_str())),
@@ -111,7 +123,7 @@ pub fn parse(ann: &BTreeMap<String, String>, cfg: &InjectorConfig) -> Result<Set
     }
     match (lock, upstream, ttl) {
         (Some(lock), Some(upstream), Some(ttl)) if errors.is_empty() => {
-            Ok(Settings { lock, upstream, ttl, ready_gate, fence, requests, limits })
+            Ok(Settings { lock, upstream, ttl, ready_gate, fence, rejoin, requests, limits })
         }
         _ => Err(errors),
     }
@@ -151,6 +163,10 @@ pub(crate) mod tests {
         let s = parse(&annotations(&fixture_pod("pod-with-init.json")), &cfg).unwrap();
         assert_eq!((s.ttl, s.ready_gate, s.fence), (Duration::from_secs(7), false, None));
         assert!(!s.limits.contains_key("cpu"), "no CPU limit unless configured");
+        assert_eq!(s.rejoin, None, "the sidecar's default");
+        let mut ann = annotations(&fixture_pod("pod-with-init.json"));
+        ann.insert(format!("{ANN}rejoin"), "manual".into());
+        assert_eq!(parse(&ann, &cfg).unwrap().rejoin, Some(Rejoin::Manual));
     }
 
     #[test]
@@ -163,12 +179,13 @@ pub(crate) mod tests {
             ("ready-gate", "maybe"),
             ("cpu-limit", "lots"),
             ("fence", "x"),
+            ("rejoin", "sometimes"),
         ] {
             ann.insert(format!("{ANN}{k}"), v.into());
         }
         let errors = parse(&ann, &InjectorConfig::default()).unwrap_err();
-        assert_eq!(errors.len(), 6, "{errors:?}");
-        for k in ["lock", "upstream", "ttl", "ready-gate", "cpu-limit", "fence"] {
+        assert_eq!(errors.len(), 7, "{errors:?}");
+        for k in ["lock", "upstream", "ttl", "ready-gate", "cpu-limit", "fence", "rejoin"] {
             assert!(errors.iter().any(|e| e.starts_with(&format!("{ANN}{k}"))), "{k}: {errors:?}");
         }
         let errors = parse(&BTreeMap::new(), &InjectorConfig::default()).unwrap_err();

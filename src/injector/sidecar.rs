@@ -9,6 +9,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::annotations::Settings;
 use super::patch::InjectorConfig;
+use crate::lease::keeper::Rejoin;
 
 pub const SIDECAR_NAME: &str = "fencegate-sidecar";
 pub const TLS_VOLUME: &str = "fencegate-etcd-tls";
@@ -52,6 +53,9 @@ fn envs(s: &Settings, cfg: &InjectorConfig) -> Vec<EnvVar> {
     ];
     if let Some(f) = &s.fence {
         envs.push(env("FENCEGATE_FENCE", f));
+    }
+    if let Some(r) = s.rejoin {
+        envs.push(env("FENCEGATE_REJOIN", if r == Rejoin::Manual { "manual" } else { "auto" }));
     }
     if !s.ready_gate {
         envs.push(env("FENCEGATE_READY_ALWAYS", "true"));

@@ -62,8 +62,29 @@ pub enum Phase {
     /// us, or etcd gave us a token at or below one we held before (etcd
     /// restored from an old snapshot?): writes are refused.
     FencedOut,
+    /// Lost the lock with `--rejoin manual`: writes are refused and nothing
+    /// campaigns until the app calls `POST /v1/lock/rejoin`.
+    AwaitingRejoin,
     /// Shut down; the lease was revoked.
     Stopped,
+}
+
+/// What the keeper does after it lost the lock (not after a release or a
+/// stop: those the app asked for).
+///
+/// A fencing token cannot protect against an app that keeps a write of its
+/// own across a loss and retries it after this instance won the lock again:
+/// the retry then carries the new, valid token. `Manual` makes the app
+/// acknowledge the loss (re-read its state, drop queued writes) before this
+/// instance can hold again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejoin {
+    /// Campaign again at once.
+    #[default]
+    Auto,
+    /// Wait for [`Keeper::rejoin`] (the app's `POST /v1/lock/rejoin`).
+    Manual,
 }
 
 /// The lock's state as published to the proxy and the local API.
@@ -134,6 +155,8 @@ pub struct KeeperConfig {
     pub fence_required: bool,
     /// After a voluntary release, how long to wait before campaigning again.
     pub release_pause: Duration,
+    /// After a loss: campaign again at once, or wait for the app.
+    pub rejoin: Rejoin,
 }
 
 /// The default fence timeout: above the filter's default drain timeout plus
@@ -152,6 +175,7 @@ impl KeeperConfig {
             fence_timeout: DEFAULT_FENCE_TIMEOUT,
             fence_required: false,
             release_pause: Duration::from_secs(1),
+            rejoin: Rejoin::Auto,
         }
     }
 }
@@ -163,6 +187,7 @@ pub fn default_margin(ttl: Duration) -> Duration {
 
 enum Command {
     Release,
+    Rejoin,
 }
 
 /// Handle on the keeper task.
@@ -218,6 +243,16 @@ impl Keeper {
     /// Steps down: revoke, then campaign again after `release_pause`.
     pub fn release(&self) {
         let _ = self.cmd.send(Command::Release);
+    }
+
+    /// After a loss with [`Rejoin::Manual`]: campaign again. Returns whether
+    /// the keeper was awaiting it (otherwise nothing happens).
+    pub fn rejoin(&self) -> bool {
+        let awaiting = self.status.borrow().phase == Phase::AwaitingRejoin;
+        if awaiting {
+            let _ = self.cmd.send(Command::Rejoin);
+        }
+        awaiting
     }
 
     /// Stops the keeper and revokes its lease, so a waiting candidate takes
@@ -278,10 +313,19 @@ impl Task {
             let end = self.round(lease).await;
             // The token and the deadline go first, then the revoke: no write
             // may carry the token while we wait (up to 2 s) for etcd.
+            // Only a lock held (or being fenced for) is a loss the app must
+            // acknowledge; a lease lost while queueing is not.
+            let held = matches!(self.tx.borrow().phase, Phase::Holding | Phase::Fencing | Phase::FencedOut);
+            let manual = self.cfg.rejoin == Rejoin::Manual && held;
             match &end {
                 RoundEnd::Stopped => self.publish(Phase::Stopped, None),
-                RoundEnd::Released => self.publish_lost(None),
-                RoundEnd::Lost(why) => self.publish_lost(Some(why.clone())),
+                RoundEnd::Released => self.publish_lost(None, Phase::Campaigning),
+                RoundEnd::Lost(why) if manual => {
+                    // A rejoin asked for before this loss does not answer it.
+                    while self.cmd.try_recv().is_ok() {}
+                    self.publish_lost(Some(why.clone()), Phase::AwaitingRejoin)
+                }
+                RoundEnd::Lost(why) => self.publish_lost(Some(why.clone()), Phase::Campaigning),
             }
             self.revoke(lease.id).await;
             match end {
@@ -293,7 +337,12 @@ impl Task {
                         _ = self.stop.cancelled() => break,
                     }
                 }
-                RoundEnd::Lost(why) => tracing::warn!(lock = %self.cfg.lock, reason = %why, "lost the lease"),
+                RoundEnd::Lost(why) => {
+                    tracing::warn!(lock = %self.cfg.lock, reason = %why, "lost the lease");
+                    if manual && !self.await_rejoin().await {
+                        break;
+                    }
+                }
             }
         }
         self.publish(Phase::Stopped, None);
@@ -313,12 +362,34 @@ impl Task {
         });
     }
 
-    fn publish_lost(&self, why: Option<String>) {
+    /// With [`Rejoin::Manual`], after a loss: waits for the app's rejoin
+    /// (`true`) or the keeper's stop (`false`). Nothing campaigns meanwhile,
+    /// so this instance cannot win the lock again under an app that still
+    /// has writes of the lost session queued.
+    async fn await_rejoin(&mut self) -> bool {
+        tracing::warn!(lock = %self.cfg.lock, "awaiting POST /v1/lock/rejoin before campaigning again (--rejoin manual)");
+        loop {
+            tokio::select! {
+                c = self.cmd.recv() => match c {
+                    Some(Command::Rejoin) => {
+                        tracing::info!(lock = %self.cfg.lock, "the app asked to rejoin; campaigning");
+                        return true;
+                    }
+                    // Nothing is held, so there is nothing to release.
+                    Some(Command::Release) => {}
+                    None => return false,
+                },
+                _ = self.stop.cancelled() => return false,
+            }
+        }
+    }
+
+    fn publish_lost(&self, why: Option<String>, next: Phase) {
         let was_holding = matches!(self.tx.borrow().phase, Phase::Holding | Phase::Fencing | Phase::FencedOut);
         if was_holding {
             self.stats.losses.fetch_add(1, Ordering::Relaxed);
         }
-        self.publish(Phase::Campaigning, None);
+        self.publish(next, None);
         if why.is_some() {
             self.tx.send_modify(|s| s.last_error = why);
         }
@@ -527,6 +598,8 @@ impl Task {
                 _ = self.stop.cancelled() => return RoundEnd::Stopped,
                 c = self.cmd.recv() => match c {
                     Some(Command::Release) => return RoundEnd::Released,
+                    // Only meaningful while awaiting one.
+                    Some(Command::Rejoin) => {}
                     None => return RoundEnd::Stopped,
                 },
                 Some(_) = retries.join_next(), if !retries.is_empty() => {}

@@ -1,5 +1,5 @@
-//! Header rewriting for a forwarded request: hop-by-hop headers and
-//! `X-Forwarded-For`.
+//! Header rewriting for a forwarded request: hop-by-hop headers,
+//! `X-Forwarded-For`, and `Host` / `X-Forwarded-Host`.
 
 use std::net::SocketAddr;
 
@@ -44,9 +44,63 @@ pub(crate) fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
     }
 }
 
+/// Sets the forwarded request's `Host`. The client's own `Host` goes through
+/// unchanged by default (as Envoy and HAProxy do): S3 clients sign it
+/// (SigV4), and WebDAV stores compare it with a `Destination`'s host, so a
+/// proxy that rewrote it would break both. `upstream_host` (the
+/// `--upstream-host` flag) replaces it, for stores that route by name. A
+/// request with no host at all (HTTP/1.0) gets `fallback`, the upstream's
+/// address. The client's host is also kept in `X-Forwarded-Host`, unless an
+/// earlier proxy already recorded the original there.
+///
+/// `uri_authority` is the request's URI authority before the URI is
+/// rewritten: HTTP/2 requests carry their host there (`:authority`), not in a
+/// `Host` header.
+pub(crate) fn set_host(
+    h: &mut HeaderMap,
+    uri_authority: Option<&http::uri::Authority>,
+    upstream_host: Option<&HeaderValue>,
+    fallback: &HeaderValue,
+) {
+    let client =
+        h.get(header::HOST).cloned().or_else(|| uri_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let xfh = HeaderName::from_static("x-forwarded-host");
+    if let (Some(c), false) = (&client, h.contains_key(&xfh)) {
+        h.insert(xfh, c.clone());
+    }
+    let host = upstream_host.cloned().or(client).unwrap_or_else(|| fallback.clone());
+    h.insert(header::HOST, host);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fails on the old code, which always set `Host` to the upstream's.
+    #[test]
+    fn host_passes_through_unless_overridden() {
+        let fallback = HeaderValue::from_static("store:80");
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, "127.0.0.1:7850".parse().unwrap());
+        set_host(&mut h, None, None, &fallback);
+        assert_eq!(h[header::HOST], "127.0.0.1:7850", "the client's Host, which it signed");
+        assert_eq!(h["x-forwarded-host"], "127.0.0.1:7850");
+        // The second hop keeps the first hop's X-Forwarded-Host.
+        h.insert(header::HOST, "filter:8080".parse().unwrap());
+        set_host(&mut h, None, Some(&HeaderValue::from_static("s3.internal")), &fallback);
+        assert_eq!(h[header::HOST], "s3.internal", "--upstream-host");
+        assert_eq!(h["x-forwarded-host"], "127.0.0.1:7850");
+        // HTTP/2: the host is the URI's authority.
+        let mut h = HeaderMap::new();
+        let uri: http::Uri = "http://app.example:81/x".parse().unwrap();
+        set_host(&mut h, uri.authority(), None, &fallback);
+        assert_eq!(h[header::HOST], "app.example:81");
+        // HTTP/1.0 with no Host: the upstream's address.
+        let mut h = HeaderMap::new();
+        set_host(&mut h, None, None, &fallback);
+        assert_eq!(h[header::HOST], "store:80");
+        assert!(!h.contains_key("x-forwarded-host"));
+    }
 
     #[test]
     fn hop_by_hop_headers_go_including_named_ones() {

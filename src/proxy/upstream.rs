@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::body::{json_error, Body};
 use super::client::error_chain;
-use super::headers::{append_forwarded_for, strip_hop_by_hop};
+use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
 /// A pooled HTTP client for one upstream base URL.
 #[derive(Clone, Debug)]
@@ -20,6 +20,8 @@ pub struct Upstream {
     client: Client<HttpConnector, Incoming>,
     base: Uri,
     authority: HeaderValue,
+    /// `--upstream-host`: the `Host` sent instead of the client's.
+    host: Option<HeaderValue>,
     /// How long to wait for the upstream's response head.
     pub response_timeout: Duration,
 }
@@ -66,14 +68,23 @@ impl Upstream {
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(conn);
-        Ok(Upstream { client, base, authority, response_timeout })
+        Ok(Upstream { client, base, authority, host: None, response_timeout })
+    }
+
+    /// Sends `host` as every request's `Host` instead of the client's (see
+    /// [`set_host`]); `None` keeps the client's.
+    pub fn with_host(mut self, host: Option<&str>) -> Result<Self, String> {
+        self.host =
+            host.map(|h| HeaderValue::from_str(h).map_err(|e| format!("bad upstream host {h:?}: {e}"))).transpose()?;
+        Ok(self)
     }
 
     pub fn base(&self) -> &Uri {
         &self.base
     }
 
-    /// Rewrites `req` for the upstream (URI, Host, hop-by-hop headers) and
+    /// Rewrites `req` for the upstream (URI, hop-by-hop headers, Host as
+    /// [`set_host`] says) and
     /// sends it; resolves when the upstream's response head has arrived. The
     /// body streams both ways: nothing here buffers it.
     /// `peer`, when given, is appended to `X-Forwarded-For`.
@@ -82,10 +93,11 @@ impl Upstream {
         mut req: Request<Incoming>,
         peer: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        let authority = req.uri().authority().cloned();
         *req.uri_mut() = self.target(req.uri());
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
-        req.headers_mut().insert(header::HOST, self.authority.clone());
+        set_host(req.headers_mut(), authority.as_ref(), self.host.as_ref(), &self.authority);
         if let Some(peer) = peer {
             append_forwarded_for(req.headers_mut(), peer);
         }

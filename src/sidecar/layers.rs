@@ -171,6 +171,9 @@ fn refusal(lock: &LockName, phase: Phase, stopping: bool) -> Response<Body> {
             Phase::FencedOut => "a filter has seen a higher token than etcd gave this holder (etcd restored from an old snapshot?); see /v1/lock".into(),
             Phase::Holding => "the lease may have expired (no keep-alive acknowledged in time): self-fenced".into(),
             Phase::Fencing => "the lock was just won; the filters are being fenced".into(),
+            Phase::AwaitingRejoin => {
+                "the lock was lost and --rejoin is manual: re-read your state, then POST /v1/lock/rejoin".into()
+            }
             _ => "this instance does not hold the lock".into(),
         }
     };

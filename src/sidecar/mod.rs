@@ -5,7 +5,8 @@
 //!   [`layers::InjectToken`].
 //! * The local API (`--admin-listen`) tells the app about the lock:
 //!   `GET /v1/lock`, `GET /v1/lock/events` (Server-Sent Events),
-//!   `POST /v1/lock/release`, `/healthz`, `/readyz`, `/metrics`.
+//!   `POST /v1/lock/release`, `POST /v1/lock/rejoin` (after a loss with
+//!   `--rejoin manual`), `/healthz`, `/readyz`, `/metrics`.
 //!
 //! Shutdown order matters for a fast, safe handoff: refuse new writes, let
 //! in-flight ones finish (bounded), *then* revoke the lease so the next
@@ -47,6 +48,8 @@ use layers::{BoundWritesLayer, InjectConfig, InjectTokenLayer, ProxyStats, Strip
 pub struct SidecarConfig {
     pub keeper: KeeperConfig,
     pub upstream: String,
+    /// `--upstream-host`: the `Host` sent upstream instead of the app's.
+    pub upstream_host: Option<String>,
     /// Filters' admin base URLs to fence on takeover.
     pub fence_urls: Vec<String>,
     /// Longest a write may stream its body to the upstream after its token
@@ -69,6 +72,7 @@ impl SidecarConfig {
         SidecarConfig {
             keeper,
             upstream: upstream.into(),
+            upstream_host: None,
             fence_urls: vec![],
             write_deadline,
             read_methods: ReadMethods::default(),
@@ -137,6 +141,7 @@ impl Sidecar {
             "safety_margin_ms": self.cfg.keeper.margin.as_millis() as u64,
             "fenced_out": s.phase == Phase::FencedOut,
             "fenced_out_highest": s.fenced_out_highest,
+            "rejoin": self.cfg.keeper.rejoin,
             "last_error": s.last_error,
         })
     }
@@ -178,6 +183,10 @@ impl Sidecar {
                 }
                 json_response(StatusCode::ACCEPTED, &json!({ "released": was_holding }))
             }
+            (&Method::POST, "/v1/lock/rejoin") => {
+                let rejoined = self.keeper.lock().as_ref().is_some_and(|k| k.rejoin());
+                json_response(StatusCode::ACCEPTED, &json!({ "rejoined": rejoined }))
+            }
             (m, p) => {
                 proxy::json_error(StatusCode::NOT_FOUND, "not_found", &format!("no such endpoint: {m} {p}"), None)
             }
@@ -208,6 +217,7 @@ impl Sidecar {
                         (Phase::FencedOut, _) => "fenced_out",
                         (Phase::Fencing, _) => "fencing",
                         (Phase::Stopped, _) => "stopped",
+                        (Phase::AwaitingRejoin, _) => "awaiting_rejoin",
                         (Phase::Campaigning, _)
                             if matches!(st.last, Some((Phase::Holding | Phase::Fencing | Phase::FencedOut, ..))) =>
                         {
@@ -318,7 +328,8 @@ pub async fn run(
     health: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let upstream = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?;
+    let upstream = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?
+        .with_host(cfg.upstream_host.as_deref())?;
     let sc = Sidecar::start(cfg, backend);
     serve(sc, upstream, listener, admin, health, shutdown).await;
     Ok(())

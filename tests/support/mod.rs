@@ -135,6 +135,115 @@ fn need(program: &str) -> String {
     panic!("{program} is not installed: the tests need it (scripts/test.sh installs it)");
 }
 
+/// A program found on `PATH` (pip installs `weed` and `rclone` there, not
+/// under /usr), or a loud failure naming it.
+pub fn on_path(program: &str) -> String {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(program);
+        if p.is_file() {
+            return p.to_string_lossy().into_owned();
+        }
+    }
+    panic!("{program} is not on PATH: the tests need it (scripts/install-deps.sh test installs it)");
+}
+
+/// The access key SeaweedFS enforces (SigV4) in the tests.
+pub const S3_ACCESS_KEY: &str = "fgaccess";
+pub const S3_SECRET_KEY: &str = "fgsecret123";
+
+/// A real SeaweedFS (`weed server` with its S3 gateway) in a temp directory,
+/// with one identity, so every request must carry a valid SigV4 signature.
+pub struct SeaweedFs {
+    pub proc: Proc,
+    pub s3: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+impl SeaweedFs {
+    pub fn start() -> SeaweedFs {
+        let weed = on_path("weed");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        let identities = serde_json::json!({"identities": [{
+            "name": "tester",
+            "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]});
+        std::fs::write(dir.path().join("s3.json"), identities.to_string()).unwrap();
+        let s3_port = free_port();
+        let mut args = vec![
+            "server".to_string(),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            format!("-dir={}", dir.path().join("data").display()),
+            "-volume.max=5".into(),
+            "-master.volumeSizeLimitMB=64".into(),
+            "-filer".into(),
+            "-s3".into(),
+            format!("-s3.port={s3_port}"),
+            format!("-s3.config={}", dir.path().join("s3.json").display()),
+            // Off: they would take fixed ports (8181, 9101).
+            "-s3.port.iceberg=0".into(),
+            "-s3.port.lance=0".into(),
+        ];
+        // Every other listener on a free port too, so tests can run side by side.
+        for flag in [
+            "master.port",
+            "master.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "s3.port.grpc",
+        ] {
+            args.push(format!("-{flag}={}", free_port()));
+        }
+        let proc = spawn("weed", dir.path(), &weed, &args, &[]);
+        let s3: SocketAddr = format!("127.0.0.1:{s3_port}").parse().unwrap();
+        let w = SeaweedFs { proc, s3, dir };
+        // The S3 port opens before the filer behind it is ready: wait for a bucket to be created.
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            wait_port(s3, Duration::from_secs(60));
+            if w.py(&[&w.url(), "ready-check", "--create-bucket"]).status.success() {
+                break;
+            }
+            assert!(Instant::now() < end, "SeaweedFS did not start:\n{}", w.proc.log_text());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        w
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.s3)
+    }
+
+    /// Runs tests/support/s3_ops.py with the test identity.
+    pub fn py(&self, args: &[&str]) -> std::process::Output {
+        s3_ops(args, S3_ACCESS_KEY, S3_SECRET_KEY)
+    }
+
+    pub fn create_bucket(&self, bucket: &str) {
+        let out = self.py(&[&self.url(), bucket, "--create-bucket"]);
+        assert!(out.status.success(), "create bucket {bucket}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Runs tests/support/s3_ops.py (boto3) with these credentials.
+pub fn s3_ops(args: &[&str], access: &str, secret: &str) -> std::process::Output {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/s3_ops.py");
+    Command::new(on_path("python3"))
+        .arg(script)
+        .args(args)
+        .env("AWS_ACCESS_KEY_ID", access)
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL")
+        .output()
+        .expect("python3 runs")
+}
+
 /// A real nginx serving WebDAV from a temp directory.
 pub struct Nginx {
     pub proc: Proc,

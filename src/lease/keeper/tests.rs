@@ -240,6 +240,46 @@ async fn a_token_never_goes_backwards() {
     assert_eq!(s.write_token(now()), None, "writes are refused");
 }
 
+/// Issue 14, item 3: with `Rejoin::Manual` a lost lock is not campaigned
+/// for again until the app rejoins, so a write the app retries from the lost
+/// session cannot get a new, valid token. A release is not a loss: it
+/// campaigns again on its own. The control, `Rejoin::Auto` (the old
+/// behaviour), holds again by itself; on the old code the manual keeper
+/// would hold again too, and this test fails.
+#[tokio::test(start_paused = true)]
+async fn after_a_loss_manual_rejoin_waits_for_the_app() {
+    for rejoin in [Rejoin::Auto, Rejoin::Manual] {
+        let b = Arc::new(Flaky::default());
+        let a = Keeper::spawn(b.clone(), Arc::new(NoFence), KeeperConfig { rejoin, ..cfg("a") });
+        let mut ra = a.subscribe();
+        let first = until_phase(&mut ra, Phase::Holding).await;
+        assert!(!a.rejoin(), "{rejoin:?}: no rejoin while holding");
+        assert!(b.inner.delete_key(&key_of(&first)), "the lock is lost (key deleted)");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let s = a.status();
+        if rejoin == Rejoin::Auto {
+            assert_eq!(s.phase, Phase::Holding, "the control holds again by itself");
+            assert!(s.token > first.token);
+            continue;
+        }
+        assert_eq!(s.phase, Phase::AwaitingRejoin, "a minute later, still waiting for the app");
+        assert_eq!((s.token, s.write_token(now()), s.lease_id), (None, None, None));
+        assert_eq!(a.stats.acquisitions.load(Ordering::Relaxed), 1, "never campaigned again");
+        a.release(); // nothing held: not a rejoin
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(a.status().phase, Phase::AwaitingRejoin);
+        assert!(a.rejoin(), "the app rejoins");
+        let again = until_phase(&mut ra, Phase::Holding).await;
+        assert!(again.token > first.token, "a new session, a higher token");
+        // A release is the app's own doing: it campaigns again without a rejoin.
+        a.release();
+        until_phase(&mut ra, Phase::Campaigning).await;
+        let third = until_phase(&mut ra, Phase::Holding).await;
+        assert!(third.token > again.token);
+        a.shutdown().await;
+    }
+}
+
 #[test]
 fn default_margin_is_a_tenth_with_a_floor() {
     assert_eq!(default_margin(Duration::from_secs(10)), Duration::from_secs(1));

@@ -83,8 +83,16 @@ async fn trickle_race(extra: &[&str]) -> (String, Duration) {
     let fence = fence_headers;
     let old_body = b"OLD-OLD-OLD-OLD!";
     let mut old = RawRequest::start(f.addr, "/race", &fence(1), old_body.len(), &old_body[..4]).await;
-    // Let the filter admit token 1 and open the upstream request.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the filter admit token 1 and open the upstream request (it shows in flight).
+    let admitted = Instant::now();
+    loop {
+        let locks = request("GET", &format!("{}/v1/locks", f.admin_url()), &[], "").await.json();
+        if locks["locks"][0]["inflight"]["1"] == 1 {
+            break;
+        }
+        assert!(admitted.elapsed() < Duration::from_secs(10), "token 1 never in flight: {locks}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let url = format!("{}/race", f.url());
     let started = Instant::now();
@@ -148,76 +156,6 @@ async fn a_write_that_cannot_wait_long_enough_gets_503_with_retry_after() {
     let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=5).contains(&after), "{after}");
     assert_eq!(nginx.get("/slow").await, None, "nothing was written");
-}
-
-#[tokio::test]
-async fn every_malformed_input_gets_its_status_and_code() {
-    let (nginx, _d, f) = filter_with(&["--protect", "/orders/=orders", "--protect", "/users/=users"]);
-    let u = |p: &str| format!("{}{p}", f.url());
-    let long = "a".repeat(129);
-    // (method, path, headers, status, error code)
-    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
-    let cases: Vec<Case> = vec![
-        ("PUT", "/orders/1", vec![], 428, "fencing_token_missing"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders")], 428, "fencing_token_missing"),
-        ("DELETE", "/orders/1", vec![("Fencing-Token", "3")], 428, "fencing_token_missing"),
-        (
-            "PUT",
-            "/orders/1",
-            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "abc")],
-            400,
-            "fencing_token_malformed",
-        ),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "0")], 400, "fencing_token_malformed"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "-4")], 400, "fencing_token_malformed"),
-        (
-            "PUT",
-            "/orders/1",
-            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "18446744073709551616")],
-            400,
-            "fencing_token_malformed",
-        ),
-        (
-            "PUT",
-            "/orders/1",
-            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1"), ("Fencing-Token", "2")],
-            400,
-            "fencing_token_malformed",
-        ),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "ord ers"), ("Fencing-Token", "1")], 400, "fencing_token_malformed"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", &long), ("Fencing-Token", "1")], 400, "fencing_token_malformed"),
-        ("PUT", "/orders/1", vec![("Fencing-Lock", "users"), ("Fencing-Token", "1")], 403, "fencing_lock_mismatch"),
-        ("PUT", "/elsewhere/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1")], 403, "path_not_protected"),
-        (
-            "PUT",
-            "/users/../orders/1",
-            vec![("Fencing-Lock", "users"), ("Fencing-Token", "1")],
-            400,
-            "path_not_canonical",
-        ),
-        ("PUT", "//orders/1", vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1")], 400, "path_not_canonical"),
-        ("MKCOL", "/orders/dir/", vec![], 428, "fencing_token_missing"),
-    ];
-    for (method, path, headers, status, code) in cases {
-        let r = request(method, &u(path), &headers, "body").await;
-        assert_eq!(r.status, status, "{method} {path} {headers:?}: {}", r.body);
-        assert_eq!(r.error_code(), code, "{method} {path} {headers:?}");
-        assert!(!r.json()["message"].as_str().unwrap().is_empty());
-    }
-    // None of them reached the store.
-    assert_eq!(nginx.get("/orders/1").await, None);
-    assert_eq!(nginx.get("/elsewhere/1").await, None);
-
-    // The stale case, with the highest token in the body.
-    assert_eq!(put(&u("/orders/1"), "orders", 5, "v5").await.status, 201);
-    let r = put(&u("/orders/1"), "orders", 4, "v4").await;
-    assert_eq!((r.status, r.error_code().as_str()), (409, "fencing_token_stale"));
-    assert_eq!(r.json()["highest"], 5);
-    // Locks are independent: a low token on another lock is fine.
-    assert_eq!(put(&u("/users/1"), "users", 1, "u1").await.status, 201);
-    // Reads pass without headers.
-    assert_eq!(request("GET", &u("/orders/1"), &[], "").await.body, "v5");
-    assert_eq!(request("PROPFIND", &u("/orders/1"), &[("Depth", "0")], "").await.status, 207);
 }
 
 #[tokio::test]
@@ -321,30 +259,6 @@ async fn proactive_fence_refuses_a_zombie_before_the_new_holder_writes() {
     assert_eq!(fence("\"x\"").await.status, 400);
     let r = request("POST", &format!("{}/v1/locks/other/fence", f.admin_url()), &[], "{\"token\":1}").await;
     assert_eq!((r.status, r.error_code().as_str()), (404, "fencing_lock_unknown"));
-}
-
-#[tokio::test]
-async fn admin_endpoints_and_metrics() {
-    let (_nginx, _d, f) = filter_with(&["--lock", LOCK]);
-    put(&format!("{}/m", f.url()), LOCK, 4, "x").await;
-    put(&format!("{}/m", f.url()), LOCK, 2, "x").await;
-    put(&format!("{}/m", f.url()), LOCK, 0, "x").await;
-    let a = |p: &str| format!("{}{p}", f.admin_url());
-    assert_eq!(request("GET", &a("/healthz"), &[], "").await.status, 200);
-    assert_eq!(request("GET", &a("/readyz"), &[], "").await.status, 200);
-    assert_eq!(request("GET", &a("/nope"), &[], "").await.status, 404);
-    let m = request("GET", &a("/metrics"), &[], "").await.body;
-    for want in [
-        r#"fencegate_filter_writes_admitted_total{lock="orders"} 1"#,
-        r#"fencegate_filter_writes_refused_total{lock="orders",reason="stale"} 1"#,
-        r#"fencegate_filter_writes_refused_total{lock="",reason="malformed"} 1"#,
-        r#"fencegate_filter_highest_token{lock="orders"} 4"#,
-        "fencegate_filter_upstream_latency_seconds_count",
-        "fencegate_filter_barrier_waits_total",
-        "fencegate_filter_locks 1",
-    ] {
-        assert!(m.contains(want), "missing {want} in\n{m}");
-    }
 }
 
 #[tokio::test]

@@ -1,0 +1,226 @@
+//! Headers, status codes and admin answers need no real store or lease: the
+//! real filter and sidecar run here in process, through `filter::run` and
+//! `sidecar::run` on port-0 listeners (mini-redis's `server::run(listener,
+//! shutdown)`), with the demo's in-memory store and the embedded lease
+//! backend. Real processes stay for what needs them (kill -9, SIGTERM,
+//! partitions, nginx's and etcd's own behaviour).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fencegate::demo::store::{self, MemStore};
+use fencegate::filter::{self, FilterConfig, Protection};
+use fencegate::lease::embedded::Embedded;
+use fencegate::lease::keeper::KeeperConfig;
+use fencegate::sidecar::{self, SidecarConfig};
+use support::{put, request};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+async fn bind() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// An in-memory store on a port-0 listener.
+async fn mem_store(stop: &CancellationToken) -> (Arc<MemStore>, SocketAddr) {
+    let s = Arc::new(MemStore::default());
+    let (l, a) = bind().await;
+    tokio::spawn(store::serve(s.clone(), l, stop.clone().cancelled_owned()));
+    (s, a)
+}
+
+/// The filter in process: its data and admin URLs.
+struct InProc {
+    url: String,
+    admin: String,
+    store: Arc<MemStore>,
+    stop: CancellationToken,
+    _state: tempfile::TempDir,
+}
+
+impl Drop for InProc {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn filter(protection: Protection) -> InProc {
+    let stop = CancellationToken::new();
+    let (store, store_addr) = mem_store(&stop).await;
+    let state = tempfile::tempdir().unwrap();
+    let cfg = FilterConfig::new(format!("http://{store_addr}"), state.path(), protection);
+    let ((l, a), (al, aa)) = (bind().await, bind().await);
+    tokio::spawn(filter::run(cfg, l, Some(al), 1, stop.clone().cancelled_owned()));
+    let f = InProc { url: format!("http://{a}"), admin: format!("http://{aa}"), store, stop, _state: state };
+    // Ready once the start-up barrier has passed.
+    for _ in 0..200 {
+        if request("GET", &format!("{}/readyz", f.admin), &[], "").await.status == 200 {
+            return f;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the in-process filter never became ready");
+}
+
+fn rules(r: &[(&str, &str)]) -> Protection {
+    Protection::Rules(r.iter().map(|(p, l)| (p.to_string(), l.parse().unwrap())).collect())
+}
+
+#[tokio::test]
+async fn every_malformed_input_gets_its_status_and_code() {
+    let f = filter(rules(&[("/orders/", "orders"), ("/users/", "users")])).await;
+    let u = |p: &str| format!("{}{p}", f.url);
+    let long = "a".repeat(129);
+    // (method, path, headers, status, error code)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let lock_token = |l: &'static str, t: &'static str| vec![("Fencing-Lock", l), ("Fencing-Token", t)];
+    let cases: Vec<Case> = vec![
+        ("PUT", "/orders/1", vec![], 428, "fencing_token_missing"),
+        ("PUT", "/orders/1", vec![("Fencing-Lock", "orders")], 428, "fencing_token_missing"),
+        ("DELETE", "/orders/1", vec![("Fencing-Token", "3")], 428, "fencing_token_missing"),
+        ("PUT", "/orders/1", lock_token("orders", "abc"), 400, "fencing_token_malformed"),
+        ("PUT", "/orders/1", lock_token("orders", "0"), 400, "fencing_token_malformed"),
+        ("PUT", "/orders/1", lock_token("orders", "-4"), 400, "fencing_token_malformed"),
+        ("PUT", "/orders/1", lock_token("orders", "18446744073709551616"), 400, "fencing_token_malformed"),
+        (
+            "PUT",
+            "/orders/1",
+            vec![("Fencing-Lock", "orders"), ("Fencing-Token", "1"), ("Fencing-Token", "2")],
+            400,
+            "fencing_token_malformed",
+        ),
+        ("PUT", "/orders/1", lock_token("ord ers", "1"), 400, "fencing_token_malformed"),
+        ("PUT", "/orders/1", vec![("Fencing-Lock", &long), ("Fencing-Token", "1")], 400, "fencing_token_malformed"),
+        ("PUT", "/orders/1", lock_token("users", "1"), 403, "fencing_lock_mismatch"),
+        ("PUT", "/elsewhere/1", lock_token("orders", "1"), 403, "path_not_protected"),
+        ("PUT", "/users/../orders/1", lock_token("users", "1"), 400, "path_not_canonical"),
+        ("PUT", "//orders/1", lock_token("orders", "1"), 400, "path_not_canonical"),
+        ("PUT", "/%6frders/1", lock_token("users", "1"), 403, "fencing_lock_mismatch"),
+        ("MKCOL", "/orders/dir/", vec![], 428, "fencing_token_missing"),
+    ];
+    for (method, path, headers, status, code) in cases {
+        let r = request(method, &u(path), &headers, "body").await;
+        assert_eq!(r.status, status, "{method} {path} {headers:?}: {}", r.body);
+        assert_eq!(r.error_code(), code, "{method} {path} {headers:?}");
+        assert!(!r.json()["message"].as_str().unwrap().is_empty());
+    }
+    // None of them reached the store.
+    assert_eq!(f.store.get("/orders/1"), None);
+    assert_eq!(f.store.get("/elsewhere/1"), None);
+
+    // The stale case, with the highest token in the body.
+    assert!(put(&u("/orders/1"), "orders", 5, "v5").await.status < 300);
+    let r = put(&u("/orders/1"), "orders", 4, "v4").await;
+    assert_eq!((r.status, r.error_code().as_str()), (409, "fencing_token_stale"));
+    assert_eq!(r.json()["highest"], 5);
+    assert_eq!(f.store.get("/orders/1").as_deref(), Some("v5"));
+    // Locks are independent: a low token on another lock is fine.
+    assert!(put(&u("/users/1"), "users", 1, "u1").await.status < 300);
+    // Reads pass without headers.
+    assert_eq!(request("GET", &u("/orders/1"), &[], "").await.body, "v5");
+}
+
+#[tokio::test]
+async fn admin_endpoints_fence_and_metrics() {
+    let f = filter(Protection::All("orders".parse().unwrap())).await;
+    put(&format!("{}/m", f.url), "orders", 4, "x").await;
+    put(&format!("{}/m", f.url), "orders", 2, "x").await;
+    put(&format!("{}/m", f.url), "orders", 0, "x").await;
+    let a = |p: &str| format!("{}{p}", f.admin);
+    assert_eq!(request("GET", &a("/healthz"), &[], "").await.status, 200);
+    assert_eq!(request("GET", &a("/readyz"), &[], "").await.status, 200);
+    let r = request("GET", &a("/nope"), &[], "").await;
+    assert_eq!((r.status, r.error_code().as_str()), (404, "not_found"));
+    // The fence protocol's answers.
+    let r = request("POST", &a("/v1/locks/fence"), &[], r#"{"token": 9}"#).await;
+    assert_eq!(r.status, 404, "a fence path that names no lock: {}", r.body);
+    let r = request("POST", &a("/v1/locks/other/fence"), &[], r#"{"token": 9}"#).await;
+    assert_eq!((r.status, r.error_code().as_str()), (404, "fencing_lock_unknown"));
+    let r = request("POST", &a("/v1/locks/orders/fence"), &[], "not json").await;
+    assert_eq!(r.status, 400);
+    let r = request("POST", &a("/v1/locks/orders/fence"), &[], r#"{"token": 3}"#).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str(), r.json()["highest"].as_u64()),
+        (409, "fencing_token_stale", Some(4))
+    );
+    let r = request("POST", &a("/v1/locks/orders/fence"), &[], r#"{"token": 7}"#).await;
+    assert_eq!((r.status, r.json()["highest"].as_u64()), (200, Some(7)));
+    let locks = request("GET", &a("/v1/locks"), &[], "").await.json();
+    assert_eq!(locks["locks"][0]["lock"], "orders");
+    assert_eq!(locks["locks"][0]["highest"], 7);
+
+    let m = request("GET", &a("/metrics"), &[], "").await.body;
+    for want in [
+        r#"fencegate_filter_writes_admitted_total{lock="orders"} 1"#,
+        // The stale write and the stale fence.
+        r#"fencegate_filter_writes_refused_total{lock="orders",reason="stale"} 2"#,
+        r#"fencegate_filter_writes_refused_total{lock="",reason="malformed"} 1"#,
+        r#"fencegate_filter_highest_token{lock="orders"} 7"#,
+        "fencegate_filter_upstream_latency_seconds_count",
+        "fencegate_filter_barrier_waits_total",
+        "fencegate_filter_locks 1",
+    ] {
+        assert!(m.contains(want), "missing {want} in\n{m}");
+    }
+}
+
+/// The sidecar in process over the embedded lease backend, in front of the
+/// in-memory store: its data and admin URLs.
+async fn sidecar_in_process(stop: &CancellationToken, store: SocketAddr) -> (String, String) {
+    let backend = Arc::new(Embedded::new());
+    let mut keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
+    keeper.release_pause = Duration::from_millis(300);
+    let cfg = SidecarConfig::new(keeper, format!("http://{store}"));
+    let ((l, a), (al, aa)) = (bind().await, bind().await);
+    tokio::spawn(sidecar::run(cfg, backend, l, al, None, stop.clone().cancelled_owned()));
+    let admin = format!("http://{aa}");
+    for _ in 0..200 {
+        if request("GET", &format!("{admin}/readyz"), &[], "").await.status == 200 {
+            return (format!("http://{a}"), admin);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the in-process sidecar never held the lock");
+}
+
+#[tokio::test]
+async fn the_sidecar_injects_its_token_strips_forged_ones_and_answers_its_local_api() {
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    // A filter in front of the store tells us what token reached it.
+    let f = filter(Protection::All("jobs".parse().unwrap())).await;
+    let filter_addr: SocketAddr = f.url.trim_start_matches("http://").parse().unwrap();
+    let (url, admin) = sidecar_in_process(&stop, filter_addr).await;
+
+    let lock = request("GET", &format!("{admin}/v1/lock"), &[], "").await.json();
+    for k in ["lock", "holder", "holding", "state", "token", "lease_id", "ttl_ms", "valid_for_ms", "last_error"] {
+        assert!(lock.get(k).is_some(), "{k} in {lock}");
+    }
+    assert_eq!((lock["holding"].as_bool(), lock["state"].as_str()), (Some(true), Some("holding")));
+    let token = lock["token"].as_u64().unwrap();
+
+    // Forged headers are stripped, the real ones injected: the filter admits the write at the sidecar's token.
+    let forged = [("Fencing-Token", "999999999"), ("Fencing-Lock", "other")];
+    assert!(request("PUT", &format!("{url}/obj"), &forged, "data").await.status < 300);
+    assert_eq!(f.store.get("/obj").as_deref(), Some("data"));
+    let locks = request("GET", &format!("{}/v1/locks", f.admin), &[], "").await.json();
+    assert_eq!(locks["locks"][0]["highest"].as_u64(), Some(token), "the forged token never reached the filter");
+
+    let m = request("GET", &format!("{admin}/metrics"), &[], "").await.body;
+    assert!(m.contains(r#"fencegate_sidecar_holding{lock="jobs"} 1"#), "{m}");
+    assert!(m.contains(r#"fencegate_sidecar_writes_forwarded_total{lock="jobs"} 1"#), "{m}");
+
+    // Release: the token is withdrawn at once; writes are refused until the lock is held again.
+    let r = request("POST", &format!("{admin}/v1/lock/release"), &[], "").await;
+    assert_eq!((r.status, r.json()["released"].as_bool()), (202, Some(true)));
+    let r = request("PUT", &format!("{url}/obj"), &[], "late").await;
+    assert_eq!((r.status, r.error_code().as_str()), (503, "lease_not_held"));
+    assert_eq!(f.store.get("/obj").as_deref(), Some("data"));
+    let r = request("GET", &format!("{admin}/nope"), &[], "").await;
+    assert_eq!(r.status, 404);
+}

@@ -317,6 +317,12 @@ impl SidecarArgs {
     pub fn config(&self) -> Result<crate::sidecar::SidecarConfig, String> {
         use crate::lease::keeper::{default_margin, KeeperConfig};
         let margin = self.safety_margin.unwrap_or_else(|| default_margin(self.ttl));
+        if margin > self.ttl / 2 {
+            return Err(format!(
+                "--safety-margin ({margin:?}) must be at most half of --ttl ({:?}): a larger one leaves too little time to hold",
+                self.ttl
+            ));
+        }
         if margin >= self.ttl {
             return Err(format!("--safety-margin ({margin:?}) must be below --ttl ({:?})", self.ttl));
         }

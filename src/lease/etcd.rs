@@ -83,7 +83,10 @@ impl EtcdBackend {
             .with_connect_timeout(o.call_timeout)
             .with_keep_alive(PING_INTERVAL, o.call_timeout.max(Duration::from_secs(1)))
             .with_keep_alive_while_idle(false)
-            .with_require_leader(true);
+            .with_require_leader(true)
+            // An auth token expires (JWT TTL, or a simple token unused for 5 min, or any after an etcd restart):
+            // without a refresh every call would fail with "invalid auth token" until the process restarts.
+            .with_auto_token_refresh(true);
         if let (Some(u), Some(p)) = (&o.user, &o.password) {
             opts = opts.with_user(u, p);
         }
@@ -140,8 +143,12 @@ impl EtcdBackend {
             loop {
                 match w.message().await.map_err(be)? {
                     Some(m) if m.events().iter().any(|e| e.event_type() == EventType::Delete) => return Ok(true),
-                    // Cancelled (compacted, no leader): read again and re-watch from then.
-                    Some(m) if m.canceled() => return Ok(false),
+                    // Cancelled (compacted, no leader): read again and re-watch from then, after a
+                    // pause, so an etcd that cancels every watch at once is not asked in a tight loop.
+                    Some(m) if m.canceled() => {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        return Ok(false);
+                    }
                     Some(_) => continue,
                     None => return Err(be("watch stream closed")),
                 }

@@ -310,6 +310,8 @@ impl Task {
         while !self.stop.is_cancelled() {
             self.publish(Phase::Campaigning, None);
             let Some(lease) = self.grant(&mut backoff).await else { break };
+            // A release or rejoin asked for before this round is not about it.
+            while self.cmd.try_recv().is_ok() {}
             let end = self.round(lease).await;
             // The token and the deadline go first, then the revoke: no write
             // may carry the token while we wait (up to 2 s) for etcd.
@@ -460,7 +462,7 @@ impl Task {
         });
         let prefix = queue_prefix(&self.cfg.key_prefix, self.cfg.lock.as_str());
         let key = format!("{prefix}{:016x}", lease.id);
-        let keep = keep_lease(self.backend.clone(), lease.id, margin, self.tx.clone(), self.stats.clone());
+        let keep = keep_lease(self.backend.clone(), lease.id, lease.asked, margin, self.tx.clone(), self.stats.clone());
         let mut keep: Pin<Box<dyn Future<Output = String> + Send>> = Box::pin(keep);
 
         let rev = match self.acquire(&prefix, &key, lease.id, keep.as_mut()).await {
@@ -587,10 +589,10 @@ impl Task {
         None
     }
 
-    /// Holds until something ends the round.
+    /// Holds until something ends the round. A release asked for while
+    /// fencing is honoured here, at once (stale ones were dropped when the
+    /// round began).
     async fn hold(&mut self, mut keep: Ender<'_>, mut gone: Ender<'_>, retries: &mut JoinSet<()>) -> RoundEnd {
-        // A release asked for before we held is not a release of this hold.
-        while self.cmd.try_recv().is_ok() {}
         loop {
             tokio::select! {
                 why = &mut keep => return RoundEnd::Lost(why),
@@ -640,14 +642,18 @@ fn keepalive_interval(ttl: Duration) -> Duration {
 async fn keep_lease(
     backend: Arc<dyn LeaseBackend>,
     lease: i64,
+    asked: Stamp,
     margin: Duration,
     tx: Arc<watch::Sender<LockStatus>>,
     stats: Arc<KeeperStats>,
 ) -> String {
     let interval = keepalive_interval(tx.borrow().ttl);
-    let mut next = tokio::time::Instant::now() + interval;
+    // The deadline counts from when the lease was asked for; so does the first keep-alive.
+    let mut next = asked.mono + interval;
     loop {
-        tokio::time::sleep_until(next).await;
+        if let Err(why) = sleep_watching_deadline(next, &tx).await {
+            return why;
+        }
         let sent = Stamp::now();
         let deadline = tx.borrow().valid_until;
         // Never wait on one keep-alive past the moment we would self-fence.
@@ -696,6 +702,24 @@ async fn keep_lease(
         if tx.borrow().valid_until.is_none_or(|d| d.passed(Stamp::now())) {
             return "no keep-alive acknowledged within the TTL (self-fenced)".into();
         }
+    }
+}
+
+/// Sleeps until `until`, in short steps, checking the self-fencing deadline on
+/// both clocks at each: a sleep is measured on CLOCK_MONOTONIC, which stops
+/// during a suspend, so a round must not sleep through a deadline that passed
+/// on CLOCK_BOOTTIME. `Err` once the deadline has passed.
+async fn sleep_watching_deadline(until: tokio::time::Instant, tx: &watch::Sender<LockStatus>) -> Result<(), String> {
+    const STEP: Duration = Duration::from_millis(100);
+    loop {
+        if tx.borrow().valid_until.is_none_or(|d| d.passed(Stamp::now())) {
+            return Err("no keep-alive acknowledged within the TTL (self-fenced)".into());
+        }
+        let now = tokio::time::Instant::now();
+        if now >= until {
+            return Ok(());
+        }
+        tokio::time::sleep_until(until.min(now + STEP)).await;
     }
 }
 

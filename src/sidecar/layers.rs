@@ -59,6 +59,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> S::Future {
+        // Hop-by-hop headers first: an app's `Connection: fencing-token` would
+        // otherwise make the upstream hop strip the injected token.
+        crate::proxy::strip_hop_by_hop(req.headers_mut());
         token::strip_headers(req.headers_mut());
         self.inner.call(req)
     }
@@ -288,8 +291,10 @@ async fn stops_being_safe(mut rx: watch::Receiver<LockStatus>, token: token::Tok
         if Instant::now() >= until {
             return Cutoff::Deadline;
         }
-        // Wake at the self-fencing deadline too: it passes without a message.
-        let wake = valid_until.map_or(until, |v| v.min(until));
+        // Wake at the self-fencing deadline too: it passes without a message. In
+        // short steps: a sleep is on CLOCK_MONOTONIC, which stops during a
+        // suspend, and the deadline may pass on CLOCK_BOOTTIME meanwhile.
+        let wake = valid_until.map_or(until, |v| v.min(until)).min(Instant::now() + Duration::from_millis(100));
         tokio::select! {
             _ = tokio::time::sleep_until(wake) => {}
             r = rx.changed() => if r.is_err() { return Cutoff::LeaseLost },

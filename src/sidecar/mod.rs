@@ -205,6 +205,8 @@ impl Sidecar {
         let rx = self.status.clone();
         let st = St { sc: self, rx, last: None };
         let stream = futures_util::stream::unfold(st, |mut st| async move {
+            // A comment line every 15 s keeps idle proxies from closing the stream.
+            let keep_alive_at = tokio::time::Instant::now() + Duration::from_secs(15);
             loop {
                 let s = st.rx.borrow_and_update().clone();
                 let now = Stamp::now();
@@ -230,12 +232,16 @@ impl Sidecar {
                     let frame = Bytes::from(format!("event: {event}\ndata: {data}\n\n"));
                     return Some((frame, st));
                 }
-                let deadline = if valid { s.valid_until.map(|d| d.mono()) } else { None };
+                // Wake at the self-fencing deadline (it passes without a message), in short steps
+                // while it is ahead: the deadline may pass on CLOCK_BOOTTIME during a suspend.
+                let step = tokio::time::Instant::now() + Duration::from_millis(100);
+                let wake = if valid { s.valid_until.map_or(step, |d| d.mono().min(step)) } else { keep_alive_at };
                 tokio::select! {
                     r = st.rx.changed() => if r.is_err() { return None },
-                    _ = async { tokio::time::sleep_until(deadline.expect("guarded")).await }, if deadline.is_some() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => {
-                        return Some((Bytes::from_static(b": keep-alive\n\n"), st));
+                    _ = tokio::time::sleep_until(wake.min(keep_alive_at)) => {
+                        if tokio::time::Instant::now() >= keep_alive_at {
+                            return Some((Bytes::from_static(b": keep-alive\n\n"), st));
+                        }
                     }
                 }
             }

@@ -8,10 +8,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::Args;
 
 use crate::filter::admission::BarrierConfig;
 use crate::filter::{FilterConfig, Protection};
+use crate::lease::sequencer::{EtcdSequencer, HolderCheck};
 use crate::proxy::ServerLimits;
 use crate::token::{LockName, ReadMethods};
 
@@ -104,6 +107,13 @@ pub struct FilterArgs {
     /// Accept `;` path parameters in protected paths (rules then match with them cut, as servlet stores read them).
     #[arg(long, env = "FENCEGATE_ALLOW_PATH_PARAMS")]
     pub allow_path_params: bool,
+    /// With --etcd: a token above a lock's highest is admitted only if etcd shows it is the current holder's (403
+    /// fencing_token_unverified otherwise). Without --etcd, tokens are trusted as sent.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// etcd key prefix of the lock queues (the sidecars' --key-prefix).
+    #[arg(long, env = "FENCEGATE_KEY_PREFIX", default_value = "/fencegate/locks")]
+    pub key_prefix: String,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
     #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
@@ -157,7 +167,17 @@ impl FilterArgs {
             upstream_timeout: self.limits.upstream_timeout,
             limits: self.limits.server(),
             metrics_lock_limit: self.metrics_lock_limit,
+            holder_check: self.holder_check()?,
         })
+    }
+
+    /// The etcd holder check, when `--etcd` is given.
+    fn holder_check(&self) -> Result<Option<Arc<dyn HolderCheck>>, String> {
+        if self.etcd.endpoints.is_empty() {
+            return Ok(None);
+        }
+        let seq = EtcdSequencer::new(self.etcd.options()?, self.key_prefix.clone());
+        Ok(Some(Arc::new(seq)))
     }
 }
 
@@ -185,10 +205,14 @@ pub fn init_logging(args: &LogArgs) {
 }
 
 /// How to reach etcd.
+///
+/// `--etcd` is optional here because the filter works without etcd (tokens
+/// trusted); the sidecar, which cannot, makes it required (`mut_arg` on
+/// [`SidecarArgs`]).
 #[derive(Args, Debug, Clone)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated (http:// or https://).
-    #[arg(long = "etcd", env = "FENCEGATE_ETCD", value_delimiter = ',', required = true)]
+    #[arg(long = "etcd", env = "FENCEGATE_ETCD", value_delimiter = ',')]
     pub endpoints: Vec<String>,
     /// etcd user (with --etcd-password).
     #[arg(long, env = "FENCEGATE_ETCD_USER")]
@@ -238,6 +262,7 @@ impl EtcdArgs {
 
 /// `fencegate sidecar`: hold the app's lock and inject its fencing token.
 #[derive(Args, Debug, Clone)]
+#[command(mut_arg("endpoints", |a| a.required(true)))]
 pub struct SidecarArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -422,6 +447,33 @@ mod tests {
     struct Etcd {
         #[command(flatten)]
         etcd: EtcdArgs,
+    }
+
+    #[derive(Parser)]
+    struct Sidecar {
+        #[command(flatten)]
+        s: SidecarArgs,
+    }
+
+    #[derive(Parser)]
+    struct Filter {
+        #[command(flatten)]
+        f: FilterArgs,
+    }
+
+    /// `--etcd` is required for the sidecar, optional for the filter (no
+    /// etcd: verification off).
+    #[test]
+    fn etcd_is_required_for_the_sidecar_only() {
+        let base = ["t", "--lock", "l", "--holder", "h", "--upstream", "http://f"];
+        let r = Sidecar::try_parse_from(base);
+        assert!(r.is_err_and(|e| e.to_string().contains("--etcd")));
+        assert!(Sidecar::try_parse_from([&base[..], &["--etcd", "http://e:2379"]].concat()).is_ok());
+        let f = ["t", "--upstream", "http://s", "--state-dir", "/tmp/x", "--lock", "l"];
+        let off = Filter::try_parse_from(f).unwrap().f;
+        assert!(off.config().unwrap().holder_check.is_none());
+        let on = Filter::try_parse_from([&f[..], &["--etcd", "http://e:2379", "--key-prefix", "/p"]].concat()).unwrap();
+        assert!(on.f.config().unwrap().holder_check.is_some());
     }
 
     #[test]

@@ -55,6 +55,8 @@ impl FilterError {
             FilterError::Admit(AdmitError::Stale { .. }) => "stale",
             FilterError::Admit(AdmitError::State(_)) => "state_unavailable",
             FilterError::Admit(AdmitError::BarrierTimeout { .. }) => "barrier_timeout",
+            FilterError::Admit(AdmitError::Unverified { .. }) => "unverified",
+            FilterError::Admit(AdmitError::VerifyUnavailable { .. }) => "verify_unavailable",
             FilterError::Aborted(_) => "aborted",
             FilterError::Upstream(_) => "upstream",
             FilterError::UnknownLock(_) => "unknown_lock",
@@ -107,6 +109,21 @@ impl FilterError {
             FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => {
                 retry(json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None), retry_after)
             }
+            FilterError::Admit(AdmitError::Unverified { lock, token, holder }) => json_error(
+                StatusCode::FORBIDDEN,
+                "fencing_token_unverified",
+                &msg,
+                Some(json!({ "lock": lock, "token": token, "holder_token": holder })),
+            ),
+            FilterError::Admit(AdmitError::VerifyUnavailable { lock, token, .. }) => retry(
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fencing_verify_unavailable",
+                    &msg,
+                    Some(json!({ "lock": lock, "token": token })),
+                ),
+                Duration::from_secs(1),
+            ),
             FilterError::Aborted(lock) => json_error(
                 StatusCode::CONFLICT,
                 "fencing_write_aborted",

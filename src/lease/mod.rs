@@ -21,6 +21,7 @@ pub mod deadline;
 pub mod embedded;
 pub mod etcd;
 pub mod keeper;
+pub mod sequencer;
 
 use std::time::Duration;
 

@@ -16,7 +16,7 @@ use crate::filter::admission::BarrierConfig;
 use crate::filter::{FilterConfig, Protection};
 use crate::lease::sequencer::{EtcdSequencer, HolderCheck};
 use crate::proxy::ServerLimits;
-use crate::token::{LockName, ReadMethods};
+use crate::token::{LockName, ReadMethods, Token};
 
 /// Kept here too: flags and other code name it `config::duration`.
 pub use crate::duration::parse as duration;
@@ -59,6 +59,41 @@ impl LimitArgs {
     }
 }
 
+/// `fencegate filter [set-mark]`: run the filter, or repair its state.
+#[derive(Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct FilterCmd {
+    #[command(subcommand)]
+    pub action: Option<FilterAction>,
+    // Not an `Option`: clap fills it (defaults) even for `set-mark`, so the
+    // flags it requires are `Option`s marked `required` (which a subcommand
+    // negates) and checked again in `FilterArgs::config`.
+    #[command(flatten)]
+    pub run: FilterArgs,
+}
+
+/// What `fencegate filter` can do besides running.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum FilterAction {
+    /// Set a lock's durable high-water mark by hand (e.g. lower one a forged token raised); refuses while a filter
+    /// runs on the state directory.
+    SetMark(SetMarkArgs),
+}
+
+/// `fencegate filter set-mark`.
+#[derive(Args, Debug, Clone)]
+pub struct SetMarkArgs {
+    /// The filter's state directory.
+    #[arg(long, env = "FENCEGATE_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// The lock whose mark to set.
+    #[arg(long, env = "FENCEGATE_LOCK")]
+    pub lock: LockName,
+    /// The new mark (1..=9223372036854775807): the highest token a genuine holder has used.
+    #[arg(long, env = "FENCEGATE_TOKEN")]
+    pub token: Token,
+}
+
 /// `fencegate filter`: refuse stale writes in front of a store.
 #[derive(Args, Debug, Clone)]
 pub struct FilterArgs {
@@ -66,11 +101,11 @@ pub struct FilterArgs {
     #[arg(long, env = "FENCEGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// The store, e.g. http://store:80 (a path prefix is kept).
-    #[arg(long, env = "FENCEGATE_UPSTREAM")]
-    pub upstream: String,
+    #[arg(long, env = "FENCEGATE_UPSTREAM", required = true)]
+    pub upstream: Option<String>,
     /// Directory for the durable high-water marks (one filter per directory).
-    #[arg(long, env = "FENCEGATE_STATE_DIR")]
-    pub state_dir: PathBuf,
+    #[arg(long, env = "FENCEGATE_STATE_DIR", required = true)]
+    pub state_dir: Option<PathBuf>,
     /// Protect every path with this lock.
     #[arg(long, env = "FENCEGATE_LOCK", conflicts_with = "protect")]
     pub lock: Option<LockName>,
@@ -143,8 +178,8 @@ impl FilterArgs {
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };
         Ok(FilterConfig {
-            upstream: self.upstream.clone(),
-            state_dir: self.state_dir.clone(),
+            upstream: self.upstream.clone().ok_or("--upstream is required")?,
+            state_dir: self.state_dir.clone().ok_or("--state-dir is required")?,
             protection,
             allow_unprotected: self.allow_unprotected,
             allow_path_params: self.allow_path_params,
@@ -459,6 +494,25 @@ mod tests {
     struct Filter {
         #[command(flatten)]
         f: FilterArgs,
+    }
+
+    #[derive(Parser)]
+    struct FilterOrRepair {
+        #[command(flatten)]
+        f: FilterCmd,
+    }
+
+    #[test]
+    fn filter_runs_or_sets_a_mark() {
+        let run = FilterOrRepair::try_parse_from(["t", "--upstream", "http://s", "--state-dir", "/d", "--lock", "l"]);
+        let run = run.unwrap().f;
+        assert!(run.action.is_none() && run.run.config().is_ok());
+        let set = ["t", "set-mark", "--state-dir", "/d", "--lock", "l", "--token", "5"];
+        let set = FilterOrRepair::try_parse_from(set).unwrap().f;
+        assert!(matches!(set.action, Some(FilterAction::SetMark(ref a)) if a.token.get() == 5), "{set:?}");
+        let big = ["t", "set-mark", "--state-dir", "/d", "--lock", "l", "--token", "9223372036854775808"];
+        assert!(FilterOrRepair::try_parse_from(big).is_err());
+        assert!(FilterOrRepair::try_parse_from(["t", "--state-dir", "/d", "--lock", "l"]).is_err());
     }
 
     /// `--etcd` is required for the sidecar, optional for the filter (no

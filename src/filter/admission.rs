@@ -255,6 +255,10 @@ pub enum AdmitError {
     BarrierTimeout { lock: LockName, retry_after: Duration },
     #[error("fencing token {token} is above the highest admitted for lock {lock} but is not its current holder's in etcd ({}); refused", holder_text(*holder))]
     Unverified { lock: LockName, token: u64, holder: Option<u64> },
+    #[error(
+        "fencing token {token} of lock {lock} is no longer the holder's: etcd's holder has the newer token {holder}"
+    )]
+    Superseded { lock: LockName, token: u64, holder: u64, highest: u64 },
     #[error("could not verify fencing token {token} for lock {lock} with etcd: {reason}")]
     VerifyUnavailable { lock: LockName, token: u64, reason: String },
 }
@@ -357,6 +361,11 @@ impl LockEntry {
         };
         let (lock, token) = (self.name.clone(), t.get());
         outcome.map_err(|f| match f {
+            // A newer holder exists: this token is stale, whoever sends it
+            // (a holder that let go, a zombie); answered like any stale token.
+            VerifyFailure::NotHolder { holder: Some(holder) } if holder > token => {
+                AdmitError::Superseded { lock, token, holder, highest: self.state.lock().highest }
+            }
             VerifyFailure::NotHolder { holder } => AdmitError::Unverified { lock, token, holder },
             VerifyFailure::Unavailable(reason) => AdmitError::VerifyUnavailable { lock, token, reason },
         })

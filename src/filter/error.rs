@@ -52,7 +52,7 @@ impl FilterError {
             FilterError::NotCanonical(_) => "not_canonical",
             FilterError::SpansLocks { .. } => "spans_locks",
             FilterError::DestinationMalformed(_) => "destination_malformed",
-            FilterError::Admit(AdmitError::Stale { .. }) => "stale",
+            FilterError::Admit(AdmitError::Stale { .. } | AdmitError::Superseded { .. }) => "stale",
             FilterError::Admit(AdmitError::State(_)) => "state_unavailable",
             FilterError::Admit(AdmitError::BarrierTimeout { .. }) => "barrier_timeout",
             FilterError::Admit(AdmitError::Unverified { .. }) => "unverified",
@@ -109,6 +109,12 @@ impl FilterError {
             FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => {
                 retry(json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None), retry_after)
             }
+            FilterError::Admit(AdmitError::Superseded { lock, token, holder, highest }) => json_error(
+                StatusCode::CONFLICT,
+                "fencing_token_stale",
+                &msg,
+                Some(json!({ "lock": lock, "token": token, "highest": highest, "holder_token": holder })),
+            ),
             FilterError::Admit(AdmitError::Unverified { lock, token, holder }) => json_error(
                 StatusCode::FORBIDDEN,
                 "fencing_token_unverified",

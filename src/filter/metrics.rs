@@ -25,7 +25,9 @@ impl Refusals {
     pub fn count(&self, locks: &Locks, lock: Option<&LockName>, e: &FilterError) {
         let stats = lock.map(|l| locks.entry(l));
         let counter = match (&stats, e) {
-            (Some(s), FilterError::Admit(AdmitError::Stale { .. })) => &s.stats.refused_stale,
+            (Some(s), FilterError::Admit(AdmitError::Stale { .. } | AdmitError::Superseded { .. })) => {
+                &s.stats.refused_stale
+            }
             (Some(s), FilterError::Admit(AdmitError::Unverified { .. })) => &s.stats.refused_unverified,
             (Some(s), FilterError::LockMismatch { .. }) => &s.stats.refused_mismatch,
             (Some(s), FilterError::Aborted(_)) => &s.stats.aborted,

@@ -450,6 +450,9 @@ pub struct InjectorArgs {
     /// Deny pods with bad fencegate.io annotations (default: admit unchanged, with a warning).
     #[arg(long, env = "FENCEGATE_STRICT")]
     pub strict: bool,
+    /// Use fencegate.io/lock as is (default: the lock is NAMESPACE.LOCK, so a lock belongs to its namespace).
+    #[arg(long, env = "FENCEGATE_CLUSTER_WIDE_LOCKS")]
+    pub cluster_wide_locks: bool,
 }
 
 impl InjectorArgs {
@@ -469,6 +472,7 @@ impl InjectorArgs {
             health_port: self.health_port,
             native_sidecar: !self.legacy_sidecar,
             strict: self.strict,
+            cluster_wide_locks: self.cluster_wide_locks,
         }
     }
 }

@@ -92,6 +92,19 @@ impl LockFigures {
     }
 }
 
+/// `fencegate_filter_verifications_total{outcome}` (only with a verifier).
+fn encode_verifications(enc: &mut DescriptorEncoder, v: &super::verify::Verifier) -> std::fmt::Result {
+    metrics::encode_counters(
+        enc,
+        "fencegate_filter_verifications",
+        "Raises checked with etcd, by outcome (holder: admitted; not_holder: refused; unavailable: 503)",
+        super::verify::OUTCOMES
+            .iter()
+            .zip(&v.outcomes)
+            .map(|(o, n)| (vec![("outcome", o.to_string())], n.load(Ordering::Relaxed))),
+    )
+}
+
 impl Collector for FilterCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
         let Some(f) = self.0.upgrade() else { return Ok(()) };
@@ -161,17 +174,9 @@ impl Collector for FilterCollector {
             "Writes forwarded and not yet answered, per lock",
             rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)),
         )?;
-        if let Some(v) = f.locks.verifier() {
-            metrics::encode_counters(
-                &mut enc,
-                "fencegate_filter_verifications",
-                "Raises checked with etcd, by outcome (holder: admitted; not_holder: 403; unavailable: 503)",
-                super::verify::OUTCOMES
-                    .iter()
-                    .zip(&v.outcomes)
-                    .map(|(o, n)| (vec![("outcome", o.to_string())], n.load(Ordering::Relaxed))),
-            )?;
+        match f.locks.verifier() {
+            Some(v) => encode_verifications(&mut enc, v),
+            None => Ok(()),
         }
-        Ok(())
     }
 }

@@ -78,8 +78,22 @@ impl From<LockName> for String {
 
 /// A fencing token: a positive integer that grows with every new lock holder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+// Deserialized through `Token::new`, so a JSON token is bounded like a header's.
+#[serde(try_from = "u64", into = "u64")]
 pub struct Token(NonZeroU64);
+
+impl TryFrom<u64> for Token {
+    type Error = TokenError;
+    fn try_from(v: u64) -> Result<Self, TokenError> {
+        Token::new(v).ok_or_else(|| TokenError::Malformed(format!("fencing token must be in 1..={}", Token::MAX)))
+    }
+}
+
+impl From<Token> for u64 {
+    fn from(t: Token) -> u64 {
+        t.get()
+    }
+}
 
 impl Token {
     /// The largest token: etcd revisions are `int64`.
@@ -270,6 +284,15 @@ mod tests {
         }
         let ok = "a".repeat(128);
         assert!(parse_headers(&hm(&[("Fencing-Lock", &ok), ("Fencing-Token", "1")])).is_ok());
+    }
+
+    #[test]
+    fn json_tokens_are_bounded_too() {
+        assert_eq!(serde_json::from_str::<Token>("7").unwrap().get(), 7);
+        assert_eq!(serde_json::to_string(&Token::new(7).unwrap()).unwrap(), "7");
+        for bad in ["0", "9223372036854775808", "18446744073709551615"] {
+            assert!(serde_json::from_str::<Token>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

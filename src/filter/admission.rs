@@ -352,7 +352,7 @@ impl LockEntry {
         let mut last = self.last_check.lock().await;
         let outcome = match last.as_ref() {
             _ if !raises(t.get()) => Ok(()),
-            Some(c) if c.token == t.get() && c.at >= arrived => c.outcome.clone(),
+            Some(c) if c.token == t.get() && c.at > arrived => c.outcome.clone(),
             _ => {
                 let outcome = v.verify(&self.name, t).await;
                 *last = Some(Checked { token: t.get(), at: Instant::now(), outcome: outcome.clone() });

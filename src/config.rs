@@ -8,12 +8,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use clap::Args;
 
 use crate::filter::admission::BarrierConfig;
 use crate::filter::{FilterConfig, Protection};
+use crate::lease::sequencer::{EtcdSequencer, HolderCheck};
 use crate::proxy::ServerLimits;
-use crate::token::{LockName, ReadMethods};
+use crate::token::{LockName, ReadMethods, Token};
 
 /// Kept here too: flags and other code name it `config::duration`.
 pub use crate::duration::parse as duration;
@@ -56,6 +59,41 @@ impl LimitArgs {
     }
 }
 
+/// `fencegate filter [set-mark]`: run the filter, or repair its state.
+#[derive(Args, Debug, Clone)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct FilterCmd {
+    #[command(subcommand)]
+    pub action: Option<FilterAction>,
+    // Not an `Option`: clap fills it (defaults) even for `set-mark`, so the
+    // flags it requires are `Option`s marked `required` (which a subcommand
+    // negates) and checked again in `FilterArgs::config`.
+    #[command(flatten)]
+    pub run: FilterArgs,
+}
+
+/// What `fencegate filter` can do besides running.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum FilterAction {
+    /// Set a lock's durable high-water mark by hand (e.g. lower one a forged token raised); refuses while a filter
+    /// runs on the state directory.
+    SetMark(SetMarkArgs),
+}
+
+/// `fencegate filter set-mark`.
+#[derive(Args, Debug, Clone)]
+pub struct SetMarkArgs {
+    /// The filter's state directory.
+    #[arg(long, env = "FENCEGATE_STATE_DIR")]
+    pub state_dir: PathBuf,
+    /// The lock whose mark to set.
+    #[arg(long, env = "FENCEGATE_LOCK")]
+    pub lock: LockName,
+    /// The new mark (1..=9223372036854775807): the highest token a genuine holder has used.
+    #[arg(long, env = "FENCEGATE_TOKEN")]
+    pub token: Token,
+}
+
 /// `fencegate filter`: refuse stale writes in front of a store.
 #[derive(Args, Debug, Clone)]
 pub struct FilterArgs {
@@ -63,14 +101,14 @@ pub struct FilterArgs {
     #[arg(long, env = "FENCEGATE_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// The store, e.g. http://store:80 (a path prefix is kept).
-    #[arg(long, env = "FENCEGATE_UPSTREAM")]
-    pub upstream: String,
+    #[arg(long, env = "FENCEGATE_UPSTREAM", required = true)]
+    pub upstream: Option<String>,
     /// Send this Host to the store instead of the client's (default: the client's, which S3 clients sign).
     #[arg(long, env = "FENCEGATE_UPSTREAM_HOST")]
     pub upstream_host: Option<String>,
     /// Directory for the durable high-water marks (one filter per directory).
-    #[arg(long, env = "FENCEGATE_STATE_DIR")]
-    pub state_dir: PathBuf,
+    #[arg(long, env = "FENCEGATE_STATE_DIR", required = true)]
+    pub state_dir: Option<PathBuf>,
     /// Protect every path with this lock.
     #[arg(long, env = "FENCEGATE_LOCK", conflicts_with = "protect")]
     pub lock: Option<LockName>,
@@ -107,6 +145,13 @@ pub struct FilterArgs {
     /// Accept `;` path parameters in protected paths (rules then match with them cut, as servlet stores read them).
     #[arg(long, env = "FENCEGATE_ALLOW_PATH_PARAMS")]
     pub allow_path_params: bool,
+    /// With --etcd: a token above a lock's highest is admitted only if etcd shows it is the current holder's (403
+    /// fencing_token_unverified otherwise). Without --etcd, tokens are trusted as sent.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// etcd key prefix of the lock queues (the sidecars' --key-prefix).
+    #[arg(long, env = "FENCEGATE_KEY_PREFIX", default_value = "/fencegate/locks")]
+    pub key_prefix: String,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
     #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
@@ -136,9 +181,9 @@ impl FilterArgs {
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };
         Ok(FilterConfig {
-            upstream: self.upstream.clone(),
+            upstream: self.upstream.clone().ok_or("--upstream is required")?,
             upstream_host: self.upstream_host.clone(),
-            state_dir: self.state_dir.clone(),
+            state_dir: self.state_dir.clone().ok_or("--state-dir is required")?,
             protection,
             allow_unprotected: self.allow_unprotected,
             allow_path_params: self.allow_path_params,
@@ -161,7 +206,17 @@ impl FilterArgs {
             upstream_timeout: self.limits.upstream_timeout,
             limits: self.limits.server(),
             metrics_lock_limit: self.metrics_lock_limit,
+            holder_check: self.holder_check()?,
         })
+    }
+
+    /// The etcd holder check, when `--etcd` is given.
+    fn holder_check(&self) -> Result<Option<Arc<dyn HolderCheck>>, String> {
+        if self.etcd.endpoints.is_empty() {
+            return Ok(None);
+        }
+        let seq = EtcdSequencer::new(self.etcd.options()?, self.key_prefix.clone());
+        Ok(Some(Arc::new(seq)))
     }
 }
 
@@ -189,10 +244,14 @@ pub fn init_logging(args: &LogArgs) {
 }
 
 /// How to reach etcd.
+///
+/// `--etcd` is optional here because the filter works without etcd (tokens
+/// trusted); the sidecar, which cannot, makes it required (`mut_arg` on
+/// [`SidecarArgs`]).
 #[derive(Args, Debug, Clone)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated (http:// or https://).
-    #[arg(long = "etcd", env = "FENCEGATE_ETCD", value_delimiter = ',', required = true)]
+    #[arg(long = "etcd", env = "FENCEGATE_ETCD", value_delimiter = ',')]
     pub endpoints: Vec<String>,
     /// etcd user (with --etcd-password).
     #[arg(long, env = "FENCEGATE_ETCD_USER")]
@@ -242,6 +301,7 @@ impl EtcdArgs {
 
 /// `fencegate sidecar`: hold the app's lock and inject its fencing token.
 #[derive(Args, Debug, Clone)]
+#[command(mut_arg("endpoints", |a| a.required(true)))]
 pub struct SidecarArgs {
     #[command(flatten)]
     pub etcd: EtcdArgs,
@@ -409,6 +469,9 @@ pub struct InjectorArgs {
     /// Deny pods with bad fencegate.io annotations (default: admit unchanged, with a warning).
     #[arg(long, env = "FENCEGATE_STRICT")]
     pub strict: bool,
+    /// Use fencegate.io/lock as is (default: the lock is NAMESPACE.LOCK, so a lock belongs to its namespace).
+    #[arg(long, env = "FENCEGATE_CLUSTER_WIDE_LOCKS")]
+    pub cluster_wide_locks: bool,
 }
 
 impl InjectorArgs {
@@ -428,6 +491,7 @@ impl InjectorArgs {
             health_port: self.health_port,
             native_sidecar: !self.legacy_sidecar,
             strict: self.strict,
+            cluster_wide_locks: self.cluster_wide_locks,
         }
     }
 }
@@ -441,6 +505,52 @@ mod tests {
     struct Etcd {
         #[command(flatten)]
         etcd: EtcdArgs,
+    }
+
+    #[derive(Parser)]
+    struct Sidecar {
+        #[command(flatten)]
+        s: SidecarArgs,
+    }
+
+    #[derive(Parser)]
+    struct Filter {
+        #[command(flatten)]
+        f: FilterArgs,
+    }
+
+    #[derive(Parser)]
+    struct FilterOrRepair {
+        #[command(flatten)]
+        f: FilterCmd,
+    }
+
+    #[test]
+    fn filter_runs_or_sets_a_mark() {
+        let run = FilterOrRepair::try_parse_from(["t", "--upstream", "http://s", "--state-dir", "/d", "--lock", "l"]);
+        let run = run.unwrap().f;
+        assert!(run.action.is_none() && run.run.config().is_ok());
+        let set = ["t", "set-mark", "--state-dir", "/d", "--lock", "l", "--token", "5"];
+        let set = FilterOrRepair::try_parse_from(set).unwrap().f;
+        assert!(matches!(set.action, Some(FilterAction::SetMark(ref a)) if a.token.get() == 5), "{set:?}");
+        let big = ["t", "set-mark", "--state-dir", "/d", "--lock", "l", "--token", "9223372036854775808"];
+        assert!(FilterOrRepair::try_parse_from(big).is_err());
+        assert!(FilterOrRepair::try_parse_from(["t", "--state-dir", "/d", "--lock", "l"]).is_err());
+    }
+
+    /// `--etcd` is required for the sidecar, optional for the filter (no
+    /// etcd: verification off).
+    #[test]
+    fn etcd_is_required_for_the_sidecar_only() {
+        let base = ["t", "--lock", "l", "--holder", "h", "--upstream", "http://f"];
+        let r = Sidecar::try_parse_from(base);
+        assert!(r.is_err_and(|e| e.to_string().contains("--etcd")));
+        assert!(Sidecar::try_parse_from([&base[..], &["--etcd", "http://e:2379"]].concat()).is_ok());
+        let f = ["t", "--upstream", "http://s", "--state-dir", "/tmp/x", "--lock", "l"];
+        let off = Filter::try_parse_from(f).unwrap().f;
+        assert!(off.config().unwrap().holder_check.is_none());
+        let on = Filter::try_parse_from([&f[..], &["--etcd", "http://e:2379", "--key-prefix", "/p"]].concat()).unwrap();
+        assert!(on.f.config().unwrap().holder_check.is_some());
     }
 
     #[test]

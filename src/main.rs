@@ -4,7 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::sync::Arc;
 
-use fencegate::config::{self, FilterArgs, InjectorArgs, LogArgs, SidecarArgs};
+use fencegate::config::{self, FilterAction, FilterCmd, InjectorArgs, LogArgs, SidecarArgs};
 use tokio::net::TcpListener;
 
 // The system allocator, on purpose: mimalloc measured no clear CPU gain on
@@ -22,8 +22,8 @@ struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Run in front of a store: refuse writes whose fencing token is stale.
-    Filter(FilterArgs),
+    /// Run in front of a store: refuse writes whose fencing token is stale (`filter set-mark`: repair a mark).
+    Filter(FilterCmd),
     /// Run beside an app: hold its lock in etcd and inject the fencing token into its writes.
     Sidecar(Box<SidecarArgs>),
     /// Kubernetes mutating admission webhook: add the sidecar to annotated pods.
@@ -81,7 +81,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     config::init_logging(&cli.log);
     match cli.cmd {
-        Cmd::Filter(args) => {
+        Cmd::Filter(FilterCmd { action: Some(FilterAction::SetMark(a)), .. }) => {
+            let c = fencegate::filter::repair::set_mark(&a.state_dir, &a.lock, a.token)
+                .context("set-mark (is a filter running on this state directory?)")?;
+            let old = c.old.map_or("none".to_string(), |o| o.to_string());
+            println!("lock {}: high-water mark {old} -> {}", c.lock, c.new);
+        }
+        Cmd::Filter(FilterCmd { run: args, .. }) => {
             let cfg = args.config().map_err(anyhow::Error::msg)?;
             let listener = bind(args.listen).await?;
             let admin = match args.admin_listen {

@@ -3,10 +3,14 @@
 //! A fenced write carries two headers:
 //!
 //! * `Fencing-Lock: <name>`: 1..=128 characters of `A-Za-z0-9._-`;
-//! * `Fencing-Token: <decimal u64, > 0>`.
+//! * `Fencing-Token: <decimal integer in 1..=i64::MAX>`.
 //!
 //! Parsing is strict on purpose: a header sent twice, a leading `+`, spaces
-//! inside the number, `0` or a value past `u64::MAX` are all malformed. A
+//! inside the number, `0` or a value past [`Token::MAX`] are all malformed.
+//! The bound is etcd's: a token is a holder key's create revision, an
+//! `int64`, so a larger number was never issued by a real holder; accepting
+//! one would let a single forged write raise a lock's mark past every token
+//! etcd can ever hand out, ending the lock for good. A
 //! lenient parser is how "token 0" or "the first of two tokens" slips past a
 //! check, and the filter fails closed instead.
 
@@ -74,12 +78,30 @@ impl From<LockName> for String {
 
 /// A fencing token: a positive integer that grows with every new lock holder.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+// Deserialized through `Token::new`, so a JSON token is bounded like a header's.
+#[serde(try_from = "u64", into = "u64")]
 pub struct Token(NonZeroU64);
 
+impl TryFrom<u64> for Token {
+    type Error = TokenError;
+    fn try_from(v: u64) -> Result<Self, TokenError> {
+        Token::new(v).ok_or_else(|| TokenError::Malformed(format!("fencing token must be in 1..={}", Token::MAX)))
+    }
+}
+
+impl From<Token> for u64 {
+    fn from(t: Token) -> u64 {
+        t.get()
+    }
+}
+
 impl Token {
+    /// The largest token: etcd revisions are `int64`.
+    pub const MAX: u64 = i64::MAX as u64;
+
+    /// A token, if `v` is in `1..=Token::MAX`.
     pub fn new(v: u64) -> Option<Token> {
-        NonZeroU64::new(v).map(Token)
+        NonZeroU64::new(v).filter(|v| v.get() <= Token::MAX).map(Token)
     }
     pub fn get(self) -> u64 {
         self.0.get()
@@ -98,12 +120,19 @@ impl FromStr for Token {
         // u64::from_str accepts a leading '+'; the contract says plain digits.
         if s.is_empty() || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(TokenError::Malformed(format!(
-                "fencing token must be a decimal integer in 1..=2^64-1 (got {:?})",
+                "fencing token must be a decimal integer in 1..={} (got {:?})",
+                Token::MAX,
                 truncate(s)
             )));
         }
         let v: u64 =
             s.parse().map_err(|_| TokenError::Malformed(format!("fencing token {:?} overflows a u64", truncate(s))))?;
+        if v > Token::MAX {
+            return Err(TokenError::Malformed(format!(
+                "fencing token {v} is above {} (etcd revisions are int64; no holder was ever given it)",
+                Token::MAX
+            )));
+        }
         Token::new(v).ok_or_else(|| TokenError::Malformed("fencing token must be greater than 0".into()))
     }
 }
@@ -216,8 +245,8 @@ mod tests {
         let f = parse_headers(&hm(&[("Fencing-Lock", "orders.v1_a-b"), ("Fencing-Token", "42")])).unwrap();
         assert_eq!(f.lock.as_str(), "orders.v1_a-b");
         assert_eq!(f.token.get(), 42);
-        let max = parse_headers(&hm(&[("fencing-lock", "x"), ("fencing-token", "18446744073709551615")]));
-        assert_eq!(max.unwrap().token.get(), u64::MAX);
+        let max = parse_headers(&hm(&[("fencing-lock", "x"), ("fencing-token", "9223372036854775807")]));
+        assert_eq!(max.unwrap().token.get(), i64::MAX as u64);
     }
 
     #[test]
@@ -237,6 +266,9 @@ mod tests {
             vec![("Fencing-Lock", "a"), ("Fencing-Token", "1.0")],
             vec![("Fencing-Lock", "a"), ("Fencing-Token", "abc")],
             vec![("Fencing-Lock", "a"), ("Fencing-Token", "18446744073709551616")],
+            // Above i64::MAX: no etcd revision, so no holder, ever had it (issue 13).
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "9223372036854775808")],
+            vec![("Fencing-Lock", "a"), ("Fencing-Token", "18446744073709551615")],
             vec![("Fencing-Lock", "a"), ("Fencing-Token", "99999999999999999999999")],
             vec![("Fencing-Lock", "a"), ("Fencing-Token", "")],
             vec![("Fencing-Lock", "a"), ("Fencing-Token", "1"), ("Fencing-Token", "2")],
@@ -252,6 +284,15 @@ mod tests {
         }
         let ok = "a".repeat(128);
         assert!(parse_headers(&hm(&[("Fencing-Lock", &ok), ("Fencing-Token", "1")])).is_ok());
+    }
+
+    #[test]
+    fn json_tokens_are_bounded_too() {
+        assert_eq!(serde_json::from_str::<Token>("7").unwrap().get(), 7);
+        assert_eq!(serde_json::to_string(&Token::new(7).unwrap()).unwrap(), "7");
+        for bad in ["0", "9223372036854775808", "18446744073709551615"] {
+            assert!(serde_json::from_str::<Token>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -213,7 +213,7 @@ fn bad_values_are_refused_with_a_clear_message() {
 
 /// Values that turn every optional part on, for the tests that look at all pods.
 const EVERYTHING: &[&str] =
-    &["filter.enabled=true", "filter.upstream=http://minio.storage.svc:9000", "filter.lock=ledger"];
+    &["filter.enabled=true", "filter.upstream=http://minio.storage.svc:9000", "filter.lock=payments.ledger"];
 
 fn env_value<'a>(c: &'a Value, name: &str) -> &'a str {
     let e = c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("no {name}"));
@@ -289,6 +289,52 @@ fn docs_of(sets: &[&str]) -> Vec<Value> {
     docs(&template(sets).unwrap())
 }
 
+/// Issue 13: the filter verifies raises with the sidecars' etcd by default
+/// (its own endpoints and TLS when given; off with filter.verify=false), a
+/// NetworkPolicy lets only injected pods reach it (the admin port) and named
+/// consumers the proxy port, and the injector namespaces locks unless told
+/// otherwise. Fails on the old chart (no FENCEGATE_ETCD, no NetworkPolicy).
+#[test]
+fn filter_verifies_with_etcd_and_only_injected_pods_reach_it() {
+    let d = tempfile::tempdir().unwrap();
+    let filter_env = |docs: &[Value], name: &str| {
+        let c = &find(docs, "Deployment", "filter")["spec"]["template"]["spec"]["containers"][0];
+        c["env"].as_array().unwrap().iter().find(|e| e["name"] == name).map(|e| e["value"].as_str().unwrap().to_owned())
+    };
+    let docs = docs_of(EVERYTHING);
+    assert_eq!(filter_env(&docs, "FENCEGATE_LOCK").as_deref(), Some("payments.ledger"));
+    assert_eq!(filter_env(&docs, "FENCEGATE_ETCD").as_deref(), Some("http://etcd.etcd.svc:2379"), "the sidecars' etcd");
+    assert_eq!(find(&docs, "ConfigMap", "injector")["data"]["FENCEGATE_CLUSTER_WIDE_LOCKS"], "false");
+    let np = &find(&docs, "NetworkPolicy", "filter")["spec"];
+    assert_eq!(np["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "filter");
+    assert_eq!(np["ingress"].as_array().unwrap().len(), 1);
+    assert_eq!(np["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["fencegate.io/injected"], "true");
+    assert_eq!(np["ingress"][0]["from"][0]["namespaceSelector"], serde_json::json!({}));
+    let mut sets = EVERYTHING.to_vec();
+    sets.extend([
+        "filter.etcdEndpoints=https://etcd-0:2379",
+        "filter.etcdTlsSecret=etcd-client",
+        "filter.networkPolicy.extraFrom[0].namespaceSelector.matchLabels.team=reports",
+        "webhook.clusterWideLocks=true",
+    ]);
+    let yaml = template(&sets).unwrap();
+    validate(&yaml, d.path());
+    let docs = self::docs(&yaml);
+    assert_eq!(filter_env(&docs, "FENCEGATE_ETCD").as_deref(), Some("https://etcd-0:2379"));
+    assert_eq!(filter_env(&docs, "FENCEGATE_ETCD_CA").as_deref(), Some("/etc/fencegate/etcd/ca.crt"));
+    let c = &find(&docs, "Deployment", "filter")["spec"]["template"]["spec"]["containers"][0];
+    env_names_known("filter", c["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap().to_string()));
+    let np = &find(&docs, "NetworkPolicy", "filter")["spec"];
+    assert_eq!(np["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["team"], "reports");
+    assert_eq!(np["ingress"][1]["ports"], serde_json::json!([{"port": "http"}]), "not the admin port");
+    assert_eq!(find(&docs, "ConfigMap", "injector")["data"]["FENCEGATE_CLUSTER_WIDE_LOCKS"], "true");
+    let mut sets = EVERYTHING.to_vec();
+    sets.extend(["filter.verify=false", "filter.networkPolicy.enabled=false"]);
+    let docs = docs_of(&sets);
+    assert_eq!(filter_env(&docs, "FENCEGATE_ETCD"), None);
+    assert!(docs.iter().all(|d| d["kind"] != "NetworkPolicy"));
+}
+
 #[test]
 fn filter_without_the_injector() {
     let d = tempfile::tempdir().unwrap();
@@ -299,7 +345,7 @@ fn filter_without_the_injector() {
     assert!(report.contains("passed for resource deployment/fg-fencegate-filter"), "{report}");
     let docs = docs(&yaml);
     let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
-    assert_eq!(kinds, vec!["PersistentVolumeClaim", "Service", "Deployment"], "only the filter");
+    assert_eq!(kinds, vec!["NetworkPolicy", "PersistentVolumeClaim", "Service", "Deployment"], "only the filter");
     assert!(docs.iter().all(|d| !d["metadata"]["name"].as_str().unwrap().contains("injector")));
 }
 

@@ -64,8 +64,13 @@ impl Cluster {
         let etcd = Etcd::start();
         let nginx = Nginx::start();
         let dir = tempfile::tempdir().unwrap();
-        let filter =
-            o.filter.then(|| FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &["--lock", LOCK]));
+        // Verification on (issue 13): every raise is checked with etcd, so
+        // these runs also show it keeps up with takeovers, etcd restarts and
+        // zombies.
+        let filter = o.filter.then(|| {
+            let args = ["--lock", LOCK, "--etcd", &etcd.client_url, "--etcd-timeout", "1s"];
+            FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &args)
+        });
         let upstream = filter.as_ref().map(|f| f.url()).unwrap_or_else(|| nginx.url());
         let mut extra: Vec<String> = vec![];
         if let (Some(f), true) = (&filter, o.fence) {

@@ -161,7 +161,9 @@ async fn deployment_pod_gets_a_native_sidecar() {
     assert_eq!(sc.image.as_deref(), Some("fencegate:test"));
     assert_eq!(sc.args.as_deref(), Some(&["sidecar".to_string()][..]));
     let sc_json = &pod["spec"]["initContainers"][0];
-    assert_eq!(get_env(sc_json, "FENCEGATE_LOCK").as_deref(), Some("ledger"));
+    // Issue 13: a lock belongs to its namespace (fails on the old code: "ledger").
+    assert_eq!(get_env(sc_json, "FENCEGATE_LOCK").as_deref(), Some("payments.ledger"));
+    assert_eq!(pod["metadata"]["labels"]["fencegate.io/injected"], "true", "the NetworkPolicy selects it");
     assert_eq!(get_env(sc_json, "FENCEGATE_UPSTREAM").as_deref(), Some("http://fencegate-filter.payments.svc:8080"));
     assert_eq!(get_env(sc_json, "FENCEGATE_FENCE").as_deref(), Some("http://fencegate-filter.payments.svc:9090"));
     assert_eq!(get_env(sc_json, "FENCEGATE_TTL").as_deref(), Some("15s"));
@@ -249,6 +251,28 @@ async fn pod_with_init_containers_and_legacy_mode() {
     assert!(last.get("restartPolicy").is_none());
     assert_eq!(last["lifecycle"]["preStop"]["sleep"]["seconds"], 5);
     assert_eq!(pod["spec"]["initContainers"].as_array().unwrap().len(), 1);
+}
+
+/// The lock is `NAMESPACE.LOCK` (the request's namespace when the pod has
+/// none yet), or the annotation as is with `--cluster-wide-locks`; a TTL
+/// above 5 minutes is a bad annotation. Fails on the old code (the lock was
+/// the annotation's, and any TTL passed).
+#[tokio::test]
+async fn locks_belong_to_their_namespace_and_ttl_is_bounded() {
+    let (inj, wide) = (start(&[]), start(&["--cluster-wide-locks"]));
+    let mut fx = fixture("deployment-pod.json");
+    fx["request"]["object"]["metadata"].as_object_mut().unwrap().remove("namespace");
+    fx["request"]["namespace"] = json!("billing");
+    let lock = |pod: &Value| get_env(&pod["spec"]["initContainers"][0], "FENCEGATE_LOCK");
+    let (_, pod) = review(&inj, &fx).await;
+    assert_eq!(lock(&pod.unwrap()).as_deref(), Some("billing.ledger"));
+    let (_, pod) = review(&wide, &fx).await;
+    assert_eq!(lock(&pod.unwrap()).as_deref(), Some("ledger"));
+    fx["request"]["object"]["metadata"]["annotations"]["fencegate.io/ttl"] = json!("10m");
+    let (resp, pod) = review(&inj, &fx).await;
+    assert!(pod.is_none());
+    let w = resp["warnings"].to_string();
+    assert!(w.contains("fencegate.io/ttl") && w.contains("above 5m"), "{w}");
 }
 
 #[tokio::test]

@@ -74,7 +74,10 @@ impl Filter {
                 json!({ "lock": e.name, "highest": highest, "durable": durable, "set_at_ms": set_at_ms, "inflight": inflight })
             })
             .collect();
-        json_response(StatusCode::OK, &json!({ "locks": locks }))
+        // Says whether a token's raise is checked with etcd ("etcd") or the
+        // filter trusts tokens as sent ("off"), so an operator sees it.
+        let verification = if self.locks.verifier().is_some() { "etcd" } else { "off" };
+        json_response(StatusCode::OK, &json!({ "verification": verification, "locks": locks }))
     }
 
     async fn fence(&self, name: &str, req: Request<Incoming>) -> Result<Response<Body>, FilterError> {
@@ -89,8 +92,9 @@ impl Filter {
             .to_bytes();
         let body: FenceRequest = serde_json::from_slice(&bytes)
             .map_err(|e| FilterError::BadRequest(format!("body must be {{\"token\": N}}: {e}")))?;
-        let token = Token::new(body.token)
-            .ok_or_else(|| FilterError::Token(token::TokenError::Malformed("token must be greater than 0".into())))?;
+        let token = Token::new(body.token).ok_or_else(|| {
+            FilterError::Token(token::TokenError::Malformed(format!("token must be in 1..={}", Token::MAX)))
+        })?;
         let wait = body.timeout_ms.map(Duration::from_millis).unwrap_or(self.cfg.max_wait);
         let entry = self.locks.entry(&lock);
         if let Err(e) = entry.fence(token, Instant::now() + wait).await {

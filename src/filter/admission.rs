@@ -28,6 +28,12 @@
 //! without sockets; [`LockEntry::admit_write`] and [`LockEntry::fence`] are
 //! the async loop around them (persisting, waiting, aborting).
 //!
+//! **Verified raises**: with a [`Verifier`], a token above `highest` is
+//! checked with the lock service *before* the pure decision sees it, so a
+//! forged or stale token never touches the state (nothing raised, nothing
+//! made durable, nothing forwarded). Concurrent raises of one lock wait for
+//! one check and share its outcome ([`LockEntry::verify_raise`]).
+//!
 //! Concurrency: each lock has its own short `parking_lot::Mutex` (held only
 //! for the decision, never across an await) and its own async mutex that
 //! serializes the rare durable writes. There is no lock shared between locks
@@ -45,6 +51,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::state::{Record, StateDir, StateError};
+use super::verify::{Verifier, VerifyFailure};
 use crate::token::{LockName, Token};
 
 /// Barrier settings.
@@ -202,6 +209,8 @@ pub struct LockStats {
     pub refused_stale: AtomicU64,
     pub refused_mismatch: AtomicU64,
     pub refused_unavailable: AtomicU64,
+    /// Raises refused because etcd says the token is not the holder's.
+    pub refused_unverified: AtomicU64,
     pub aborted: AtomicU64,
     pub barrier_waits: AtomicU64,
     /// Total microseconds writes spent waiting at the barrier.
@@ -219,7 +228,20 @@ pub struct LockEntry {
     barrier: BarrierConfig,
     /// `None` only in unit tests: state kept in memory.
     dir: Option<Arc<StateDir>>,
+    /// Checks raises with the lock service; `None`: tokens trusted as sent.
+    verifier: Option<Arc<Verifier>>,
+    /// Serializes this lock's verifications and keeps the last one, so the
+    /// raises that queued behind it share its outcome.
+    last_check: tokio::sync::Mutex<Option<Checked>>,
     pub stats: LockStats,
+}
+
+/// One finished verification: which token, when it finished, what it said.
+#[derive(Debug)]
+struct Checked {
+    token: u64,
+    at: Instant,
+    outcome: Result<(), VerifyFailure>,
 }
 
 /// Why a write was not admitted.
@@ -231,6 +253,21 @@ pub enum AdmitError {
     State(#[from] StateError),
     #[error("older writes for lock {lock} are still draining; retry in {retry_after:?}")]
     BarrierTimeout { lock: LockName, retry_after: Duration },
+    #[error("fencing token {token} is above the highest admitted for lock {lock} but is not its current holder's in etcd ({}); refused", holder_text(*holder))]
+    Unverified { lock: LockName, token: u64, holder: Option<u64> },
+    #[error(
+        "fencing token {token} of lock {lock} is no longer the holder's: etcd's holder has the newer token {holder}"
+    )]
+    Superseded { lock: LockName, token: u64, holder: u64, highest: u64 },
+    #[error("could not verify fencing token {token} for lock {lock} with etcd: {reason}")]
+    VerifyUnavailable { lock: LockName, token: u64, reason: String },
+}
+
+fn holder_text(holder: Option<u64>) -> String {
+    match holder {
+        Some(h) => format!("the holder's token is {h}"),
+        None => "nobody holds it".into(),
+    }
 }
 
 /// A forwarded write: counted in flight until released.
@@ -283,16 +320,55 @@ impl Drop for Permit {
 }
 
 impl LockEntry {
-    fn new(name: LockName, state: LockState, barrier: BarrierConfig, dir: Option<Arc<StateDir>>) -> Self {
+    fn new(name: LockName, state: LockState, locks: &Locks) -> Self {
         LockEntry {
             name,
             state: Mutex::new(state),
             changed: Notify::new(),
             persist: tokio::sync::Mutex::new(()),
-            barrier,
-            dir,
+            barrier: locks.barrier.clone(),
+            dir: locks.dir.clone(),
+            verifier: locks.verifier.clone(),
+            last_check: tokio::sync::Mutex::new(None),
             stats: LockStats::default(),
         }
+    }
+
+    /// With a verifier: checks that a token above the lock's highest is the
+    /// current holder's, before anything is raised. Tokens at or below the
+    /// highest pass untouched (the pure decision refuses the lower ones).
+    ///
+    /// Raises queued behind a check that finished after they arrived share
+    /// its outcome (one etcd read for a burst of a new holder's writes, and
+    /// one timeout, not one each, while etcd is down); a later raise asks
+    /// again, so a verdict is never reused once it could be out of date.
+    async fn verify_raise(&self, t: Token) -> Result<(), AdmitError> {
+        let Some(v) = &self.verifier else { return Ok(()) };
+        let raises = |t: u64| t > self.state.lock().highest;
+        if !raises(t.get()) {
+            return Ok(());
+        }
+        let arrived = Instant::now();
+        let mut last = self.last_check.lock().await;
+        let outcome = match last.as_ref() {
+            _ if !raises(t.get()) => Ok(()),
+            Some(c) if c.token == t.get() && c.at > arrived => c.outcome.clone(),
+            _ => {
+                let outcome = v.verify(&self.name, t).await;
+                *last = Some(Checked { token: t.get(), at: Instant::now(), outcome: outcome.clone() });
+                outcome
+            }
+        };
+        let (lock, token) = (self.name.clone(), t.get());
+        outcome.map_err(|f| match f {
+            // A newer holder exists: this token is stale, whoever sends it
+            // (a holder that let go, a zombie); answered like any stale token.
+            VerifyFailure::NotHolder { holder: Some(holder) } if holder > token => {
+                AdmitError::Superseded { lock, token, holder, highest: self.state.lock().highest }
+            }
+            VerifyFailure::NotHolder { holder } => AdmitError::Unverified { lock, token, holder },
+            VerifyFailure::Unavailable(reason) => AdmitError::VerifyUnavailable { lock, token, reason },
+        })
     }
 
     /// A consistent copy of what `/v1/locks` and metrics show.
@@ -309,6 +385,7 @@ impl LockEntry {
     /// Admits a write with token `t`, waiting at the barrier at most until
     /// `deadline`. The permit counts the write in flight until released.
     pub async fn admit_write(self: &Arc<Self>, t: Token, deadline: Instant) -> Result<Permit, AdmitError> {
+        self.verify_raise(t).await?;
         let t = t.get();
         self.wait_for(t, deadline, LockState::admit).await?;
         let abort = self.state.lock().abort_signal(t);
@@ -319,6 +396,7 @@ impl LockEntry {
     /// `t` durably and waits (at most until `deadline`) until every older
     /// write has drained; nothing is counted in flight.
     pub async fn fence(self: &Arc<Self>, t: Token, deadline: Instant) -> Result<(), AdmitError> {
+        self.verify_raise(t).await?;
         self.wait_for(t.get(), deadline, LockState::fence).await?;
         // Writes already waiting may be stale now, or free to go: let them
         // decide again instead of sleeping until their timer.
@@ -417,14 +495,26 @@ pub struct Locks {
     pub barrier: BarrierConfig,
     /// The start-up barrier: nothing is forwarded before this instant.
     ready_at: Instant,
+    /// Checks raises with the lock service (see [`LockEntry::verify_raise`]).
+    verifier: Option<Arc<Verifier>>,
 }
 
 impl Locks {
     /// The registry at start-up: the barrier of every lock with a record is
     /// held for `abort_grace` from now (see the module docs).
     pub fn new(dir: Option<StateDir>, records: impl IntoIterator<Item = Record>, barrier: BarrierConfig) -> Self {
+        Self::verified(dir, records, barrier, None)
+    }
+
+    /// [`Locks::new`], with raises checked by `verifier` (`None`: trusted).
+    pub fn verified(
+        dir: Option<StateDir>,
+        records: impl IntoIterator<Item = Record>,
+        barrier: BarrierConfig,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Self {
         let now = Instant::now();
-        let mut locks = Locks { map: DashMap::new(), dir: dir.map(Arc::new), barrier, ready_at: now };
+        let mut locks = Locks { map: DashMap::new(), dir: dir.map(Arc::new), barrier, ready_at: now, verifier };
         for r in records {
             let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
             locks.ready_at = now + locks.barrier.abort_grace;
@@ -435,7 +525,12 @@ impl Locks {
     }
 
     fn new_entry(&self, name: LockName, state: LockState) -> Arc<LockEntry> {
-        Arc::new(LockEntry::new(name, state, self.barrier.clone(), self.dir.clone()))
+        Arc::new(LockEntry::new(name, state, self))
+    }
+
+    /// The verifier, if raises are checked.
+    pub fn verifier(&self) -> Option<&Arc<Verifier>> {
+        self.verifier.as_ref()
     }
 
     /// When the start-up barrier opens (now, when there were no records).
@@ -632,5 +727,91 @@ mod tests {
         let t = Instant::now();
         empty.entry(&"m".parse().unwrap()).admit_write(Token::new(1).unwrap(), far).await.unwrap().complete();
         assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    /// A lock service in memory: `holder` is the current holder's token;
+    /// `calls` counts checks; `delay` makes each check slow.
+    #[derive(Debug, Default)]
+    struct FakeCheck {
+        holder: std::sync::atomic::AtomicU64,
+        down: std::sync::atomic::AtomicBool,
+        calls: AtomicU64,
+        delay: Duration,
+    }
+
+    impl crate::lease::sequencer::HolderCheck for FakeCheck {
+        fn check<'a>(
+            &'a self,
+            _: &'a LockName,
+            t: Token,
+        ) -> futures_util::future::BoxFuture<
+            'a,
+            Result<crate::lease::sequencer::Verdict, crate::lease::sequencer::Unavailable>,
+        > {
+            use crate::lease::sequencer::{Unavailable, Verdict};
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(self.delay).await;
+                if self.down.load(Ordering::Relaxed) {
+                    return Err(Unavailable("down".into()));
+                }
+                let h = self.holder.load(Ordering::Relaxed);
+                Ok(if h == t.get() { Verdict::Holder } else { Verdict::NotHolder { holder: Some(h) } })
+            })
+        }
+    }
+
+    fn verified_locks(check: Arc<FakeCheck>, highest: u64) -> Arc<Locks> {
+        let rec = Record::new("l".parse().unwrap(), highest, SystemTime::now());
+        let c = BarrierConfig { abort_grace: Duration::ZERO, ..cfg() };
+        Arc::new(Locks::verified(None, [rec], c, Some(Arc::new(super::super::verify::Verifier::new(check)))))
+    }
+
+    /// Issue 13: a token above the highest that is not the holder's is
+    /// refused before anything is raised (fails on the old code: the forged
+    /// token became the mark).
+    #[tokio::test(start_paused = true)]
+    async fn an_unverified_raise_changes_nothing() {
+        let check = Arc::new(FakeCheck { holder: 7.into(), ..Default::default() });
+        let locks = verified_locks(check.clone(), 5);
+        let e = locks.entry(&"l".parse().unwrap());
+        let far = Instant::now() + Duration::from_secs(60);
+        let r = e.admit_write(Token::new(Token::MAX).unwrap(), far).await;
+        assert!(matches!(r, Err(AdmitError::Unverified { holder: Some(7), .. })), "{r:?}");
+        let r = e.fence(Token::new(8).unwrap(), far).await;
+        assert!(matches!(r, Err(AdmitError::Unverified { .. })), "{r:?}");
+        let (h, d, ..) = e.snapshot();
+        assert_eq!((h, d), (5, 5), "mark unchanged");
+        // At the highest: no check at all (the hot path).
+        e.admit_write(Token::new(5).unwrap(), far).await.unwrap().complete();
+        assert_eq!(check.calls.load(Ordering::Relaxed), 2);
+        // The genuine holder raises.
+        e.admit_write(Token::new(7).unwrap(), far).await.unwrap().complete();
+        let (h, d, ..) = e.snapshot();
+        assert_eq!((h, d), (7, 7));
+        check.down.store(true, Ordering::Relaxed);
+        let r = e.fence(Token::new(9).unwrap(), far).await;
+        assert!(matches!(r, Err(AdmitError::VerifyUnavailable { .. })), "{r:?}");
+        e.admit_write(Token::new(7).unwrap(), far).await.unwrap().complete();
+        assert_eq!(e.snapshot().0, 7);
+    }
+
+    /// A burst of a new holder's writes shares one check.
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_raises_share_one_check() {
+        let check = Arc::new(FakeCheck { holder: 9.into(), delay: Duration::from_millis(50), ..Default::default() });
+        let locks = verified_locks(check.clone(), 5);
+        let e = locks.entry(&"l".parse().unwrap());
+        let far = Instant::now() + Duration::from_secs(60);
+        let tasks: Vec<_> = (0..8)
+            .map(|_| {
+                let e = e.clone();
+                tokio::spawn(async move { e.admit_write(Token::new(9).unwrap(), far).await.map(Permit::complete) })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(check.calls.load(Ordering::Relaxed), 1);
     }
 }

@@ -52,9 +52,11 @@ impl FilterError {
             FilterError::NotCanonical(_) => "not_canonical",
             FilterError::SpansLocks { .. } => "spans_locks",
             FilterError::DestinationMalformed(_) => "destination_malformed",
-            FilterError::Admit(AdmitError::Stale { .. }) => "stale",
+            FilterError::Admit(AdmitError::Stale { .. } | AdmitError::Superseded { .. }) => "stale",
             FilterError::Admit(AdmitError::State(_)) => "state_unavailable",
             FilterError::Admit(AdmitError::BarrierTimeout { .. }) => "barrier_timeout",
+            FilterError::Admit(AdmitError::Unverified { .. }) => "unverified",
+            FilterError::Admit(AdmitError::VerifyUnavailable { .. }) => "verify_unavailable",
             FilterError::Aborted(_) => "aborted",
             FilterError::Upstream(_) => "upstream",
             FilterError::UnknownLock(_) => "unknown_lock",
@@ -107,6 +109,27 @@ impl FilterError {
             FilterError::Admit(AdmitError::BarrierTimeout { retry_after, .. }) => {
                 retry(json_error(StatusCode::SERVICE_UNAVAILABLE, "fencing_barrier_timeout", &msg, None), retry_after)
             }
+            FilterError::Admit(AdmitError::Superseded { lock, token, holder, highest }) => json_error(
+                StatusCode::CONFLICT,
+                "fencing_token_stale",
+                &msg,
+                Some(json!({ "lock": lock, "token": token, "highest": highest, "holder_token": holder })),
+            ),
+            FilterError::Admit(AdmitError::Unverified { lock, token, holder }) => json_error(
+                StatusCode::FORBIDDEN,
+                "fencing_token_unverified",
+                &msg,
+                Some(json!({ "lock": lock, "token": token, "holder_token": holder })),
+            ),
+            FilterError::Admit(AdmitError::VerifyUnavailable { lock, token, .. }) => retry(
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fencing_verify_unavailable",
+                    &msg,
+                    Some(json!({ "lock": lock, "token": token })),
+                ),
+                Duration::from_secs(1),
+            ),
             FilterError::Aborted(lock) => json_error(
                 StatusCode::CONFLICT,
                 "fencing_write_aborted",

@@ -25,7 +25,10 @@ impl Refusals {
     pub fn count(&self, locks: &Locks, lock: Option<&LockName>, e: &FilterError) {
         let stats = lock.map(|l| locks.entry(l));
         let counter = match (&stats, e) {
-            (Some(s), FilterError::Admit(AdmitError::Stale { .. })) => &s.stats.refused_stale,
+            (Some(s), FilterError::Admit(AdmitError::Stale { .. } | AdmitError::Superseded { .. })) => {
+                &s.stats.refused_stale
+            }
+            (Some(s), FilterError::Admit(AdmitError::Unverified { .. })) => &s.stats.refused_unverified,
             (Some(s), FilterError::LockMismatch { .. }) => &s.stats.refused_mismatch,
             (Some(s), FilterError::Aborted(_)) => &s.stats.aborted,
             (Some(s), FilterError::Admit(_)) => &s.stats.refused_unavailable,
@@ -49,6 +52,7 @@ struct LockFigures {
     stale: u64,
     mismatch: u64,
     unavailable: u64,
+    unverified: u64,
     aborted: u64,
     highest: u64,
     barrier_waits: u64,
@@ -65,6 +69,7 @@ impl LockFigures {
             stale: ld(&e.stats.refused_stale),
             mismatch: ld(&e.stats.refused_mismatch),
             unavailable: ld(&e.stats.refused_unavailable),
+            unverified: ld(&e.stats.refused_unverified),
             aborted: ld(&e.stats.aborted),
             highest,
             barrier_waits: ld(&e.stats.barrier_waits),
@@ -78,12 +83,26 @@ impl LockFigures {
         self.stale += o.stale;
         self.mismatch += o.mismatch;
         self.unavailable += o.unavailable;
+        self.unverified += o.unverified;
         self.aborted += o.aborted;
         self.highest = self.highest.max(o.highest);
         self.barrier_waits += o.barrier_waits;
         self.barrier_wait_us += o.barrier_wait_us;
         self.inflight += o.inflight;
     }
+}
+
+/// `fencegate_filter_verifications_total{outcome}` (only with a verifier).
+fn encode_verifications(enc: &mut DescriptorEncoder, v: &super::verify::Verifier) -> std::fmt::Result {
+    metrics::encode_counters(
+        enc,
+        "fencegate_filter_verifications",
+        "Raises checked with etcd, by outcome (holder: admitted; not_holder: refused; unavailable: 503)",
+        super::verify::OUTCOMES
+            .iter()
+            .zip(&v.outcomes)
+            .map(|(o, n)| (vec![("outcome", o.to_string())], n.load(Ordering::Relaxed))),
+    )
 }
 
 impl Collector for FilterCollector {
@@ -118,6 +137,7 @@ impl Collector for FilterCollector {
                 ("stale", x.stale),
                 ("lock_mismatch", x.mismatch),
                 ("unavailable", x.unavailable),
+                ("unverified", x.unverified),
                 ("aborted", x.aborted),
             ] {
                 refused.push((vec![("lock", l.clone()), ("reason", reason.to_string())], v));
@@ -154,6 +174,9 @@ impl Collector for FilterCollector {
             "Writes forwarded and not yet answered, per lock",
             rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)),
         )?;
-        Ok(())
+        match f.locks.verifier() {
+            Some(v) => encode_verifications(&mut enc, v),
+            None => Ok(()),
+        }
     }
 }

@@ -30,8 +30,10 @@ pub mod admin;
 pub mod admission;
 pub mod error;
 pub mod metrics;
+pub mod repair;
 pub mod rules;
 pub mod state;
+pub mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,6 +49,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::lease::sequencer::HolderCheck;
 use crate::proxy::{self, Body, ServerLimits, Upstream};
 use crate::token::{self, LockName, ReadMethods};
 use admission::{BarrierConfig, Locks};
@@ -80,6 +83,9 @@ pub struct FilterConfig {
     pub limits: ServerLimits,
     /// Above this many locks, metrics are totals (`lock="*"`), not per lock.
     pub metrics_lock_limit: usize,
+    /// Checks every raise of a lock's mark with the lock service (etcd);
+    /// `None`: tokens are trusted as sent.
+    pub holder_check: Option<Arc<dyn HolderCheck>>,
 }
 
 impl FilterConfig {
@@ -101,6 +107,7 @@ impl FilterConfig {
             upstream_timeout: Duration::from_secs(60),
             limits: ServerLimits::default(),
             metrics_lock_limit: 1000,
+            holder_check: None,
         }
     }
 }
@@ -135,9 +142,24 @@ impl Filter {
         for r in records.values() {
             tracing::info!(lock = %r.lock, highest = r.highest, "loaded high-water mark");
         }
-        let locks = Arc::new(Locks::new(Some(dir), records.into_values(), cfg.barrier.clone()));
-        let upstream_latency = crate::metrics::latency_histogram();
+        let verifier = cfg.holder_check.clone().map(|c| Arc::new(verify::Verifier::new(c)));
+        match &verifier {
+            Some(v) => tracing::info!(check = ?v, "raises of a lock's mark are verified with etcd"),
+            None => tracing::warn!(
+                "verification is off (no --etcd): tokens are trusted as sent, so anyone who can reach this filter \
+                 can raise a lock's mark"
+            ),
+        }
         let mut registry = Registry::default();
+        if let Some(v) = &verifier {
+            registry.register(
+                "fencegate_filter_verification_latency_seconds",
+                "Time to verify a raise with etcd",
+                v.latency.clone(),
+            );
+        }
+        let locks = Arc::new(Locks::verified(Some(dir), records.into_values(), cfg.barrier.clone(), verifier));
+        let upstream_latency = crate::metrics::latency_histogram();
         registry.register(
             "fencegate_filter_upstream_latency_seconds",
             "Time from sending a request to the store until its response head arrived",

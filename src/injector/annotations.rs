@@ -65,12 +65,21 @@ fn upstream(v: Option<&str>, errors: &mut Vec<String>) -> Option<String> {
     }
 }
 
+/// Bounds of `fencegate.io/ttl`: etcd's smallest lease, and a ceiling so a
+/// crashed holder cannot keep its lock (and its writers waiting) for hours.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+pub const MAX_TTL: Duration = Duration::from_secs(300);
+
 fn ttl(v: Option<&str>, default: Duration, errors: &mut Vec<String>) -> Option<Duration> {
     let Some(t) = v else { return Some(default) };
     match crate::duration::parse(t) {
-        Ok(d) if d >= Duration::from_secs(2) => Some(d),
-        Ok(_) => {
+        Ok(d) if (MIN_TTL..=MAX_TTL).contains(&d) => Some(d),
+        Ok(d) if d < MIN_TTL => {
             errors.push(format!("{ANN}ttl: {t:?} is below etcd's smallest lease (2s)"));
+            None
+        }
+        Ok(_) => {
+            errors.push(format!("{ANN}ttl: {t:?} is above 5m (a crashed holder would keep the lock that long)"));
             None
         }
         Err(e) => {
@@ -78,6 +87,22 @@ fn ttl(v: Option<&str>, default: Duration, errors: &mut Vec<String>) -> Option<D
             None
         }
     }
+}
+
+/// The lock a pod in `namespace` gets: `NAMESPACE.LOCK`, so pods of one
+/// namespace cannot name (and hold, or raise the mark of) another
+/// namespace's lock; its holder keys live under `<prefix>/NAMESPACE.`, a
+/// prefix etcd roles can be scoped to. Namespace names are DNS labels (no
+/// dots), so the first dot always ends the namespace. With
+/// `--cluster-wide-locks` the annotation's name is used as is.
+pub fn scoped_lock(lock: &LockName, namespace: Option<&str>, cfg: &InjectorConfig) -> Result<LockName, String> {
+    if cfg.cluster_wide_locks {
+        return Ok(lock.clone());
+    }
+    let ns = namespace
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| format!("{ANN}lock: the pod's namespace is unknown, so its lock cannot be scoped to it"))?;
+    format!("{ns}.{lock}").parse().map_err(|e| format!("{ANN}lock: namespaced as {ns}.{lock}: {e}"))
 }
 
 /// Parses the annotations `ann` (the pod's, all keys) against `cfg`'s defaults.

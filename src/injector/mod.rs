@@ -146,6 +146,13 @@ async fn mutate(cfg: &InjectorConfig, req: Request<Incoming>) -> Response<Body> 
         Err(e) => return bad(format!("AdmissionReview without a request: {e}")),
     };
     let decision = match &request.object {
+        Some(pod) if pod.metadata.namespace.is_none() => {
+            // Pods created by controllers often carry no namespace yet: the
+            // request's is the one the pod will live in.
+            let mut pod = pod.clone();
+            pod.metadata.namespace = request.namespace.clone();
+            patch::patch(&pod, cfg)
+        }
         Some(pod) => patch::patch(pod, cfg),
         None => Decision::Skip("no object"),
     };

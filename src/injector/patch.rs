@@ -32,6 +32,8 @@ use super::sidecar::{self, env, TLS_VOLUME};
 /// The sidecar's default ports: outside Istio's 15000-15090 and Linkerd's
 /// 4140-4191, so the sidecar lives beside a mesh's proxy.
 pub const DEFAULT_PROXY_PORT: u16 = 7850;
+/// The label every injected pod gets (the chart's NetworkPolicy selects it).
+pub const INJECTED_LABEL: &str = "fencegate.io/injected";
 pub const DEFAULT_ADMIN_PORT: u16 = 7851;
 pub const DEFAULT_HEALTH_PORT: u16 = 7852;
 
@@ -56,6 +58,8 @@ pub struct InjectorConfig {
     pub native_sidecar: bool,
     /// Deny pods with bad annotations instead of admitting them unchanged.
     pub strict: bool,
+    /// Use `fencegate.io/lock` as is, instead of `NAMESPACE.LOCK`.
+    pub cluster_wide_locks: bool,
 }
 
 impl Default for InjectorConfig {
@@ -75,6 +79,7 @@ impl Default for InjectorConfig {
             health_port: DEFAULT_HEALTH_PORT,
             native_sidecar: true,
             strict: false,
+            cluster_wide_locks: false,
         }
     }
 }
@@ -129,14 +134,23 @@ pub fn patch(pod: &Pod, cfg: &InjectorConfig) -> Decision {
     if let Some(why) = unsupported(&spec, cfg) {
         return Decision::Unsupported(why);
     }
-    match annotations::parse(ann, cfg) {
-        Ok(settings) => Decision::Patch(emit(&spec, &settings, cfg)),
+    let settings = annotations::parse(ann, cfg).and_then(|mut s| {
+        s.lock = annotations::scoped_lock(&s.lock, pod.metadata.namespace.as_deref(), cfg).map_err(|e| vec![e])?;
+        Ok(s)
+    });
+    match settings {
+        Ok(settings) => Decision::Patch(emit(&spec, pod.metadata.labels.as_ref(), &settings, cfg)),
         Err(errors) => Decision::Invalid(errors),
     }
 }
 
 /// The JSON Patch that adds the sidecar for `settings` to a pod with `spec`.
-pub fn emit(spec: &PodSpec, settings: &Settings, cfg: &InjectorConfig) -> Patch {
+pub fn emit(
+    spec: &PodSpec,
+    labels: Option<&BTreeMap<String, String>>,
+    settings: &Settings,
+    cfg: &InjectorConfig,
+) -> Patch {
     let sidecar = serde_json::to_value(sidecar::container(settings, cfg)).expect("containers serialize");
     let mut ops = Vec::new();
     if cfg.native_sidecar {
@@ -162,6 +176,13 @@ pub fn emit(spec: &PodSpec, settings: &Settings, cfg: &InjectorConfig) -> Patch 
     }
     // `annotations` exists: the pod asked for injection through it.
     ops.push(add(&["metadata", "annotations", "fencegate.io/status"], json!("injected")));
+    // The label lets the chart's NetworkPolicy admit injected pods (and only
+    // them) to the filter's ports; a label, since policies cannot select on
+    // annotations.
+    match labels {
+        Some(_) => ops.push(add(&["metadata", "labels", INJECTED_LABEL], json!("true"))),
+        None => ops.push(add(&["metadata", "labels"], json!({ INJECTED_LABEL: "true" }))),
+    }
     Patch(ops)
 }
 

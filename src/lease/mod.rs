@@ -14,13 +14,16 @@
 //! [`keeper`] runs the recipe and publishes the lock's state on a
 //! `tokio::sync::watch` channel that the proxy reads on every write. On
 //! takeover it fences the filters through a [`Fencer`] it is given (the
-//! sidecar's speaks HTTP; the keeper does not).
+//! sidecar's speaks HTTP; the keeper does not). [`sequencer`] answers the
+//! filter's question "is this token the current holder's?" from the same
+//! recipe (the lowest create revision under the lock's queue).
 
 pub mod backoff;
 pub mod deadline;
 pub mod embedded;
 pub mod etcd;
 pub mod keeper;
+pub mod sequencer;
 
 use std::time::Duration;
 

@@ -671,7 +671,10 @@ async fn keep_lease(
                     if s.lease_id == Some(lease) && s.valid_until.is_none_or(|u| u.mono() < until.mono()) {
                         s.valid_until = Some(until);
                     }
-                    s.last_error = None;
+                    // A keep-alive's success answers only a keep-alive's failure (queueing errors stay).
+                    if s.last_error.as_deref().is_some_and(|e| e.starts_with("keep-alive")) {
+                        s.last_error = None;
+                    }
                     false // a deadline moving is not a state change worth waking watchers for
                 });
                 next = sent.mono + interval;

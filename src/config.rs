@@ -117,6 +117,89 @@ pub struct FilterArgs {
     pub unsafe_raw_paths: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub shared: FilterEtcdArgs,
+}
+
+/// `fencegate filter`'s etcd connection and `--shared-marks` (issue 15).
+/// The etcd fields copy [`EtcdArgs`]' but are optional: a filter without
+/// them keeps its marks in `--state-dir` only, as before.
+#[derive(Args, Debug, Clone)]
+pub struct FilterEtcdArgs {
+    /// etcd endpoints, comma-separated (needed by --shared-marks).
+    #[arg(long = "etcd", env = "FENCEGATE_ETCD", value_delimiter = ',')]
+    pub endpoints: Vec<String>,
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "FENCEGATE_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD", hide_env_values = true, conflicts_with = "etcd_password_file")]
+    pub etcd_password: Option<String>,
+    /// File holding the etcd password (a trailing newline is dropped).
+    #[arg(long, env = "FENCEGATE_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// CA bundle (PEM) that signed etcd's server certificate.
+    #[arg(long, env = "FENCEGATE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, env = "FENCEGATE_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, env = "FENCEGATE_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+    /// Deadline for one etcd call.
+    #[arg(long, env = "FENCEGATE_ETCD_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub etcd_timeout: Duration,
+    /// Share every lock's high-water mark with the other filter replicas through etcd (--state-dir is then unused).
+    #[arg(long, env = "FENCEGATE_SHARED_MARKS", requires = "endpoints")]
+    pub shared_marks: bool,
+    /// This replica's name, unique among the replicas (default: $HOSTNAME, the pod name).
+    #[arg(long, env = "FENCEGATE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// TTL of this replica's etcd registration; it stops forwarding writes before it expires.
+    #[arg(long, env = "FENCEGATE_REPLICA_TTL", default_value = "10s", value_parser = duration)]
+    pub replica_ttl: Duration,
+    /// etcd key prefix of the shared marks, registrations and acknowledgements.
+    #[arg(long, env = "FENCEGATE_MARKS_PREFIX", default_value = "/fencegate/filter")]
+    pub marks_prefix: String,
+}
+
+impl FilterEtcdArgs {
+    /// The shared-marks configuration, or `None` without `--shared-marks`.
+    pub fn shared(&self, raise_timeout: Duration) -> Result<Option<crate::filter::shared::SharedConfig>, String> {
+        if !self.shared_marks {
+            return Ok(None);
+        }
+        let etcd = EtcdArgs {
+            endpoints: self.endpoints.clone(),
+            etcd_user: self.etcd_user.clone(),
+            etcd_password: self.etcd_password.clone(),
+            etcd_password_file: self.etcd_password_file.clone(),
+            etcd_ca: self.etcd_ca.clone(),
+            etcd_cert: self.etcd_cert.clone(),
+            etcd_key: self.etcd_key.clone(),
+            etcd_timeout: self.etcd_timeout,
+        }
+        .options()?;
+        let replica_id = match &self.replica_id {
+            Some(id) => id.clone(),
+            None => std::env::var("HOSTNAME").map_err(|_| "give --replica-id (no $HOSTNAME to default to)")?,
+        };
+        if !crate::filter::shared::keys::valid_replica_id(&replica_id) {
+            return Err(format!("--replica-id {replica_id:?}: use letters, digits, '.', '_' and '-'"));
+        }
+        if self.replica_ttl < Duration::from_secs(2) {
+            return Err("--replica-ttl must be at least 2s (etcd leases count whole seconds)".into());
+        }
+        Ok(Some(crate::filter::shared::SharedConfig {
+            etcd,
+            replica_id,
+            ttl: self.replica_ttl,
+            margin: crate::lease::keeper::default_margin(self.replica_ttl),
+            prefix: self.marks_prefix.clone(),
+            raise_timeout,
+        }))
+    }
 }
 
 impl FilterArgs {
@@ -161,6 +244,7 @@ impl FilterArgs {
             upstream_timeout: self.limits.upstream_timeout,
             limits: self.limits.server(),
             metrics_lock_limit: self.metrics_lock_limit,
+            shared: self.shared.shared(self.max_wait)?,
         })
     }
 }

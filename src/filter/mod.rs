@@ -24,13 +24,15 @@
 //! * A write whose connection the filter closed before the answer is either
 //!   applied within `abort_grace` of the close, or never.
 //! * Only this filter (one process, one state directory) writes to the
-//!   protected paths.
+//!   protected paths; or, with `--shared-marks`, only the replicas sharing
+//!   one etcd prefix (see [`shared`]).
 
 pub mod admin;
 pub mod admission;
 pub mod error;
 pub mod metrics;
 pub mod rules;
+pub mod shared;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -80,6 +82,9 @@ pub struct FilterConfig {
     pub limits: ServerLimits,
     /// Above this many locks, metrics are totals (`lock="*"`), not per lock.
     pub metrics_lock_limit: usize,
+    /// `--shared-marks`: marks live in etcd, shared with the other replicas
+    /// (the state directory is then not used).
+    pub shared: Option<shared::SharedConfig>,
 }
 
 impl FilterConfig {
@@ -101,6 +106,7 @@ impl FilterConfig {
             upstream_timeout: Duration::from_secs(60),
             limits: ServerLimits::default(),
             metrics_lock_limit: 1000,
+            shared: None,
         }
     }
 }
@@ -116,6 +122,7 @@ pub struct Filter {
     upstream_latency: Histogram,
     shutting_down: AtomicBool,
     registry: Registry,
+    shared: Option<Arc<shared::Shared>>,
 }
 
 /// Why the filter would not start.
@@ -136,6 +143,30 @@ impl Filter {
             tracing::info!(lock = %r.lock, highest = r.highest, "loaded high-water mark");
         }
         let locks = Arc::new(Locks::new(Some(dir), records.into_values(), cfg.barrier.clone()));
+        Ok(Self::build(cfg, locks, upstream_base, None))
+    }
+
+    /// Opens a replica sharing its marks through etcd (`--shared-marks`):
+    /// registers, reads every mark at one revision, acknowledges them and
+    /// watches from the next revision, all before the first request.
+    pub async fn open_shared(cfg: FilterConfig) -> Result<Arc<Filter>, StartError> {
+        let upstream_base = Self::client(&cfg).map_err(StartError::Config)?.base().clone();
+        let scfg = cfg.shared.clone().ok_or_else(|| StartError::Config("no --shared-marks configuration".into()))?;
+        let (sh, marks, rev) = shared::join(scfg).await?;
+        for (lock, t) in &marks {
+            tracing::info!(%lock, highest = t, "loaded shared high-water mark");
+        }
+        let locks = Arc::new(Locks::shared(marks.clone(), cfg.barrier.clone(), sh.clone()));
+        shared::watch::start(sh.clone(), locks.clone(), marks, rev);
+        Ok(Self::build(cfg, locks, upstream_base, Some(sh)))
+    }
+
+    fn build(
+        cfg: FilterConfig,
+        locks: Arc<Locks>,
+        upstream_base: http::Uri,
+        shared: Option<Arc<shared::Shared>>,
+    ) -> Arc<Filter> {
         let upstream_latency = crate::metrics::latency_histogram();
         let mut registry = Registry::default();
         registry.register(
@@ -143,7 +174,7 @@ impl Filter {
             "Time from sending a request to the store until its response head arrived",
             upstream_latency.clone(),
         );
-        Ok(Arc::new_cyclic(|weak: &std::sync::Weak<Filter>| {
+        Arc::new_cyclic(|weak: &std::sync::Weak<Filter>| {
             registry.register_collector(Box::new(FilterCollector(weak.clone())));
             Filter {
                 cfg,
@@ -153,8 +184,9 @@ impl Filter {
                 upstream_latency,
                 shutting_down: AtomicBool::new(false),
                 registry,
+                shared,
             }
-        }))
+        })
     }
 
     pub fn locks(&self) -> &Locks {
@@ -222,7 +254,11 @@ impl Filter {
         targets.check_lock(&fence.lock).map_err(|e| (Some(lock.clone()), e))?;
         let entry = self.locks.entry(&lock);
         let deadline = Instant::now() + self.cfg.max_wait;
+        self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
+        // Checked again right before forwarding: the admission may have
+        // waited past the moment this replica had to self-fence.
+        self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
         let sent = tokio::select! {
@@ -239,6 +275,15 @@ impl Filter {
             // Dropping the permit without complete() keeps it in flight for
             // abort_grace: the store may still apply a write we gave up on.
             Err(e) => Err((Some(lock), e.into())),
+        }
+    }
+
+    /// With shared marks: refuses (503 `fencing_state_unavailable`) while
+    /// this replica is self-fenced. Reads never come here.
+    fn check_shared(&self) -> Result<(), FilterError> {
+        match &self.shared {
+            Some(s) if !s.writable() => Err(FilterError::Admit(admission::AdmitError::State(s.unavailable()))),
+            _ => Ok(()),
         }
     }
 
@@ -265,7 +310,7 @@ pub async fn run(
     workers: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let filter = Filter::open(cfg)?;
+    let filter = if cfg.shared.is_some() { Filter::open_shared(cfg).await? } else { Filter::open(cfg)? };
     serve(filter, listener, admin, workers, shutdown).await.map_err(|e| StartError::Config(e.to_string()))
 }
 

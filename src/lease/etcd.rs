@@ -78,7 +78,7 @@ impl EtcdBackend {
     }
 
     /// One connection attempt.
-    async fn connect(o: &EtcdOptions) -> Result<Client, LeaseError> {
+    pub(crate) async fn connect(o: &EtcdOptions) -> Result<Client, LeaseError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(o.call_timeout)
             .with_keep_alive(PING_INTERVAL, o.call_timeout.max(Duration::from_secs(1)))

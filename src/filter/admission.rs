@@ -729,4 +729,21 @@ mod tests {
         empty.entry(&"m".parse().unwrap()).admit_write(Token::new(1).unwrap(), far).await.unwrap().complete();
         assert_eq!(t.elapsed(), Duration::ZERO);
     }
+
+    /// Shared marks: applying another replica's raise refuses older tokens
+    /// at once and waits for older in-flight writes, but never asks to make
+    /// the mark durable here (that would wait for this replica's own ack).
+    #[tokio::test(start_paused = true)]
+    async fn drain_never_persists_and_waits_for_older_writes() {
+        let c = cfg();
+        let mut s = LockState::with_durable(5, None);
+        let now = Instant::now();
+        assert_eq!(s.admit(5, now, &c), Decision::Forward);
+        assert_eq!(s.drain(6, now, &c), Decision::Wait { until: now + c.drain_timeout });
+        assert_eq!(s.admit(5, now, &c), Decision::Stale { highest: 6 });
+        s.release(5);
+        assert_eq!(s.drain(6, now, &c), Decision::Forward);
+        assert_eq!(s.durable, 5, "not durable here");
+        assert_eq!(s.admit(6, now, &c), Decision::Persist, "a write with 6 still goes through the global raise");
+    }
 }

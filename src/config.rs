@@ -152,6 +152,10 @@ pub struct FilterArgs {
     /// etcd key prefix of the lock queues (the sidecars' --key-prefix).
     #[arg(long, env = "FENCEGATE_KEY_PREFIX", default_value = "/fencegate/locks")]
     pub key_prefix: String,
+    /// With --etcd, do not verify raises: trust tokens as sent (for tokens from a lock service other than fencegate's
+    /// sidecars, when --etcd is only there for --shared-marks). Logged as a warning at start.
+    #[arg(long, env = "FENCEGATE_TRUST_TOKENS")]
+    pub trust_tokens: bool,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
     #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
@@ -162,6 +166,61 @@ pub struct FilterArgs {
     pub unsafe_raw_paths: bool,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub shared: SharedMarksArgs,
+}
+
+/// `fencegate filter --shared-marks` (issue 15): the replica's side of the
+/// marks shared through etcd; the connection is the filter's `--etcd`.
+#[derive(Args, Debug, Clone)]
+pub struct SharedMarksArgs {
+    /// Share every lock's high-water mark with the other filter replicas through etcd (needs --etcd; --state-dir is
+    /// then unused).
+    #[arg(long, env = "FENCEGATE_SHARED_MARKS")]
+    pub shared_marks: bool,
+    /// This replica's name, unique among the replicas (default: $HOSTNAME, the pod name).
+    #[arg(long, env = "FENCEGATE_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// TTL of this replica's etcd registration; it stops forwarding writes before it expires.
+    #[arg(long, env = "FENCEGATE_REPLICA_TTL", default_value = "10s", value_parser = duration)]
+    pub replica_ttl: Duration,
+    /// etcd key prefix of the shared marks, registrations and acknowledgements.
+    #[arg(long, env = "FENCEGATE_MARKS_PREFIX", default_value = "/fencegate/filter")]
+    pub marks_prefix: String,
+}
+
+impl SharedMarksArgs {
+    /// The shared-marks configuration, or `None` without `--shared-marks`.
+    pub fn shared(
+        &self,
+        etcd: &EtcdArgs,
+        raise_timeout: Duration,
+    ) -> Result<Option<crate::filter::shared::SharedConfig>, String> {
+        if !self.shared_marks {
+            return Ok(None);
+        }
+        if etcd.endpoints.is_empty() {
+            return Err("--shared-marks needs --etcd".into());
+        }
+        let replica_id = match &self.replica_id {
+            Some(id) => id.clone(),
+            None => std::env::var("HOSTNAME").map_err(|_| "give --replica-id (no $HOSTNAME to default to)")?,
+        };
+        if !crate::filter::shared::keys::valid_replica_id(&replica_id) {
+            return Err(format!("--replica-id {replica_id:?}: use letters, digits, '.', '_' and '-'"));
+        }
+        if self.replica_ttl < Duration::from_secs(2) {
+            return Err("--replica-ttl must be at least 2s (etcd leases count whole seconds)".into());
+        }
+        Ok(Some(crate::filter::shared::SharedConfig {
+            etcd: etcd.options()?,
+            replica_id,
+            ttl: self.replica_ttl,
+            margin: crate::lease::keeper::default_margin(self.replica_ttl),
+            prefix: self.marks_prefix.clone(),
+            raise_timeout,
+        }))
+    }
 }
 
 impl FilterArgs {
@@ -207,12 +266,13 @@ impl FilterArgs {
             limits: self.limits.server(),
             metrics_lock_limit: self.metrics_lock_limit,
             holder_check: self.holder_check()?,
+            shared: self.shared.shared(&self.etcd, self.max_wait)?,
         })
     }
 
     /// The etcd holder check, when `--etcd` is given.
     fn holder_check(&self) -> Result<Option<Arc<dyn HolderCheck>>, String> {
-        if self.etcd.endpoints.is_empty() {
+        if self.etcd.endpoints.is_empty() || self.trust_tokens {
             return Ok(None);
         }
         let seq = EtcdSequencer::new(self.etcd.options()?, self.key_prefix.clone());

@@ -32,7 +32,7 @@ impl Filter {
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 metrics::render(&self.registry),
             )),
-            (&Method::GET, "/v1/locks") => Ok(self.list_locks()),
+            (&Method::GET, "/v1/locks") => Ok(self.list_locks().await),
             // `/v1/locks/fence` names no lock: not an endpoint.
             (&Method::POST, p) => match fence::lock_in_path(p) {
                 Some(name) => {
@@ -50,6 +50,8 @@ impl Filter {
         let text = |status, body: &'static str| proxy::text_response(status, "text/plain", body);
         if self.shutting_down.load(Ordering::Relaxed) {
             text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+        } else if self.shared.as_ref().is_some_and(|s| !s.writable()) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "self-fenced: etcd registration or marks watch not confirmed\n")
         } else if Instant::now() < self.locks.ready_at() {
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -60,10 +62,9 @@ impl Filter {
         }
     }
 
-    fn list_locks(&self) -> Response<Body> {
-        let locks: Vec<_> = self
-            .locks
-            .all()
+    async fn list_locks(&self) -> Response<Body> {
+        let all = self.locks.all();
+        let locks: Vec<_> = all
             .iter()
             .map(|e| {
                 let (highest, durable, set_at, inflight) = e.snapshot();
@@ -77,7 +78,17 @@ impl Filter {
         // Says whether a token's raise is checked with etcd ("etcd") or the
         // filter trusts tokens as sent ("off"), so an operator sees it.
         let verification = if self.locks.verifier().is_some() { "etcd" } else { "off" };
-        json_response(StatusCode::OK, &json!({ "verification": verification, "locks": locks }))
+        match &self.shared {
+            Some(s) => {
+                let names: Vec<LockName> = all.iter().map(|e| e.name.clone()).collect();
+                let shared = s.describe(&names).await;
+                json_response(
+                    StatusCode::OK,
+                    &json!({ "verification": verification, "locks": locks, "shared": shared }),
+                )
+            }
+            None => json_response(StatusCode::OK, &json!({ "verification": verification, "locks": locks })),
+        }
     }
 
     async fn fence(&self, name: &str, req: Request<Incoming>) -> Result<Response<Body>, FilterError> {
@@ -97,6 +108,10 @@ impl Filter {
         })?;
         let wait = body.timeout_ms.map(Duration::from_millis).unwrap_or(self.cfg.max_wait);
         let entry = self.locks.entry(&lock);
+        if let Err(e) = self.check_shared() {
+            self.refusals.count(&self.locks, Some(&lock), &e);
+            return Err(e);
+        }
         if let Err(e) = entry.fence(token, Instant::now() + wait).await {
             let e = FilterError::from(e);
             self.refusals.count(&self.locks, Some(&lock), &e);

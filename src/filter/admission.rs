@@ -34,6 +34,13 @@
 //! made durable, nothing forwarded). Concurrent raises of one lock wait for
 //! one check and share its outcome ([`LockEntry::verify_raise`]).
 //!
+//! **Shared marks** (`--shared-marks`, see [`super::shared`]): "durable"
+//! then means "stored in etcd and acknowledged by every live replica", and
+//! [`GlobalMarks::raise`] replaces the state file. A raise another replica
+//! made is applied with [`LockEntry::observe`]: older tokens are refused at
+//! once ([`LockEntry::refuse_below`]) and older writes drained by the same
+//! barrier ([`LockState::drain`]), without making anything durable here.
+//!
 //! Concurrency: each lock has its own short `parking_lot::Mutex` (held only
 //! for the decision, never across an await) and its own async mutex that
 //! serializes the rare durable writes. There is no lock shared between locks
@@ -45,6 +52,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
+use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -69,6 +77,15 @@ impl Default for BarrierConfig {
     fn default() -> Self {
         BarrierConfig { drain_timeout: Duration::from_secs(5), abort_grace: Duration::from_secs(1), disabled: false }
     }
+}
+
+/// Where a new highest token is made durable when several filter replicas
+/// share their marks (implemented in [`super::shared`]).
+pub trait GlobalMarks: Send + Sync + std::fmt::Debug {
+    /// Makes `t` the lock's mark for every replica. Returns the mark stored
+    /// once it is safe to use: `t` itself when every live replica has
+    /// acknowledged it, or a higher mark already stored (then `t` is stale).
+    fn raise<'a>(&'a self, lock: &'a LockName, t: u64) -> BoxFuture<'a, Result<u64, StateError>>;
 }
 
 /// Writes of one token that are in flight.
@@ -125,29 +142,43 @@ impl LockState {
     /// The decision for a write with token `t` at time `now`; on `Forward`
     /// the write is counted in flight.
     pub fn admit(&mut self, t: u64, now: Instant, cfg: &BarrierConfig) -> Decision {
-        self.decide(t, now, cfg, true)
+        self.decide(t, now, cfg, true, true)
     }
 
     /// The decision for a proactive fence with token `t`: the same as a
     /// write's, but nothing is counted in flight (a fence sends nothing to
     /// the store), so it can never hold a newer write at the barrier.
     pub fn fence(&mut self, t: u64, now: Instant, cfg: &BarrierConfig) -> Decision {
-        self.decide(t, now, cfg, false)
+        self.decide(t, now, cfg, false, true)
     }
 
-    fn decide(&mut self, t: u64, now: Instant, cfg: &BarrierConfig, count: bool) -> Decision {
-        if t < self.highest {
-            return Decision::Stale { highest: self.highest };
-        }
+    /// The decision for a raise another replica made durable (shared marks):
+    /// a fence that never persists. It raises `highest` and waits for older
+    /// writes exactly like a fence; making `t` durable is not this replica's
+    /// job (and waiting for it here would wait for this replica's own
+    /// acknowledgement).
+    pub fn drain(&mut self, t: u64, now: Instant, cfg: &BarrierConfig) -> Decision {
+        self.decide(t, now, cfg, false, false)
+    }
+
+    /// Raises `highest` to `t` (if below): from now on older tokens are refused.
+    fn refuse_below(&mut self, t: u64, now: Instant) {
         if t > self.highest {
-            // From this moment every older token is refused, even before the
-            // new mark is durable: refusing early is always safe.
             self.highest = t;
             if self.older_in_flight(t) && self.barrier_since.is_none() {
                 self.barrier_since = Some(now);
             }
         }
-        if self.durable < t {
+    }
+
+    fn decide(&mut self, t: u64, now: Instant, cfg: &BarrierConfig, count: bool, persist: bool) -> Decision {
+        if t < self.highest {
+            return Decision::Stale { highest: self.highest };
+        }
+        // From this moment every older token is refused, even before the new
+        // mark is durable: refusing early is always safe.
+        self.refuse_below(t, now);
+        if persist && self.durable < t {
             return Decision::Persist;
         }
         if !cfg.disabled {
@@ -226,13 +257,15 @@ pub struct LockEntry {
     changed: Notify,
     persist: tokio::sync::Mutex<()>,
     barrier: BarrierConfig,
-    /// `None` only in unit tests: state kept in memory.
+    /// `None` in unit tests and with shared marks: nothing on local disk.
     dir: Option<Arc<StateDir>>,
     /// Checks raises with the lock service; `None`: tokens trusted as sent.
     verifier: Option<Arc<Verifier>>,
     /// Serializes this lock's verifications and keeps the last one, so the
     /// raises that queued behind it share its outcome.
     last_check: tokio::sync::Mutex<Option<Checked>>,
+    /// Shared marks: raises go through etcd and every replica.
+    global: Option<Arc<dyn GlobalMarks>>,
     pub stats: LockStats,
 }
 
@@ -330,6 +363,7 @@ impl LockEntry {
             dir: locks.dir.clone(),
             verifier: locks.verifier.clone(),
             last_check: tokio::sync::Mutex::new(None),
+            global: locks.global.clone(),
             stats: LockStats::default(),
         }
     }
@@ -369,6 +403,25 @@ impl LockEntry {
             VerifyFailure::NotHolder { holder } => AdmitError::Unverified { lock, token, holder },
             VerifyFailure::Unavailable(reason) => AdmitError::VerifyUnavailable { lock, token, reason },
         })
+    }
+
+    /// Shared marks: another replica raised the mark to `t`. Older tokens
+    /// are refused from this call on (synchronously, before any await).
+    pub fn refuse_below(&self, t: u64) {
+        self.state.lock().refuse_below(t, Instant::now());
+        // Writes waiting with older tokens are stale now: wake them.
+        self.changed.notify_waiters();
+    }
+
+    /// Shared marks: waits (at most until `deadline`) until every write
+    /// older than `t` has drained from this replica, with the barrier's
+    /// drain timeout and abort rules. `Stale` if a still newer mark arrived
+    /// meanwhile (its own drain covers this one).
+    pub async fn observe(self: &Arc<Self>, t: u64, deadline: Instant) -> Result<(), AdmitError> {
+        self.refuse_below(t);
+        self.wait_for(t, deadline, LockState::drain).await?;
+        self.changed.notify_waiters();
+        Ok(())
     }
 
     /// A consistent copy of what `/v1/locks` and metrics show.
@@ -466,6 +519,21 @@ impl LockEntry {
             s.highest
         };
         let now = SystemTime::now();
+        if let Some(g) = &self.global {
+            let stored = g.raise(&self.name, target).await?;
+            {
+                let mut s = self.state.lock();
+                if stored > target {
+                    // Another replica raised it further: `target` is stale.
+                    s.refuse_below(stored, Instant::now());
+                } else if target > s.durable {
+                    s.durable = target;
+                    s.set_at = Some(now);
+                }
+            }
+            self.changed.notify_waiters();
+            return Ok(());
+        }
         let rec = Record::new(self.name.clone(), target, now);
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || match &dir {
@@ -490,8 +558,9 @@ impl LockEntry {
 #[derive(Debug)]
 pub struct Locks {
     map: DashMap<LockName, Arc<LockEntry>>,
-    /// `None` only in unit tests: state kept in memory.
+    /// `None` in unit tests and with shared marks: nothing on local disk.
     dir: Option<Arc<StateDir>>,
+    global: Option<Arc<dyn GlobalMarks>>,
     pub barrier: BarrierConfig,
     /// The start-up barrier: nothing is forwarded before this instant.
     ready_at: Instant,
@@ -514,12 +583,36 @@ impl Locks {
         verifier: Option<Arc<Verifier>>,
     ) -> Self {
         let now = Instant::now();
-        let mut locks = Locks { map: DashMap::new(), dir: dir.map(Arc::new), barrier, ready_at: now, verifier };
+        let mut locks =
+            Locks { map: DashMap::new(), dir: dir.map(Arc::new), global: None, barrier, ready_at: now, verifier };
         for r in records {
             let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
             locks.ready_at = now + locks.barrier.abort_grace;
             let state = LockState::with_durable(r.highest, Some(set_at)).hold_until(locks.ready_at);
             locks.map.insert(r.lock.clone(), locks.new_entry(r.lock, state));
+        }
+        locks
+    }
+
+    /// The registry of a replica sharing its marks: `marks` were read from
+    /// etcd at start-up. Each is refused below at once but not durable here:
+    /// a raise may still be waiting for other replicas' acknowledgements, so
+    /// the first write with the mark's own token goes through
+    /// [`GlobalMarks::raise`] (which then returns at once if all acked).
+    /// The start-up barrier holds as in [`Locks::new`].
+    pub fn shared(
+        marks: impl IntoIterator<Item = (LockName, u64)>,
+        barrier: BarrierConfig,
+        global: Arc<dyn GlobalMarks>,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Self {
+        let now = Instant::now();
+        let mut locks =
+            Locks { map: DashMap::new(), dir: None, global: Some(global), barrier, ready_at: now, verifier };
+        for (lock, highest) in marks {
+            locks.ready_at = now + locks.barrier.abort_grace;
+            let state = LockState { highest, ..Default::default() }.hold_until(locks.ready_at);
+            locks.map.insert(lock.clone(), locks.new_entry(lock, state));
         }
         locks
     }
@@ -813,5 +906,22 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(check.calls.load(Ordering::Relaxed), 1);
+    }
+
+    /// Shared marks: applying another replica's raise refuses older tokens
+    /// at once and waits for older in-flight writes, but never asks to make
+    /// the mark durable here (that would wait for this replica's own ack).
+    #[tokio::test(start_paused = true)]
+    async fn drain_never_persists_and_waits_for_older_writes() {
+        let c = cfg();
+        let mut s = LockState::with_durable(5, None);
+        let now = Instant::now();
+        assert_eq!(s.admit(5, now, &c), Decision::Forward);
+        assert_eq!(s.drain(6, now, &c), Decision::Wait { until: now + c.drain_timeout });
+        assert_eq!(s.admit(5, now, &c), Decision::Stale { highest: 6 });
+        s.release(5);
+        assert_eq!(s.drain(6, now, &c), Decision::Forward);
+        assert_eq!(s.durable, 5, "not durable here");
+        assert_eq!(s.admit(6, now, &c), Decision::Persist, "a write with 6 still goes through the global raise");
     }
 }

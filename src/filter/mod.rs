@@ -24,7 +24,8 @@
 //! * A write whose connection the filter closed before the answer is either
 //!   applied within `abort_grace` of the close, or never.
 //! * Only this filter (one process, one state directory) writes to the
-//!   protected paths.
+//!   protected paths; or, with `--shared-marks`, only the replicas sharing
+//!   one etcd prefix (see [`shared`]).
 
 pub mod admin;
 pub mod admission;
@@ -32,6 +33,7 @@ pub mod error;
 pub mod metrics;
 pub mod repair;
 pub mod rules;
+pub mod shared;
 pub mod state;
 pub mod verify;
 
@@ -86,6 +88,9 @@ pub struct FilterConfig {
     /// Checks every raise of a lock's mark with the lock service (etcd);
     /// `None`: tokens are trusted as sent.
     pub holder_check: Option<Arc<dyn HolderCheck>>,
+    /// `--shared-marks`: marks live in etcd, shared with the other replicas
+    /// (the state directory is then not used).
+    pub shared: Option<shared::SharedConfig>,
 }
 
 impl FilterConfig {
@@ -108,6 +113,7 @@ impl FilterConfig {
             limits: ServerLimits::default(),
             metrics_lock_limit: 1000,
             holder_check: None,
+            shared: None,
         }
     }
 }
@@ -123,6 +129,7 @@ pub struct Filter {
     upstream_latency: Histogram,
     shutting_down: AtomicBool,
     registry: Registry,
+    shared: Option<Arc<shared::Shared>>,
 }
 
 /// Why the filter would not start.
@@ -142,6 +149,29 @@ impl Filter {
         for r in records.values() {
             tracing::info!(lock = %r.lock, highest = r.highest, "loaded high-water mark");
         }
+        let verifier = Self::verifier(&cfg);
+        let locks = Arc::new(Locks::verified(Some(dir), records.into_values(), cfg.barrier.clone(), verifier.clone()));
+        Ok(Self::build(cfg, locks, upstream_base, None, verifier))
+    }
+
+    /// Opens a replica sharing its marks through etcd (`--shared-marks`):
+    /// registers, reads every mark at one revision, acknowledges them and
+    /// watches from the next revision, all before the first request.
+    pub async fn open_shared(cfg: FilterConfig) -> Result<Arc<Filter>, StartError> {
+        let upstream_base = Self::client(&cfg).map_err(StartError::Config)?.base().clone();
+        let scfg = cfg.shared.clone().ok_or_else(|| StartError::Config("no --shared-marks configuration".into()))?;
+        let (sh, marks, rev) = shared::join(scfg).await?;
+        for (lock, t) in &marks {
+            tracing::info!(%lock, highest = t, "loaded shared high-water mark");
+        }
+        let verifier = Self::verifier(&cfg);
+        let locks = Arc::new(Locks::shared(marks.clone(), cfg.barrier.clone(), sh.clone(), verifier.clone()));
+        shared::watch::start(sh.clone(), locks.clone(), marks, rev);
+        Ok(Self::build(cfg, locks, upstream_base, Some(sh), verifier))
+    }
+
+    /// The raise verifier, if `--etcd` gave a holder check (said at start either way).
+    fn verifier(cfg: &FilterConfig) -> Option<Arc<verify::Verifier>> {
         let verifier = cfg.holder_check.clone().map(|c| Arc::new(verify::Verifier::new(c)));
         match &verifier {
             Some(v) => tracing::info!(check = ?v, "raises of a lock's mark are verified with etcd"),
@@ -150,6 +180,16 @@ impl Filter {
                  can raise a lock's mark"
             ),
         }
+        verifier
+    }
+
+    fn build(
+        cfg: FilterConfig,
+        locks: Arc<Locks>,
+        upstream_base: http::Uri,
+        shared: Option<Arc<shared::Shared>>,
+        verifier: Option<Arc<verify::Verifier>>,
+    ) -> Arc<Filter> {
         let mut registry = Registry::default();
         if let Some(v) = &verifier {
             registry.register(
@@ -158,14 +198,13 @@ impl Filter {
                 v.latency.clone(),
             );
         }
-        let locks = Arc::new(Locks::verified(Some(dir), records.into_values(), cfg.barrier.clone(), verifier));
         let upstream_latency = crate::metrics::latency_histogram();
         registry.register(
             "fencegate_filter_upstream_latency_seconds",
             "Time from sending a request to the store until its response head arrived",
             upstream_latency.clone(),
         );
-        Ok(Arc::new_cyclic(|weak: &std::sync::Weak<Filter>| {
+        Arc::new_cyclic(|weak: &std::sync::Weak<Filter>| {
             registry.register_collector(Box::new(FilterCollector(weak.clone())));
             Filter {
                 cfg,
@@ -175,8 +214,9 @@ impl Filter {
                 upstream_latency,
                 shutting_down: AtomicBool::new(false),
                 registry,
+                shared,
             }
-        }))
+        })
     }
 
     pub fn locks(&self) -> &Locks {
@@ -244,7 +284,11 @@ impl Filter {
         targets.check_lock(&fence.lock).map_err(|e| (Some(lock.clone()), e))?;
         let entry = self.locks.entry(&lock);
         let deadline = Instant::now() + self.cfg.max_wait;
+        self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
+        // Checked again right before forwarding: the admission may have
+        // waited past the moment this replica had to self-fence.
+        self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
         let sent = tokio::select! {
@@ -261,6 +305,15 @@ impl Filter {
             // Dropping the permit without complete() keeps it in flight for
             // abort_grace: the store may still apply a write we gave up on.
             Err(e) => Err((Some(lock), e.into())),
+        }
+    }
+
+    /// With shared marks: refuses (503 `fencing_state_unavailable`) while
+    /// this replica is self-fenced. Reads never come here.
+    fn check_shared(&self) -> Result<(), FilterError> {
+        match &self.shared {
+            Some(s) if !s.writable() => Err(FilterError::Admit(admission::AdmitError::State(s.unavailable()))),
+            _ => Ok(()),
         }
     }
 
@@ -287,7 +340,7 @@ pub async fn run(
     workers: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let filter = Filter::open(cfg)?;
+    let filter = if cfg.shared.is_some() { Filter::open_shared(cfg).await? } else { Filter::open(cfg)? };
     serve(filter, listener, admin, workers, shutdown).await.map_err(|e| StartError::Config(e.to_string()))
 }
 

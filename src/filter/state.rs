@@ -60,6 +60,10 @@ pub enum StateError {
     InUse(PathBuf),
     #[error("corrupt state record {path}: {why}; refusing to start rather than forget a lock's highest token (restore the file from a backup, or remove it only if you know no holder of that lock has a token above 0)")]
     Corrupt { path: PathBuf, why: String },
+    /// `--shared-marks`: the mark could not be raised in etcd, or not every
+    /// replica acknowledged it in time, or this replica has self-fenced.
+    #[error("shared high-water marks: {0}")]
+    Shared(String),
 }
 
 /// The state directory, locked for this process.

@@ -1,0 +1,329 @@
+//! Shared high-water marks: N filter replicas in front of one store keep
+//! every lock's mark in etcd (`fencegate filter --shared-marks`).
+//!
+//! The discipline is the one of HDFS's JournalNodes: persist the epoch before
+//! acknowledging it, fence every replica that could still write, and make
+//! every later operation conditional on it.
+//!
+//! * **Marks live in etcd** (layout in [`keys`]). A mark is raised only by a
+//!   compare-and-swap transaction (`stored < t`); etcd's fsync replaces the
+//!   local state file. The returned mark is never lower than what is stored.
+//! * **Every replica is registered** on a lease of its own and self-fences
+//!   like the sidecar ([`replica`]): past the last confirmed keep-alive +
+//!   TTL - margin it forwards no write. So once etcd has expired a replica's
+//!   registration, that replica has already stopped writing.
+//! * **A raise is global before it is used** ([`Shared::raise`], behind
+//!   [`GlobalMarks`]): after the CAS, the raiser waits until every registered
+//!   replica has acknowledged `t` (its ack key holds `t` or more) or its
+//!   registration is gone. A replica acknowledges only after it refuses every
+//!   older token and its own older in-flight writes have drained ([`watch`]).
+//!   A token's write is forwarded, at any replica, only once that replica's
+//!   local mark is "durable", which here means exactly that.
+//!
+//! Why that is enough (guarantees 1-3 across replicas): a write with `t` is
+//! forwarded only after each live replica has refused everything below `t`
+//! and answered (or aborted, with grace) its older writes. A replica that
+//! joins later reads the marks after it registered, so it either sees `t` or
+//! is counted among those that must acknowledge it. A replica that lost etcd
+//! is counted until its lease expires, and stops writing before that.
+
+pub mod keys;
+pub mod replica;
+pub mod watch;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
+use futures_util::future::BoxFuture;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::admission::GlobalMarks;
+use super::state::StateError;
+use crate::lease::deadline::{Deadline, Stamp};
+use crate::lease::etcd::{EtcdBackend, EtcdOptions};
+use crate::token::LockName;
+use keys::{decode, encode, name_below, Keys};
+
+/// How a replica shares its marks.
+#[derive(Clone, Debug)]
+pub struct SharedConfig {
+    pub etcd: EtcdOptions,
+    /// This replica's name (unique among the replicas; the pod name).
+    pub replica_id: String,
+    /// TTL of the replica's registration lease.
+    pub ttl: Duration,
+    /// Self-fencing margin, below the TTL.
+    pub margin: Duration,
+    /// Key prefix (see [`keys`]).
+    pub prefix: String,
+    /// Longest a raise waits for every replica's acknowledgement.
+    pub raise_timeout: Duration,
+}
+
+/// Counters for `/v1/locks` and metrics.
+#[derive(Debug, Default)]
+pub struct SharedStats {
+    pub raises: AtomicU64,
+    /// Total microseconds from a raise's CAS to the last acknowledgement.
+    pub raise_us: AtomicU64,
+    /// Raises now waiting for some replica's acknowledgement.
+    pub raises_waiting: AtomicU64,
+    pub raise_timeouts: AtomicU64,
+    pub keepalive_failures: AtomicU64,
+}
+
+/// One replica's membership in the shared marks.
+pub struct Shared {
+    cfg: SharedConfig,
+    keys: Keys,
+    client: Client,
+    /// Lease calls (grant, keep-alive) as the sidecar makes them.
+    lease_backend: EtcdBackend,
+    lease: i64,
+    /// Self-fencing deadline; `None` once the lease is known lost (for good:
+    /// this process never writes again, a restart registers afresh).
+    valid_until: Mutex<Option<Deadline>>,
+    /// The marks watch is established (cleared while it is re-established).
+    watching: AtomicBool,
+    /// Replicas that kept the last raise waiting, for `/v1/locks`.
+    last_waiting_on: Mutex<Vec<String>>,
+    pub stats: SharedStats,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("replica", &self.cfg.replica_id).field("lease", &self.lease).finish()
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> StateError {
+    StateError::Shared(e.to_string())
+}
+
+impl Shared {
+    pub fn id(&self) -> &str {
+        &self.cfg.replica_id
+    }
+
+    /// True while this replica may forward writes: its registration is
+    /// confirmed within TTL - margin and its marks watch is up.
+    pub fn writable(&self) -> bool {
+        let live = self.valid_until.lock().is_some_and(|d| !d.passed(Stamp::now()));
+        live && self.watching.load(Ordering::Acquire)
+    }
+
+    /// Why [`Shared::writable`] is false, for the 503.
+    pub fn unavailable(&self) -> StateError {
+        match *self.valid_until.lock() {
+            None => err("this replica's etcd registration is gone; it forwards no write until restarted"),
+            Some(d) if d.passed(Stamp::now()) => {
+                err("this replica could not confirm its etcd registration in time (self-fenced)")
+            }
+            _ => err("this replica is re-establishing its watch on the marks"),
+        }
+    }
+
+    async fn timed<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StateError> {
+        tokio::time::timeout(self.cfg.etcd.call_timeout, f).await.map_err(|_| err("etcd call timed out"))?.map_err(err)
+    }
+
+    /// Raises `key` to `t` unless it already holds `t` or more; returns the
+    /// value stored afterwards (`>= t`). A CAS: never lowers a value.
+    async fn cas_up(&self, key: &str, t: u64, lease: Option<i64>) -> Result<u64, StateError> {
+        let put = |k: &str| TxnOp::put(k, encode(t), lease.map(|l| PutOptions::new().with_lease(l)));
+        loop {
+            let mut c = self.client.clone();
+            // A value compare on a missing key fails, so absent keys take the
+            // second transaction (create-only).
+            let txn = Txn::new()
+                .when([Compare::value(key, CompareOp::Less, encode(t))])
+                .and_then([put(key)])
+                .or_else([TxnOp::get(key, None)]);
+            let r = self.timed(c.txn(txn)).await?;
+            if r.succeeded() {
+                return Ok(t);
+            }
+            let stored = r.op_responses().into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.value().to_vec())),
+                _ => None,
+            });
+            match stored.flatten() {
+                Some(v) => {
+                    // Fail closed on a value we did not write: never guess a mark.
+                    return decode(&v).ok_or_else(|| err(format!("{key} holds a value that is not a token")));
+                }
+                None => {
+                    let txn =
+                        Txn::new().when([Compare::create_revision(key, CompareOp::Equal, 0)]).and_then([put(key)]);
+                    if self.timed(c.txn(txn)).await?.succeeded() {
+                        return Ok(t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every mark, read at one revision; and that revision.
+    async fn read_marks(&self) -> Result<(Vec<(LockName, u64)>, i64), StateError> {
+        let mut c = self.client.clone();
+        let r = self.timed(c.get(self.keys.marks(), Some(GetOptions::new().with_prefix()))).await?;
+        let rev = r.header().map(|h| h.revision()).ok_or_else(|| err("get answer without a header"))?;
+        let mut marks = Vec::new();
+        for kv in r.kvs() {
+            let lock = self.keys.lock_of(kv.key()).ok_or_else(|| err(format!("bad mark key {:?}", kv.key_str())))?;
+            let t = decode(kv.value()).ok_or_else(|| err(format!("mark of {lock} is not a token")))?;
+            marks.push((lock, t));
+        }
+        Ok((marks, rev))
+    }
+
+    /// Registered replicas and their acknowledgement of `lock`, read at one
+    /// revision (one transaction).
+    async fn acks(&self, lock: &LockName) -> Result<BTreeMap<String, u64>, StateError> {
+        let mut c = self.client.clone();
+        let (rp, ap) = (self.keys.replicas(), self.keys.acks(lock));
+        let txn = Txn::new().and_then([
+            TxnOp::get(rp.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())),
+            TxnOp::get(ap.as_str(), Some(GetOptions::new().with_prefix())),
+        ]);
+        let r = self.timed(c.txn(txn)).await?;
+        let mut gets = r.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(replicas), Some(acks)) = (gets.next(), gets.next()) else {
+            return Err(err("txn answer without its reads"));
+        };
+        let mut out: BTreeMap<String, u64> =
+            replicas.kvs().iter().filter_map(|kv| name_below(&rp, kv.key())).map(|id| (id.to_owned(), 0)).collect();
+        for kv in acks.kvs() {
+            if let (Some(id), Some(t)) = (name_below(&ap, kv.key()), decode(kv.value())) {
+                if let Some(a) = out.get_mut(id) {
+                    *a = t;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`GlobalMarks::raise`]: CAS the mark, then wait for every registered
+    /// replica's acknowledgement (or its registration's expiry).
+    async fn raise_to(&self, lock: &LockName, t: u64) -> Result<u64, StateError> {
+        if !self.writable() {
+            return Err(self.unavailable());
+        }
+        let started = Instant::now();
+        let stored = self.cas_up(&self.keys.mark(lock), t, None).await?;
+        if stored > t {
+            return Ok(stored);
+        }
+        let deadline = started + self.cfg.raise_timeout;
+        self.stats.raises_waiting.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            loop {
+                let acks = self.acks(lock).await?;
+                let missing: Vec<String> = acks.into_iter().filter(|(_, a)| *a < t).map(|(id, _)| id).collect();
+                if missing.is_empty() {
+                    return Ok(t);
+                }
+                *self.last_waiting_on.lock() = missing.clone();
+                // The raise is no good to a replica that stopped being safe meanwhile.
+                if !self.writable() {
+                    return Err(self.unavailable());
+                }
+                if Instant::now() >= deadline {
+                    self.stats.raise_timeouts.fetch_add(1, Ordering::Relaxed);
+                    return Err(err(format!(
+                        "raise of {lock} to {t}: replicas {missing:?} have not acknowledged it (nor has their registration expired) within {:?}",
+                        self.cfg.raise_timeout
+                    )));
+                }
+                // Polled: an acknowledgement or an expiry shows up within this.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        .await;
+        self.stats.raises_waiting.fetch_sub(1, Ordering::Relaxed);
+        if result.is_ok() {
+            self.last_waiting_on.lock().clear();
+            self.stats.raises.fetch_add(1, Ordering::Relaxed);
+            self.stats.raise_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// What `/v1/locks` shows of the replica set: every replica and its
+    /// acknowledged token per lock (read from etcd now).
+    pub async fn describe(&self, locks: &[LockName]) -> serde_json::Value {
+        let mut per_lock = serde_json::Map::new();
+        let mut replicas: Option<Vec<String>> = None;
+        for l in locks {
+            match self.acks(l).await {
+                Ok(a) => {
+                    replicas.get_or_insert_with(|| a.keys().cloned().collect());
+                    per_lock.insert(l.to_string(), json!(a));
+                }
+                Err(e) => {
+                    per_lock.insert(l.to_string(), json!({ "error": e.to_string() }));
+                }
+            }
+        }
+        let s = &self.stats;
+        json!({
+            "replica_id": self.cfg.replica_id,
+            "lease": self.lease,
+            "writable": self.writable(),
+            "replicas": replicas,
+            "acks": per_lock,
+            "raises": s.raises.load(Ordering::Relaxed),
+            "raise_seconds_total": s.raise_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "raises_waiting": s.raises_waiting.load(Ordering::Relaxed),
+            "raise_timeouts": s.raise_timeouts.load(Ordering::Relaxed),
+            "waiting_on": *self.last_waiting_on.lock(),
+        })
+    }
+}
+
+impl GlobalMarks for Shared {
+    fn raise<'a>(&'a self, lock: &'a LockName, t: u64) -> BoxFuture<'a, Result<u64, StateError>> {
+        self.raise_to(lock, t).boxed()
+    }
+}
+
+/// Starts this replica's membership: connects, registers (see
+/// [`replica`]), reads every mark at one revision. The caller builds its
+/// locks from the marks, then calls [`watch::start`] with the revision.
+pub async fn join(cfg: SharedConfig) -> Result<(Arc<Shared>, Vec<(LockName, u64)>, i64), StateError> {
+    let client = EtcdBackend::connect(&cfg.etcd).await.map_err(err)?;
+    let lease_backend = EtcdBackend::new(cfg.etcd.clone());
+    let keys = Keys::new(&cfg.prefix);
+    let (lease, valid_until) = replica::grant(&lease_backend, &cfg).await?;
+    let shared = Arc::new(Shared {
+        cfg,
+        keys,
+        client,
+        lease_backend,
+        lease,
+        valid_until: Mutex::new(Some(valid_until)),
+        watching: AtomicBool::new(false),
+        last_waiting_on: Mutex::new(Vec::new()),
+        stats: SharedStats::default(),
+    });
+    // Keep-alives run from the grant on: registering may wait out a
+    // previous process's registration under the same id.
+    tokio::spawn(replica::keep_alive(shared.clone()));
+    shared.register().await?;
+    // Read after registering: any raise whose CAS came later waits for our
+    // acknowledgement; any earlier one is in what we read.
+    let (marks, rev) = shared.read_marks().await?;
+    Ok((shared, marks, rev))
+}

@@ -1,0 +1,196 @@
+//! Issue 15: N filter replicas in front of one store share every lock's mark
+//! through etcd (`--shared-marks`). Real etcd, real nginx, three filter
+//! processes; every assertion is on what the store holds, or when it got it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const LOCK: &str = "orders";
+const TTL: &str = "3s";
+
+struct Cluster {
+    nginx: Nginx,
+    etcd: Etcd,
+    dir: tempfile::TempDir,
+    filters: Vec<FilterProc>,
+}
+
+/// A replica's flags; `shared: false` is the control (independent marks).
+fn replica_args(etcd: &str, id: &str, shared: bool, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec!["--lock".into(), LOCK.into()];
+    if shared {
+        // Tokens here are the test's own, not etcd holders': raises are not verified (tests/trust.rs covers that).
+        a.extend(
+            ["--etcd", etcd, "--trust-tokens", "--shared-marks", "--replica-id", id, "--replica-ttl", TTL]
+                .map(String::from),
+        );
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn start_replica(c: &Cluster, id: &str, shared: bool, extra: &[&str]) -> FilterProc {
+    let args = replica_args(&c.etcd.client_url, id, shared, extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    FilterProc::start(c.dir.path(), &c.nginx.url(), &c.dir.path().join(format!("state-{id}")), &args)
+}
+
+fn cluster(n: usize, shared: bool, extra: &[&str]) -> Cluster {
+    let mut c =
+        Cluster { nginx: Nginx::start(), etcd: Etcd::start(), dir: tempfile::tempdir().unwrap(), filters: vec![] };
+    for i in 1..=n {
+        let f = start_replica(&c, &format!("r{i}"), shared, extra);
+        c.filters.push(f);
+    }
+    c
+}
+
+fn fence_headers(token: u64) -> Vec<(&'static str, String)> {
+    vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", token.to_string())]
+}
+
+/// A zombie refused at one replica must be refused at all: a new holder's
+/// write through replica 1 makes replicas 2 and 3 refuse the older token,
+/// though nobody fenced them directly.
+async fn zombie_after_takeover(shared: bool) -> (Vec<u16>, Option<String>) {
+    let c = cluster(3, shared, &[]);
+    let url = |i: usize| format!("{}/data/x", c.filters[i].url());
+    assert!(put(&url(0), LOCK, 5, "old holder 5").await.status < 300);
+    let r = put(&url(0), LOCK, 6, "new holder 6").await;
+    assert!(r.status < 300, "{}", r.body);
+    let mut statuses = vec![];
+    for i in [1, 2] {
+        let r = put(&url(i), LOCK, 5, &format!("zombie 5 via r{}", i + 1)).await;
+        if r.status == 409 {
+            assert_eq!(r.error_code(), "fencing_token_stale");
+            assert_eq!(r.json()["highest"], 6);
+        }
+        statuses.push(r.status);
+    }
+    (statuses, c.nginx.get("/data/x").await)
+}
+
+#[tokio::test]
+async fn a_zombie_refused_by_one_replica_is_refused_by_all() {
+    let (statuses, held) = zombie_after_takeover(true).await;
+    assert_eq!(statuses, vec![409, 409]);
+    assert_eq!(held.as_deref(), Some("new holder 6"));
+}
+
+#[tokio::test]
+async fn control_replicas_without_shared_marks_admit_the_zombie() {
+    let (statuses, held) = zombie_after_takeover(false).await;
+    assert!(statuses.iter().all(|s| *s < 300), "{statuses:?}");
+    assert_eq!(held.as_deref(), Some("zombie 5 via r3"), "the zombie overwrote the new holder's data");
+}
+
+/// The epoch barrier across replicas: an older write in flight at replica 2
+/// (its body trickling) holds the newer token's write at replica 1 until it
+/// was answered. Returns what the store holds at the end.
+async fn barrier_across_replicas(shared: bool) -> Option<String> {
+    let c = cluster(3, shared, &["--drain-timeout", "30s", "--max-wait", "20s"]);
+    let url = |i: usize| format!("{}/data/x", c.filters[i].url());
+    assert!(put(&url(1), LOCK, 5, "old holder 5, first").await.status < 300);
+    let body = b"old holder 5, in flight";
+    let mut old = RawRequest::start(c.filters[1].addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newer_url = url(0);
+    let newer = tokio::spawn(async move { put(&newer_url, LOCK, 6, "new holder 6").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    if shared {
+        assert!(!newer.is_finished(), "token 6 must wait while token 5's write is in flight at replica 2");
+        assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("old holder 5, first"));
+    }
+    let _ = old.send(&body[4..]).await;
+    let old_status = old.status().await;
+    let r = newer.await.unwrap();
+    assert!(r.status < 300, "{}", r.body);
+    if shared {
+        assert!(old_status < 300, "the older write was admitted before the raise and answered: {old_status}");
+    }
+    c.nginx.get("/data/x").await
+}
+
+#[tokio::test]
+async fn a_newer_write_waits_for_an_older_one_in_flight_at_another_replica() {
+    assert_eq!(barrier_across_replicas(true).await.as_deref(), Some("new holder 6"));
+}
+
+#[tokio::test]
+async fn control_without_shared_marks_the_older_write_lands_last() {
+    assert_eq!(barrier_across_replicas(false).await.as_deref(), Some("old holder 5, in flight"));
+}
+
+/// kill -9 of a replica in the middle of a raise: the raise completes once
+/// the dead replica's registration has expired in etcd, never earlier; and
+/// a replica started afresh refuses the old token from its first request.
+#[tokio::test]
+async fn a_raise_waits_for_a_dead_replica_until_its_registration_expires() {
+    let mut c = cluster(3, true, &[]);
+    let url = |f: &FilterProc| format!("{}/data/x", f.url());
+    assert!(put(&url(&c.filters[0]), LOCK, 5, "holder 5").await.status < 300);
+    let mut etcd = etcd_client::Client::connect([c.etcd.client_url.as_str()], None).await.unwrap();
+    let key = "/fencegate/filter/replicas/r3";
+    assert_eq!(etcd.get(key, None).await.unwrap().kvs().len(), 1, "r3 registered");
+
+    c.filters[2].proc.kill9();
+    let killed = Instant::now();
+    let u = url(&c.filters[0]);
+    let raise = tokio::spawn(async move {
+        let r = put(&u, LOCK, 6, "holder 6").await;
+        (r, Instant::now())
+    });
+    // Watch r3's registration until it is gone.
+    // Strict: if the raise had finished before a read that still shows r3
+    // registered, it completed early. (Read in this order, so a raise that
+    // completes right after the expiry, between the two, is not flagged.)
+    let gone = loop {
+        let finished_before = raise.is_finished();
+        let registered = !etcd.get(key, None).await.unwrap().kvs().is_empty();
+        assert!(!(finished_before && registered), "the raise completed while r3 was still registered");
+        if !registered {
+            break Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let (r, _) = raise.await.unwrap();
+    assert!(r.status < 300, "{}", r.body);
+    assert!(gone - killed > Duration::from_secs(1), "r3's lease lived on after the kill: {:?}", gone - killed);
+    assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"));
+
+    // A fresh replica refuses the old token from its first request.
+    let fresh = start_replica(&c, "r4", true, &[]);
+    let r = put(&url(&fresh), LOCK, 5, "zombie 5 via fresh r4").await;
+    assert_eq!((r.status, r.error_code().as_str()), (409, "fencing_token_stale"), "{}", r.body);
+    assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"));
+    // /v1/locks shows the replica set and each acknowledgement.
+    let locks = request("GET", &format!("{}/v1/locks", fresh.admin_url()), &[], "").await.json();
+    assert_eq!(locks["shared"]["acks"][LOCK]["r4"], 6, "{locks}");
+    assert_eq!(locks["shared"]["acks"][LOCK]["r1"], 6, "{locks}");
+    c.filters.push(fresh);
+}
+
+/// A replica cut from etcd stops forwarding writes within its TTL (reads pass).
+#[tokio::test]
+async fn a_replica_cut_from_etcd_stops_forwarding_writes_within_its_ttl() {
+    let mut c = cluster(1, true, &[]);
+    let url = format!("{}/data/x", c.filters[0].url());
+    assert!(put(&url, LOCK, 5, "holder 5").await.status < 300);
+    c.etcd.stop();
+    let cut = Instant::now();
+    let refused = loop {
+        let r = put(&url, LOCK, 5, "holder 5 again").await;
+        if r.status == 503 {
+            assert_eq!(r.error_code(), "fencing_state_unavailable", "{}", r.body);
+            break Instant::now();
+        }
+        assert!(cut.elapsed() < Duration::from_secs(4), "still forwarding writes {:?} after the cut", cut.elapsed());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refused - cut <= Duration::from_secs(3), "{:?}", refused - cut);
+    let r = request("GET", &url, &[], "").await;
+    assert_eq!(r.status, 200, "reads still pass");
+}

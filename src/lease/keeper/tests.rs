@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::lease::embedded::Embedded;
-use crate::lease::{Granted, NoFence};
+use crate::lease::{Granted, NoFence, Outcome};
 
 fn cfg(holder: &str) -> KeeperConfig {
     KeeperConfig::new("l".parse().unwrap(), holder, Duration::from_secs(3))

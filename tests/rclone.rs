@@ -60,13 +60,17 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
 /// exactly what rclone was asked for. It guards the two hops' WebDAV
 /// behaviour (Host and `Destination` passed through, MKCOL/PROPFIND/COPY/MOVE
 /// fenced or passed as they should be); a filter that mangles any of them
-/// fails it.
+/// fails it (checked: without the `/moved/` rule the server-side move is
+/// refused 403 `path_not_protected` and the test fails).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rclone_webdav_through_sidecar_and_filter() {
     let nginx = Nginx::start();
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
-    let filter = FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &["--lock", "data"]);
+    // Rules, not `--lock`: every path and `Destination` rclone writes is
+    // decoded and matched, as for a store shared between locks.
+    let rules = ["--protect", "/set/=data", "--protect", "/moved/=data", "--protect", "/copied/=data"];
+    let filter = FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &rules);
     let sidecar = SidecarProc::start(
         dir.path(),
         &etcd.client_url,
@@ -101,9 +105,15 @@ async fn rclone_webdav_through_sidecar_and_filter() {
     // Server-side move and copy: rclone sends MOVE and COPY with a
     // Destination (shown by --dump headers), no download and upload.
     let moved = rclone(&url, &["moveto", "fg:set/d9/new.txt", "fg:moved/new.txt", "-vv", "--dump", "headers"]);
-    assert!(moved.contains("MOVE /set/d9/new.txt"), "not a server-side move:\n{moved}");
+    assert!(
+        moved.contains("MOVE /set/d9/new.txt") && moved.contains("Moved (server-side)"),
+        "not a server-side move:\n{moved}"
+    );
     let copied = rclone(&url, &["copy", "fg:set/d0", "fg:copied", "-vv", "--dump", "headers"]);
-    assert!(copied.contains("COPY /set/d0/"), "not a server-side copy:\n{copied}");
+    assert!(
+        copied.contains("COPY /set/d0/") && copied.contains("(server-side copy)"),
+        "not a server-side copy:\n{copied}"
+    );
     assert!(!disk.join("set/d9/new.txt").exists());
     assert_eq!(std::fs::read(disk.join("moved/new.txt")).unwrap(), b"new\n");
     assert!(tree(&disk.join("copied")) == tree(&src.join("d0")), "server-side copy differs");

@@ -101,12 +101,11 @@ pub fn delete_keys(xml: &[u8]) -> Result<Vec<String>, String> {
                 stack.push(name);
             }
             Event::End(_) => {
-                if stack.pop().as_deref() == Some("Key") {
-                    if let Some(k) = key.take() {
-                        keys.push(k);
-                        if keys.len() > MAX_KEYS {
-                            return Err(format!("more than {MAX_KEYS} keys"));
-                        }
+                let closed = stack.pop();
+                if let (Some("Key"), Some(k)) = (closed.as_deref(), key.take()) {
+                    keys.push(k);
+                    if keys.len() > MAX_KEYS {
+                        return Err(format!("more than {MAX_KEYS} keys"));
                     }
                 }
             }

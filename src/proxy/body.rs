@@ -105,13 +105,14 @@ impl http_body::Body for RequestBody {
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        let mut hint = self.rest.as_ref().map(|r| r.size_hint()).unwrap_or_else(|| http_body::SizeHint::with_exact(0));
+        let rest = self.rest.as_ref().map(|r| r.size_hint()).unwrap_or_else(|| http_body::SizeHint::with_exact(0));
         let n = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
-        let upper = hint.upper().map(|u| u + n);
-        hint.set_lower(hint.lower() + n);
-        if let Some(u) = upper {
-            hint.set_upper(u);
+        // A fresh hint: SizeHint's setters panic when lower passes upper.
+        let mut hint = http_body::SizeHint::new();
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u + n);
         }
+        hint.set_lower(rest.lower() + n);
         hint
     }
 }

@@ -167,7 +167,7 @@ async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     let raw = start("raw", &["--unsafe-raw-paths", "--allow-unprotected"]);
     let straight = |op: &str, key: &str| {
         let r = call(serde_json::json!({"endpoint": weed.url(), "op": op, "bucket": "split", "key": key}));
-        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "{r}");
     };
     for k in ["a/1", "a/2", "b/1"] {
         straight("put", k);
@@ -197,6 +197,24 @@ async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     let r = delete(&raw, &["a/2", "b/1"]);
     assert_eq!(r["status"], 200, "control: {r}");
     assert_eq!(stored(&weed, "split"), Vec::<String>::new(), "control: lockB's object deleted under lockA");
+
+    // POST policy: the form's key decides; a 512 KiB upload goes past what the filter reads (key first, the rest
+    // streamed after it).
+    let post = |f: &FilterProc, key: &str, size: usize| {
+        fenced(f, "post_policy", "split", "lockA", serde_json::json!({"key": key, "data": "p", "size": size}))
+    };
+    let r = post(&s3, "a/p1", 512 << 10);
+    assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "{r}");
+    let r = post(&s3, "b/p2", 10);
+    assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "fencing_lock_mismatch"), "{r}");
+    let r = post(&plain, "a/p3", 10);
+    assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "path_spans_locks"), "control: {r}");
+    assert_eq!(stored(&weed, "split"), ["a/p1"]);
+    // Its size as SeaweedFS lists it (GetObject of a POST-policy object fails in this SeaweedFS version, straight
+    // to it too).
+    let list = call(serde_json::json!({"endpoint": weed.url(), "op": "list", "bucket": "split"}));
+    assert_eq!(list["sizes"]["a/p1"], 512 << 10, "the whole upload arrived: {list}");
+    straight("delete", "a/p1");
 
     // A bucket-level request under the rule `/whole/`.
     let r = fenced(&plain, "create_bucket", "whole", "lockW", serde_json::json!({}));

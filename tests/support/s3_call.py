@@ -5,7 +5,7 @@
 Options: "style" ("path" or "virtual"), "proxy" (send through this HTTP
 proxy, for virtual-hosted names that do not resolve), "lock" and "token"
 (Fencing-Lock / Fencing-Token headers, as a sidecar would add), "key",
-"keys", "data". Ops: put, delete_objects, create_bucket, list.
+"keys", "data". Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes).
 Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -52,9 +52,37 @@ try:
         s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in a["keys"]]})
     elif op == "create_bucket":
         s3.create_bucket(Bucket=bucket)
+    elif op == "post_policy":
+        # A browser-style upload: the form's fields (key first), then the file.
+        import urllib.error
+        import urllib.request
+
+        from urllib3 import encode_multipart_formdata
+
+        p = s3.generate_presigned_post(Bucket=bucket, Key=a["key"])
+        size = a.get("size", 0)
+        data = (a.get("data", "x") * (size // max(len(a.get("data", "x")), 1) + 1))[: size or None]
+        fields = list(p["fields"].items()) + [("file", ("up.txt", data.encode()))]
+        body, ctype = encode_multipart_formdata(fields)
+        headers = {"Content-Type": ctype}
+        if a.get("lock"):
+            headers.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
+        req = urllib.request.Request(p["url"], data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req) as r:
+                last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as e:
+            last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+    elif op == "get":
+        data = s3.get_object(Bucket=bucket, Key=a["key"])["Body"].read()
+        out["size"] = len(data)
+        out["same_byte"] = len(set(data)) == 1
+    elif op == "delete":
+        s3.delete_object(Bucket=bucket, Key=a["key"])
     elif op == "list":
         r = s3.list_objects_v2(Bucket=bucket)
         out["keys"] = sorted(o["Key"] for o in r.get("Contents", []))
+        out["sizes"] = {o["Key"]: o["Size"] for o in r.get("Contents", [])}
     else:
         raise SystemExit(f"unknown op {op}")
 except ClientError as e:

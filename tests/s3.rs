@@ -151,7 +151,13 @@ fn code(r: &serde_json::Value) -> String {
 ///   stored, lockB's is refused; control: without it the path `/a/...` is
 ///   not protected.
 ///
-/// Fails on the old code (no `--store`): the filter refuses to start.
+/// - Bodies it will not guess at: over 1 MiB or 1000 keys (413
+///   `body_too_large`), not
+///   well-formed (400 `body_malformed`), a key with `..` (400
+///   `path_not_canonical`).
+///
+/// Fails on the old code (no `--store`): the filter refuses to start; the
+/// controls show what a filter that does not read the body lets through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     let weed = SeaweedFs::start();
@@ -197,6 +203,24 @@ async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     let r = delete(&raw, &["a/2", "b/1"]);
     assert_eq!(r["status"], 200, "control: {r}");
     assert_eq!(stored(&weed, "split"), Vec::<String>::new(), "control: lockB's object deleted under lockA");
+
+    // Bodies the filter will not guess at: too large, not XML, a key that climbs out of lockA's prefix.
+    let raw_delete = |body: String| {
+        let url = format!("{}/split?delete", s3.url());
+        async move { request("POST", &url, &[("Fencing-Lock", "lockA"), ("Fencing-Token", "1")], &body).await }
+    };
+    let keys = |ks: &[&str]| {
+        let objs: String = ks.iter().map(|k| format!("<Object><Key>{k}</Key></Object>")).collect();
+        format!("<Delete>{objs}</Delete>")
+    };
+    let r = raw_delete(keys(&["a/x"; 40_000])).await;
+    assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"), "over 1 MiB: {}", r.body);
+    let r = raw_delete(keys(&["a/x"; 1001])).await;
+    assert_eq!((r.status, r.error_code().as_str()), (413, "body_too_large"), "1001 keys: {}", r.body);
+    let r = raw_delete("<Delete><Object><Key>a/x</Key></Object>".into()).await;
+    assert_eq!((r.status, r.error_code().as_str()), (400, "body_malformed"), "{}", r.body);
+    let r = raw_delete(keys(&["a/../b/1"])).await;
+    assert_eq!((r.status, r.error_code().as_str()), (400, "path_not_canonical"), "{}", r.body);
 
     // POST policy: the form's key decides; a 512 KiB upload goes past what the filter reads (key first, the rest
     // streamed after it).

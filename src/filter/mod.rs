@@ -225,7 +225,12 @@ impl Filter {
         if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
             if s3::is_delete_objects(req.uri().query()) {
                 let (body, req) = read_prefix(req, |_, complete| complete).await?;
-                let keys = s3::delete_keys(&body).map_err(FilterError::BodyMalformed)?;
+                let keys = s3::delete_keys(&body).map_err(|e| match e {
+                    s3::KeysError::TooMany => {
+                        FilterError::BodyTooLarge(format!("a DeleteObjects names more than {} keys", s3::MAX_KEYS))
+                    }
+                    s3::KeysError::Malformed(why) => FilterError::BodyMalformed(why),
+                })?;
                 let raw: Vec<String> = keys.iter().map(|k| s3::key_path(&bucket, k)).collect();
                 return Ok((resolve(&raw.iter().map(String::as_str).collect::<Vec<_>>())?, req));
             }

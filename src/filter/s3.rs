@@ -191,12 +191,14 @@ pub enum FormKey {
 }
 
 /// Scans the start of a form (`complete`: the whole body) for its `key`
-/// field. S3 ignores fields after the file, so the key must come first.
+/// field, up to the file part's headers. S3 ignores fields after the file,
+/// so the key must come first; a form with two `key` fields (names compared
+/// case-insensitively) is unreadable rather than guessed at.
 pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
     let delim = format!("--{boundary}");
     let need = |complete: bool| if complete { FormKey::Unreadable } else { FormKey::NeedMore };
     let Some(mut pos) = find(body, delim.as_bytes(), 0) else { return need(complete) };
-    let mut key: Option<String> = None;
+    let (mut key, mut twice): (Option<String>, bool) = (None, false);
     loop {
         pos += delim.len();
         if body.get(pos..pos + 2) == Some(b"--") {
@@ -212,8 +214,8 @@ pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
             let raw_disp = raw.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"));
             let filename = raw_disp.and_then(|d| param(d, "filename")).unwrap_or_default();
             return match key {
-                Some(k) => FormKey::Found(k.replace("${filename}", &filename)),
-                None => FormKey::Unreadable,
+                Some(k) if !twice => FormKey::Found(k.replace("${filename}", &filename)),
+                _ => FormKey::Unreadable,
             };
         }
         let value_start = head_end + 4;
@@ -222,10 +224,7 @@ pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
         };
         if name.as_deref() == Some("key") {
             let Ok(k) = std::str::from_utf8(&body[value_start..value_end]) else { return FormKey::Unreadable };
-            if !k.contains("${filename}") {
-                return FormKey::Found(k.to_owned());
-            }
-            key = Some(k.to_owned());
+            twice |= key.replace(k.to_owned()).is_some();
         }
         pos = value_end + 2;
     }
@@ -302,6 +301,8 @@ mod tests {
             Content-Disposition: form-data; name=\"file\"; filename=\"Up.txt\"\r\n\r\nDATA\r\n--XyZ--\r\n";
         assert_eq!(form_key(form.as_bytes(), "XyZ", true), FormKey::Found("b/Up.txt".into()));
         assert_eq!(form_key(&form.as_bytes()[..60], "XyZ", false), FormKey::NeedMore);
+        let twice = form.replace("name=\"Policy\"", "name=\"KEY\"");
+        assert_eq!(form_key(twice.as_bytes(), "XyZ", true), FormKey::Unreadable, "two key fields");
         let no_key = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nD\r\n--XyZ--\r\n";
         assert_eq!(form_key(no_key.as_bytes(), "XyZ", true), FormKey::Unreadable);
         let mut h = HeaderMap::new();

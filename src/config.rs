@@ -111,7 +111,8 @@ pub struct FilterArgs {
     /// (bucket-level requests, DeleteObjects keys, POST-policy keys, virtual-hosted buckets; see README "Stores").
     #[arg(long, env = "FENCEGATE_STORE", value_enum, default_value = "plain")]
     pub store: crate::filter::Store,
-    /// With --store s3: requests with `Host: BUCKET.DOMAIN` (virtual-hosted style) are matched as /BUCKET/...
+    /// With --store s3: requests with `Host: BUCKET.DOMAIN` (virtual-hosted style) are matched as /BUCKET/...;
+    /// it must be the domain the store itself takes virtual-hosted names for.
     #[arg(long, env = "FENCEGATE_S3_DOMAIN")]
     pub s3_domain: Option<String>,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.

@@ -156,6 +156,14 @@ pub struct FilterArgs {
     /// sidecars, when --etcd is only there for --shared-marks). Logged as a warning at start.
     #[arg(long, env = "FENCEGATE_TRUST_TOKENS")]
     pub trust_tokens: bool,
+    /// What kind of store is behind the filter: `plain` (a write changes its path and Destination) or `s3`
+    /// (bucket-level requests, DeleteObjects keys, POST-policy keys, virtual-hosted buckets; see README "Stores").
+    #[arg(long, env = "FENCEGATE_STORE", value_enum, default_value = "plain")]
+    pub store: crate::filter::Store,
+    /// With --store s3: requests with `Host: BUCKET.DOMAIN` (virtual-hosted style) are matched as /BUCKET/...;
+    /// it must be the domain the store itself takes virtual-hosted names for.
+    #[arg(long, env = "FENCEGATE_S3_DOMAIN")]
+    pub s3_domain: Option<String>,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
     #[cfg(feature = "test-unsafe")]
     #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_BARRIER")]
@@ -239,6 +247,9 @@ impl FilterArgs {
             (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };
+        if self.s3_domain.is_some() && self.store != crate::filter::Store::S3 {
+            return Err("--s3-domain needs --store s3".into());
+        }
         Ok(FilterConfig {
             upstream: self.upstream.clone().ok_or("--upstream is required")?,
             upstream_host: self.upstream_host.clone(),
@@ -246,6 +257,8 @@ impl FilterArgs {
             protection,
             allow_unprotected: self.allow_unprotected,
             allow_path_params: self.allow_path_params,
+            store: self.store,
+            s3_domain: self.s3_domain.clone(),
             #[cfg(feature = "test-unsafe")]
             unsafe_raw_paths: self.unsafe_raw_paths,
             #[cfg(not(feature = "test-unsafe"))]

@@ -37,6 +37,14 @@ pub enum FilterError {
     UnknownLock(String),
     #[error("{0}")]
     BadRequest(String),
+    /// `--store s3`: the part of the body that names the write's targets is
+    /// longer than the filter reads.
+    #[error("{0}")]
+    BodyTooLarge(String),
+    /// `--store s3`: a body that names the write's targets cannot be read
+    /// (DeleteObjects XML that is not well-formed, say).
+    #[error("{0}")]
+    BodyMalformed(String),
     #[error("{0}")]
     NotFound(String),
 }
@@ -61,6 +69,8 @@ impl FilterError {
             FilterError::Upstream(_) => "upstream",
             FilterError::UnknownLock(_) => "unknown_lock",
             FilterError::BadRequest(_) => "bad_request",
+            FilterError::BodyTooLarge(_) => "body_too_large",
+            FilterError::BodyMalformed(_) => "body_malformed",
             FilterError::NotFound(_) => "not_found",
         }
     }
@@ -139,6 +149,8 @@ impl FilterError {
             FilterError::Upstream(e) => e.into_response(),
             FilterError::UnknownLock(_) => json_error(StatusCode::NOT_FOUND, "fencing_lock_unknown", &msg, None),
             FilterError::BadRequest(_) => json_error(StatusCode::BAD_REQUEST, "bad_request", &msg, None),
+            FilterError::BodyTooLarge(_) => json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &msg, None),
+            FilterError::BodyMalformed(_) => json_error(StatusCode::BAD_REQUEST, "body_malformed", &msg, None),
             FilterError::NotFound(_) => json_error(StatusCode::NOT_FOUND, "not_found", &msg, None),
         }
     }

@@ -33,6 +33,7 @@ pub mod error;
 pub mod metrics;
 pub mod repair;
 pub mod rules;
+pub mod s3;
 pub mod shared;
 pub mod state;
 pub mod verify;
@@ -52,13 +53,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::sequencer::HolderCheck;
-use crate::proxy::{self, Body, ServerLimits, Upstream};
+use crate::proxy::{self, Body, RequestBody, ServerLimits, Upstream};
 use crate::token::{self, LockName, ReadMethods};
 use admission::{BarrierConfig, Locks};
 use error::FilterError;
 use metrics::{FilterCollector, Refusals};
 pub use rules::Protection;
 use rules::Targets;
+pub use s3::Store;
 use state::{StateDir, StateError};
 
 /// Everything `fencegate filter` is configured with.
@@ -72,6 +74,10 @@ pub struct FilterConfig {
     pub allow_unprotected: bool,
     /// Accept `;` path parameters in protected space (matched with them cut).
     pub allow_path_params: bool,
+    /// `--store`: what a write changes beyond its path (see [`s3`]).
+    pub store: Store,
+    /// `--s3-domain`: `Host: bucket.DOMAIN` is matched as `/bucket/...`.
+    pub s3_domain: Option<String>,
     /// Test-only control: match rules on the raw request path, ignore
     /// `Destination` (the filter before issue 12). Never in production.
     pub unsafe_raw_paths: bool,
@@ -103,6 +109,8 @@ impl FilterConfig {
             protection,
             allow_unprotected: false,
             allow_path_params: false,
+            store: Store::Plain,
+            s3_domain: None,
             unsafe_raw_paths: false,
             fence_reads: false,
             read_methods: ReadMethods::default(),
@@ -246,17 +254,65 @@ impl Filter {
         }
     }
 
-    /// The write's targets (request path, `Destination`), checked against the
-    /// rules; see [`rules`].
-    fn targets(&self, req: &Request<Incoming>) -> Result<Targets, FilterError> {
+    /// The write's targets (request path, `Destination`; with `--store s3`
+    /// also what the body names, see [`s3`]), checked against the rules;
+    /// see [`rules`]. Returns the request to forward, its body unchanged
+    /// (whatever was read of it goes first).
+    async fn targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
         let path = req.uri().path();
         if self.cfg.unsafe_raw_paths {
             let lock = self.cfg.protection.lock_for(path).cloned();
-            return Ok(Targets { paths: vec![(path.to_owned(), lock)] });
+            let t = Targets { paths: vec![(path.to_owned(), lock)] };
+            return Ok((t, req.map(RequestBody::stream)));
+        }
+        if self.cfg.store == Store::S3 {
+            return self.s3_targets(req).await;
         }
         let dest = rules::destination(req.headers())?;
         let raw: Vec<&str> = std::iter::once(path).chain(dest.as_deref()).collect();
-        Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)
+        let t = Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)?;
+        Ok((t, req.map(RequestBody::stream)))
+    }
+
+    /// [`targets`](Self::targets) for `--store s3`.
+    async fn s3_targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
+        let path = s3::request_path(
+            req.uri().path(),
+            req.headers(),
+            req.uri().authority().map(|a| a.as_str()),
+            self.cfg.s3_domain.as_deref(),
+        );
+        let resolve = |raw: &[&str]| Targets::resolve(&self.cfg.protection, raw, self.cfg.allow_path_params);
+        let bucket = s3::bucket_of(&path).map(str::to_owned);
+        if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
+            if s3::is_delete_objects(req.uri().query()) {
+                let (body, req) = read_prefix(req, |_, complete| complete).await?;
+                let keys = s3::delete_keys(&body).map_err(|e| match e {
+                    s3::KeysError::TooMany => {
+                        FilterError::BodyTooLarge(format!("a DeleteObjects names more than {} keys", s3::MAX_KEYS))
+                    }
+                    s3::KeysError::Malformed(why) => FilterError::BodyMalformed(why),
+                })?;
+                let raw: Vec<String> = keys.iter().map(|k| s3::key_path(&bucket, k)).collect();
+                return Ok((resolve(&raw.iter().map(String::as_str).collect::<Vec<_>>())?, req));
+            }
+            if let Some(boundary) = s3::form_boundary(req.headers()) {
+                let decided = |b: &[u8], complete| s3::form_key(b, &boundary, complete) != s3::FormKey::NeedMore;
+                let (body, req) = read_prefix(req, decided).await?;
+                // Unreadable: checked as a write to the whole bucket, which
+                // is refused (path_spans_locks) when the bucket is split.
+                let raw = match s3::form_key(&body, &boundary, true) {
+                    s3::FormKey::Found(key) => s3::key_path(&bucket, &key),
+                    _ => format!("/{bucket}/"),
+                };
+                return Ok((resolve(&[&raw])?, req));
+            }
+        }
+        // A bucket-level request is a write to the collection `/bucket/`.
+        let path = if s3::bucket_level(&path).is_some() { format!("{path}/") } else { path };
+        let dest = rules::destination(req.headers())?;
+        let raw: Vec<&str> = std::iter::once(path.as_str()).chain(dest.as_deref()).collect();
+        Ok((resolve(&raw)?, req.map(RequestBody::stream)))
     }
 
     async fn route(
@@ -267,14 +323,15 @@ impl Filter {
     ) -> Result<Response<Body>, (Option<LockName>, FilterError)> {
         let is_write = self.cfg.read_methods.is_write(req.method());
         if !is_write && !self.cfg.fence_reads {
-            return self.pass(up, req, peer).await.map_err(|e| (None, e));
+            return self.pass(up, req.map(RequestBody::stream), peer).await.map_err(|e| (None, e));
         }
-        let targets = self.targets(&req).map_err(|e| (None, e))?;
+        let (targets, req) = self.targets(req).await.map_err(|e| (None, e))?;
         let Some(lock) = targets.lock().cloned() else {
             return if self.cfg.allow_unprotected || !is_write {
                 self.pass(up, req, peer).await.map_err(|e| (None, e))
             } else {
-                Err((None, FilterError::Unprotected(req.uri().path().to_owned())))
+                let path = targets.unprotected().unwrap_or(req.uri().path()).to_owned();
+                Err((None, FilterError::Unprotected(path)))
             };
         };
         if let (Some(path), false) = (targets.unprotected(), self.cfg.allow_unprotected) {
@@ -292,7 +349,7 @@ impl Filter {
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
         let sent = tokio::select! {
-            r = up.send(req, Some(peer)) => r,
+            r = up.send_body(req, Some(peer)) => r,
             _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
         };
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
@@ -320,14 +377,47 @@ impl Filter {
     async fn pass(
         &self,
         up: &Upstream,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, FilterError> {
         let started = StdInstant::now();
-        let resp = up.send(req, Some(peer)).await?;
+        let resp = up.send_body(req, Some(peer)).await?;
         self.upstream_latency.observe(started.elapsed().as_secs_f64());
         Ok(resp.map(proxy::stream))
     }
+}
+
+/// Reads the start of a request's body until `decided(bytes so far, body
+/// complete)` (at most [`s3::MAX_BODY`]: beyond, 413), and gives back the
+/// bytes read and the request with its body whole again (those bytes, then
+/// the rest as the client sends it).
+async fn read_prefix(
+    req: Request<Incoming>,
+    decided: impl Fn(&[u8], bool) -> bool,
+) -> Result<(bytes::Bytes, Request<RequestBody>), FilterError> {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = req.into_parts();
+    let mut buf = bytes::BytesMut::new();
+    let (mut complete, mut trailers) = (false, None);
+    while !decided(&buf, complete) && !complete {
+        match body.frame().await {
+            None => complete = true,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => buf.extend_from_slice(&data),
+                Err(frame) => (trailers, complete) = (frame.into_trailers().ok(), true),
+            },
+            Some(Err(e)) => return Err(FilterError::BadRequest(format!("the request body could not be read: {e}"))),
+        }
+        if buf.len() > s3::MAX_BODY {
+            return Err(FilterError::BodyTooLarge(format!(
+                "the filter reads at most {} bytes of this body to see what the write changes",
+                s3::MAX_BODY
+            )));
+        }
+    }
+    let buf = buf.freeze();
+    let rest = (!complete).then_some(body);
+    Ok((buf.clone(), Request::from_parts(parts, RequestBody::prefixed(buf, rest, trailers))))
 }
 
 /// Runs the filter on bound listeners until `shutdown` resolves; then stops

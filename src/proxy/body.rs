@@ -48,3 +48,71 @@ pub fn text_response(status: StatusCode, content_type: &'static str, body: impl 
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     r
 }
+
+/// A request body on its way to the upstream: the client's stream as it
+/// is, or (when the filter had to read the start of it to see what a write
+/// changes, as for S3 DeleteObjects) the bytes already read followed by the
+/// rest of the stream, byte for byte what the client sent.
+#[derive(Debug)]
+pub struct RequestBody {
+    prefix: Option<Bytes>,
+    rest: Option<Incoming>,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl RequestBody {
+    /// The client's body, unbuffered.
+    pub fn stream(b: Incoming) -> Self {
+        RequestBody { prefix: None, rest: Some(b), trailers: None }
+    }
+
+    /// `prefix` (already read from the client), then `rest` if the client
+    /// has more, then `trailers` if the client's body ended with them.
+    pub fn prefixed(prefix: Bytes, rest: Option<Incoming>, trailers: Option<http::HeaderMap>) -> Self {
+        RequestBody { prefix: (!prefix.is_empty()).then_some(prefix), rest, trailers }
+    }
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(b: Incoming) -> Self {
+        RequestBody::stream(b)
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(p))));
+        }
+        if let Some(rest) = self.rest.as_mut() {
+            match std::pin::Pin::new(rest).poll_frame(cx) {
+                Poll::Ready(None) => self.rest = None,
+                other => return other,
+            }
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.prefix.is_none() && self.trailers.is_none() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let rest = self.rest.as_ref().map(|r| r.size_hint()).unwrap_or_else(|| http_body::SizeHint::with_exact(0));
+        let n = self.prefix.as_ref().map_or(0, |p| p.len() as u64);
+        // A fresh hint: SizeHint's setters panic when lower passes upper.
+        let mut hint = http_body::SizeHint::new();
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u + n);
+        }
+        hint.set_lower(rest.lower() + n);
+        hint
+    }
+}

@@ -10,14 +10,14 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use super::body::{json_error, Body};
+use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
 use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
 /// A pooled HTTP client for one upstream base URL.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     base: Uri,
     authority: HeaderValue,
     /// `--upstream-host`: the `Host` sent instead of the client's.
@@ -90,7 +90,17 @@ impl Upstream {
     /// `peer`, when given, is appended to `X-Forwarded-For`.
     pub async fn send(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
+        peer: Option<SocketAddr>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_body(req.map(RequestBody::stream), peer).await
+    }
+
+    /// [`send`](Self::send) for a body the filter has partly read (see
+    /// [`RequestBody`]).
+    pub async fn send_body(
+        &self,
+        mut req: Request<RequestBody>,
         peer: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let authority = req.uri().authority().cloned();

@@ -186,6 +186,8 @@ impl SeaweedFs {
             // Off: they would take fixed ports (8181, 9101).
             "-s3.port.iceberg=0".into(),
             "-s3.port.lance=0".into(),
+            // Virtual-hosted-style names (`bucket.s3.test`) for the `--s3-domain` test; path-style is unchanged.
+            "-s3.domainName=s3.test".into(),
         ];
         // Every other listener on a free port too, so tests can run side by side.
         for flag in [

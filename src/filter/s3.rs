@@ -1,0 +1,312 @@
+//! What an S3 write changes, where the path alone does not say (`--store s3`).
+//!
+//! - A bucket-level request (`/bucket`, `PUT`/`DELETE` of the bucket) is the
+//!   collection `/bucket/`: a rule `/bucket/` covers it, and rules inside the
+//!   bucket held by other locks make it span locks.
+//! - `DeleteObjects` (`POST /bucket?delete`) names its keys in an XML body:
+//!   each key is a target `/bucket/key`.
+//! - A POST-policy upload (`POST /bucket`, `multipart/form-data`) names its
+//!   key in the form's `key` field (`${filename}` replaced by the file's name,
+//!   as S3 does).
+//! - A virtual-hosted-style request (`Host: bucket.DOMAIN`, `--s3-domain
+//!   DOMAIN`) has its bucket in the host: it is matched as `/bucket/...`.
+//!
+//! Keys are object names, not URL paths: a `%` in a key is literal, so it is
+//! escaped before the key goes through the same canonical-path checks as a
+//! request path (dot segments, `//`, `\`, control characters are refused).
+//! This module only parses; `filter::mod` decides.
+
+use http::HeaderMap;
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+/// Most bytes of a body the filter reads to find a write's targets.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Most keys in one DeleteObjects (S3's own limit).
+pub const MAX_KEYS: usize = 1000;
+
+/// What kind of store the filter is in front of (`--store`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Store {
+    /// A write changes its path (and `Destination`'s): WebDAV, REST, and S3
+    /// path-style with one lock per bucket.
+    #[default]
+    Plain,
+    /// S3: bucket-level requests, DeleteObjects keys, POST-policy keys,
+    /// virtual-hosted buckets (see the module docs).
+    S3,
+}
+
+/// The request's path as the store reads it: with `--s3-domain DOMAIN` and a
+/// `Host` of `bucket.DOMAIN`, `/bucket` + the path. Still encoded.
+pub fn request_path(path: &str, headers: &HeaderMap, authority: Option<&str>, domain: Option<&str>) -> String {
+    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or(authority);
+    match (domain, host) {
+        (Some(domain), Some(host)) => match bucket_of_host(host, domain) {
+            Some(bucket) => format!("/{bucket}{path}"),
+            None => path.to_owned(),
+        },
+        _ => path.to_owned(),
+    }
+}
+
+/// `bucket` from `bucket.DOMAIN[:port]` (case-insensitive, as DNS is).
+fn bucket_of_host(host: &str, domain: &str) -> Option<String> {
+    let host = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let domain = domain.trim_matches('.').to_ascii_lowercase();
+    let bucket = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    (!bucket.is_empty()).then(|| bucket.to_owned())
+}
+
+/// `/bucket` (one segment) is the bucket itself: the collection `/bucket/`.
+pub fn bucket_level(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    (!rest.is_empty() && !rest.contains('/')).then_some(rest)
+}
+
+/// The bucket a `/bucket` or `/bucket/` path names, for requests on the
+/// bucket itself (DeleteObjects, POST policy).
+pub fn bucket_of(path: &str) -> Option<&str> {
+    bucket_level(path).or_else(|| bucket_level(path.strip_suffix('/')?))
+}
+
+/// The raw (encoded) path of object `key` in `bucket`: a key's `%` is a
+/// literal character, so it is escaped; everything else is checked as the
+/// store will see it once decoded.
+pub fn key_path(bucket: &str, key: &str) -> String {
+    format!("/{bucket}/{}", key.replace('%', "%25"))
+}
+
+/// `POST ?delete` (DeleteObjects): a query parameter named `delete`.
+pub fn is_delete_objects(query: Option<&str>) -> bool {
+    query.is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some("delete")))
+}
+
+/// Why a DeleteObjects body's keys cannot be read.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeysError {
+    /// More than [`MAX_KEYS`] (S3 refuses them too): 413, like a long body.
+    TooMany,
+    /// Not well-formed, or not what S3 takes: 400.
+    Malformed(String),
+}
+
+/// The keys of a DeleteObjects body (`<Delete><Object><Key>k</Key>...`).
+pub fn delete_keys(xml: &[u8]) -> Result<Vec<String>, KeysError> {
+    delete_keys_inner(xml).map_err(|e| if e.is_empty() { KeysError::TooMany } else { KeysError::Malformed(e) })
+}
+
+/// [`delete_keys`]; an empty error is "too many keys".
+fn delete_keys_inner(xml: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(xml).map_err(|_| "the DeleteObjects body is not UTF-8".to_string())?;
+    let mut reader = Reader::from_str(text);
+    let mut stack: Vec<String> = Vec::new();
+    let mut keys = Vec::new();
+    let mut key: Option<String> = None;
+    let bad = |e: quick_xml::Error| format!("the DeleteObjects body is not well-formed XML: {e}");
+    loop {
+        match reader.read_event().map_err(bad)? {
+            Event::Start(e) => {
+                let name = e.local_name().as_ref().to_owned();
+                if name == "Key" && stack.len() == 2 && stack[0] == "Delete" && stack[1] == "Object" {
+                    key = Some(String::new());
+                }
+                stack.push(name);
+            }
+            Event::End(_) => {
+                let closed = stack.pop();
+                if let (Some("Key"), Some(k)) = (closed.as_deref(), key.take()) {
+                    keys.push(k);
+                    if keys.len() > MAX_KEYS {
+                        return Err(String::new());
+                    }
+                }
+            }
+            Event::Empty(e) if e.local_name().as_ref() == "Key" && stack.len() == 2 => {
+                return Err("an empty <Key/>".into());
+            }
+            Event::Text(t) => {
+                if let Some(k) = key.as_mut() {
+                    k.push_str(&t.xml10_content());
+                }
+            }
+            Event::CData(t) => {
+                if let Some(k) = key.as_mut() {
+                    k.push_str(&t.xml10_content());
+                }
+            }
+            Event::GeneralRef(r) => {
+                if let Some(k) = key.as_mut() {
+                    let c = match r.resolve_char_ref().map_err(|e| format!("a bad character reference: {e}"))? {
+                        Some(c) => c,
+                        None => match &*r {
+                            "lt" => '<',
+                            "gt" => '>',
+                            "amp" => '&',
+                            "apos" => '\'',
+                            "quot" => '"',
+                            other => return Err(format!("an unknown entity &{other};")),
+                        },
+                    };
+                    k.push(c);
+                }
+            }
+            Event::DocType(_) => return Err("a DOCTYPE (entities are not expanded)".into()),
+            Event::Eof => break,
+            _ => {}
+        }
+    }
+    if !stack.is_empty() {
+        return Err("the DeleteObjects body ends inside an element".into());
+    }
+    if keys.is_empty() {
+        return Err("the DeleteObjects body names no key".into());
+    }
+    Ok(keys)
+}
+
+/// A POST-policy upload: `multipart/form-data` with its boundary.
+pub fn form_boundary(headers: &HeaderMap) -> Option<String> {
+    let ct = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    let (mime, params) = ct.split_once(';').unwrap_or((ct, ""));
+    if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    params.split(';').find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+/// What the start of a POST-policy form says about its key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FormKey {
+    /// The object key (with `${filename}` already replaced).
+    Found(String),
+    /// Not decided by the bytes so far: read more.
+    NeedMore,
+    /// The form has no usable key (S3 refuses it), or cannot be read.
+    Unreadable,
+}
+
+/// Scans the start of a form (`complete`: the whole body) for its `key`
+/// field, up to the file part's headers. S3 ignores fields after the file,
+/// so the key must come first; a form with two `key` fields (names compared
+/// case-insensitively) is unreadable rather than guessed at.
+pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
+    let delim = format!("--{boundary}");
+    let need = |complete: bool| if complete { FormKey::Unreadable } else { FormKey::NeedMore };
+    let Some(mut pos) = find(body, delim.as_bytes(), 0) else { return need(complete) };
+    let (mut key, mut twice): (Option<String>, bool) = (None, false);
+    loop {
+        pos += delim.len();
+        if body.get(pos..pos + 2) == Some(b"--") {
+            break; // the closing delimiter
+        }
+        let Some(head_end) = find(body, b"\r\n\r\n", pos) else { return need(complete) };
+        let head = String::from_utf8_lossy(&body[pos..head_end]).to_ascii_lowercase();
+        let disposition = head.lines().find(|l| l.starts_with("content-disposition:")).unwrap_or("");
+        let name = param(disposition, "name");
+        if name.as_deref() == Some("file") {
+            // The file part: its filename (headers as sent, not lowercased).
+            let raw = String::from_utf8_lossy(&body[pos..head_end]).into_owned();
+            let raw_disp = raw.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"));
+            let filename = raw_disp.and_then(|d| param(d, "filename")).unwrap_or_default();
+            return match key {
+                Some(k) if !twice => FormKey::Found(k.replace("${filename}", &filename)),
+                _ => FormKey::Unreadable,
+            };
+        }
+        let value_start = head_end + 4;
+        let Some(value_end) = find(body, format!("\r\n{delim}").as_bytes(), value_start) else {
+            return need(complete);
+        };
+        if name.as_deref() == Some("key") {
+            let Ok(k) = std::str::from_utf8(&body[value_start..value_end]) else { return FormKey::Unreadable };
+            twice |= key.replace(k.to_owned()).is_some();
+        }
+        pos = value_end + 2;
+    }
+    FormKey::Unreadable
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+}
+
+/// `name="value"` from a Content-Disposition line.
+fn param(line: &str, name: &str) -> Option<String> {
+    line.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.split_once('=')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().trim_matches('"').to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_hosts() {
+        let h = |host: &str| {
+            let mut m = HeaderMap::new();
+            m.insert("host", host.parse().unwrap());
+            m
+        };
+        let d = Some("s3.example.com");
+        assert_eq!(request_path("/k", &h("bkt.s3.example.com:8333"), None, d), "/bkt/k");
+        assert_eq!(request_path("/k", &h("BKT.S3.example.com."), None, d), "/bkt/k");
+        assert_eq!(request_path("/bkt/k", &h("s3.example.com"), None, d), "/bkt/k", "path-style");
+        assert_eq!(request_path("/k", &h("bkt.other.com"), None, d), "/k");
+        assert_eq!(request_path("/k", &h("bkt.s3.example.com"), None, None), "/k", "no --s3-domain");
+    }
+
+    #[test]
+    fn buckets_and_keys() {
+        assert_eq!(bucket_level("/bkt"), Some("bkt"));
+        assert_eq!(bucket_level("/bkt/"), None);
+        assert_eq!(bucket_of("/bkt/"), Some("bkt"));
+        assert_eq!(bucket_of("/bkt/k"), None);
+        assert_eq!(key_path("b", "a/100%/x"), "/b/a/100%25/x");
+        assert!(is_delete_objects(Some("delete")));
+        assert!(is_delete_objects(Some("x=1&delete=")));
+        assert!(!is_delete_objects(Some("deleted")));
+        assert!(!is_delete_objects(None));
+    }
+
+    #[test]
+    fn delete_objects_keys() {
+        let xml = br#"<?xml version="1.0"?><Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Quiet>true</Quiet>
+            <Object><Key>a/1&amp;2</Key><VersionId>v</VersionId></Object><Object><Key><![CDATA[b/<x>]]></Key></Object>
+            <Object><Key>c/&#233;</Key></Object></Delete>"#;
+        assert_eq!(delete_keys(xml).unwrap(), ["a/1&2", "b/<x>", "c/é"]);
+        for bad in [
+            &b"<Delete><Object><Key>a</Key></Object>"[..],
+            b"<Delete></Delete>",
+            b"<Delete><Object><Key>a&foo;</Key></Object></Delete>",
+            b"<!DOCTYPE x [<!ENTITY e \"b/\">]><Delete><Object><Key>&e;</Key></Object></Delete>",
+            b"not xml <",
+        ] {
+            assert!(delete_keys(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+        let many = format!("<Delete>{}</Delete>", "<Object><Key>k</Key></Object>".repeat(MAX_KEYS + 1));
+        assert_eq!(delete_keys(many.as_bytes()), Err(KeysError::TooMany));
+    }
+
+    #[test]
+    fn post_policy_keys() {
+        let form = "--XyZ\r\nContent-Disposition: form-data; name=\"Policy\"\r\n\r\np\r\n--XyZ\r\n\
+            Content-Disposition: form-data; name=\"key\"\r\n\r\nb/${filename}\r\n--XyZ\r\n\
+            Content-Disposition: form-data; name=\"file\"; filename=\"Up.txt\"\r\n\r\nDATA\r\n--XyZ--\r\n";
+        assert_eq!(form_key(form.as_bytes(), "XyZ", true), FormKey::Found("b/Up.txt".into()));
+        assert_eq!(form_key(&form.as_bytes()[..60], "XyZ", false), FormKey::NeedMore);
+        let twice = form.replace("name=\"Policy\"", "name=\"KEY\"");
+        assert_eq!(form_key(twice.as_bytes(), "XyZ", true), FormKey::Unreadable, "two key fields");
+        let no_key = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nD\r\n--XyZ--\r\n";
+        assert_eq!(form_key(no_key.as_bytes(), "XyZ", true), FormKey::Unreadable);
+        let mut h = HeaderMap::new();
+        h.insert("content-type", "multipart/form-data; boundary=\"XyZ\"".parse().unwrap());
+        assert_eq!(form_boundary(&h).as_deref(), Some("XyZ"));
+    }
+}

@@ -1,0 +1,91 @@
+"""One S3 call with boto3 (SigV4), run by tests/s3.rs for the `--store s3` rules.
+
+    python3 s3_call.py '{"endpoint": URL, "op": OP, "bucket": B, ...}'
+
+Options: "style" ("path" or "virtual"), "proxy" (send through this HTTP
+proxy, for virtual-hosted names that do not resolve), "lock" and "token"
+(Fencing-Lock / Fencing-Token headers, as a sidecar would add), "key",
+"keys", "data". Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes).
+Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
+Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+"""
+import json
+import sys
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+a = json.loads(sys.argv[1])
+cfg = dict(
+    signature_version="s3v4",
+    s3={"addressing_style": a.get("style", "path")},
+    retries={"max_attempts": 1, "mode": "standard"},
+    request_checksum_calculation="when_required",
+    response_checksum_validation="when_required",
+)
+if a.get("proxy"):
+    cfg["proxies"] = {"http": a["proxy"]}
+s3 = boto3.client("s3", endpoint_url=a["endpoint"], region_name="us-east-1", config=Config(**cfg))
+last = {}
+
+
+def fence(request, **_):
+    if a.get("lock"):
+        request.headers["Fencing-Lock"] = a["lock"]
+        request.headers["Fencing-Token"] = str(a["token"])
+
+
+def keep(http_response, **_):
+    last["status"] = http_response.status_code
+    last["body"] = http_response.content.decode("utf-8", "replace")
+
+
+s3.meta.events.register("before-sign.s3.*", fence)
+s3.meta.events.register("after-call.s3.*", keep)
+out = {}
+try:
+    op, bucket = a["op"], a["bucket"]
+    if op == "put":
+        s3.put_object(Bucket=bucket, Key=a["key"], Body=a.get("data", "x").encode())
+    elif op == "delete_objects":
+        s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in a["keys"]]})
+    elif op == "create_bucket":
+        s3.create_bucket(Bucket=bucket)
+    elif op == "post_policy":
+        # A browser-style upload: the form's fields (key first), then the file.
+        import urllib.error
+        import urllib.request
+
+        from urllib3 import encode_multipart_formdata
+
+        p = s3.generate_presigned_post(Bucket=bucket, Key=a["key"])
+        size = a.get("size", 0)
+        data = (a.get("data", "x") * (size // max(len(a.get("data", "x")), 1) + 1))[: size or None]
+        fields = list(p["fields"].items()) + [("file", ("up.txt", data.encode()))]
+        body, ctype = encode_multipart_formdata(fields)
+        headers = {"Content-Type": ctype}
+        if a.get("lock"):
+            headers.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
+        req = urllib.request.Request(p["url"], data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req) as r:
+                last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as e:
+            last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+    elif op == "get":
+        data = s3.get_object(Bucket=bucket, Key=a["key"])["Body"].read()
+        out["size"] = len(data)
+        out["same_byte"] = len(set(data)) == 1
+    elif op == "delete":
+        s3.delete_object(Bucket=bucket, Key=a["key"])
+    elif op == "list":
+        r = s3.list_objects_v2(Bucket=bucket)
+        out["keys"] = sorted(o["Key"] for o in r.get("Contents", []))
+        out["sizes"] = {o["Key"]: o["Size"] for o in r.get("Contents", [])}
+    else:
+        raise SystemExit(f"unknown op {op}")
+except ClientError as e:
+    last.setdefault("status", e.response["ResponseMetadata"]["HTTPStatusCode"])
+out.update(last)
+print(json.dumps(out))

@@ -314,10 +314,16 @@ def throughput(work, store_port, etcd):
     }
     # Direct PUTs carry the headers too, so every path sends the same bytes to the store.
     fence_env = {"WRK_FENCE": f"{LOCK}:1"}
-    extra_env = {"direct": fence_env, "filter-1hop": fence_env, "nginx-1hop": fence_env}
+    # The filter alone gets the sidecar's current token (it has seen it: older ones are stale).
+    token = json.loads(call("GET", sadmin, "/v1/lock")[1])["token"]
+    filter_env = {"WRK_FENCE": f"{LOCK}:{token}"}
+    extra_env = {"direct": fence_env, "filter-1hop": filter_env, "nginx-1hop": fence_env}
     # Check every path works before measuring.
     for name, (port, _) in paths.items():
-        h = {"Fencing-Lock": LOCK, "Fencing-Token": "1"} if name in extra_env else {}
+        h = {}
+        if name in extra_env:
+            lock, tok = extra_env[name]["WRK_FENCE"].split(":")
+            h = {"Fencing-Lock": lock, "Fencing-Token": tok}
         s, _ = call("PUT", port, "/bench/put", body=b"x" * 1024, headers=h)
         assert s in (201, 204), f"{name}: PUT answered {s}"
     cases = [(m, c) for m in ("GET", "PUT") for c in (1, 32)]

@@ -413,4 +413,63 @@ mod tests {
         assert_eq!(u.origin_form(&"/x?y".parse().unwrap()).to_string(), "/x?y");
         assert!(Upstream::new("https://h", Duration::ZERO, Duration::ZERO).is_err());
     }
+
+    /// A store that closes its connection after every answer: each request on
+    /// one keep-alive downstream connection gets a new upstream connection.
+    #[tokio::test]
+    async fn a_closed_upstream_connection_is_reopened_for_the_next_request() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let store_addr = store.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = store.accept().await.unwrap();
+                acc.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                });
+            }
+        });
+        let up = Arc::new(
+            Upstream::new(&format!("http://{store_addr}"), Duration::from_secs(1), Duration::from_secs(5)).unwrap(),
+        );
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        tokio::spawn(super::super::server::serve(
+            front,
+            super::super::server::ServerLimits::default(),
+            move |req, _| {
+                let up = up.clone();
+                async move {
+                    match up.send(req, None).await {
+                        Ok(r) => r.map(super::super::body::stream),
+                        Err(e) => e.into_response(),
+                    }
+                }
+            },
+            std::future::pending(),
+        ));
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        for i in 0..3 {
+            c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+            let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+            while !got.ends_with(b"ok") {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request {i}: connection closed after {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200"), "request {i}: {}", String::from_utf8_lossy(&got));
+        }
+        assert_eq!(accepted.load(Relaxed), 3, "one upstream connection per request");
+    }
 }

@@ -9,6 +9,9 @@ Paths, each measured with wrk for small GETs and 1 KiB PUTs at 1 and 32 connecti
 Several rounds, paths alternating inside each round; medians reported. The machine is shared and noisy:
 the figures that count are the ratios to nginx measured in the same run.
 
+Single hops: the sidecar alone vs one nginx hop adding the headers; the filter alone vs one plain nginx hop.
+Open loop: GETs at fixed rates (25/50/75% of nginx's best closed-loop rate) with h2load --rps, p50/p99/p99.9 per path,
+drawn in bench/results/latency.png.
 Also: failover times (kill -9 and SIGTERM), with the filter trusting tokens and with it verifying every raise with
 etcd (`--etcd`), the filter with 100k locks, and a CPU profile of fencegate's path.
 `BENCH_ONLY=failover` runs only the failover part (both ways) and prints its figures, writing no results files.
@@ -255,11 +258,13 @@ def start_filter(work, store_port, extra=(), state=None):
     return p, port, admin
 
 
-def start_sidecar(work, etcd, holder, upstream_port, fence_admin, ports=None):
+def start_sidecar(work, etcd, holder, upstream_port, fence_admin, ports=None, lock=LOCK):
     port, admin = ports or (free_port(), free_port())
-    args = [BIN, "sidecar", "--etcd", etcd, "--lock", LOCK, "--holder", holder, "--ttl", TTL,
+    args = [BIN, "sidecar", "--etcd", etcd, "--lock", lock, "--holder", holder, "--ttl", TTL,
             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-            "--upstream", f"http://127.0.0.1:{upstream_port}", "--fence", f"http://127.0.0.1:{fence_admin}"]
+            "--upstream", f"http://127.0.0.1:{upstream_port}"]
+    if fence_admin:
+        args += ["--fence", f"http://127.0.0.1:{fence_admin}"]
     p = start(f"sidecar-{holder}", args, work, {"RUST_LOG": "warn"})
     wait_port(admin)
     return p, port, admin
@@ -294,17 +299,33 @@ def throughput(work, store_port, etcd):
     na1, na1port = start_nginx_proxy(work, "nginx-hop1", na2port, True)
     ha2, ha2port = start_haproxy(work, "haproxy-hop2", store_port, False)
     ha1, ha1port = start_haproxy(work, "haproxy-hop1", ha2port, True)
+    # Single hops: a second sidecar (its own lock) straight to the store vs one nginx hop adding the headers; the
+    # filter alone vs one plain nginx hop, wrk sending the headers to both.
+    sc1, sc1port, sc1admin = start_sidecar(work, etcd, "bench-1hop", store_port, None, lock=f"{LOCK}-1hop")
+    wait_holding(sc1admin)
+    n1h, n1hport = start_nginx_proxy(work, "nginx-1hop", store_port, True)
     paths = {
         "direct": (store_port, []),
         "fencegate": (sport, [sc.pid, f.pid]),
         "nginx": (na1port, [na1.pid, na2.pid]),
         "haproxy": (ha1port, [ha1.pid, ha2.pid]),
+        "sidecar-1hop": (sc1port, [sc1.pid]),
+        "nginx-1hop-headers": (n1hport, [n1h.pid]),
+        "filter-1hop": (fport, [f.pid]),
+        "nginx-1hop": (na2port, [na2.pid]),
     }
     # Direct PUTs carry the headers too, so every path sends the same bytes to the store.
-    extra_env = {"direct": {"WRK_FENCE": f"{LOCK}:1"}}
+    fence_env = {"WRK_FENCE": f"{LOCK}:1"}
+    # The filter alone gets the sidecar's current token (it has seen it: older ones are stale).
+    token = json.loads(call("GET", sadmin, "/v1/lock")[1])["token"]
+    filter_env = {"WRK_FENCE": f"{LOCK}:{token}"}
+    extra_env = {"direct": fence_env, "filter-1hop": filter_env, "nginx-1hop": fence_env}
     # Check every path works before measuring.
     for name, (port, _) in paths.items():
-        h = {"Fencing-Lock": LOCK, "Fencing-Token": "1"} if name == "direct" else {}
+        h = {}
+        if name in extra_env:
+            lock, tok = extra_env[name]["WRK_FENCE"].split(":")
+            h = {"Fencing-Lock": lock, "Fencing-Token": tok}
         s, _ = call("PUT", port, "/bench/put", body=b"x" * 1024, headers=h)
         assert s in (201, 204), f"{name}: PUT answered {s}"
     cases = [(m, c) for m in ("GET", "PUT") for c in (1, 32)]
@@ -324,11 +345,82 @@ def throughput(work, store_port, etcd):
                 raw[name][f"{method} c={conns}"].append(res)
                 print(f"  round {r + 1} {name:9} {method} c={conns:<3} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us  "
                       f"p99 {res['p99_us']:6d}us  errors {res['socket_errors'] + res['status_errors']}", flush=True)
-    rss = {n: status_kib([p for pid in pids for p in tree(pid)], "VmHWM") for n, (_, pids) in paths.items() if pids}
+    rss = {n: status_kib([p for pid in pids for p in tree(pid)], "VmHWM") for n, (_, pids) in paths.items()
+           if n in ("fencegate", "nginx", "haproxy")}
     rss_each = {"fencegate-sidecar": status_kib([sc.pid], "VmHWM"), "fencegate-filter": status_kib([f.pid], "VmHWM")}
-    for p in (f, sc, na1, na2, ha1, ha2):
+    print("open loop: GET at fixed rates (fractions of nginx's best closed-loop GET rate in this run)", flush=True)
+    best = max(r["rps"] for m in ("GET c=1", "GET c=32") for r in raw["nginx"][m])
+    two_hops = {n: paths[n] for n in ("direct", "nginx", "haproxy", "fencegate")}
+    open_loop = {n: {} for n in two_hops}
+    for frac in OPEN_LOOP_FRACTIONS:
+        rate = max(int(best * frac), OPEN_LOOP_CONNS)
+        for name, (port, _) in two_hops.items():
+            res = h2load_rate(work, port, rate, SECONDS)
+            res["offered_rps"] = rate
+            open_loop[name][f"{frac:.2f}"] = res
+            print(f"  {frac:.0%} of {best:.0f} = {rate} req/s  {name:9} p50 {res['p50_us']:6.0f}us  p99 {res['p99_us']:6.0f}us  "
+                  f"p99.9 {res['p999_us']:6.0f}us  errors {res['errors']}", flush=True)
+    for p in (f, sc, na1, na2, ha1, ha2, sc1, n1h):
         kill_group(p)
-    return raw, rss, rss_each, idle_rss
+    return raw, rss, rss_each, idle_rss, {"nginx_best_rps": best, "paths": open_loop}
+
+
+OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75)
+OPEN_LOOP_CONNS = 32
+
+
+def h2load_rate(work, port, rate, seconds, path="/bench/small"):
+    """An open-loop run: h2load sends `rate` GETs per second for `seconds` over OPEN_LOOP_CONNS keep-alive connections
+    whatever the answers' pace, logging each request's latency. Percentiles from the log."""
+    log = os.path.join(work, f"h2load-{port}-{rate}.log")
+    n = int(rate * seconds)
+    per_conn = max(rate // OPEN_LOOP_CONNS, 1)
+    out = subprocess.run(["h2load", "--h1", "-c", str(OPEN_LOOP_CONNS), "-m", "1", "-n", str(n), "--rps", str(per_conn),
+                          "--log-file", log, f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, timeout=seconds * 4 + 60)
+    lat = []
+    errors = 0
+    try:
+        with open(log) as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) == 3:
+                    if not parts[1].startswith("2"):
+                        errors += 1
+                    lat.append(int(parts[2]))
+    except OSError:
+        pass
+    if not lat:
+        raise RuntimeError(f"h2load said: {out.stdout} {out.stderr}")
+    lat.sort()
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]
+    return {"requests": len(lat), "errors": errors + max(n - len(lat), 0), "p50_us": pct(0.50), "p99_us": pct(0.99),
+            "p999_us": pct(0.999), "achieved_rps": len(lat) / max(seconds, 1)}
+
+
+def draw_latency(open_loop, path):
+    """bench/results/latency.png: open-loop p50/p99/p99.9 by offered rate, one line per path."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no latency.png (bench/run.sh installs it)", flush=True)
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for ax, (key, title) in zip(axes, (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9"))):
+        for name, runs in open_loop["paths"].items():
+            fr = sorted(runs)
+            ax.plot([float(x) * 100 for x in fr], [runs[x][key] / 1000 for x in fr], marker="o", label=name)
+        ax.set_title(f"{title} latency, GET, open loop")
+        ax.set_xlabel(f"offered rate, % of nginx's best ({open_loop['nginx_best_rps']:.0f} req/s)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def med(xs):
@@ -454,7 +546,8 @@ def main():
                 print(json.dumps({k: {"median": med(v), "max": max(v)} for k, v in fo.items()}), flush=True)
             return
         print(f"throughput and latency: {ROUNDS} rounds x {SECONDS}s per case", flush=True)
-        raw, rss, rss_each, idle_rss = throughput(work, store_port, etcd)
+        raw, rss, rss_each, idle_rss, open_loop = throughput(work, store_port, etcd)
+        draw_latency(open_loop, os.path.join(OUT, "latency.png"))
         print("failover (TTL 2s)", flush=True)
         fo = failover(work, store_port, etcd)
         print("failover (TTL 2s), the filter verifying raises with etcd", flush=True)
@@ -479,7 +572,7 @@ def main():
         "summary": summary, "peak_rss_kib": rss, "peak_rss_kib_fencegate": rss_each, "sidecar_idle_rss_kib": idle_rss,
         "failover_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo.items()},
         "failover_verified_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo_v.items()},
-        "many_locks": ml, "admission_in_process": inproc, "profile_top": prof, "raw": raw,
+        "open_loop": open_loop, "many_locks": ml, "admission_in_process": inproc, "profile_top": prof, "raw": raw,
         "elapsed_s": time.time() - started,
     }
     with open(os.path.join(OUT, "bench.json"), "w") as fh:
@@ -506,6 +599,33 @@ def report(r):
             cpu = f"{x['cpu_us_per_req']:.1f}" if x["cpu_us_per_req"] else "-"
             out.append(f"| {case} | {path} | {x['rps']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p999_us']:.0f} | "
                        f"{added50:.0f} | {added99:.0f} | {cpu} | {x['rps'] / n['rps']:.2f} | {x['p99_us'] / max(n['p99_us'], 1):.2f} |")
+    out.append("\n## One hop each (ratios to the nginx hop doing the same job)\n")
+    out.append("| case | hop | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs nginx hop | p99 vs nginx hop | CPU vs nginx hop |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for case in s["direct"]:
+        for mine, theirs in (("sidecar-1hop", "nginx-1hop-headers"), ("filter-1hop", "nginx-1hop")):
+            if mine not in s:
+                continue
+            m, t = s[mine][case], s[theirs][case]
+            for name, x in ((mine, m), (theirs, t)):
+                cpu = f"{x['cpu_us_per_req']:.1f}" if x["cpu_us_per_req"] else "-"
+                cpu_ratio = (f"{x['cpu_us_per_req'] / t['cpu_us_per_req']:.2f}"
+                             if x["cpu_us_per_req"] and t["cpu_us_per_req"] else "-")
+                out.append(f"| {case} | {name} | {x['rps']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {cpu} | "
+                           f"{x['rps'] / t['rps']:.2f} | {x['p99_us'] / max(t['p99_us'], 1):.2f} | {cpu_ratio} |")
+    if r.get("open_loop"):
+        ol = r["open_loop"]
+        out.append(f"\n## Open loop: GET at fixed rates (h2load --rps, {OPEN_LOOP_CONNS} connections; "
+                   f"fractions of nginx's best closed-loop rate, {ol['nginx_best_rps']:.0f} req/s)\n")
+        out.append("![latency](latency.png)\n")
+        out.append("| offered | path | req/s offered | p50 µs | p99 µs | p99.9 µs | errors |")
+        out.append("|---|---|---:|---:|---:|---:|---:|")
+        fracs = sorted(next(iter(ol["paths"].values())))
+        for fr in fracs:
+            for name, runs in ol["paths"].items():
+                x = runs[fr]
+                out.append(f"| {float(fr):.0%} | {name} | {x['offered_rps']} | {x['p50_us']} | {x['p99_us']} | "
+                           f"{x['p999_us']} | {x['errors']} |")
     out.append("\n## Memory (peak RSS, KiB, both hops)\n")
     for k, v in r["peak_rss_kib"].items():
         out.append(f"- {k}: {v}")

@@ -3,7 +3,7 @@
 # HAProxy doing the same two hops, measured in one run on one machine.
 #   bash bench/run.sh                       # full run (~10 min on 2 cores)
 #   BENCH_SECONDS=3 BENCH_ROUNDS=1 bash bench/run.sh   # quick look
-# Results: bench/results/bench.json and bench/results/bench.md.
+# Results: bench/results/bench.json, bench/results/bench.md and bench/results/latency.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -11,10 +11,12 @@ need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 command -v perf >/dev/null || need+=(linux-perf)
+command -v h2load >/dev/null || need+=(nghttp2-client)
 if [ ${#need[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib
 cargo build --release --locked --bin fencegate --example admission_bench
 exec python3 bench/bench.py "$@"

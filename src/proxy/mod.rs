@@ -1,7 +1,7 @@
 //! Shared hyper plumbing, one part per job:
 //!
 //! * [`server`]: the accept loop with limits and graceful shutdown;
-//! * [`upstream`]: the pooled client that forwards to the store;
+//! * [`upstream`]: forwarding to the store (a per-connection upstream, or a pool);
 //! * [`headers`]: hop-by-hop headers and `X-Forwarded-For`;
 //! * [`body`]: response bodies and JSON / text answers;
 //! * [`client`]: a small client for control requests;
@@ -24,4 +24,4 @@ pub use client::{call, error_chain, send, simple_client, SimpleClient};
 pub use headers::strip_hop_by_hop;
 pub use server::{connection_cap, serve, serve_capped, serve_tls, ServerLimits};
 pub use signal::shutdown_signal;
-pub use upstream::{Upstream, UpstreamError};
+pub use upstream::{ConnSlot, Upstream, UpstreamError};

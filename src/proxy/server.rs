@@ -18,6 +18,7 @@ use tokio::sync::Semaphore;
 
 use super::body::Body;
 use super::idle::Idle;
+use super::upstream::ConnSlot;
 
 /// Limits for the accepting side of a server.
 #[derive(Clone, Debug)]
@@ -148,7 +149,10 @@ pub async fn serve_capped<H, F>(
             // Held until the connection ends: that frees a place under the cap.
             let _permit = permit;
             let io = idle.wrap(stream);
-            let serve = async {
+            // This connection's own upstream connection (HTTP/1): opened by
+            // its first forwarded request, driven by `run` in this same task.
+            let slot = Arc::new(ConnSlot::default());
+            let serve = slot.run(async {
                 match tls {
                     None => Ok(watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()).await),
                     Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
@@ -159,8 +163,9 @@ pub async fn serve_capped<H, F>(
                         Err(_) => Err("TLS handshake timed out".to_string()),
                     },
                 }
-            };
+            });
             let result = tokio::select! {
+                biased;
                 r = serve => match r {
                     Ok(r) => r,
                     Err(e) => return tracing::debug!(%peer, "{e}"),

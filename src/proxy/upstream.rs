@@ -1,23 +1,46 @@
-//! The pooled client that carries a request to one upstream store.
+//! Carrying a request to one upstream store.
+//!
+//! Two ways, one behaviour (the same rewriting, timeouts and 502/504 answers):
+//!
+//! * **Per-connection** (HTTP/1 downstream, the hot path): each downstream
+//!   connection owns one upstream HTTP/1 connection ([`ConnSlot`]), opened on
+//!   its first request and driven in the downstream connection's own task
+//!   ([`ConnSlot::run`], used there by the accept loop). HTTP/1 without
+//!   pipelining has one request at a time per connection, so one upstream
+//!   connection per downstream one suffices, and a request needs no pool, no
+//!   lock shared with other connections and no hand-off to another task.
+//! * **Pooled** (h2c downstream, which multiplexes; anything outside a
+//!   connection task): hyper-util's pooled client.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tower::Service;
 
 use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
 use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
-/// A pooled HTTP client for one upstream base URL.
+/// A client for one upstream base URL: per-connection upstreams where the
+/// caller runs inside a connection task with a [`ConnSlot`], else a pool.
 #[derive(Clone, Debug)]
 pub struct Upstream {
     client: Client<HttpConnector, RequestBody>,
+    connector: HttpConnector,
     base: Uri,
     authority: HeaderValue,
     /// `--upstream-host`: the `Host` sent instead of the client's.
@@ -49,6 +72,192 @@ impl UpstreamError {
     }
 }
 
+type UpConn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+
+tokio::task_local! {
+    /// The current downstream connection's upstream slot (set by the accept
+    /// loop around each HTTP/1 connection's task).
+    static SLOT: Arc<ConnSlot>;
+}
+
+/// One downstream connection's own upstream connection. The accept loop
+/// creates one per connection and serves the connection in
+/// [`ConnSlot::run`].
+#[derive(Debug, Default)]
+pub struct ConnSlot {
+    inner: parking_lot::Mutex<SlotInner>,
+    /// The connection task, woken when a new upstream connection is installed.
+    waker: AtomicWaker,
+}
+
+#[derive(Default)]
+struct SlotInner {
+    /// Which upstream the connection goes to (one server, one upstream; a
+    /// request for another one uses the pool).
+    authority: Option<HeaderValue>,
+    sender: Option<http1::SendRequest<RequestBody>>,
+    conn: Option<Pin<Box<UpConn>>>,
+}
+
+impl std::fmt::Debug for SlotInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlotInner").field("authority", &self.authority).field("open", &self.conn.is_some()).finish()
+    }
+}
+
+impl ConnSlot {
+    /// Runs `serve` (a downstream connection) with this slot as the one
+    /// [`Upstream::send`] uses, and drives the upstream connection beside it
+    /// in the same task; resolves with `serve`. Dropping it closes the
+    /// upstream connection.
+    ///
+    /// The two halves wake each other all the time (a request handed to the
+    /// upstream connection, its answer handed back, body chunks both ways).
+    /// Each has its own waker that only marks it, and one poll of the task
+    /// polls whichever is marked until neither is: a wake-up between the two
+    /// halves costs no trip through the scheduler.
+    pub fn run<F: Future>(self: Arc<Self>, serve: F) -> impl Future<Output = F::Output> {
+        let marks = Arc::new(Marks::default());
+        Joined {
+            serve: Box::pin(SLOT.scope(self.clone(), serve)),
+            serve_waker: Waker::from(Arc::new(Mark { marks: marks.clone(), serve: true })),
+            drive_waker: Waker::from(Arc::new(Mark { marks: marks.clone(), serve: false })),
+            marks,
+            slot: self,
+        }
+    }
+
+    fn poll_drive(&self, cx: &mut Context<'_>) {
+        self.waker.register(cx.waker());
+        let mut g = self.inner.lock();
+        if let Some(c) = g.conn.as_mut() {
+            if let Poll::Ready(r) = c.as_mut().poll(cx) {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream connection ended");
+                }
+                // Closed (by the store, an error, or an abandoned request):
+                // the next request opens a new one.
+                g.conn = None;
+                g.sender = None;
+            }
+        }
+    }
+
+    fn take(&self, authority: &HeaderValue) -> Option<http1::SendRequest<RequestBody>> {
+        let mut g = self.inner.lock();
+        if g.authority.as_ref() != Some(authority) {
+            return None;
+        }
+        g.sender.take().filter(|s| !s.is_closed())
+    }
+
+    fn put(&self, sender: http1::SendRequest<RequestBody>) {
+        self.inner.lock().sender = Some(sender);
+    }
+
+    fn install(&self, authority: HeaderValue, conn: UpConn) {
+        let mut g = self.inner.lock();
+        g.authority = Some(authority);
+        g.sender = None;
+        // Replaces (closes) an older connection.
+        g.conn = Some(Box::pin(conn));
+        drop(g);
+        self.waker.wake();
+    }
+}
+
+/// Which half of a [`ConnSlot::run`] was woken, and the task to wake.
+#[derive(Debug)]
+struct Marks {
+    serve: AtomicBool,
+    drive: AtomicBool,
+    /// Set while the task polls the halves: a wake-up then only marks.
+    polling: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks {
+            serve: AtomicBool::new(true),
+            drive: AtomicBool::new(true),
+            polling: AtomicBool::new(false),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+impl Marks {
+    fn any(&self) -> bool {
+        self.serve.load(SeqCst) || self.drive.load(SeqCst)
+    }
+}
+
+struct Mark {
+    marks: Arc<Marks>,
+    serve: bool,
+}
+
+impl Wake for Mark {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        let m = &self.marks;
+        (if self.serve { &m.serve } else { &m.drive }).store(true, SeqCst);
+        if !m.polling.load(SeqCst) {
+            m.task.wake();
+        }
+    }
+}
+
+/// See [`ConnSlot::run`].
+struct Joined<F> {
+    serve: Pin<Box<F>>,
+    serve_waker: Waker,
+    drive_waker: Waker,
+    marks: Arc<Marks>,
+    slot: Arc<ConnSlot>,
+}
+
+/// Most rounds of polling in one poll of the task, so one busy connection
+/// cannot starve the others on its thread.
+const MAX_ROUNDS: usize = 32;
+
+impl<F: Future> Future for Joined<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        let m = &*this.marks;
+        m.task.register(cx.waker());
+        m.polling.store(true, SeqCst);
+        for _ in 0..MAX_ROUNDS {
+            if m.drive.swap(false, SeqCst) {
+                this.slot.poll_drive(&mut Context::from_waker(&this.drive_waker));
+            }
+            if m.serve.swap(false, SeqCst) {
+                if let Poll::Ready(out) = this.serve.as_mut().poll(&mut Context::from_waker(&this.serve_waker)) {
+                    m.polling.store(false, SeqCst);
+                    return Poll::Ready(out);
+                }
+            }
+            if !m.any() {
+                // A wake-up from another thread after the check above sees
+                // `polling` false and wakes the task; one before it is seen here.
+                m.polling.store(false, SeqCst);
+                if !m.any() {
+                    return Poll::Pending;
+                }
+                m.polling.store(true, SeqCst);
+            }
+        }
+        m.polling.store(false, SeqCst);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
 impl Upstream {
     /// `base` is an `http://host:port[/prefix]` URL.
     pub fn new(base: &str, connect_timeout: Duration, response_timeout: Duration) -> Result<Self, String> {
@@ -67,8 +276,8 @@ impl Upstream {
             .pool_max_idle_per_host(1024)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .build(conn);
-        Ok(Upstream { client, base, authority, host: None, response_timeout })
+            .build(conn.clone());
+        Ok(Upstream { client, connector: conn, base, authority, host: None, response_timeout })
     }
 
     /// Sends `host` as every request's `Host` instead of the client's (see
@@ -104,20 +313,98 @@ impl Upstream {
         peer: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let authority = req.uri().authority().cloned();
-        *req.uri_mut() = self.target(req.uri());
+        // h2c downstream multiplexes: its requests share the pool.
+        let slot = if req.version() == http::Version::HTTP_2 { None } else { SLOT.try_with(Arc::clone).ok() };
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
         set_host(req.headers_mut(), authority.as_ref(), self.host.as_ref(), &self.authority);
         if let Some(peer) = peer {
             append_forwarded_for(req.headers_mut(), peer);
         }
-        let resp = tokio::time::timeout(self.response_timeout, self.client.request(req))
+        let sent = async {
+            match slot {
+                Some(slot) => {
+                    *req.uri_mut() = self.origin_form(req.uri());
+                    self.send_own(&slot, req).await
+                }
+                None => {
+                    *req.uri_mut() = self.target(req.uri());
+                    self.client.request(req).await.map_err(|e| UpstreamError::Unavailable(error_chain(&e)))
+                }
+            }
+        };
+        let resp = tokio::time::timeout(self.response_timeout, sent)
             .await
-            .map_err(|_| UpstreamError::Timeout(self.response_timeout))?
-            .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
+            .map_err(|_| UpstreamError::Timeout(self.response_timeout))??;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
+    }
+
+    /// Sends on the connection's own upstream connection, opening it first
+    /// if there is none (or it was closed). A request is sent again on a new
+    /// connection only when hyper hands it back unsent; anything that may
+    /// have been written is never retried.
+    async fn send_own(
+        &self,
+        slot: &ConnSlot,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut retried = false;
+        loop {
+            let (mut sender, fresh) = match slot.take(&self.authority) {
+                Some(s) => (s, false),
+                None => (self.connect(slot).await?, true),
+            };
+            if let Err(e) = sender.ready().await {
+                // Closed before anything was sent: open a new one, once.
+                if fresh || retried {
+                    return Err(UpstreamError::Unavailable(error_chain(&e)));
+                }
+                retried = true;
+                continue;
+            }
+            let resp = sender.try_send_request(req);
+            slot.put(sender);
+            match resp.await {
+                Ok(r) => return Ok(r),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh && !retried => {
+                        retried = true;
+                        req = unsent;
+                    }
+                    _ => return Err(UpstreamError::Unavailable(error_chain(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// Opens a new upstream connection and installs it in `slot` (its task
+    /// drives it); the old one, if any, is closed.
+    async fn connect(&self, slot: &ConnSlot) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.base.clone())
+            .await
+            .map_err(|e| UpstreamError::Unavailable(format!("client error (Connect): {}", error_chain(&e))))?;
+        let (sender, conn) = http1::handshake(io).await.map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
+        slot.install(self.authority.clone(), conn);
+        Ok(sender)
+    }
+
+    /// The request target for an HTTP/1 connection of our own: origin form.
+    fn origin_form(&self, uri: &Uri) -> Uri {
+        let base_path = self.base.path().trim_end_matches('/');
+        let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        if base_path.is_empty() && pq.starts_with('/') {
+            // The common case: the request's path and query as they are (a
+            // cheap clone, no formatting).
+            let pq = uri.path_and_query().cloned().unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            return Uri::from(pq);
+        }
+        let sep = if pq.starts_with('/') { "" } else { "/" };
+        format!("{base_path}{sep}{pq}").parse().expect("joined from valid parts")
     }
 
     fn target(&self, uri: &Uri) -> Uri {
@@ -146,8 +433,69 @@ mod tests {
     fn target_joins_base_path_and_query() {
         let u = Upstream::new("http://127.0.0.1:9/base/", Duration::from_secs(1), Duration::from_secs(1)).unwrap();
         assert_eq!(u.target(&"/a/b?x=1".parse().unwrap()).to_string(), "http://127.0.0.1:9/base/a/b?x=1");
+        assert_eq!(u.origin_form(&"/a/b?x=1".parse().unwrap()).to_string(), "/base/a/b?x=1");
         let u = Upstream::new("http://h:1", Duration::from_secs(1), Duration::from_secs(1)).unwrap();
         assert_eq!(u.target(&"/".parse().unwrap()).to_string(), "http://h:1/");
+        assert_eq!(u.origin_form(&"/x?y".parse().unwrap()).to_string(), "/x?y");
         assert!(Upstream::new("https://h", Duration::ZERO, Duration::ZERO).is_err());
+    }
+
+    /// A store that closes its connection after every answer: each request on
+    /// one keep-alive downstream connection gets a new upstream connection.
+    #[tokio::test]
+    async fn a_closed_upstream_connection_is_reopened_for_the_next_request() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let store_addr = store.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = store.accept().await.unwrap();
+                acc.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                });
+            }
+        });
+        let up = Arc::new(
+            Upstream::new(&format!("http://{store_addr}"), Duration::from_secs(1), Duration::from_secs(5)).unwrap(),
+        );
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        tokio::spawn(super::super::server::serve(
+            front,
+            super::super::server::ServerLimits::default(),
+            move |req, _| {
+                let up = up.clone();
+                async move {
+                    match up.send(req, None).await {
+                        Ok(r) => r.map(super::super::body::stream),
+                        Err(e) => e.into_response(),
+                    }
+                }
+            },
+            std::future::pending(),
+        ));
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        for i in 0..3 {
+            c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+            let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+            while !got.ends_with(b"ok") {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "request {i}: connection closed after {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200"), "request {i}: {}", String::from_utf8_lossy(&got));
+        }
+        assert_eq!(accepted.load(Relaxed), 3, "one upstream connection per request");
     }
 }

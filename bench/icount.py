@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Instructions per request of fencegate's sidecar and filter, counted by callgrind.
+
+Wall-clock figures on a shared machine are noise; instruction counts are not. This starts the nginx store, etcd, the
+filter and the sidecar (both under `valgrind --tool=callgrind`), warms up, zeroes the counters, sends exactly N requests
+per case with h2load (HTTP/1.1, keep-alive) through app -> sidecar -> filter -> store, dumps the counters and prints
+instructions per request for each process.
+  python3 bench/icount.py                      # target/release/fencegate
+  FG_BIN=/tmp/fencegate-old python3 bench/icount.py   # another build, for a before/after
+ICOUNT_N (default 2000) requests per case.
+"""
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+BIN = os.environ.get("FG_BIN", bench.BIN)
+N = int(os.environ.get("ICOUNT_N", "2000"))
+CASES = [("GET", 1), ("PUT", 1), ("GET", 8), ("PUT", 8)]
+
+
+def under_callgrind(name, args, work, env):
+    out = os.path.join(work, f"cg-{name}.out")
+    p = bench.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *args], work, env)
+    return p, out
+
+
+def control(opt, pid):
+    subprocess.run(["callgrind_control", opt, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+def totals(prefix):
+    """Total instructions in the newest dump of prefix."""
+    newest = max(glob.glob(prefix + ".*"), key=os.path.getmtime)
+    with open(newest) as f:
+        for line in f:
+            if line.startswith(("totals:", "summary:")):
+                return int(line.split()[1])
+    raise RuntimeError(f"no totals in {newest}")
+
+
+def h2load(port, method, conns, n, work, headers=()):
+    args = ["h2load", "--h1", "-n", str(n), "-c", str(conns), "-m", "1", "-T", "120", "-N", "120"]
+    if method == "PUT":
+        body = os.path.join(work, "body-1k")
+        with open(body, "wb") as f:
+            f.write(b"x" * 1024)
+        args += ["-d", body, "-H", ":method: PUT"]
+    for h in headers:
+        args += ["-H", h]
+    path = "/bench/small" if method == "GET" else "/bench/put"
+    out = subprocess.run([*args, f"http://127.0.0.1:{port}{path}"], capture_output=True, text=True, timeout=900)
+    ok = [l for l in out.stdout.splitlines() if "status codes:" in l or l.startswith("requests:")]
+    return ok
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="fg-icount-")
+    os.chmod(work, 0o755)
+    res = {}
+    try:
+        _, store_port, _ = bench.start_store(work)
+        etcd = bench.start_etcd(work)
+        fport, fadmin = bench.free_port(), bench.free_port()
+        state = tempfile.mkdtemp(prefix="state-", dir=work)
+        env = {"RUST_LOG": "warn", "FENCEGATE_WORKER_THREADS": "1"}
+        f, fout = under_callgrind("filter", [BIN, "filter", "--listen", f"127.0.0.1:{fport}", "--admin-listen",
+                                             f"127.0.0.1:{fadmin}", "--upstream", f"http://127.0.0.1:{store_port}",
+                                             "--state-dir", state, "--lock", bench.LOCK], work, env)
+        bench.wait_port(fadmin, 60)
+        sport, sadmin = bench.free_port(), bench.free_port()
+        sc, sout = under_callgrind("sidecar", [BIN, "sidecar", "--etcd", etcd, "--lock", bench.LOCK, "--holder", "ic",
+                                               "--ttl", "20s", "--listen", f"127.0.0.1:{sport}", "--admin-listen",
+                                               f"127.0.0.1:{sadmin}", "--upstream", f"http://127.0.0.1:{fport}",
+                                               "--fence", f"http://127.0.0.1:{fadmin}"], work, env)
+        bench.wait_port(sadmin, 60)
+        bench.wait_holding(sadmin, 60)
+        for method, conns in CASES:
+            h2load(sport, method, conns, 100, work)  # warm-up: connections open, paths taken once
+            for p in (f, sc):
+                control("-z", p.pid)
+            t0 = time.time()
+            summary = h2load(sport, method, conns, N, work)
+            for p in (f, sc):
+                control("-d", p.pid)
+            time.sleep(0.5)
+            case = f"{method} c={conns}"
+            res[case] = {"sidecar": totals(sout) / N, "filter": totals(fout) / N}
+            print(f"{case:9} sidecar {res[case]['sidecar']:9.0f}  filter {res[case]['filter']:9.0f}  instr/req "
+                  f"({time.time() - t0:.0f}s; {' | '.join(s.strip() for s in summary)})", flush=True)
+    finally:
+        bench.stop_all()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

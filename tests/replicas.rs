@@ -166,8 +166,14 @@ async fn a_raise_waits_for_a_dead_replica_until_its_registration_expires() {
     let r = put(&url(&fresh), LOCK, 5, "zombie 5 via fresh r4").await;
     assert_eq!((r.status, r.error_code().as_str()), (409, "fencing_token_stale"), "{}", r.body);
     assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"));
-    // /v1/locks shows the replica set and each acknowledgement.
-    let locks = request("GET", &format!("{}/v1/locks", fresh.admin_url()), &[], "").await.json();
+    // /v1/locks shows the replica set and each acknowledgement (r4's is written in the background: bounded wait).
+    let read = || async { request("GET", &format!("{}/v1/locks", fresh.admin_url()), &[], "").await.json() };
+    let mut locks = read().await;
+    let asked = Instant::now();
+    while locks["shared"]["acks"][LOCK]["r4"] != 6 && asked.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        locks = read().await;
+    }
     assert_eq!(locks["shared"]["acks"][LOCK]["r4"], 6, "{locks}");
     assert_eq!(locks["shared"]["acks"][LOCK]["r1"], 6, "{locks}");
     c.filters.push(fresh);

@@ -22,6 +22,13 @@ fn filter_with(args: &[&str]) -> (Nginx, tempfile::TempDir, FilterProc) {
 }
 
 /// The two fencing headers, for raw requests.
+/// A filter process on `state` in front of `upstream`, for tests that expect it to refuse to start.
+fn spawn_filter(name: &str, dir: &std::path::Path, upstream: &str, state: &std::path::Path) -> Proc {
+    let state = state.display().to_string();
+    let args = ["filter", "--listen", "127.0.0.1:0", "--upstream", upstream, "--state-dir", &state, "--lock", LOCK];
+    spawn(name, dir, fencegate_bin(), &args.map(String::from), &[])
+}
+
 fn fence_headers(token: u64) -> Vec<(&'static str, String)> {
     vec![("Fencing-Lock", LOCK.to_string()), ("Fencing-Token", token.to_string())]
 }
@@ -185,24 +192,7 @@ async fn a_corrupt_state_file_stops_the_start_up() {
     let state = d.path().join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("lock-orders.json"), "{\"lock\":\"orders\",\"highest\":12").unwrap();
-    let mut p = spawn(
-        "filter-corrupt",
-        d.path(),
-        fencegate_bin(),
-        &[
-            "filter",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &nginx.url(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--lock",
-            LOCK,
-        ]
-        .map(String::from),
-        &[],
-    );
+    let mut p = spawn_filter("filter-corrupt", d.path(), &nginx.url(), &state);
     let code = p.wait_exit(Duration::from_secs(10));
     assert_ne!(code, Some(0));
     let log = p.log_text();
@@ -215,24 +205,7 @@ async fn two_filters_cannot_share_a_state_dir() {
     let d = tmp();
     let state = d.path().join("state");
     let _first = FilterProc::start(d.path(), &nginx.url(), &state, &["--lock", LOCK]);
-    let mut p = spawn(
-        "filter-second",
-        d.path(),
-        fencegate_bin(),
-        &[
-            "filter",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &nginx.url(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--lock",
-            LOCK,
-        ]
-        .map(String::from),
-        &[],
-    );
+    let mut p = spawn_filter("filter-second", d.path(), &nginx.url(), &state);
     assert_ne!(p.wait_exit(Duration::from_secs(10)), Some(0));
     assert!(p.log_text().contains("in use by another fencegate filter"), "{}", p.log_text());
 }

@@ -214,6 +214,7 @@ async fn the_sidecar_injects_its_token_strips_forged_ones_and_answers_its_local_
     let m = request("GET", &format!("{admin}/metrics"), &[], "").await.body;
     assert!(m.contains(r#"fencegate_sidecar_holding{lock="jobs"} 1"#), "{m}");
     assert!(m.contains(r#"fencegate_sidecar_writes_forwarded_total{lock="jobs"} 1"#), "{m}");
+    assert!(m.contains(r#"fencegate_sidecar_fence_timeouts_total{lock="jobs"} 0"#), "{m}");
 
     // Release: the token is withdrawn at once; writes are refused until the lock is held again.
     let r = request("POST", &format!("{admin}/v1/lock/release"), &[], "").await;

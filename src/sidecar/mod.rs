@@ -321,6 +321,18 @@ impl Collector for SidecarCollector {
         c(&mut enc, "fencegate_sidecar_writes_forwarded", "Writes forwarded with a token", ld(&ps.writes_forwarded))?;
         c(&mut enc, "fencegate_sidecar_writes_refused", "Writes refused (lock not held)", ld(&ps.writes_refused))?;
         c(&mut enc, "fencegate_sidecar_reads_forwarded", "Reads forwarded", ld(&ps.reads_forwarded))?;
+        c(
+            &mut enc,
+            "fencegate_sidecar_reads_refused",
+            "Reads refused (--reads-need-lease, lock not held)",
+            ld(&ps.reads_refused),
+        )?;
+        c(
+            &mut enc,
+            "fencegate_sidecar_fence_timeouts",
+            "Takeovers whose fence was not confirmed within --fence-timeout",
+            ld(&ks.fence_timeouts),
+        )?;
         Ok(())
     }
 }

@@ -56,3 +56,9 @@ pub fn encode_gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64)
     let m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
     ConstGauge::new(v).encode(m)
 }
+
+/// Writes one counter without labels.
+pub fn encode_counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let m = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+    ConstCounter::new(v).encode(m)
+}

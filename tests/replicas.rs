@@ -143,6 +143,16 @@ async fn a_raise_waits_for_a_dead_replica_until_its_registration_expires() {
         let r = put(&u, LOCK, 6, "holder 6").await;
         (r, Instant::now())
     });
+    // While it waits, r1's metrics name the replica it waits on.
+    let metrics = |f: &FilterProc| {
+        let u = format!("{}/metrics", f.admin_url());
+        async move { request("GET", &u, &[], "").await.body }
+    };
+    let asked = Instant::now();
+    while !metrics(&c.filters[0]).await.contains("fencegate_filter_mark_raises_waiting_on{replica=\"r3\"} 1") {
+        assert!(asked.elapsed() < Duration::from_secs(2), "r1's metrics never showed the raise waiting on r3");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Watch r3's registration until it is gone.
     // Strict: if the raise had finished before a read that still shows r3
     // registered, it completed early. (Read in this order, so a raise that
@@ -160,6 +170,17 @@ async fn a_raise_waits_for_a_dead_replica_until_its_registration_expires() {
     assert!(r.status < 300, "{}", r.body);
     assert!(gone - killed > Duration::from_secs(1), "r3's lease lived on after the kill: {:?}", gone - killed);
     assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"));
+    let m = metrics(&c.filters[0]).await;
+    for line in [
+        "fencegate_filter_mark_raises_expired_total 1",
+        "fencegate_filter_mark_raises_waiting 0",
+        "fencegate_filter_replicas 2",
+        "fencegate_filter_replica_writable 1",
+        "fencegate_filter_replica_acked_token{lock=\"orders\",replica=\"r2\"} 6",
+        "fencegate_filter_mark_raise_seconds_count 2",
+    ] {
+        assert!(m.lines().any(|l| l == line), "r1's metrics lack {line:?}:\n{m}");
+    }
 
     // A fresh replica refuses the old token from its first request.
     let fresh = start_replica(&c, "r4", true, &[]);

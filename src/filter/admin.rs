@@ -27,11 +27,7 @@ impl Filter {
         let result = match (req.method(), path.as_str()) {
             (&Method::GET, "/healthz") => Ok(proxy::text_response(StatusCode::OK, "text/plain", "ok\n")),
             (&Method::GET, "/readyz") => Ok(self.readyz()),
-            (&Method::GET, "/metrics") => Ok(proxy::text_response(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                metrics::render(&self.registry),
-            )),
+            (&Method::GET, "/metrics") => Ok(self.metrics().await),
             (&Method::GET, "/v1/locks") => Ok(self.list_locks().await),
             // `/v1/locks/fence` names no lock: not an endpoint.
             (&Method::POST, p) => match fence::lock_in_path(p) {
@@ -44,6 +40,23 @@ impl Filter {
             _ => Err(not_found()),
         };
         result.unwrap_or_else(FilterError::into_response)
+    }
+
+    async fn metrics(&self) -> Response<Body> {
+        if let Some(s) = &self.shared {
+            // The replica set and acknowledgements are read from etcd now;
+            // if that fails the scrape shows the last read (and the failure
+            // shows in `fencegate_filter_replica_writable`).
+            let max_acks = self.cfg.metrics_lock_limit.saturating_mul(8);
+            if let Err(e) = s.refresh_view(max_acks).await {
+                tracing::debug!(error = %e, "reading the replica set for metrics failed");
+            }
+        }
+        proxy::text_response(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics::render(&self.registry),
+        )
     }
 
     fn readyz(&self) -> Response<Body> {

@@ -174,8 +174,11 @@ impl Collector for FilterCollector {
             "Writes forwarded and not yet answered, per lock",
             rows.iter().map(|(l, x)| (lk(l), x.inflight as i64)),
         )?;
-        match f.locks.verifier() {
-            Some(v) => encode_verifications(&mut enc, v),
+        if let Some(v) = f.locks.verifier() {
+            encode_verifications(&mut enc, v)?;
+        }
+        match &f.shared {
+            Some(s) => s.stats.encode(&mut enc, s.writable()),
             None => Ok(()),
         }
     }

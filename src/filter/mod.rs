@@ -212,6 +212,13 @@ impl Filter {
             "Time from sending a request to the store until its response head arrived",
             upstream_latency.clone(),
         );
+        if let Some(sh) = &shared {
+            registry.register(
+                "fencegate_filter_mark_raise_seconds",
+                "Time from a raise's compare-and-swap in etcd until every live replica acknowledged it",
+                sh.stats.raise_latency.clone(),
+            );
+        }
         Arc::new_cyclic(|weak: &std::sync::Weak<Filter>| {
             registry.register_collector(Box::new(FilterCollector(weak.clone())));
             Filter {

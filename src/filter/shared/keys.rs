@@ -48,6 +48,18 @@ impl Keys {
         format!("{}{id}", self.acks(lock))
     }
 
+    /// The prefix of every lock's acknowledgements.
+    pub fn all_acks(&self) -> String {
+        format!("{}/acks/", self.prefix)
+    }
+
+    /// The lock and replica an acknowledgement key names.
+    pub fn ack_of<'a>(&self, key: &'a [u8]) -> Option<(LockName, &'a str)> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.all_acks())?;
+        let (lock, id) = rest.split_once('/')?;
+        valid_replica_id(id).then_some((lock.parse().ok()?, id))
+    }
+
     /// The lock a mark key names.
     pub fn lock_of(&self, key: &[u8]) -> Option<LockName> {
         std::str::from_utf8(key).ok()?.strip_prefix(&self.marks())?.parse().ok()
@@ -98,6 +110,8 @@ mod tests {
         assert_eq!(k.lock_of(k.mark(&l).as_bytes()), Some(l.clone()));
         assert_eq!(k.ack(&l, "r1"), "/fg/acks/orders/r1");
         assert_eq!(name_below(&k.acks(&l), b"/fg/acks/orders/r1"), Some("r1"));
+        assert_eq!(k.ack_of(k.ack(&l, "r1").as_bytes()), Some((l.clone(), "r1")));
+        assert_eq!(k.ack_of(b"/fg/acks/orders/r1/x"), None);
         assert_eq!(name_below(&k.replicas(), k.replica("r-2").as_bytes()), Some("r-2"));
         assert!(!valid_replica_id("a/b"));
     }

@@ -29,10 +29,11 @@
 
 pub mod keys;
 pub mod replica;
+pub mod stats;
 pub mod watch;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,7 @@ use crate::lease::deadline::{Deadline, Stamp};
 use crate::lease::etcd::{EtcdBackend, EtcdOptions};
 use crate::token::LockName;
 use keys::{decode, encode, name_below, Keys};
+use stats::{SharedStats, Waiting};
 
 /// How a replica shares its marks.
 #[derive(Clone, Debug)]
@@ -66,18 +68,6 @@ pub struct SharedConfig {
     pub raise_timeout: Duration,
 }
 
-/// Counters for `/v1/locks` and metrics.
-#[derive(Debug, Default)]
-pub struct SharedStats {
-    pub raises: AtomicU64,
-    /// Total microseconds from a raise's CAS to the last acknowledgement.
-    pub raise_us: AtomicU64,
-    /// Raises now waiting for some replica's acknowledgement.
-    pub raises_waiting: AtomicU64,
-    pub raise_timeouts: AtomicU64,
-    pub keepalive_failures: AtomicU64,
-}
-
 /// One replica's membership in the shared marks.
 pub struct Shared {
     cfg: SharedConfig,
@@ -91,8 +81,6 @@ pub struct Shared {
     valid_until: Mutex<Option<Deadline>>,
     /// The marks watch is established (cleared while it is re-established).
     watching: AtomicBool,
-    /// Replicas that kept the last raise waiting, for `/v1/locks`.
-    last_waiting_on: Mutex<Vec<String>>,
     pub stats: SharedStats,
 }
 
@@ -227,38 +215,76 @@ impl Shared {
             return Ok(stored);
         }
         let deadline = started + self.cfg.raise_timeout;
-        self.stats.raises_waiting.fetch_add(1, Ordering::Relaxed);
-        let result = async {
-            loop {
-                let acks = self.acks(lock).await?;
-                let missing: Vec<String> = acks.into_iter().filter(|(_, a)| *a < t).map(|(id, _)| id).collect();
-                if missing.is_empty() {
-                    return Ok(t);
+        let mut waiting = Waiting::new(&self.stats);
+        // Polled, first soon (acknowledgements usually follow within
+        // milliseconds), then every 20 ms: an acknowledgement or an expiry
+        // shows up within that. Each poll reads the replica set and the
+        // acknowledgements at one revision, which is what makes it safe.
+        let mut pause = Duration::from_millis(1);
+        loop {
+            let acks = self.acks(lock).await?;
+            let missing: Vec<String> = acks.iter().filter(|(_, a)| **a < t).map(|(id, _)| id.clone()).collect();
+            if missing.is_empty() {
+                if waiting.ended_by_expiry(&acks) {
+                    self.stats.raises_expired.fetch_add(1, Ordering::Relaxed);
                 }
-                *self.last_waiting_on.lock() = missing.clone();
-                // The raise is no good to a replica that stopped being safe meanwhile.
-                if !self.writable() {
-                    return Err(self.unavailable());
+                let took = started.elapsed();
+                self.stats.raises.fetch_add(1, Ordering::Relaxed);
+                self.stats.raise_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+                self.stats.raise_latency.observe(took.as_secs_f64());
+                return Ok(t);
+            }
+            waiting.set_missing(&missing);
+            // The raise is no good to a replica that stopped being safe meanwhile.
+            if !self.writable() {
+                return Err(self.unavailable());
+            }
+            if Instant::now() >= deadline {
+                self.stats.raise_timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(err(format!(
+                    "raise of {lock} to {t}: replicas {missing:?} have not acknowledged it (nor has their registration expired) within {:?}",
+                    self.cfg.raise_timeout
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads the replica set and every acknowledgement at one revision into
+    /// [`SharedStats::view`], for a scrape. Acknowledgements are left out
+    /// above `max_acks` keys (one per lock and replica), so a scrape stays
+    /// small with many locks.
+    pub async fn refresh_view(&self, max_acks: usize) -> Result<(), StateError> {
+        let mut c = self.client.clone();
+        let (rp, ap) = (self.keys.replicas(), self.keys.all_acks());
+        let limit = i64::try_from(max_acks).unwrap_or(i64::MAX);
+        let txn = Txn::new().and_then([
+            TxnOp::get(rp.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())),
+            TxnOp::get(ap.as_str(), Some(GetOptions::new().with_prefix().with_limit(limit))),
+        ]);
+        let r = self.timed(c.txn(txn)).await?;
+        let mut gets = r.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(replicas), Some(acks)) = (gets.next(), gets.next()) else {
+            return Err(err("txn answer without its reads"));
+        };
+        let mut view = stats::View {
+            read: true,
+            replicas: replicas.kvs().iter().filter_map(|kv| name_below(&rp, kv.key())).map(str::to_owned).collect(),
+            acks: BTreeMap::new(),
+        };
+        if !acks.more() {
+            for kv in acks.kvs() {
+                if let (Some((lock, id)), Some(t)) = (self.keys.ack_of(kv.key()), decode(kv.value())) {
+                    view.acks.entry(lock.to_string()).or_default().insert(id.to_owned(), t);
                 }
-                if Instant::now() >= deadline {
-                    self.stats.raise_timeouts.fetch_add(1, Ordering::Relaxed);
-                    return Err(err(format!(
-                        "raise of {lock} to {t}: replicas {missing:?} have not acknowledged it (nor has their registration expired) within {:?}",
-                        self.cfg.raise_timeout
-                    )));
-                }
-                // Polled: an acknowledgement or an expiry shows up within this.
-                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
-        .await;
-        self.stats.raises_waiting.fetch_sub(1, Ordering::Relaxed);
-        if result.is_ok() {
-            self.last_waiting_on.lock().clear();
-            self.stats.raises.fetch_add(1, Ordering::Relaxed);
-            self.stats.raise_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        }
-        result
+        *self.stats.view.lock() = view;
+        Ok(())
     }
 
     /// What `/v1/locks` shows of the replica set: every replica and its
@@ -287,8 +313,9 @@ impl Shared {
             "raises": s.raises.load(Ordering::Relaxed),
             "raise_seconds_total": s.raise_us.load(Ordering::Relaxed) as f64 / 1e6,
             "raises_waiting": s.raises_waiting.load(Ordering::Relaxed),
+            "raises_expired": s.raises_expired.load(Ordering::Relaxed),
             "raise_timeouts": s.raise_timeouts.load(Ordering::Relaxed),
-            "waiting_on": *self.last_waiting_on.lock(),
+            "waiting_on": s.waiting_on(),
         })
     }
 }
@@ -315,7 +342,6 @@ pub async fn join(cfg: SharedConfig) -> Result<(Arc<Shared>, Vec<(LockName, u64)
         lease,
         valid_until: Mutex::new(Some(valid_until)),
         watching: AtomicBool::new(false),
-        last_waiting_on: Mutex::new(Vec::new()),
         stats: SharedStats::default(),
     });
     // Keep-alives run from the grant on: registering may wait out a

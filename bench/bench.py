@@ -15,6 +15,7 @@ drawn in bench/results/latency.png.
 Also: failover times (kill -9 and SIGTERM), with the filter trusting tokens and with it verifying every raise with
 etcd (`--etcd`), the filter with 100k locks, and a CPU profile of fencegate's path.
 `BENCH_ONLY=failover` runs only the failover part (both ways) and prints its figures, writing no results files.
+`BENCH_ONLY=replicas` runs only the filter-replica figures and adds them to the committed bench.json / bench.md.
 Only loopback addresses are used; every loop is bounded in count and time.
 """
 import json
@@ -509,6 +510,91 @@ def many_locks(work, store_port, n=100_000):
             "put_c32_spread_over_locks": spread, "put_c32_one_lock": one}
 
 
+def etcd_calls(etcd):
+    """etcd's count of Txn, Range and Put calls served (its /metrics): writes in steady state must not add any."""
+    port = int(etcd.rsplit(":", 1)[1])
+    _, body = call("GET", port, "/metrics", timeout=5)
+    n = 0
+    for line in body.decode().splitlines():
+        if line.startswith("grpc_server_handled_total{") and re.search(r'grpc_method="(Txn|Range|Put)"', line):
+            n += int(float(line.rsplit(" ", 1)[1]))
+    return n
+
+
+def start_replicas(work, store_port, etcd, n, prefix):
+    """n filter replicas sharing marks under `prefix`, each ready (/readyz 200)."""
+    out = []
+    for i in range(n):
+        p, port, admin = start_filter(work, store_port, [
+            "--lock", LOCK, "--etcd", etcd, "--trust-tokens", "--shared-marks", "--replica-id", f"r{i}",
+            "--replica-ttl", "5s", "--marks-prefix", prefix])
+        out.append((p, port, admin))
+    end = time.time() + 20
+    for _, _, admin in out:
+        while call("GET", admin, "/readyz")[0] != 200:
+            if time.time() > end:
+                raise RuntimeError("replica never ready")
+            time.sleep(0.05)
+    return out
+
+
+def raise_latency(port, runs=40):
+    """Latency of a write carrying a new token (the raise: CAS in etcd, every replica's acknowledgement, the
+    forward) next to a write with the token already admitted, on one kept-alive connection."""
+    c = httpc.HTTPConnection("127.0.0.1", port, timeout=30)
+    body = b"x" * 1024
+    new, same = [], []
+    try:
+        for k in range(1, runs + 1):
+            for bucket in (new, same):
+                t0 = time.perf_counter()
+                c.request("PUT", "/bench/small", body=body, headers={"Fencing-Lock": LOCK, "Fencing-Token": str(k)})
+                r = c.getresponse()
+                r.read()
+                bucket.append((time.perf_counter() - t0) * 1e6)
+                if r.status >= 300:
+                    raise RuntimeError(f"write with token {k} answered {r.status}")
+    finally:
+        c.close()
+    pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(q * len(xs)))]
+    return {"runs": runs, "new_token_p50_us": med(new), "new_token_p99_us": pct(new, 0.99),
+            "same_token_p50_us": med(same), "same_token_p99_us": pct(same, 0.99)}
+
+
+def replicas(work, store_port, etcd):
+    """Issue 15's figures: a new token's first write with 1 and 3 shared-mark replicas (and the single filter with
+    its local state file, for reference); PUT c=32 through one of 3 replicas vs the single filter."""
+    out = {"first_write": {}, "put_c32": {"single_filter": [], "one_of_3_replicas": []}}
+    f, fport, _ = start_filter(work, store_port, ["--lock", LOCK])
+    time.sleep(1.2)  # the start-up barrier (--abort-grace 1s)
+    out["first_write"]["single_filter"] = raise_latency(fport)
+    kill_group(f)
+    for n in (1, 3):
+        reps = start_replicas(work, store_port, etcd, n, f"/bench/replicas-{n}")
+        out["first_write"][f"{n}_replicas"] = raise_latency(reps[0][1])
+        for p, _, _ in reps:
+            kill_group(p)
+    f, fport, _ = start_filter(work, store_port, ["--lock", LOCK])
+    reps = start_replicas(work, store_port, etcd, 3, "/bench/replicas-tp")
+    time.sleep(1.2)
+    fence = {"WRK_FENCE": f"{LOCK}:7", "WRK_BODY": "1024"}
+    for port in (fport, reps[0][1]):
+        wrk(port, "PUT", 4, 1, fence)  # admit token 7 everywhere first
+    calls = []
+    for _ in range(ROUNDS):
+        for name, port in (("single_filter", fport), ("one_of_3_replicas", reps[0][1])):
+            before = etcd_calls(etcd)
+            r = wrk(port, "PUT", 32, SECONDS, fence)
+            if name != "single_filter":
+                calls.append(etcd_calls(etcd) - before)
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            out["put_c32"][name].append(r)
+    out["etcd_calls_during_steady_writes"] = calls
+    for p in [f] + [p for p, _, _ in reps]:
+        kill_group(p)
+    return out
+
+
 def profile(work, store_port, etcd):
     f, fport, fadmin = start_filter(work, store_port, ["--lock", LOCK])
     sc, sport, sadmin = start_sidecar(work, etcd, "prof", fport, fadmin)
@@ -545,6 +631,19 @@ def main():
                 fo = failover(work, store_port, etcd, runs=runs, verify=verify)
                 print(json.dumps({k: {"median": med(v), "max": max(v)} for k, v in fo.items()}), flush=True)
             return
+        if os.environ.get("BENCH_ONLY") == "replicas":
+            # Runs only the replica figures and adds them to the last bench.json (then bench.md is rewritten).
+            rp = replicas(work, store_port, etcd)
+            path = os.path.join(OUT, "bench.json")
+            with open(path) as fh:
+                result = json.load(fh)
+            result["replicas"] = rp
+            with open(path, "w") as fh:
+                json.dump(result, fh, indent=1)
+            with open(os.path.join(OUT, "bench.md"), "w") as fh:
+                fh.write(report(result))
+            print(json.dumps(rp, indent=1))
+            return
         print(f"throughput and latency: {ROUNDS} rounds x {SECONDS}s per case", flush=True)
         raw, rss, rss_each, idle_rss, open_loop = throughput(work, store_port, etcd)
         draw_latency(open_loop, os.path.join(OUT, "latency.png"))
@@ -556,6 +655,8 @@ def main():
         ml = many_locks(work, store_port)
         inproc = json.loads(subprocess.run([os.path.join(ROOT, "target/release/examples/admission_bench")],
                                            capture_output=True, text=True, timeout=300).stdout.strip().splitlines()[-1])
+        print("filter replicas sharing marks through etcd", flush=True)
+        rp = replicas(work, store_port, etcd)
         print("profile", flush=True)
         prof = profile(work, store_port, etcd)
     finally:
@@ -572,7 +673,7 @@ def main():
         "summary": summary, "peak_rss_kib": rss, "peak_rss_kib_fencegate": rss_each, "sidecar_idle_rss_kib": idle_rss,
         "failover_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo.items()},
         "failover_verified_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo_v.items()},
-        "open_loop": open_loop, "many_locks": ml, "admission_in_process": inproc, "profile_top": prof, "raw": raw,
+        "open_loop": open_loop, "many_locks": ml, "replicas": rp, "admission_in_process": inproc, "profile_top": prof, "raw": raw,
         "elapsed_s": time.time() - started,
     }
     with open(os.path.join(OUT, "bench.json"), "w") as fh:
@@ -650,6 +751,21 @@ def report(r):
     out.append(f"- PUT c=32 straight to the filter: {ml['put_c32_spread_over_locks']['rps']:.0f} req/s spread over all locks "
                f"(p99 {ml['put_c32_spread_over_locks']['p99_us']} µs) vs {ml['put_c32_one_lock']['rps']:.0f} req/s on one lock "
                f"(p99 {ml['put_c32_one_lock']['p99_us']} µs)")
+    rp = r.get("replicas")
+    if rp:
+        out.append("\n## Filter replicas sharing marks through etcd (`--shared-marks`)\n")
+        out.append("A write carrying a new token (the raise: CAS in etcd, then every replica's acknowledgement, then the "
+                   "forward) next to a write with a token already admitted, one kept-alive connection, 1 KiB PUTs:\n")
+        out.append("| filters | new token p50 µs | new token p99 µs | same token p50 µs | added by the raise p50 µs |")
+        out.append("|---|---:|---:|---:|---:|")
+        for name, x in rp["first_write"].items():
+            out.append(f"| {name.replace('_', ' ')} | {x['new_token_p50_us']:.0f} | {x['new_token_p99_us']:.0f} | "
+                       f"{x['same_token_p50_us']:.0f} | {x['new_token_p50_us'] - x['same_token_p50_us']:.0f} |")
+        tp = {k: med([x["rps"] for x in v]) for k, v in rp["put_c32"].items()}
+        out.append(f"\nPUT 1 KiB, 32 connections, straight to the filter: one of 3 replicas {tp['one_of_3_replicas']:.0f} "
+                   f"req/s vs the single filter {tp['single_filter']:.0f} req/s "
+                   f"({tp['one_of_3_replicas'] / tp['single_filter']:.2f}x); etcd Txn/Range/Put calls during the "
+                   f"replica's steady writes: {rp['etcd_calls_during_steady_writes']}.")
     ip = r["admission_in_process"]
     out.append(f"- admission alone, in process: {ip['ns_per_write_one_lock']:.0f} ns per write on one lock, "
                f"{ip['ns_per_write_many_locks']:.0f} ns spread over {ip['locks']} locks; {ip['bytes_per_lock']:.0f} bytes per lock")

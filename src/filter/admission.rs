@@ -56,7 +56,6 @@ use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::state::{Record, StateDir, StateError};
 use super::verify::{Verifier, VerifyFailure};
@@ -88,12 +87,42 @@ pub trait GlobalMarks: Send + Sync + std::fmt::Debug {
     fn raise<'a>(&'a self, lock: &'a LockName, t: u64) -> BoxFuture<'a, Result<u64, StateError>>;
 }
 
-/// Writes of one token that are in flight.
-#[derive(Debug)]
-struct Group {
-    count: usize,
-    /// Cancelled when a newer token's barrier gives up waiting for them.
-    abort: CancellationToken,
+/// The barrier's abort signal for one lock: every in-flight write with a
+/// token below `below` must stop. One per lock, made with its state and
+/// shared with its permits, rather than one cancellation token per group of
+/// in-flight writes: a write on an idle lock then allocates nothing (with
+/// many locks, nearly every write finds its lock idle). Sound because an
+/// abort below `t` comes with `highest >= t`, so no write below `t` is
+/// admitted after it.
+#[derive(Debug, Default)]
+pub struct Abort {
+    below: AtomicU64,
+    notify: Notify,
+}
+
+impl Abort {
+    fn abort_below(&self, t: u64) {
+        self.below.fetch_max(t, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    fn is_aborted(&self, t: u64) -> bool {
+        self.below.load(Ordering::Acquire) > t
+    }
+
+    /// Resolves once writes of token `t` are aborted.
+    async fn aborted(&self, t: u64) {
+        loop {
+            // Registered before the check, so an abort in between is not missed.
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_aborted(t) {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 /// What [`LockState::admit`] decided.
@@ -116,7 +145,13 @@ pub struct LockState {
     pub highest: u64,
     pub durable: u64,
     pub set_at: Option<SystemTime>,
-    inflight: BTreeMap<u64, Group>,
+    /// In-flight writes per token, sorted by token: rarely more than two
+    /// tokens at once, and a `Vec` keeps its room when it empties, so an
+    /// idle lock's next write allocates nothing (a `BTreeMap` would).
+    inflight: Vec<(u64, usize)>,
+    abort: Arc<Abort>,
+    /// Admissions now in their wait loop (see [`LockEntry::release`]).
+    waiters: usize,
     /// When the current barrier began: the first time `highest` rose above a
     /// token still in flight.
     barrier_since: Option<Instant>,
@@ -136,7 +171,7 @@ impl LockState {
     }
 
     fn older_in_flight(&self, t: u64) -> bool {
-        self.inflight.range(..t).next().is_some()
+        self.inflight.first().is_some_and(|(f, _)| *f < t)
     }
 
     /// The decision for a write with token `t` at time `now`; on `Forward`
@@ -189,9 +224,7 @@ impl LockState {
                     return Decision::Wait { until: abort_at };
                 }
                 // Drain timeout passed: abort every older write still in flight.
-                for g in self.inflight.range(..t).map(|(_, g)| g) {
-                    g.abort.cancel();
-                }
+                self.abort.abort_below(t);
                 let hold = now + cfg.abort_grace;
                 self.hold_until = Some(self.hold_until.map_or(hold, |h| h.max(hold)));
                 return Decision::Wait { until: hold };
@@ -204,22 +237,25 @@ impl LockState {
             }
         }
         if count {
-            self.inflight.entry(t).or_insert_with(|| Group { count: 0, abort: CancellationToken::new() }).count += 1;
+            match self.inflight.binary_search_by_key(&t, |(f, _)| *f) {
+                Ok(i) => self.inflight[i].1 += 1,
+                Err(i) => self.inflight.insert(i, (t, 1)),
+            }
         }
         Decision::Forward
     }
 
-    /// The abort signal for writes of token `t` (present while any is in flight).
-    fn abort_signal(&self, t: u64) -> CancellationToken {
-        self.inflight.get(&t).map(|g| g.abort.clone()).unwrap_or_default()
+    /// True once the barrier aborted writes of token `t`.
+    pub fn is_aborted(&self, t: u64) -> bool {
+        self.abort.is_aborted(t)
     }
 
     /// One write of token `t` is done (answered, or given up on).
     fn release(&mut self, t: u64) {
-        if let Some(g) = self.inflight.get_mut(&t) {
-            g.count -= 1;
-            if g.count == 0 {
-                self.inflight.remove(&t);
+        if let Ok(i) = self.inflight.binary_search_by_key(&t, |(f, _)| *f) {
+            self.inflight[i].1 -= 1;
+            if self.inflight[i].1 == 0 {
+                self.inflight.remove(i);
             }
         }
         if !self.older_in_flight(self.highest) {
@@ -229,7 +265,7 @@ impl LockState {
 
     /// In-flight writes by token, for `/v1/locks`.
     pub fn inflight(&self) -> BTreeMap<u64, usize> {
-        self.inflight.iter().map(|(t, g)| (*t, g.count)).collect()
+        self.inflight.iter().copied().collect()
     }
 }
 
@@ -254,6 +290,8 @@ pub struct LockStats {
 pub struct LockEntry {
     pub name: LockName,
     state: Mutex<LockState>,
+    /// The state's abort signal, reachable without the state's mutex.
+    abort: Arc<Abort>,
     changed: Notify,
     persist: tokio::sync::Mutex<()>,
     barrier: BarrierConfig,
@@ -312,15 +350,15 @@ fn holder_text(holder: Option<u64>) -> String {
 pub struct Permit {
     entry: Arc<LockEntry>,
     token: u64,
-    abort: CancellationToken,
+    abort: Arc<Abort>,
     grace: Duration,
     done: bool,
 }
 
 impl Permit {
     /// Resolves when a newer token's barrier aborts this write.
-    pub fn aborted(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.abort.cancelled()
+    pub async fn aborted(&self) {
+        self.abort.aborted(self.token).await
     }
 
     pub fn token(&self) -> u64 {
@@ -356,6 +394,7 @@ impl LockEntry {
     fn new(name: LockName, state: LockState, locks: &Locks) -> Self {
         LockEntry {
             name,
+            abort: state.abort.clone(),
             state: Mutex::new(state),
             changed: Notify::new(),
             persist: tokio::sync::Mutex::new(()),
@@ -431,8 +470,20 @@ impl LockEntry {
     }
 
     fn release(&self, t: u64) {
-        self.state.lock().release(t);
-        self.changed.notify_waiters();
+        let waiting = {
+            let mut s = self.state.lock();
+            s.release(t);
+            s.waiters > 0
+        };
+        // Waking nobody still takes the `Notify`'s own mutex: skipped when no
+        // admission is in its wait loop. Sound because a waiter is counted
+        // under the state mutex in the same critical section as its first
+        // decision in the loop, and registered for wake-ups before it: a
+        // release that sees no waiter happened before that decision, which
+        // then sees the release.
+        if waiting {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Admits a write with token `t`, waiting at the barrier at most until
@@ -441,7 +492,7 @@ impl LockEntry {
         self.verify_raise(t).await?;
         let t = t.get();
         self.wait_for(t, deadline, LockState::admit).await?;
-        let abort = self.state.lock().abort_signal(t);
+        let abort = self.abort.clone();
         Ok(Permit { entry: self.clone(), token: t, abort, grace: self.barrier.abort_grace, done: false })
     }
 
@@ -464,7 +515,20 @@ impl LockEntry {
         deadline: Instant,
         decide: fn(&mut LockState, u64, Instant, &BarrierConfig) -> Decision,
     ) -> Result<(), AdmitError> {
+        // The common case first: a write at the current highest with nothing
+        // older in flight is forwarded (or a stale one refused) on one
+        // decision, without registering for wake-ups (a write to the lock's
+        // shared `Notify`). Anything else goes round the loop below, which
+        // registers before it decides again, so no wake-up is missed.
+        match decide(&mut self.state.lock(), t, Instant::now(), &self.barrier) {
+            Decision::Forward => return Ok(()),
+            Decision::Stale { highest } => {
+                return Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest })
+            }
+            Decision::Persist | Decision::Wait { .. } => {}
+        }
         let mut waited_since: Option<Instant> = None;
+        let mut counted: Option<Waiter<'_>> = None;
         let result = loop {
             // Register for wake-ups before deciding, so a release between the
             // decision and the wait is not missed.
@@ -472,7 +536,14 @@ impl LockEntry {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let now = Instant::now();
-            let decision = decide(&mut self.state.lock(), t, now, &self.barrier);
+            let decision = {
+                let mut s = self.state.lock();
+                if counted.is_none() {
+                    s.waiters += 1;
+                    counted = Some(Waiter(self));
+                }
+                decide(&mut s, t, now, &self.barrier)
+            };
             match decision {
                 Decision::Forward => break Ok(()),
                 Decision::Stale { highest } => {
@@ -499,6 +570,7 @@ impl LockEntry {
                 }
             }
         };
+        drop(counted);
         if let Some(since) = waited_since {
             self.stats.barrier_waits.fetch_add(1, Ordering::Relaxed);
             self.stats.barrier_wait_us.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -551,6 +623,16 @@ impl LockEntry {
         }
         self.changed.notify_waiters();
         Ok(())
+    }
+}
+
+/// An admission counted in [`LockState::waiters`] while it is in its wait
+/// loop; uncounted when dropped, also when the admission is cancelled.
+struct Waiter<'a>(&'a LockEntry);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().waiters -= 1;
     }
 }
 
@@ -671,9 +753,9 @@ mod tests {
         assert_eq!(s.admit(6, now, &c), Decision::Wait { until: now + c.drain_timeout });
         // Past the drain timeout: the older write is aborted, then grace.
         let later = now + c.drain_timeout;
-        let abort = s.abort_signal(5);
+        assert!(!s.is_aborted(5));
         assert_eq!(s.admit(6, later, &c), Decision::Wait { until: later + c.abort_grace });
-        assert!(abort.is_cancelled());
+        assert!(s.is_aborted(5) && !s.is_aborted(6));
         s.release(5);
         assert_eq!(s.admit(6, later, &c), Decision::Wait { until: later + c.abort_grace }, "grace holds");
         assert_eq!(s.admit(6, later + c.abort_grace, &c), Decision::Forward);

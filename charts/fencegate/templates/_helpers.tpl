@@ -71,3 +71,18 @@ app.kubernetes.io/component: {{ .component }}
 {{- toYaml $sel -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The filter's etcd endpoints when it uses etcd (filter.verify); empty otherwise. */}}
+{{- define "fencegate.filterEtcd" -}}
+{{- if .Values.filter.verify -}}{{ .Values.filter.etcdEndpoints | default .Values.sidecar.etcdEndpoints }}{{- end -}}
+{{- end -}}
+
+{{/* "true" when the filter's replicas share their marks through etcd; empty otherwise. */}}
+{{- define "fencegate.filterShared" -}}
+{{- if and (include "fencegate.filterEtcd" .) .Values.filter.sharedMarks -}}true{{- end -}}
+{{- end -}}
+
+{{/* filter.replicas, or its default: 3 with shared marks, 1 without. */}}
+{{- define "fencegate.filterReplicas" -}}
+{{- if kindIs "invalid" .Values.filter.replicas -}}{{ ternary 3 1 (eq (include "fencegate.filterShared" .) "true") }}{{- else -}}{{ .Values.filter.replicas }}{{- end -}}
+{{- end -}}

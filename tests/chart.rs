@@ -614,22 +614,6 @@ fn filter_replicas_without_shared_marks_are_refused() {
     assert!(template(&sets).unwrap_err().contains("replicas"));
 }
 
-/// The replica series the filter is gaining on main (issue 15, "replica
-/// metrics"); the dashboard queries them already. Once they are in src/
-/// this list is redundant (the test accepts a name found in either).
-const REPLICA_METRICS_PENDING: &[&str] = &[
-    "fencegate_filter_replica_writable",
-    "fencegate_filter_replicas",
-    "fencegate_filter_replica_acked_token",
-    "fencegate_filter_mark_raises",
-    "fencegate_filter_mark_raise_seconds",
-    "fencegate_filter_mark_raises_waiting",
-    "fencegate_filter_mark_raises_waiting_on",
-    "fencegate_filter_mark_raises_expired",
-    "fencegate_filter_mark_raise_timeouts",
-    "fencegate_filter_replica_keepalive_failures",
-];
-
 /// Every `"fencegate_..."` string literal in src/: the metric families the code registers.
 fn metric_names_in_src() -> std::collections::BTreeSet<String> {
     fn walk(dir: &Path, out: &mut std::collections::BTreeSet<String>) {
@@ -695,7 +679,7 @@ fn grafana_dashboard_is_valid_json_and_queries_only_exported_metrics() {
         let bases = [name, name.strip_suffix("_total").unwrap_or(name)]
             .into_iter()
             .chain(["_bucket", "_sum", "_count"].iter().filter_map(|s| name.strip_suffix(s)));
-        bases.into_iter().any(|b| src.contains(b) || REPLICA_METRICS_PENDING.contains(&b))
+        bases.into_iter().any(|b| src.contains(b))
     };
     let mut seen = std::collections::BTreeSet::new();
     for e in &exprs {

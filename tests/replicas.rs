@@ -221,3 +221,24 @@ async fn a_replica_cut_from_etcd_stops_forwarding_writes_within_its_ttl() {
     let r = request("GET", &url, &[], "").await;
     assert_eq!(r.status, 200, "reads still pass");
 }
+
+/// A replica stopped gracefully (SIGTERM, as in a rollout) revokes its
+/// registration once its writes are settled: a raise at another replica goes
+/// through at once instead of waiting out the stopped one's TTL.
+#[tokio::test]
+async fn a_replica_stopped_gracefully_does_not_hold_raises_for_its_ttl() {
+    let mut c = cluster(2, true, &["--abort-grace", "200ms"]);
+    let url = format!("{}/data/x", c.filters[0].url());
+    assert!(put(&url, LOCK, 5, "holder 5").await.status < 300);
+    c.filters[1].proc.signal(libc::SIGTERM);
+    assert!(c.filters[1].proc.wait_exit(Duration::from_secs(10)).is_some(), "r2 did not exit on SIGTERM");
+    let mut etcd = etcd_client::Client::connect([c.etcd.client_url.as_str()], None).await.unwrap();
+    let reg = etcd.get("/fencegate/filter/replicas/r2", None).await.unwrap();
+    assert!(reg.kvs().is_empty(), "r2's registration outlived its graceful exit");
+    let started = Instant::now();
+    let r = put(&url, LOCK, 6, "holder 6").await;
+    assert!(r.status < 300, "{}", r.body);
+    // Without the revoke the raise would wait for r2's lease (TTL 3 s).
+    assert!(started.elapsed() < Duration::from_millis(1500), "the raise took {:?}", started.elapsed());
+    assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"));
+}

@@ -234,6 +234,23 @@ impl Filter {
         })
     }
 
+    /// Before a replica gives up its registration: every write it forwarded
+    /// must have been answered, or given `--abort-grace` to land (a write
+    /// whose connection the shutdown dropped may still be applied by the
+    /// store, the barrier's own abort rule).
+    async fn settle_before_leaving(&self) {
+        let until = Instant::now() + self.cfg.barrier.abort_grace;
+        let in_flight = || self.locks.all().iter().any(|e| !e.snapshot().3.is_empty());
+        while in_flight() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if in_flight() {
+            // Their connections are gone with the servers: what the store
+            // does with them, it has had the grace to do.
+            tracing::info!(grace = ?self.cfg.barrier.abort_grace, "writes still counted in flight after the grace");
+        }
+    }
+
     pub fn locks(&self) -> &Locks {
         &self.locks
     }
@@ -520,6 +537,10 @@ pub async fn serve(
         })
     })
     .await;
+    if let Some(sh) = &filter.shared {
+        filter.settle_before_leaving().await;
+        sh.leave().await;
+    }
     tracing::info!("filter stopped");
     Ok(())
 }

@@ -62,6 +62,24 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// A graceful exit: stops this replica's writing for good, then revokes
+    /// its registration, so raises waiting on its acknowledgement go through
+    /// now instead of after its TTL (a rollout otherwise holds every
+    /// takeover for up to `--replica-ttl`). The caller calls this only once
+    /// no write of this replica can still reach the store (see
+    /// `filter::serve`). If the revoke fails, the lease expires on its own.
+    pub async fn leave(&self) {
+        *self.valid_until.lock() = None;
+        match self.lease_backend.revoke(self.lease).await {
+            Ok(()) => tracing::info!(replica = self.id(), "registration revoked"),
+            Err(e) => {
+                tracing::warn!(replica = self.id(), error = %e, "revoking the registration failed; it expires with its TTL")
+            }
+        }
+    }
+}
+
 /// Keeps the registration lease alive and moves the self-fencing deadline.
 /// Only an acknowledged keep-alive moves it, only forward, timed from its
 /// send; a lease reported gone ends the replica's writing for good.

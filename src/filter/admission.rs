@@ -54,6 +54,7 @@ use std::time::{Duration, SystemTime};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use parking_lot::Mutex;
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -88,14 +89,15 @@ pub trait GlobalMarks: Send + Sync + std::fmt::Debug {
 }
 
 /// The barrier's abort signal for one lock: every in-flight write with a
-/// token below `below` must stop. One per lock, made with its state and
-/// shared with its permits, rather than one cancellation token per group of
-/// in-flight writes: a write on an idle lock then allocates nothing (with
-/// many locks, nearly every write finds its lock idle). Sound because an
-/// abort below `t` comes with `highest >= t`, so no write below `t` is
-/// admitted after it.
+/// token below `below` must stop. One per lock, inside its entry (permits
+/// reach it through the entry they hold), rather than one cancellation
+/// token per group of in-flight writes: a write on an idle lock then
+/// allocates nothing and touches no extra cache line (with many locks,
+/// nearly every write finds its lock idle and cold). Sound because an abort
+/// below `t` comes with `highest >= t`, so no write below `t` is admitted
+/// after it.
 #[derive(Debug, Default)]
-pub struct Abort {
+struct Abort {
     below: AtomicU64,
     notify: Notify,
 }
@@ -146,10 +148,12 @@ pub struct LockState {
     pub durable: u64,
     pub set_at: Option<SystemTime>,
     /// In-flight writes per token, sorted by token: rarely more than two
-    /// tokens at once, and a `Vec` keeps its room when it empties, so an
-    /// idle lock's next write allocates nothing (a `BTreeMap` would).
-    inflight: Vec<(u64, usize)>,
-    abort: Arc<Abort>,
+    /// tokens at once, so they live inline (no allocation, no pointer to
+    /// chase on a cold lock; a `BTreeMap` allocated a node per idle lock's write).
+    inflight: SmallVec<[(u64, usize); 2]>,
+    /// Writes below this token were aborted by the barrier; published to
+    /// the entry's [`Abort`] signal by [`LockEntry::decide`].
+    aborted_below: u64,
     /// Admissions now in their wait loop (see [`LockEntry::release`]).
     waiters: usize,
     /// When the current barrier began: the first time `highest` rose above a
@@ -224,7 +228,7 @@ impl LockState {
                     return Decision::Wait { until: abort_at };
                 }
                 // Drain timeout passed: abort every older write still in flight.
-                self.abort.abort_below(t);
+                self.aborted_below = self.aborted_below.max(t);
                 let hold = now + cfg.abort_grace;
                 self.hold_until = Some(self.hold_until.map_or(hold, |h| h.max(hold)));
                 return Decision::Wait { until: hold };
@@ -247,7 +251,7 @@ impl LockState {
 
     /// True once the barrier aborted writes of token `t`.
     pub fn is_aborted(&self, t: u64) -> bool {
-        self.abort.is_aborted(t)
+        self.aborted_below > t
     }
 
     /// One write of token `t` is done (answered, or given up on).
@@ -290,8 +294,8 @@ pub struct LockStats {
 pub struct LockEntry {
     pub name: LockName,
     state: Mutex<LockState>,
-    /// The state's abort signal, reachable without the state's mutex.
-    abort: Arc<Abort>,
+    /// The barrier's abort signal, reachable without the state's mutex.
+    abort: Abort,
     changed: Notify,
     persist: tokio::sync::Mutex<()>,
     barrier: BarrierConfig,
@@ -350,7 +354,6 @@ fn holder_text(holder: Option<u64>) -> String {
 pub struct Permit {
     entry: Arc<LockEntry>,
     token: u64,
-    abort: Arc<Abort>,
     grace: Duration,
     done: bool,
 }
@@ -358,7 +361,7 @@ pub struct Permit {
 impl Permit {
     /// Resolves when a newer token's barrier aborts this write.
     pub async fn aborted(&self) {
-        self.abort.aborted(self.token).await
+        self.entry.abort.aborted(self.token).await
     }
 
     pub fn token(&self) -> u64 {
@@ -394,7 +397,7 @@ impl LockEntry {
     fn new(name: LockName, state: LockState, locks: &Locks) -> Self {
         LockEntry {
             name,
-            abort: state.abort.clone(),
+            abort: Abort::default(),
             state: Mutex::new(state),
             changed: Notify::new(),
             persist: tokio::sync::Mutex::new(()),
@@ -492,8 +495,7 @@ impl LockEntry {
         self.verify_raise(t).await?;
         let t = t.get();
         self.wait_for(t, deadline, LockState::admit).await?;
-        let abort = self.abort.clone();
-        Ok(Permit { entry: self.clone(), token: t, abort, grace: self.barrier.abort_grace, done: false })
+        Ok(Permit { entry: self.clone(), token: t, grace: self.barrier.abort_grace, done: false })
     }
 
     /// A proactive fence with token `t`: raises the lock's highest token to
@@ -508,6 +510,22 @@ impl LockEntry {
         Ok(())
     }
 
+    /// One pure decision, then its side effect outside the state: an abort
+    /// it decided is signalled to the aborted writes.
+    fn decide(
+        &self,
+        s: &mut LockState,
+        decide: fn(&mut LockState, u64, Instant, &BarrierConfig) -> Decision,
+        t: u64,
+        now: Instant,
+    ) -> Decision {
+        let d = decide(s, t, now, &self.barrier);
+        if s.aborted_below > self.abort.below.load(Ordering::Acquire) {
+            self.abort.abort_below(s.aborted_below);
+        }
+        d
+    }
+
     /// The loop around a pure decision: persist, wait, decide again.
     async fn wait_for(
         &self,
@@ -520,7 +538,7 @@ impl LockEntry {
         // decision, without registering for wake-ups (a write to the lock's
         // shared `Notify`). Anything else goes round the loop below, which
         // registers before it decides again, so no wake-up is missed.
-        match decide(&mut self.state.lock(), t, Instant::now(), &self.barrier) {
+        match self.decide(&mut self.state.lock(), decide, t, Instant::now()) {
             Decision::Forward => return Ok(()),
             Decision::Stale { highest } => {
                 return Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest })
@@ -542,7 +560,7 @@ impl LockEntry {
                     s.waiters += 1;
                     counted = Some(Waiter(self));
                 }
-                decide(&mut s, t, now, &self.barrier)
+                self.decide(&mut s, decide, t, now)
             };
             match decision {
                 Decision::Forward => break Ok(()),

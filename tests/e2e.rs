@@ -199,8 +199,16 @@ impl Cluster {
     /// Freezes worker `i` between its read and its write (it stops itself on
     /// SIGUSR1), then its sidecar: the whole pod pauses.
     async fn freeze(&self, i: usize) {
+        self.run_to_next_read(i).await;
+        self.sidecars[i].proc.signal(libc::SIGSTOP);
+    }
+
+    /// Lets worker `i` run (continued if stopped) until right after its next
+    /// read, where it stops itself (SIGUSR1).
+    async fn run_to_next_read(&self, i: usize) {
         let w = &self.workers[i];
         w.signal(libc::SIGUSR1);
+        w.signal(libc::SIGCONT);
         let end = Instant::now() + Duration::from_secs(3);
         while proc_state(w.pid()) != Some('T') {
             if Instant::now() > end {
@@ -209,7 +217,6 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.sidecars[i].proc.signal(libc::SIGSTOP);
     }
 
     fn thaw(&self, i: usize) {
@@ -515,10 +522,8 @@ enum Fault {
     Pause {
         extra_ms: u64,
     },
-    /// A pause during which the other apps are stopped too (their sidecars
-    /// run: the new holder takes over and fences); then the zombie and the
-    /// new holder's app wake together and race.
-    QuietPause {
+    /// A pause during which the other apps are stopped too; see [`staged_takeover`].
+    QuietTakeover {
         extra_ms: u64,
     },
     KillSidecar {
@@ -540,7 +545,7 @@ enum Fault {
 
 /// The seeded fault plan. With replicas (`replicas > 0`) the filter restart
 /// becomes a replica kill, drawn twice as often, and the first fault is a
-/// quiet pause; without, the plan for a seed is what it always was.
+/// quiet takeover; without, the plan for a seed is what it always was.
 fn schedule(seed: u64, n: usize, replicas: usize, total: Duration) -> Vec<(u64, Fault)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut t = 0u64;
@@ -551,7 +556,7 @@ fn schedule(seed: u64, n: usize, replicas: usize, total: Duration) -> Vec<(u64, 
         let gap = rng.random_range(800..2000);
         let f = match (if first { 0 } else { rng.random_range(0..kinds) }, replicas) {
             (0 | 1, 0) | (1, _) => Fault::Pause { extra_ms: rng.random_range(300..1500) },
-            (0, _) => Fault::QuietPause { extra_ms: rng.random_range(300..1500) },
+            (0, _) => Fault::QuietTakeover { extra_ms: rng.random_range(300..1500) },
             (2, _) => Fault::KillSidecar { which: rng.random_range(0..n), down_ms: rng.random_range(200..1500) },
             (3, _) => Fault::RestartEtcd { down_ms: rng.random_range(300..2500) },
             (_, 0) => Fault::RestartFilter { down_ms: rng.random_range(200..1000) },
@@ -564,15 +569,45 @@ fn schedule(seed: u64, n: usize, replicas: usize, total: Duration) -> Vec<(u64, 
     out
 }
 
-async fn pause_holder(c: &Cluster, extra_ms: u64, quiet: bool) {
+async fn pause_holder(c: &Cluster, extra_ms: u64) {
+    if let Some((h, _)) = c.holder().await {
+        c.freeze(h).await;
+        tokio::time::sleep(TTL + Duration::from_millis(extra_ms)).await;
+        c.thaw(h);
+    }
+}
+
+/// The holder pauses past its TTL while the other apps are stopped too
+/// (their sidecars run: one takes over and fences, through the admin
+/// balancer, so at one replica). The new holder's app then writes exactly
+/// once and stops before its next write; the zombie wakes and writes (its
+/// first write from a read taken before the pause) for 500 ms; then all go
+/// on. Replicas reached by neither the fence nor that one write keep the old
+/// mark unless the marks are shared.
+async fn staged_takeover(c: &Cluster, extra_ms: u64) {
     let Some((h, _)) = c.holder().await else { return };
     c.freeze(h).await;
-    let others: Vec<usize> = (0..c.o.n).filter(|&i| i != h && quiet).collect();
+    let others: Vec<usize> = (0..c.o.n).filter(|&i| i != h).collect();
     for &i in &others {
         c.workers[i].signal(libc::SIGSTOP);
     }
     tokio::time::sleep(TTL + Duration::from_millis(extra_ms)).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut h1 = None;
+    while h1.is_none() && Instant::now() < end {
+        for &i in &others {
+            if h1.is_none() && c.sidecars[i].holding().await.is_some() {
+                h1 = Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(h1) = h1 {
+        c.run_to_next_read(h1).await; // its first read
+        c.run_to_next_read(h1).await; // its first write, then its second read
+    }
     c.thaw(h);
+    tokio::time::sleep(Duration::from_millis(500)).await;
     for &i in &others {
         c.workers[i].signal(libc::SIGCONT);
     }
@@ -581,8 +616,8 @@ async fn pause_holder(c: &Cluster, extra_ms: u64, quiet: bool) {
 async fn inject(c: &mut Cluster, f: Fault) {
     let down = |ms| tokio::time::sleep(Duration::from_millis(ms));
     match f {
-        Fault::Pause { extra_ms } => pause_holder(c, extra_ms, false).await,
-        Fault::QuietPause { extra_ms } => pause_holder(c, extra_ms, true).await,
+        Fault::Pause { extra_ms } => pause_holder(c, extra_ms).await,
+        Fault::QuietTakeover { extra_ms } => staged_takeover(c, extra_ms).await,
         Fault::KillSidecar { which, down_ms } => {
             c.sidecars[which].proc.kill9();
             down(down_ms).await;

@@ -674,9 +674,10 @@ async fn history_run(o: Opts, seed: u64, total: Duration) -> Vec<String> {
         inject(&mut c, f).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, _, v) = c.verdict().await;
+    let (_, atts, v) = c.verdict().await;
     spread(&c);
-    println!("  run took {:?}, {} violations", started.elapsed(), v.len());
+    let refused = atts.iter().filter(|a| a.status == 409).count();
+    println!("  run took {:?}: {refused} writes refused as stale (409), {} violations", started.elapsed(), v.len());
     v
 }
 

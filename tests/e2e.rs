@@ -1,4 +1,5 @@
-//! End to end, with real parts only: etcd, nginx (WebDAV), one filter and
+//! End to end, with real parts only: etcd, nginx (WebDAV), one filter (or
+//! three replicas behind in-test round-robin balancers, issue 15) and
 //! several sidecars as processes, and app workers (examples/append_worker)
 //! that talk only to their sidecar. Every scenario asserts on the log the
 //! store really holds, and each has a control run showing the same scenario

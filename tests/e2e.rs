@@ -1,4 +1,5 @@
-//! End to end, with real parts only: etcd, nginx (WebDAV), one filter and
+//! End to end, with real parts only: etcd, nginx (WebDAV), one filter (or
+//! three replicas behind in-test round-robin balancers, issue 15) and
 //! several sidecars as processes, and app workers (examples/append_worker)
 //! that talk only to their sidecar. Every scenario asserts on the log the
 //! store really holds, and each has a control run showing the same scenario
@@ -6,9 +7,11 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::{Rng, SeedableRng};
+use support::balancer::Balancer;
 use support::history::{self, Attempt, Record};
 use support::*;
 
@@ -19,6 +22,13 @@ const TTL: Duration = Duration::from_secs(2);
 struct Opts {
     /// Sidecars write through the filter (else straight to nginx).
     filter: bool,
+    /// With `filter`: this many filter replicas (each its own state dir)
+    /// behind two round-robin balancers, one for the proxy ports (the
+    /// sidecars' `--upstream`), one for the admin ports (their `--fence`);
+    /// 0 is the single filter.
+    replicas: usize,
+    /// The replicas share every lock's mark in etcd (`--shared-marks`); else each keeps its own.
+    shared_marks: bool,
     /// Sidecars fence the filter on takeover.
     fence: bool,
     fence_required: bool,
@@ -34,6 +44,8 @@ impl Default for Opts {
     fn default() -> Self {
         Opts {
             filter: true,
+            replicas: 0,
+            shared_marks: false,
             fence: true,
             fence_required: false,
             unsafe_no_self_fence: false,
@@ -49,6 +61,9 @@ struct Cluster {
     etcd: Etcd,
     nginx: Nginx,
     filter: Option<FilterProc>,
+    replicas: Vec<FilterProc>,
+    /// With replicas: the proxy ports' balancer, then the admin ports'.
+    lbs: Vec<Balancer>,
     sidecars: Vec<SidecarProc>,
     workers: Vec<Proc>,
     names: Vec<String>,
@@ -59,22 +74,52 @@ fn now_ms() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis()
 }
 
+/// A filter's flags. Verification on (issue 13): every raise is checked
+/// with etcd (tokens are the sidecars' real leases, never trusted), so these
+/// runs also show it keeps up with takeovers, etcd restarts and zombies.
+fn filter_args(o: &Opts, etcd: &Etcd, replica_id: &str) -> Vec<String> {
+    let mut a: Vec<String> =
+        ["--lock", LOCK, "--etcd", &etcd.client_url, "--etcd-timeout", "1s"].map(String::from).into();
+    if o.shared_marks {
+        a.extend(["--shared-marks", "--replica-id", replica_id, "--replica-ttl", "2s"].map(String::from));
+    }
+    a
+}
+
+/// Starts filter `id` with its own directory (log, state dir) under `dir`.
+fn start_filter(o: &Opts, etcd: &Etcd, nginx: &Nginx, dir: &Path, id: &str) -> FilterProc {
+    let d = dir.join(id);
+    std::fs::create_dir_all(&d).unwrap();
+    let args = filter_args(o, etcd, id);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    FilterProc::start(&d, &nginx.url(), &d.join("state"), &args)
+}
+
 impl Cluster {
     fn start(o: Opts) -> Cluster {
         let etcd = Etcd::start();
         let nginx = Nginx::start();
         let dir = tempfile::tempdir().unwrap();
-        // Verification on (issue 13): every raise is checked with etcd, so
-        // these runs also show it keeps up with takeovers, etcd restarts and
-        // zombies.
-        let filter = o.filter.then(|| {
-            let args = ["--lock", LOCK, "--etcd", &etcd.client_url, "--etcd-timeout", "1s"];
-            FilterProc::start(dir.path(), &nginx.url(), &dir.path().join("state"), &args)
-        });
-        let upstream = filter.as_ref().map(|f| f.url()).unwrap_or_else(|| nginx.url());
+        let filter = (o.filter && o.replicas == 0).then(|| start_filter(&o, &etcd, &nginx, dir.path(), "filter"));
+        let n_replicas = if o.filter { o.replicas } else { 0 };
+        let replicas: Vec<FilterProc> =
+            (1..=n_replicas).map(|i| start_filter(&o, &etcd, &nginx, dir.path(), &format!("r{i}"))).collect();
+        let lbs: Vec<Balancer> = if replicas.is_empty() {
+            vec![]
+        } else {
+            vec![
+                Balancer::start(replicas.iter().map(|f| f.addr).collect()),
+                Balancer::start(replicas.iter().map(|f| f.admin).collect()),
+            ]
+        };
+        let (upstream, fence) = match (&filter, lbs.as_slice()) {
+            (Some(f), _) => (f.url(), Some(f.admin_url())),
+            (None, [proxy, admin]) => (proxy.url(), Some(admin.url())),
+            _ => (nginx.url(), None),
+        };
         let mut extra: Vec<String> = vec![];
-        if let (Some(f), true) = (&filter, o.fence) {
-            extra.extend(["--fence".into(), f.admin_url()]);
+        if let (Some(f), true) = (fence, o.fence) {
+            extra.extend(["--fence".into(), f]);
         }
         if o.fence_required {
             extra.push("--fence-required".into());
@@ -88,7 +133,7 @@ impl Cluster {
             .iter()
             .map(|n| SidecarProc::start(dir.path(), &etcd.client_url, LOCK, n, &upstream, &extra))
             .collect();
-        let mut c = Cluster { o, etcd, nginx, filter, sidecars, workers: vec![], names, dir };
+        let mut c = Cluster { o, etcd, nginx, filter, replicas, lbs, sidecars, workers: vec![], names, dir };
         for i in 0..o.n {
             let w = c.spawn_worker(i);
             c.workers.push(w);
@@ -155,8 +200,16 @@ impl Cluster {
     /// Freezes worker `i` between its read and its write (it stops itself on
     /// SIGUSR1), then its sidecar: the whole pod pauses.
     async fn freeze(&self, i: usize) {
+        self.run_to_next_read(i).await;
+        self.sidecars[i].proc.signal(libc::SIGSTOP);
+    }
+
+    /// Lets worker `i` run (continued if stopped) until right after its next
+    /// read, where it stops itself (SIGUSR1).
+    async fn run_to_next_read(&self, i: usize) {
         let w = &self.workers[i];
         w.signal(libc::SIGUSR1);
+        w.signal(libc::SIGCONT);
         let end = Instant::now() + Duration::from_secs(3);
         while proc_state(w.pid()) != Some('T') {
             if Instant::now() > end {
@@ -165,7 +218,6 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        self.sidecars[i].proc.signal(libc::SIGSTOP);
     }
 
     fn thaw(&self, i: usize) {
@@ -468,24 +520,48 @@ async fn partition_from_etcd_only_the_holder_self_fences_in_time() {
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    Pause { extra_ms: u64 },
-    KillSidecar { which: usize, down_ms: u64 },
-    RestartEtcd { down_ms: u64 },
-    RestartFilter { down_ms: u64 },
+    Pause {
+        extra_ms: u64,
+    },
+    /// A pause during which the other apps are stopped too; see [`staged_takeover`].
+    QuietTakeover {
+        extra_ms: u64,
+    },
+    KillSidecar {
+        which: usize,
+        down_ms: u64,
+    },
+    RestartEtcd {
+        down_ms: u64,
+    },
+    RestartFilter {
+        down_ms: u64,
+    },
+    /// kill -9 of a filter replica, restarted (same id, same state dir) after `down_ms`.
+    KillReplica {
+        which: usize,
+        down_ms: u64,
+    },
 }
 
-fn schedule(seed: u64, n: usize, total: Duration) -> Vec<(u64, Fault)> {
+/// The seeded fault plan. With replicas (`replicas > 0`) the filter restart
+/// becomes a replica kill, drawn twice as often, and the first fault is a
+/// quiet takeover; without, the plan for a seed is what it always was.
+fn schedule(seed: u64, n: usize, replicas: usize, total: Duration) -> Vec<(u64, Fault)> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut t = 0u64;
     let mut out = vec![];
     let mut first = true;
+    let kinds = if replicas > 0 { 6 } else { 5 };
     while t < total.as_millis() as u64 {
         let gap = rng.random_range(800..2000);
-        let f = match if first { 0 } else { rng.random_range(0..5) } {
-            0 | 1 => Fault::Pause { extra_ms: rng.random_range(300..1500) },
-            2 => Fault::KillSidecar { which: rng.random_range(0..n), down_ms: rng.random_range(200..1500) },
-            3 => Fault::RestartEtcd { down_ms: rng.random_range(300..2500) },
-            _ => Fault::RestartFilter { down_ms: rng.random_range(200..1000) },
+        let f = match (if first { 0 } else { rng.random_range(0..kinds) }, replicas) {
+            (0 | 1, 0) | (1, _) => Fault::Pause { extra_ms: rng.random_range(300..1500) },
+            (0, _) => Fault::QuietTakeover { extra_ms: rng.random_range(300..1500) },
+            (2, _) => Fault::KillSidecar { which: rng.random_range(0..n), down_ms: rng.random_range(200..1500) },
+            (3, _) => Fault::RestartEtcd { down_ms: rng.random_range(300..2500) },
+            (_, 0) => Fault::RestartFilter { down_ms: rng.random_range(200..1000) },
+            _ => Fault::KillReplica { which: rng.random_range(0..replicas), down_ms: rng.random_range(200..1500) },
         };
         first = false;
         out.push((gap, f));
@@ -494,11 +570,101 @@ fn schedule(seed: u64, n: usize, total: Duration) -> Vec<(u64, Fault)> {
     out
 }
 
+async fn pause_holder(c: &Cluster, extra_ms: u64) {
+    if let Some((h, _)) = c.holder().await {
+        c.freeze(h).await;
+        tokio::time::sleep(TTL + Duration::from_millis(extra_ms)).await;
+        c.thaw(h);
+    }
+}
+
+/// The holder pauses past its TTL while the other apps are stopped too
+/// (their sidecars run: one takes over and fences, through the admin
+/// balancer, so at one replica). The new holder's app then writes exactly
+/// once and stops before its next write; the zombie wakes and writes (its
+/// first write from a read taken before the pause) for 500 ms; then all go
+/// on. Replicas reached by neither the fence nor that one write keep the old
+/// mark unless the marks are shared.
+async fn staged_takeover(c: &Cluster, extra_ms: u64) {
+    let Some((h, _)) = c.holder().await else { return };
+    c.freeze(h).await;
+    let others: Vec<usize> = (0..c.o.n).filter(|&i| i != h).collect();
+    for &i in &others {
+        c.workers[i].signal(libc::SIGSTOP);
+    }
+    tokio::time::sleep(TTL + Duration::from_millis(extra_ms)).await;
+    let end = Instant::now() + Duration::from_secs(5);
+    let mut h1 = None;
+    while h1.is_none() && Instant::now() < end {
+        for &i in &others {
+            if h1.is_none() && c.sidecars[i].holding().await.is_some() {
+                h1 = Some(i);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Some(h1) = h1 {
+        c.run_to_next_read(h1).await; // its first read
+        c.run_to_next_read(h1).await; // its first write, then its second read
+    }
+    c.thaw(h);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for &i in &others {
+        c.workers[i].signal(libc::SIGCONT);
+    }
+}
+
+async fn inject(c: &mut Cluster, f: Fault) {
+    let down = |ms| tokio::time::sleep(Duration::from_millis(ms));
+    match f {
+        Fault::Pause { extra_ms } => pause_holder(c, extra_ms).await,
+        Fault::QuietTakeover { extra_ms } => staged_takeover(c, extra_ms).await,
+        Fault::KillSidecar { which, down_ms } => {
+            c.sidecars[which].proc.kill9();
+            down(down_ms).await;
+            c.sidecars[which].restart();
+        }
+        Fault::RestartEtcd { down_ms } => {
+            c.etcd.stop();
+            down(down_ms).await;
+            c.etcd.resume();
+        }
+        Fault::RestartFilter { down_ms } => {
+            if let Some(f) = c.filter.as_mut() {
+                f.proc.kill9();
+                down(down_ms).await;
+                f.restart();
+            }
+        }
+        Fault::KillReplica { which, down_ms } => {
+            c.replicas[which].proc.kill9();
+            down(down_ms).await;
+            c.replicas[which].restart();
+        }
+    }
+}
+
+/// Prints how the balancers spread the work over the replicas; every replica must have taken writes.
+fn spread(c: &Cluster) {
+    let [proxy, admin] = c.lbs.as_slice() else { return };
+    let (p, a) = (&proxy.stats, &admin.stats);
+    println!(
+        "  spread over replicas r1..r{}: writes (PUT) {:?}, requests {:?}, admin calls (fences) {:?}, connects refused (replica down) {}",
+        c.replicas.len(),
+        p.puts(),
+        p.conns(),
+        a.conns(),
+        p.refused.load(std::sync::atomic::Ordering::Relaxed) + a.refused.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    assert!(p.puts().iter().all(|&w| w > 0), "a replica saw no write: {:?}", p.puts());
+}
+
 /// Runs the workload under a fault schedule; returns the checker's violations.
 async fn history_run(o: Opts, seed: u64, total: Duration) -> Vec<String> {
+    let started = Instant::now();
     let mut c = Cluster::start(o);
     c.wait_holder_other_than(None, Duration::from_secs(15)).await;
-    let plan = schedule(seed, o.n, total);
+    let plan = schedule(seed, o.n, c.replicas.len(), total);
     let deadline = Instant::now() + total + Duration::from_secs(30);
     for (gap, f) in plan {
         if Instant::now() > deadline {
@@ -506,60 +672,39 @@ async fn history_run(o: Opts, seed: u64, total: Duration) -> Vec<String> {
         }
         tokio::time::sleep(Duration::from_millis(gap)).await;
         println!("  fault: {f:?}");
-        match f {
-            Fault::Pause { extra_ms } => {
-                if let Some((h, _)) = c.holder().await {
-                    c.freeze(h).await;
-                    tokio::time::sleep(TTL + Duration::from_millis(extra_ms)).await;
-                    c.thaw(h);
-                }
-            }
-            Fault::KillSidecar { which, down_ms } => {
-                c.sidecars[which].proc.kill9();
-                tokio::time::sleep(Duration::from_millis(down_ms)).await;
-                c.sidecars[which].restart();
-            }
-            Fault::RestartEtcd { down_ms } => {
-                c.etcd.stop();
-                tokio::time::sleep(Duration::from_millis(down_ms)).await;
-                c.etcd.resume();
-            }
-            Fault::RestartFilter { down_ms } => {
-                if let Some(f) = c.filter.as_mut() {
-                    f.proc.kill9();
-                    tokio::time::sleep(Duration::from_millis(down_ms)).await;
-                    f.restart();
-                }
-            }
-        }
+        inject(&mut c, f).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (_, _, v) = c.verdict().await;
+    let (_, atts, v) = c.verdict().await;
+    spread(&c);
+    let refused = atts.iter().filter(|a| a.status == 409).count();
+    println!("  run took {:?}: {refused} writes refused as stale (409), {} violations", started.elapsed(), v.len());
     v
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_checker_under_random_faults_with_a_control_run() {
+/// `FENCEGATE_SOAK_SECS` (default 25) and `FENCEGATE_SEED` (default random), printed.
+fn soak_params(what: &str) -> (u64, Duration) {
     let secs: u64 = std::env::var("FENCEGATE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(25);
     let seed: u64 =
         std::env::var("FENCEGATE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::rng().random());
-    let total = Duration::from_secs(secs);
-    println!("history check: seed {seed}, {secs}s of faults (FENCEGATE_SEED / FENCEGATE_SOAK_SECS to change)");
-    println!("schedule: {:?}", schedule(seed, 3, total));
-    // The strictest setting: sidecars do not self-fence, so every stale write
-    // reaches the filter; the filter and the fence on takeover must hold alone.
-    let guarded = Opts {
+    println!("{what}: seed {seed}, {secs}s of faults (FENCEGATE_SEED / FENCEGATE_SOAK_SECS to change)");
+    (seed, Duration::from_secs(secs))
+}
+
+/// The strictest setting: sidecars do not self-fence, so every stale write
+/// reaches the filter; the filter and the fence on takeover must hold alone.
+fn guarded(total: Duration) -> Opts {
+    Opts {
         fence_required: true,
         unsafe_no_self_fence: true,
         check_every: 5,
-        worker_secs: secs + 90,
+        worker_secs: total.as_secs() + 90,
         ..Opts::default()
-    };
-    let v = history_run(guarded, seed, total).await;
-    assert!(v.is_empty(), "seed {seed}: violations with the filter:\n{v:#?}");
+    }
+}
 
-    // The control: the same schedule, sidecars straight to the store.
-    let control = Opts { filter: false, fence: false, ..guarded };
+/// A control must show violations: the same schedule first, then up to two other seeds.
+async fn control_must_fail(control: Opts, seed: u64, total: Duration) {
     let mut s = seed;
     for attempt in 1..=3 {
         let v = history_run(control, s, total).await;
@@ -571,4 +716,28 @@ async fn history_checker_under_random_faults_with_a_control_run() {
         s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     }
     panic!("the control run never showed a violation: this test could not prove it can fail");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_checker_under_random_faults_with_a_control_run() {
+    let (seed, total) = soak_params("history check");
+    println!("schedule: {:?}", schedule(seed, 3, 0, total));
+    let v = history_run(guarded(total), seed, total).await;
+    assert!(v.is_empty(), "seed {seed}: violations with the filter:\n{v:#?}");
+    // The control: the same schedule, sidecars straight to the store.
+    control_must_fail(Opts { filter: false, fence: false, ..guarded(total) }, seed, total).await;
+}
+
+/// Issue 15: three filter replicas with shared marks behind round-robin
+/// balancers (every request to the next replica; fences reach one replica,
+/// whichever the connection lands on), under the seeded faults plus replica
+/// kills. The control keeps each replica's marks local.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_checker_over_three_shared_mark_replicas_with_replica_kills_and_a_local_marks_control() {
+    let (seed, total) = soak_params("history check over 3 replicas");
+    println!("schedule: {:?}", schedule(seed, 3, 3, total));
+    let o = Opts { replicas: 3, shared_marks: true, ..guarded(total) };
+    let v = history_run(o, seed, total).await;
+    assert!(v.is_empty(), "seed {seed}: violations with shared marks over 3 replicas:\n{v:#?}");
+    control_must_fail(Opts { shared_marks: false, ..o }, seed, total).await;
 }

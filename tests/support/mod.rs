@@ -5,6 +5,7 @@
 //! A missing part (nginx, etcd) is a loud failure, never a skip.
 #![allow(dead_code)]
 
+pub mod balancer;
 pub mod history;
 
 use std::io::{Read, Write};

@@ -759,7 +759,7 @@ def report(r):
         out.append("| filters | new token p50 µs | new token p99 µs | same token p50 µs | added by the raise p50 µs |")
         out.append("|---|---:|---:|---:|---:|")
         for name, x in rp["first_write"].items():
-            out.append(f"| {name.replace('_', ' ')} | {x['new_token_p50_us']:.0f} | {x['new_token_p99_us']:.0f} | "
+            out.append(f"| {name.replace('_', ' ').replace('1 replicas', '1 replica')} | {x['new_token_p50_us']:.0f} | {x['new_token_p99_us']:.0f} | "
                        f"{x['same_token_p50_us']:.0f} | {x['new_token_p50_us'] - x['same_token_p50_us']:.0f} |")
         tp = {k: med([x["rps"] for x in v]) for k, v in rp["put_c32"].items()}
         out.append(f"\nPUT 1 KiB, 32 connections, straight to the filter: one of 3 replicas {tp['one_of_3_replicas']:.0f} "

@@ -216,11 +216,13 @@ impl Shared {
         }
         let deadline = started + self.cfg.raise_timeout;
         let mut waiting = Waiting::new(&self.stats);
-        // Polled, first soon (acknowledgements usually follow within
-        // milliseconds), then every 20 ms: an acknowledgement or an expiry
-        // shows up within that. Each poll reads the replica set and the
-        // acknowledgements at one revision, which is what makes it safe.
-        let mut pause = Duration::from_millis(1);
+        // Polled every millisecond at first (acknowledgements follow within
+        // a few: each replica's watch sees the mark, drains, CASes its ack),
+        // then backing off to every 20 ms (a replica is draining or dead).
+        // A raise happens once per new holder, so the reads cost etcd
+        // little. Each poll reads the replica set and the acknowledgements
+        // at one revision, which is what makes it safe.
+        let mut polls = 0u32;
         loop {
             let acks = self.acks(lock).await?;
             let missing: Vec<String> = acks.iter().filter(|(_, a)| **a < t).map(|(id, _)| id.clone()).collect();
@@ -246,8 +248,9 @@ impl Shared {
                     self.cfg.raise_timeout
                 )));
             }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(20));
+            polls += 1;
+            let pause = Duration::from_millis(1) * 2u32.pow(polls.saturating_sub(16).min(5));
+            tokio::time::sleep(pause.min(Duration::from_millis(20))).await;
         }
     }
 

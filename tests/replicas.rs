@@ -242,3 +242,53 @@ async fn a_replica_stopped_gracefully_does_not_hold_raises_for_its_ttl() {
     assert!(started.elapsed() < Duration::from_millis(1500), "the raise took {:?}", started.elapsed());
     assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"));
 }
+
+/// A replica leaving gracefully while one of its writes is still streaming
+/// (a slow client past the shutdown grace) aborts that write before it
+/// revokes its registration: the newer token's write at another replica,
+/// which the revoke lets through, is never overtaken by it. Replica 2 runs
+/// in this process through `filter::run` (one worker: every connection on
+/// this test's runtime, which lives on after the replica's servers
+/// returned, as an embedding program's would; in a process of its own the
+/// exit right after the revoke mostly hides the bug).
+/// Checked against the code before the fix (no abort at leaving, servers
+/// not dropping connections at the end of their grace): the old write was
+/// forwarded after the revoke and landed over token 6's write.
+#[tokio::test]
+async fn an_in_process_replica_leaving_with_a_write_in_flight_aborts_it_before_revoking() {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        filter: fencegate::config::FilterArgs,
+    }
+    let mut c = cluster(1, true, &[]);
+    let state = c.dir.path().join("state-r2");
+    let upstream = c.nginx.url();
+    let (etcd, state) = (c.etcd.client_url.clone(), state.display().to_string());
+    let mut argv: Vec<String> = ["fencegate", "--upstream", &upstream, "--state-dir", &state].map(String::from).into();
+    argv.extend(replica_args(&etcd, "r2", true, &["--shutdown-grace", "300ms", "--abort-grace", "500ms"]));
+    let cfg = Args::try_parse_from(argv).unwrap().filter.config().unwrap();
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let (l, al) = (bind().await.unwrap(), bind().await.unwrap());
+    let (addr, admin) = (l.local_addr().unwrap(), al.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let r2 = tokio::spawn(fencegate::filter::run(cfg, l, Some(al), 1, stop.clone().cancelled_owned()));
+    let ready = Instant::now();
+    while request("GET", &format!("http://{admin}/readyz"), &[], "").await.status != 200 {
+        assert!(ready.elapsed() < Duration::from_secs(10), "r2 never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let url = format!("{}/data/x", c.filters[0].url());
+    assert!(put(&url, LOCK, 5, "holder 5").await.status < 300);
+    let body = b"zombie 5, trickling in at r2";
+    let mut old = RawRequest::start(addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), r2).await.expect("r2 stopped");
+    let r = put(&url, LOCK, 6, "holder 6").await;
+    assert!(r.status < 300, "{}", r.body);
+    let _ = old.send(&body[4..]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"), "the aborted write overtook token 6");
+}

@@ -388,7 +388,19 @@ impl Drop for Permit {
                     entry.release(token);
                 });
             }
-            _ => entry.release(token),
+            Ok(_) => entry.release(token),
+            // No runtime to wait on: a thread keeps the grace, since the
+            // store may still apply this write. (A permit dropped while its
+            // runtime shuts down is never released: its spawned task is
+            // dropped. That errs on the safe side, a barrier held, and only
+            // happens to a process that is exiting.)
+            Err(_) if !grace.is_zero() => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(grace);
+                    entry.release(token);
+                });
+            }
+            Err(_) => entry.release(token),
         }
     }
 }
@@ -740,6 +752,15 @@ impl Locks {
     }
 
     /// All entries, sorted by name.
+    /// Aborts every write in flight, of every lock (a replica leaving: see
+    /// `filter::serve`). Their permits' `aborted()` resolve; the writes are
+    /// released after `abort_grace`, as after any abort.
+    pub fn abort_all(&self) {
+        for e in self.map.iter() {
+            e.value().abort.abort_below(u64::MAX);
+        }
+    }
+
     pub fn all(&self) -> Vec<Arc<LockEntry>> {
         let mut v: Vec<_> = self.map.iter().map(|e| e.value().clone()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

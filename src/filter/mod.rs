@@ -235,9 +235,9 @@ impl Filter {
     }
 
     /// Before a replica gives up its registration: every write it forwarded
-    /// must have been answered, or given `--abort-grace` to land (a write
-    /// whose connection the shutdown dropped may still be applied by the
-    /// store, the barrier's own abort rule).
+    /// (all aborted by now) must have been answered, or given
+    /// `--abort-grace` since the abort to land (an aborted write may still be
+    /// applied by the store: the barrier's own abort rule).
     async fn settle_before_leaving(&self) {
         let until = Instant::now() + self.cfg.barrier.abort_grace;
         let in_flight = || self.locks.all().iter().any(|e| !e.snapshot().3.is_empty());
@@ -245,8 +245,8 @@ impl Filter {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if in_flight() {
-            // Their connections are gone with the servers: what the store
-            // does with them, it has had the grace to do.
+            // Aborted at least the grace ago (or never released, their
+            // runtime gone): what the store does with them, it has done.
             tracing::info!(grace = ?self.cfg.barrier.abort_grace, "writes still counted in flight after the grace");
         }
     }
@@ -538,8 +538,15 @@ pub async fn serve(
     })
     .await;
     if let Some(sh) = &filter.shared {
+        // Connection tasks of this runtime can outlive their server's grace
+        // (the graceful watcher does not cancel them), so a write may still
+        // be streaming to the store. Stop admitting, abort what is in
+        // flight, give it `--abort-grace`, and only then let the other
+        // replicas stop waiting for this one.
+        sh.stop_writing();
+        filter.locks.abort_all();
         filter.settle_before_leaving().await;
-        sh.leave().await;
+        sh.revoke().await;
     }
     tracing::info!("filter stopped");
     Ok(())

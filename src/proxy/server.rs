@@ -71,8 +71,9 @@ pub fn connection_cap(limits: &ServerLimits) -> Arc<Semaphore> {
 /// connection's own task (bounded by the header timeout), so a slow client
 /// cannot stall the accept loop.
 ///
-/// Every connection task is owned by the `GracefulShutdown` watcher, so no
-/// task outlives this function by more than the grace period.
+/// Every connection task is watched by the `GracefulShutdown` watcher and,
+/// once the grace period is over, cancelled: none outlives this function by
+/// more than the grace period (plus its next poll).
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -108,6 +109,9 @@ pub async fn serve_capped<H, F>(
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Cancelled when the grace period is over: the graceful watcher only asks
+    // connections to close, so this is what ends those that do not.
+    let kill = tokio_util::sync::CancellationToken::new();
     tokio::pin!(shutdown);
     loop {
         // Over the cap: wait for a connection to close before accepting more.
@@ -145,6 +149,7 @@ pub async fn serve_capped<H, F>(
         // the `GracefulShutdown` that signals them all.
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         let (handshake_timeout, idle_timeout) = (limits.header_read_timeout, limits.idle_timeout);
+        let kill = kill.clone();
         tokio::spawn(async move {
             // Held until the connection ends: that frees a place under the cap.
             let _permit = permit;
@@ -171,6 +176,7 @@ pub async fn serve_capped<H, F>(
                     Err(e) => return tracing::debug!(%peer, "{e}"),
                 },
                 _ = idle.expired(idle_timeout) => return tracing::debug!(%peer, ?idle_timeout, "idle connection closed"),
+                _ = kill.cancelled() => return tracing::debug!(%peer, "connection dropped at the end of the shutdown grace"),
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
@@ -181,7 +187,49 @@ pub async fn serve_capped<H, F>(
     tokio::select! {
         _ = graceful.shutdown() => tracing::debug!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace period over; dropping open connections")
+            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace period over; dropping open connections");
+            kill.cancel();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+
+    /// A connection still busy when the shutdown grace ends is dropped then:
+    /// its handler (a write being forwarded, in the filter) does not run on
+    /// after `serve_capped` returned. (Before, the graceful watcher only asked
+    /// it to close, and it ran to its end.)
+    #[tokio::test]
+    async fn a_connection_busy_past_the_shutdown_grace_is_dropped() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let finished = Arc::new(AtomicBool::new(false));
+        let f = finished.clone();
+        let limits = ServerLimits { shutdown_grace: Duration::from_millis(100), ..Default::default() };
+        let cap = connection_cap(&limits);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let handler = move |_req, _peer| {
+            let f = f.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                f.store(true, Ordering::SeqCst);
+                Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync())
+            }
+        };
+        let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
+            let _ = stop_rx.await;
+        }));
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"PUT /x HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop_tx.send(()).unwrap();
+        server.await.unwrap();
+        assert!(!finished.load(Ordering::SeqCst), "serve_capped returned before the handler could end");
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert!(!finished.load(Ordering::SeqCst), "the handler ran on after serve_capped returned");
     }
 }

@@ -63,14 +63,20 @@ impl Shared {
 }
 
 impl Shared {
-    /// A graceful exit: stops this replica's writing for good, then revokes
-    /// its registration, so raises waiting on its acknowledgement go through
-    /// now instead of after its TTL (a rollout otherwise holds every
-    /// takeover for up to `--replica-ttl`). The caller calls this only once
-    /// no write of this replica can still reach the store (see
-    /// `filter::serve`). If the revoke fails, the lease expires on its own.
-    pub async fn leave(&self) {
+    /// The first step of a graceful exit: this replica forwards no write
+    /// from now on, for good (`check_shared` refuses). Writes already past
+    /// that check are the caller's to abort and wait out (`filter::serve`).
+    pub fn stop_writing(&self) {
         *self.valid_until.lock() = None;
+    }
+
+    /// The last step of a graceful exit: revokes the registration, so raises
+    /// waiting on this replica's acknowledgement go through now instead of
+    /// after its TTL (a rollout otherwise holds every takeover for up to
+    /// `--replica-ttl`). Only once no write of this replica can still reach
+    /// the store. If the revoke fails, the lease expires on its own.
+    pub async fn revoke(&self) {
+        debug_assert!(self.valid_until.lock().is_none(), "revoke only after stop_writing");
         match self.lease_backend.revoke(self.lease).await {
             Ok(()) => tracing::info!(replica = self.id(), "registration revoked"),
             Err(e) => {

@@ -98,7 +98,7 @@ impl SharedStats {
             ("fencegate_filter_mark_raises", "Mark raises acknowledged by every live replica", &self.raises),
             (
                 "fencegate_filter_mark_raises_expired",
-                "Raises that completed only when a replica's registration expired (they waited on a dead replica)",
+                "Raises that completed only when a replica's registration went away: expired (they waited on a dead replica) or revoked by its graceful exit",
                 &self.raises_expired,
             ),
             (

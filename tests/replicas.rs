@@ -262,7 +262,7 @@ async fn an_in_process_replica_leaving_with_a_write_in_flight_aborts_it_before_r
         #[command(flatten)]
         filter: fencegate::config::FilterArgs,
     }
-    let mut c = cluster(1, true, &[]);
+    let c = cluster(1, true, &[]);
     let state = c.dir.path().join("state-r2");
     let upstream = c.nginx.url();
     let (etcd, state) = (c.etcd.client_url.clone(), state.display().to_string());

@@ -15,7 +15,8 @@ drawn in bench/results/latency.png.
 Also: failover times (kill -9 and SIGTERM), with the filter trusting tokens and with it verifying every raise with
 etcd (`--etcd`), the filter with 100k locks, and a CPU profile of fencegate's path.
 `BENCH_ONLY=failover` runs only the failover part (both ways) and prints its figures, writing no results files.
-`BENCH_ONLY=replicas` runs only the filter-replica figures and adds them to the committed bench.json / bench.md.
+`BENCH_ONLY=replicas` or `BENCH_ONLY=many_locks` runs only that part and puts its figures into the committed
+bench.json / bench.md.
 Only loopback addresses are used; every loop is bounded in count and time.
 """
 import json
@@ -499,15 +500,31 @@ def many_locks(work, store_port, n=100_000):
         s, body = call("GET", fadmin, "/v1/locks", timeout=30)
         known = len(json.loads(body)["locks"])
     rss_locks = status_kib([f.pid], "VmRSS")
-    spread = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": str(n), "WRK_BODY": "1024"})
-    one = wrk(fport, "PUT", 32, SECONDS, {"WRK_LOCKS": "1", "WRK_BODY": "1024"})
+    # The baseline with the store doing the same work: the same 100k paths, all under one lock (a second filter
+    # with one rule), so what differs is only the filter's per-lock state. And the old baseline, one path.
+    shm1 = tempfile.mkdtemp(prefix="fg-bench-lock-", dir="/dev/shm" if os.path.isdir("/dev/shm") else work)
+    f1, f1port, _ = start_filter(work, store_port, ["--protect", "/k/=lock0"], state=shm1)
+    time.sleep(1.2)
+    cases = {
+        "spread": (fport, {"WRK_LOCKS": str(n), "WRK_BODY": "1024"}),
+        "one_lock_same_paths": (f1port, {"WRK_LOCKS": str(n), "WRK_ONE_LOCK": "1", "WRK_BODY": "1024"}),
+        "one_lock_one_path": (fport, {"WRK_LOCKS": "1", "WRK_BODY": "1024"}),
+    }
+    runs = {k: [] for k in cases}
+    for _ in range(ROUNDS):
+        for name, (port, env) in cases.items():
+            r = wrk(port, "PUT", 32, SECONDS, env)
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            runs[name].append(r)
     kill_group(f)
+    kill_group(f1)
     shutil.rmtree(shm, ignore_errors=True)
-    for r in (spread, one):
-        r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    shutil.rmtree(shm1, ignore_errors=True)
+    pick = lambda name: sorted(runs[name], key=lambda r: r["rps"])[len(runs[name]) // 2]
     return {"locks": n, "locks_known": known, "rss_kib_rules_only": rss_rules, "rss_kib_with_locks": rss_locks,
             "bytes_per_lock": (rss_locks - rss_rules) * 1024 / max(known, 1),
-            "put_c32_spread_over_locks": spread, "put_c32_one_lock": one}
+            "put_c32_spread_over_locks": pick("spread"), "put_c32_one_lock": pick("one_lock_one_path"),
+            "put_c32_one_lock_same_paths": pick("one_lock_same_paths"), "runs": runs}
 
 
 def etcd_calls(etcd):
@@ -631,13 +648,15 @@ def main():
                 fo = failover(work, store_port, etcd, runs=runs, verify=verify)
                 print(json.dumps({k: {"median": med(v), "max": max(v)} for k, v in fo.items()}), flush=True)
             return
-        if os.environ.get("BENCH_ONLY") == "replicas":
-            # Runs only the replica figures and adds them to the last bench.json (then bench.md is rewritten).
-            rp = replicas(work, store_port, etcd)
+        only = os.environ.get("BENCH_ONLY")
+        if only in ("replicas", "many_locks"):
+            # Runs only that part and puts its figures into the last bench.json (then bench.md is rewritten).
+            part = replicas(work, store_port, etcd) if only == "replicas" else many_locks(work, store_port)
             path = os.path.join(OUT, "bench.json")
             with open(path) as fh:
                 result = json.load(fh)
-            result["replicas"] = rp
+            result[only] = part
+            rp = part
             with open(path, "w") as fh:
                 json.dump(result, fh, indent=1)
             with open(os.path.join(OUT, "bench.md"), "w") as fh:
@@ -750,7 +769,13 @@ def report(r):
                f"with every lock touched {ml['rss_kib_with_locks']} KiB ({ml['bytes_per_lock']:.0f} bytes per lock)")
     out.append(f"- PUT c=32 straight to the filter: {ml['put_c32_spread_over_locks']['rps']:.0f} req/s spread over all locks "
                f"(p99 {ml['put_c32_spread_over_locks']['p99_us']} µs) vs {ml['put_c32_one_lock']['rps']:.0f} req/s on one lock "
-               f"(p99 {ml['put_c32_one_lock']['p99_us']} µs)")
+               f"and one path (p99 {ml['put_c32_one_lock']['p99_us']} µs)")
+    same = ml.get("put_c32_one_lock_same_paths")
+    if same:
+        sp = ml["put_c32_spread_over_locks"]["rps"]
+        out.append(f"- the same {ml['locks']} paths under one lock (the store doing the same work): {same['rps']:.0f} req/s "
+                   f"(p99 {same['p99_us']} µs); spread over all locks at {sp / same['rps']:.2f}x that "
+                   f"({ROUNDS} alternating rounds, medians)")
     rp = r.get("replicas")
     if rp:
         out.append("\n## Filter replicas sharing marks through etcd (`--shared-marks`)\n")

@@ -7,6 +7,7 @@ local fence = os.getenv("WRK_FENCE")          -- "lock:token": send fencing head
 local spread = tonumber(os.getenv("WRK_LOCKS") or "0")  -- >0: path and lock per request over N locks
 local seq = tonumber(os.getenv("WRK_SEQ") or "0") == 1  -- walk the locks in order instead of at random
 local counter = tonumber(os.getenv("WRK_OFFSET") or "0")  -- where a sequential walk starts
+local one_lock = tonumber(os.getenv("WRK_ONE_LOCK") or "0") == 1  -- spread paths, all under lock0
 
 request = function()
   local headers = {}
@@ -15,7 +16,7 @@ request = function()
     local i
     if seq then counter = counter + 1; i = counter % spread else i = math.random(0, spread - 1) end
     path = "/k/" .. i .. "/obj"
-    headers["Fencing-Lock"] = "lock" .. i
+    headers["Fencing-Lock"] = one_lock and "lock0" or ("lock" .. i)
     headers["Fencing-Token"] = "1"
   elseif fence then
     local l, t = fence:match("([^:]+):(%d+)")

@@ -174,14 +174,19 @@ impl Shared {
         Ok((marks, rev))
     }
 
-    /// Registered replicas and their acknowledgement of `lock`, read at one
-    /// revision (one transaction).
-    async fn acks(&self, lock: &LockName) -> Result<BTreeMap<String, u64>, StateError> {
+    /// The registered replicas' ids and the acknowledgements under
+    /// `acks_prefix`, read at one revision (one transaction): what makes a
+    /// raise's "everyone acknowledged or gone" a consistent decision.
+    async fn replicas_and_acks(
+        &self,
+        acks_prefix: &str,
+        opts: GetOptions,
+    ) -> Result<(Vec<String>, etcd_client::GetResponse), StateError> {
         let mut c = self.client.clone();
-        let (rp, ap) = (self.keys.replicas(), self.keys.acks(lock));
+        let rp = self.keys.replicas();
         let txn = Txn::new().and_then([
             TxnOp::get(rp.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())),
-            TxnOp::get(ap.as_str(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(acks_prefix, Some(opts)),
         ]);
         let r = self.timed(c.txn(txn)).await?;
         let mut gets = r.op_responses().into_iter().filter_map(|op| match op {
@@ -191,8 +196,16 @@ impl Shared {
         let (Some(replicas), Some(acks)) = (gets.next(), gets.next()) else {
             return Err(err("txn answer without its reads"));
         };
-        let mut out: BTreeMap<String, u64> =
-            replicas.kvs().iter().filter_map(|kv| name_below(&rp, kv.key())).map(|id| (id.to_owned(), 0)).collect();
+        let ids = replicas.kvs().iter().filter_map(|kv| name_below(&rp, kv.key())).map(str::to_owned).collect();
+        Ok((ids, acks))
+    }
+
+    /// Registered replicas and their acknowledgement of `lock`, read at one
+    /// revision (one transaction).
+    async fn acks(&self, lock: &LockName) -> Result<BTreeMap<String, u64>, StateError> {
+        let ap = self.keys.acks(lock);
+        let (replicas, acks) = self.replicas_and_acks(&ap, GetOptions::new().with_prefix()).await?;
+        let mut out: BTreeMap<String, u64> = replicas.into_iter().map(|id| (id, 0)).collect();
         for kv in acks.kvs() {
             if let (Some(id), Some(t)) = (name_below(&ap, kv.key()), decode(kv.value())) {
                 if let Some(a) = out.get_mut(id) {
@@ -259,26 +272,10 @@ impl Shared {
     /// above `max_acks` keys (one per lock and replica), so a scrape stays
     /// small with many locks.
     pub async fn refresh_view(&self, max_acks: usize) -> Result<(), StateError> {
-        let mut c = self.client.clone();
-        let (rp, ap) = (self.keys.replicas(), self.keys.all_acks());
         let limit = i64::try_from(max_acks).unwrap_or(i64::MAX);
-        let txn = Txn::new().and_then([
-            TxnOp::get(rp.as_str(), Some(GetOptions::new().with_prefix().with_keys_only())),
-            TxnOp::get(ap.as_str(), Some(GetOptions::new().with_prefix().with_limit(limit))),
-        ]);
-        let r = self.timed(c.txn(txn)).await?;
-        let mut gets = r.op_responses().into_iter().filter_map(|op| match op {
-            TxnOpResponse::Get(g) => Some(g),
-            _ => None,
-        });
-        let (Some(replicas), Some(acks)) = (gets.next(), gets.next()) else {
-            return Err(err("txn answer without its reads"));
-        };
-        let mut view = stats::View {
-            read: true,
-            replicas: replicas.kvs().iter().filter_map(|kv| name_below(&rp, kv.key())).map(str::to_owned).collect(),
-            acks: BTreeMap::new(),
-        };
+        let opts = GetOptions::new().with_prefix().with_limit(limit);
+        let (replicas, acks) = self.replicas_and_acks(&self.keys.all_acks(), opts).await?;
+        let mut view = stats::View { read: true, replicas, acks: BTreeMap::new() };
         if !acks.more() {
             for kv in acks.kvs() {
                 if let (Some((lock, id)), Some(t)) = (self.keys.ack_of(kv.key()), decode(kv.value())) {

@@ -1,0 +1,429 @@
+//! One lock's async side: the loop around the pure decision (persisting,
+//! waiting, aborting), the permits of forwarded writes, and the lock's
+//! counters.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::decision::{BarrierConfig, Decision, LockState};
+use super::{AdmitError, GlobalMarks, Locks};
+use crate::filter::state::{Record, StateDir, StateError};
+use crate::filter::verify::{Verifier, VerifyFailure};
+use crate::token::{LockName, Token};
+
+/// The barrier's abort signal for one lock: every in-flight write with a
+/// token below `below` must stop. One per lock, inside its entry (permits
+/// reach it through the entry they hold), rather than one cancellation
+/// token per group of in-flight writes: a write on an idle lock then
+/// allocates nothing and touches no extra cache line (with many locks,
+/// nearly every write finds its lock idle and cold). Sound because an abort
+/// below `t` comes with `highest >= t`, so no write below `t` is admitted
+/// after it.
+#[derive(Debug, Default)]
+struct Abort {
+    below: AtomicU64,
+    notify: Notify,
+}
+
+impl Abort {
+    fn abort_below(&self, t: u64) {
+        self.below.fetch_max(t, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+
+    fn is_aborted(&self, t: u64) -> bool {
+        self.below.load(Ordering::Acquire) > t
+    }
+
+    /// Resolves once writes of token `t` are aborted.
+    async fn aborted(&self, t: u64) {
+        loop {
+            // Registered before the check, so an abort in between is not missed.
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_aborted(t) {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+/// Counters for one lock, read at scrape time.
+#[derive(Debug, Default)]
+pub struct LockStats {
+    pub admitted: AtomicU64,
+    pub refused_stale: AtomicU64,
+    pub refused_mismatch: AtomicU64,
+    pub refused_unavailable: AtomicU64,
+    /// Raises refused because etcd says the token is not the holder's.
+    pub refused_unverified: AtomicU64,
+    pub aborted: AtomicU64,
+    pub barrier_waits: AtomicU64,
+    /// Total microseconds writes spent waiting at the barrier.
+    pub barrier_wait_us: AtomicU64,
+}
+
+/// One lock: its state, its wake-ups, its durable-write serializer, and what
+/// its barrier needs (the barrier settings, the state directory).
+#[derive(Debug)]
+pub struct LockEntry {
+    pub name: LockName,
+    state: Mutex<LockState>,
+    /// The barrier's abort signal, reachable without the state's mutex.
+    abort: Abort,
+    changed: Notify,
+    persist: tokio::sync::Mutex<()>,
+    barrier: BarrierConfig,
+    /// `None` in unit tests and with shared marks: nothing on local disk.
+    dir: Option<Arc<StateDir>>,
+    /// Checks raises with the lock service; `None`: tokens trusted as sent.
+    verifier: Option<Arc<Verifier>>,
+    /// Serializes this lock's verifications and keeps the last one, so the
+    /// raises that queued behind it share its outcome.
+    last_check: tokio::sync::Mutex<Option<Checked>>,
+    /// Shared marks: raises go through etcd and every replica.
+    global: Option<Arc<dyn GlobalMarks>>,
+    pub stats: LockStats,
+}
+
+/// One finished verification: which token, when it finished, what it said.
+#[derive(Debug)]
+struct Checked {
+    token: u64,
+    at: Instant,
+    outcome: Result<(), VerifyFailure>,
+}
+
+/// A forwarded write: counted in flight until released.
+///
+/// `complete()` releases at once (the store answered). A permit dropped
+/// without `complete()` (client gone, upstream timeout, abort) is released
+/// only after `abort_grace`, because the store may still apply that write.
+#[derive(Debug)]
+pub struct Permit {
+    entry: Arc<LockEntry>,
+    token: u64,
+    grace: Duration,
+    done: bool,
+}
+
+impl Permit {
+    /// Resolves when a newer token's barrier aborts this write.
+    pub async fn aborted(&self) {
+        self.entry.abort.aborted(self.token).await
+    }
+
+    pub fn token(&self) -> u64 {
+        self.token
+    }
+
+    /// The store has answered this write.
+    pub fn complete(mut self) {
+        self.done = true;
+        self.entry.release(self.token);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (entry, token, grace) = (self.entry.clone(), self.token, self.grace);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if !grace.is_zero() => {
+                h.spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    entry.release(token);
+                });
+            }
+            Ok(_) => entry.release(token),
+            // No runtime to wait on: a thread keeps the grace, since the
+            // store may still apply this write. (A permit dropped while its
+            // runtime shuts down is never released: its spawned task is
+            // dropped. That errs on the safe side, a barrier held, and only
+            // happens to a process that is exiting.)
+            Err(_) if !grace.is_zero() => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(grace);
+                    entry.release(token);
+                });
+            }
+            Err(_) => entry.release(token),
+        }
+    }
+}
+
+impl LockEntry {
+    pub(super) fn new(name: LockName, state: LockState, locks: &Locks) -> Self {
+        LockEntry {
+            name,
+            abort: Abort::default(),
+            state: Mutex::new(state),
+            changed: Notify::new(),
+            persist: tokio::sync::Mutex::new(()),
+            barrier: locks.barrier.clone(),
+            dir: locks.dir.clone(),
+            verifier: locks.verifier.clone(),
+            last_check: tokio::sync::Mutex::new(None),
+            global: locks.global.clone(),
+            stats: LockStats::default(),
+        }
+    }
+
+    /// With a verifier: checks that a token above the lock's highest is the
+    /// current holder's, before anything is raised. Tokens at or below the
+    /// highest pass untouched (the pure decision refuses the lower ones).
+    ///
+    /// Raises queued behind a check that finished after they arrived share
+    /// its outcome (one etcd read for a burst of a new holder's writes, and
+    /// one timeout, not one each, while etcd is down); a later raise asks
+    /// again, so a verdict is never reused once it could be out of date.
+    async fn verify_raise(&self, t: Token) -> Result<(), AdmitError> {
+        let Some(v) = &self.verifier else { return Ok(()) };
+        let raises = |t: u64| t > self.state.lock().highest;
+        if !raises(t.get()) {
+            return Ok(());
+        }
+        let arrived = Instant::now();
+        let mut last = self.last_check.lock().await;
+        let outcome = match last.as_ref() {
+            _ if !raises(t.get()) => Ok(()),
+            Some(c) if c.token == t.get() && c.at > arrived => c.outcome.clone(),
+            _ => {
+                let outcome = v.verify(&self.name, t).await;
+                *last = Some(Checked { token: t.get(), at: Instant::now(), outcome: outcome.clone() });
+                outcome
+            }
+        };
+        let (lock, token) = (self.name.clone(), t.get());
+        outcome.map_err(|f| match f {
+            // A newer holder exists: this token is stale, whoever sends it
+            // (a holder that let go, a zombie); answered like any stale token.
+            VerifyFailure::NotHolder { holder: Some(holder) } if holder > token => {
+                AdmitError::Superseded { lock, token, holder, highest: self.state.lock().highest }
+            }
+            VerifyFailure::NotHolder { holder } => AdmitError::Unverified { lock, token, holder },
+            VerifyFailure::Unavailable(reason) => AdmitError::VerifyUnavailable { lock, token, reason },
+        })
+    }
+
+    /// Shared marks: another replica raised the mark to `t`. Older tokens
+    /// are refused from this call on (synchronously, before any await).
+    pub fn refuse_below(&self, t: u64) {
+        self.state.lock().refuse_below(t, Instant::now());
+        // Writes waiting with older tokens are stale now: wake them.
+        self.changed.notify_waiters();
+    }
+
+    /// Shared marks: waits (at most until `deadline`) until every write
+    /// older than `t` has drained from this replica, with the barrier's
+    /// drain timeout and abort rules. `Stale` if a still newer mark arrived
+    /// meanwhile (its own drain covers this one).
+    pub async fn observe(self: &Arc<Self>, t: u64, deadline: Instant) -> Result<(), AdmitError> {
+        self.refuse_below(t);
+        self.wait_for(t, deadline, LockState::drain).await?;
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// Aborts every write of this lock in flight (see [`Locks::abort_all`]).
+    pub(super) fn abort_all(&self) {
+        self.abort.abort_below(u64::MAX);
+    }
+
+    /// A consistent copy of what `/v1/locks` and metrics show.
+    pub fn snapshot(&self) -> (u64, u64, Option<SystemTime>, BTreeMap<u64, usize>) {
+        let s = self.state.lock();
+        (s.highest, s.durable, s.set_at, s.inflight())
+    }
+
+    fn release(&self, t: u64) {
+        let waiting = {
+            let mut s = self.state.lock();
+            s.release(t);
+            s.waiters > 0
+        };
+        // Waking nobody still takes the `Notify`'s own mutex: skipped when no
+        // admission is in its wait loop. Sound because a waiter is counted
+        // under the state mutex in the same critical section as its first
+        // decision in the loop, and registered for wake-ups before it: a
+        // release that sees no waiter happened before that decision, which
+        // then sees the release.
+        if waiting {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Admits a write with token `t`, waiting at the barrier at most until
+    /// `deadline`. The permit counts the write in flight until released.
+    pub async fn admit_write(self: &Arc<Self>, t: Token, deadline: Instant) -> Result<Permit, AdmitError> {
+        self.verify_raise(t).await?;
+        let t = t.get();
+        self.wait_for(t, deadline, LockState::admit).await?;
+        Ok(Permit { entry: self.clone(), token: t, grace: self.barrier.abort_grace, done: false })
+    }
+
+    /// A proactive fence with token `t`: raises the lock's highest token to
+    /// `t` durably and waits (at most until `deadline`) until every older
+    /// write has drained; nothing is counted in flight.
+    pub async fn fence(self: &Arc<Self>, t: Token, deadline: Instant) -> Result<(), AdmitError> {
+        self.verify_raise(t).await?;
+        self.wait_for(t.get(), deadline, LockState::fence).await?;
+        // Writes already waiting may be stale now, or free to go: let them
+        // decide again instead of sleeping until their timer.
+        self.changed.notify_waiters();
+        Ok(())
+    }
+
+    /// One pure decision, then its side effect outside the state: an abort
+    /// it decided is signalled to the aborted writes.
+    fn decide(
+        &self,
+        s: &mut LockState,
+        decide: fn(&mut LockState, u64, Instant, &BarrierConfig) -> Decision,
+        t: u64,
+        now: Instant,
+    ) -> Decision {
+        let d = decide(s, t, now, &self.barrier);
+        if s.aborted_below > self.abort.below.load(Ordering::Acquire) {
+            self.abort.abort_below(s.aborted_below);
+        }
+        d
+    }
+
+    /// The loop around a pure decision: persist, wait, decide again.
+    async fn wait_for(
+        &self,
+        t: u64,
+        deadline: Instant,
+        decide: fn(&mut LockState, u64, Instant, &BarrierConfig) -> Decision,
+    ) -> Result<(), AdmitError> {
+        // The common case first: a write at the current highest with nothing
+        // older in flight is forwarded (or a stale one refused) on one
+        // decision, without registering for wake-ups (a write to the lock's
+        // shared `Notify`). Anything else goes round the loop below, which
+        // registers before it decides again, so no wake-up is missed.
+        match self.decide(&mut self.state.lock(), decide, t, Instant::now()) {
+            Decision::Forward => return Ok(()),
+            Decision::Stale { highest } => {
+                return Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest })
+            }
+            Decision::Persist | Decision::Wait { .. } => {}
+        }
+        let mut waited_since: Option<Instant> = None;
+        let mut counted: Option<Waiter<'_>> = None;
+        let result = loop {
+            // Register for wake-ups before deciding, so a release between the
+            // decision and the wait is not missed.
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let now = Instant::now();
+            let decision = {
+                let mut s = self.state.lock();
+                if counted.is_none() {
+                    s.waiters += 1;
+                    counted = Some(Waiter(self));
+                }
+                self.decide(&mut s, decide, t, now)
+            };
+            match decision {
+                Decision::Forward => break Ok(()),
+                Decision::Stale { highest } => {
+                    break Err(AdmitError::Stale { lock: self.name.clone(), token: t, highest });
+                }
+                Decision::Persist => {
+                    // The highest token just rose: writes waiting with older
+                    // tokens are stale from now on; wake them to say so.
+                    self.changed.notify_waiters();
+                    if let Err(e) = self.persist().await {
+                        break Err(e.into());
+                    }
+                }
+                Decision::Wait { until } => {
+                    waited_since.get_or_insert(now);
+                    if now >= deadline {
+                        let retry_after = until.saturating_duration_since(now).max(Duration::from_secs(1));
+                        break Err(AdmitError::BarrierTimeout { lock: self.name.clone(), retry_after });
+                    }
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = tokio::time::sleep_until(until.min(deadline)) => {}
+                    }
+                }
+            }
+        };
+        drop(counted);
+        if let Some(since) = waited_since {
+            self.stats.barrier_waits.fetch_add(1, Ordering::Relaxed);
+            self.stats.barrier_wait_us.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Writes the current `highest` to disk and marks it durable.
+    async fn persist(&self) -> Result<(), StateError> {
+        // One durable write at a time per lock; a waiter behind another's
+        // write usually finds its token already durable.
+        let _g = self.persist.lock().await;
+        let target = {
+            let s = self.state.lock();
+            if s.durable >= s.highest {
+                return Ok(());
+            }
+            s.highest
+        };
+        let now = SystemTime::now();
+        if let Some(g) = &self.global {
+            let stored = g.raise(&self.name, target).await?;
+            {
+                let mut s = self.state.lock();
+                if stored > target {
+                    // Another replica raised it further: `target` is stale.
+                    s.refuse_below(stored, Instant::now());
+                } else if target > s.durable {
+                    s.durable = target;
+                    s.set_at = Some(now);
+                }
+            }
+            self.changed.notify_waiters();
+            return Ok(());
+        }
+        let rec = Record::new(self.name.clone(), target, now);
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || match &dir {
+            Some(d) => d.write(&rec),
+            None => Ok(()),
+        })
+        .await
+        .expect("state writer does not panic")?;
+        {
+            let mut s = self.state.lock();
+            if target > s.durable {
+                s.durable = target;
+                s.set_at = Some(now);
+            }
+        }
+        self.changed.notify_waiters();
+        Ok(())
+    }
+}
+
+/// An admission counted in [`LockState::waiters`] while it is in its wait
+/// loop; uncounted when dropped, also when the admission is cancelled.
+struct Waiter<'a>(&'a LockEntry);
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().waiters -= 1;
+    }
+}

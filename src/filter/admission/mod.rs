@@ -1,0 +1,207 @@
+//! Admission, high-water marks and the epoch barrier.
+//!
+//! For each lock the filter keeps:
+//!
+//! * `highest`: the highest token it has accepted. Anything lower is refused.
+//! * `durable`: the highest token known to be on disk. Nothing with a token
+//!   above `durable` is forwarded: the mark is made durable first.
+//! * `inflight`: writes already forwarded to the store whose answer has not
+//!   come back, grouped by token.
+//!
+//! The **barrier**: a write with token `t` is forwarded only when no write
+//! with a token below `t` is in flight. When a higher token arrives, older
+//! writes get `drain_timeout` to finish; then they are aborted (their upstream
+//! connections closed) and the barrier holds `abort_grace` longer, since the
+//! store may still be applying a write whose connection we just closed.
+//!
+//! **Start-up barrier**: a filter that was just (re)started cannot know what
+//! its previous process had in flight: after `kill -9`, a write whose
+//! connection died with the old process may still be applied by the store.
+//! So the barrier of every lock with a durable record starts closed: nothing
+//! of it is forwarded before `abort_grace` has passed since start-up (writes
+//! wait, they are not refused), exactly as after an abort. A lock with no
+//! record needs no hold: a record is written before any write of a lock is
+//! forwarded, so no earlier process on this state directory sent one.
+//!
+//! The decisions ([`LockState::admit`] for a write, [`LockState::fence`] for a
+//! proactive fence) are pure functions of the state and the clock, tested
+//! without sockets; [`LockEntry::admit_write`] and [`LockEntry::fence`] are
+//! the async loop around them (persisting, waiting, aborting).
+//!
+//! **Verified raises**: with a [`Verifier`], a token above `highest` is
+//! checked with the lock service *before* the pure decision sees it, so a
+//! forged or stale token never touches the state (nothing raised, nothing
+//! made durable, nothing forwarded). Concurrent raises of one lock wait for
+//! one check and share its outcome ([`LockEntry::verify_raise`]).
+//!
+//! **Shared marks** (`--shared-marks`, see [`super::shared`]): "durable"
+//! then means "stored in etcd and acknowledged by every live replica", and
+//! [`GlobalMarks::raise`] replaces the state file. A raise another replica
+//! made is applied with [`LockEntry::observe`]: older tokens are refused at
+//! once ([`LockEntry::refuse_below`]) and older writes drained by the same
+//! barrier ([`LockState::drain`]), without making anything durable here.
+//!
+//! Concurrency: each lock has its own short `parking_lot::Mutex` (held only
+//! for the decision, never across an await) and its own async mutex that
+//! serializes the rare durable writes. There is no lock shared between locks
+//! on the request path: the registry is a `DashMap`.
+//!
+//! Files: [`decision`] holds the pure decision ([`LockState`]), `entry` the
+//! async loop around it for one lock ([`LockEntry`], [`Permit`]), and this
+//! file the registry of every lock ([`Locks`]) and what they share.
+
+mod decision;
+mod entry;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use tokio::time::Instant;
+
+use super::state::{Record, StateDir, StateError};
+use super::verify::Verifier;
+use crate::token::LockName;
+
+pub use decision::{BarrierConfig, Decision, LockState};
+pub use entry::{LockEntry, LockStats, Permit};
+
+/// Where a new highest token is made durable when several filter replicas
+/// share their marks (implemented in [`super::shared`]).
+pub trait GlobalMarks: Send + Sync + std::fmt::Debug {
+    /// Makes `t` the lock's mark for every replica. Returns the mark stored
+    /// once it is safe to use: `t` itself when every live replica has
+    /// acknowledged it, or a higher mark already stored (then `t` is stale).
+    fn raise<'a>(&'a self, lock: &'a LockName, t: u64) -> BoxFuture<'a, Result<u64, StateError>>;
+}
+
+/// Why a write was not admitted.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("fencing token {token} is older than the highest token {highest} admitted for lock {lock}")]
+    Stale { lock: LockName, token: u64, highest: u64 },
+    #[error("could not make the new highest token durable: {0}")]
+    State(#[from] StateError),
+    #[error("older writes for lock {lock} are still draining; retry in {retry_after:?}")]
+    BarrierTimeout { lock: LockName, retry_after: Duration },
+    #[error("fencing token {token} is above the highest admitted for lock {lock} but is not its current holder's in etcd ({}); refused", holder_text(*holder))]
+    Unverified { lock: LockName, token: u64, holder: Option<u64> },
+    #[error(
+        "fencing token {token} of lock {lock} is no longer the holder's: etcd's holder has the newer token {holder}"
+    )]
+    Superseded { lock: LockName, token: u64, holder: u64, highest: u64 },
+    #[error("could not verify fencing token {token} for lock {lock} with etcd: {reason}")]
+    VerifyUnavailable { lock: LockName, token: u64, reason: String },
+}
+
+fn holder_text(holder: Option<u64>) -> String {
+    match holder {
+        Some(h) => format!("the holder's token is {h}"),
+        None => "nobody holds it".into(),
+    }
+}
+
+/// Every lock the filter knows, with its durable store.
+#[derive(Debug)]
+pub struct Locks {
+    map: DashMap<LockName, Arc<LockEntry>>,
+    /// `None` in unit tests and with shared marks: nothing on local disk.
+    dir: Option<Arc<StateDir>>,
+    global: Option<Arc<dyn GlobalMarks>>,
+    pub barrier: BarrierConfig,
+    /// The start-up barrier: nothing is forwarded before this instant.
+    ready_at: Instant,
+    /// Checks raises with the lock service (see [`LockEntry::verify_raise`]).
+    verifier: Option<Arc<Verifier>>,
+}
+
+impl Locks {
+    /// The registry at start-up: the barrier of every lock with a record is
+    /// held for `abort_grace` from now (see the module docs).
+    pub fn new(dir: Option<StateDir>, records: impl IntoIterator<Item = Record>, barrier: BarrierConfig) -> Self {
+        Self::verified(dir, records, barrier, None)
+    }
+
+    /// [`Locks::new`], with raises checked by `verifier` (`None`: trusted).
+    pub fn verified(
+        dir: Option<StateDir>,
+        records: impl IntoIterator<Item = Record>,
+        barrier: BarrierConfig,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Self {
+        let now = Instant::now();
+        let mut locks =
+            Locks { map: DashMap::new(), dir: dir.map(Arc::new), global: None, barrier, ready_at: now, verifier };
+        for r in records {
+            let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
+            locks.ready_at = now + locks.barrier.abort_grace;
+            let state = LockState::with_durable(r.highest, Some(set_at)).hold_until(locks.ready_at);
+            locks.map.insert(r.lock.clone(), locks.new_entry(r.lock, state));
+        }
+        locks
+    }
+
+    /// The registry of a replica sharing its marks: `marks` were read from
+    /// etcd at start-up. Each is refused below at once but not durable here:
+    /// a raise may still be waiting for other replicas' acknowledgements, so
+    /// the first write with the mark's own token goes through
+    /// [`GlobalMarks::raise`] (which then returns at once if all acked).
+    /// The start-up barrier holds as in [`Locks::new`].
+    pub fn shared(
+        marks: impl IntoIterator<Item = (LockName, u64)>,
+        barrier: BarrierConfig,
+        global: Arc<dyn GlobalMarks>,
+        verifier: Option<Arc<Verifier>>,
+    ) -> Self {
+        let now = Instant::now();
+        let mut locks =
+            Locks { map: DashMap::new(), dir: None, global: Some(global), barrier, ready_at: now, verifier };
+        for (lock, highest) in marks {
+            locks.ready_at = now + locks.barrier.abort_grace;
+            let state = LockState::refusing_below(highest).hold_until(locks.ready_at);
+            locks.map.insert(lock.clone(), locks.new_entry(lock, state));
+        }
+        locks
+    }
+
+    fn new_entry(&self, name: LockName, state: LockState) -> Arc<LockEntry> {
+        Arc::new(LockEntry::new(name, state, self))
+    }
+
+    /// The verifier, if raises are checked.
+    pub fn verifier(&self) -> Option<&Arc<Verifier>> {
+        self.verifier.as_ref()
+    }
+
+    /// When the start-up barrier opens (now, when there were no records).
+    pub fn ready_at(&self) -> Instant {
+        self.ready_at
+    }
+
+    /// The entry for `lock`, created (at highest 0) on first use.
+    pub fn entry(&self, lock: &LockName) -> Arc<LockEntry> {
+        if let Some(e) = self.map.get(lock) {
+            return e.clone();
+        }
+        self.map.entry(lock.clone()).or_insert_with(|| self.new_entry(lock.clone(), LockState::default())).clone()
+    }
+
+    /// All entries, sorted by name.
+    /// Aborts every write in flight, of every lock (a replica leaving: see
+    /// `filter::serve`). Their permits' `aborted()` resolve; the writes are
+    /// released after `abort_grace`, as after any abort.
+    pub fn abort_all(&self) {
+        for e in self.map.iter() {
+            e.value().abort_all();
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<LockEntry>> {
+        let mut v: Vec<_> = self.map.iter().map(|e| e.value().clone()).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}

@@ -46,7 +46,7 @@
 //! serializes the rare durable writes. There is no lock shared between locks
 //! on the request path: the registry is a `DashMap`.
 //!
-//! Files: [`decision`] holds the pure decision ([`LockState`]), `entry` the
+//! Files: `decision` holds the pure decision ([`LockState`]), `entry` the
 //! async loop around it for one lock ([`LockEntry`], [`Permit`]), and this
 //! file the registry of every lock ([`Locks`]) and what they share.
 

@@ -46,7 +46,6 @@ use std::time::{Duration, Instant as StdInstant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
@@ -134,7 +133,7 @@ pub struct Filter {
     /// The upstream's base URL (each worker builds its own pooled client).
     upstream_base: http::Uri,
     refusals: Refusals,
-    upstream_latency: Histogram,
+    upstream_latency: crate::metrics::LatencyHistogram,
     shutting_down: AtomicBool,
     registry: Registry,
     shared: Option<Arc<shared::Shared>>,
@@ -206,7 +205,7 @@ impl Filter {
                 v.latency.clone(),
             );
         }
-        let upstream_latency = crate::metrics::latency_histogram();
+        let upstream_latency = crate::metrics::LatencyHistogram::default();
         registry.register(
             "fencegate_filter_upstream_latency_seconds",
             "Time from sending a request to the store until its response head arrived",
@@ -376,7 +375,7 @@ impl Filter {
             r = up.send_body(req, Some(peer)) => r,
             _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
         };
-        self.upstream_latency.observe(started.elapsed().as_secs_f64());
+        self.upstream_latency.observe(started.elapsed());
         match sent {
             Ok(resp) => {
                 // The store has answered: this write no longer holds the barrier.
@@ -406,7 +405,7 @@ impl Filter {
     ) -> Result<Response<Body>, FilterError> {
         let started = StdInstant::now();
         let resp = up.send_body(req, Some(peer)).await?;
-        self.upstream_latency.observe(started.elapsed().as_secs_f64());
+        self.upstream_latency.observe(started.elapsed());
         Ok(resp.map(proxy::stream))
     }
 }

@@ -7,6 +7,7 @@ per case with h2load (HTTP/1.1, keep-alive) through app -> sidecar -> filter -> 
 instructions per request for each process.
   python3 bench/icount.py                      # target/release/fencegate
   FG_BIN=/tmp/fencegate-old python3 bench/icount.py   # another build, for a before/after
+  python3 bench/icount.py --nginx              # nginx's two hops (the bench's configuration), single-process
 ICOUNT_N (default 2000) requests per case.
 """
 import glob
@@ -60,6 +61,54 @@ def h2load(port, method, conns, n, work, headers=()):
     return ok
 
 
+def nginx_under_callgrind(work, name, upstream, add_headers):
+    """One of the bench's nginx proxy hops, as a single process (`master_process off`) under callgrind."""
+    port = bench.free_port()
+    hdrs = f"proxy_set_header Fencing-Lock {bench.LOCK}; proxy_set_header Fencing-Token 1;" if add_headers else ""
+    d = bench.nginx_conf(work, name, port, f"""upstream up {{ server 127.0.0.1:{upstream}; keepalive 128; }}
+  server {{ listen 127.0.0.1:{port}; client_max_body_size 0;
+    location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; {hdrs}
+      proxy_request_buffering off; proxy_buffering off; }} }}""")
+    p, out = under_callgrind(name, ["nginx", "-c", f"{d}/nginx.conf", "-p", d, "-e", f"{d}/error.log",
+                                    "-g", "master_process off;"], work, None)
+    bench.wait_port(port, 60)
+    return p, out, port
+
+
+def measure(front_port, procs, work):
+    """Instructions per request of each (name, proc, callgrind out) for every case, through front_port."""
+    res = {}
+    for method, conns in CASES:
+        h2load(front_port, method, conns, 100, work)  # warm-up: connections open, paths taken once
+        for _, p, _ in procs:
+            control("-z", p.pid)
+        t0 = time.time()
+        summary = h2load(front_port, method, conns, N, work)
+        for _, p, _ in procs:
+            control("-d", p.pid)
+        time.sleep(0.5)
+        case = f"{method} c={conns}"
+        res[case] = {name: totals(out) / N for name, _, out in procs}
+        figures = "  ".join(f"{name} {v:9.0f}" for name, v in res[case].items())
+        print(f"{case:9} {figures}  instr/req ({time.time() - t0:.0f}s; {' | '.join(x.strip() for x in summary)})",
+              flush=True)
+    return res
+
+
+def main_nginx():
+    """The same cases through nginx's two hops (the bench's configuration), for a like-for-like target."""
+    work = tempfile.mkdtemp(prefix="fg-icount-nginx-")
+    os.chmod(work, 0o755)
+    try:
+        _, store_port, _ = bench.start_store(work)
+        h2, h2out, h2port = nginx_under_callgrind(work, "nginx-hop2", store_port, False)
+        h1, h1out, h1port = nginx_under_callgrind(work, "nginx-hop1", h2port, True)
+        res = measure(h1port, [("hop1", h1, h1out), ("hop2", h2, h2out)], work)
+    finally:
+        bench.stop_all()
+    print(json.dumps(res))
+
+
 def main():
     work = tempfile.mkdtemp(prefix="fg-icount-")
     os.chmod(work, 0o755)
@@ -81,23 +130,11 @@ def main():
                                                "--fence", f"http://127.0.0.1:{fadmin}"], work, env)
         bench.wait_port(sadmin, 60)
         bench.wait_holding(sadmin, 60)
-        for method, conns in CASES:
-            h2load(sport, method, conns, 100, work)  # warm-up: connections open, paths taken once
-            for p in (f, sc):
-                control("-z", p.pid)
-            t0 = time.time()
-            summary = h2load(sport, method, conns, N, work)
-            for p in (f, sc):
-                control("-d", p.pid)
-            time.sleep(0.5)
-            case = f"{method} c={conns}"
-            res[case] = {"sidecar": totals(sout) / N, "filter": totals(fout) / N}
-            print(f"{case:9} sidecar {res[case]['sidecar']:9.0f}  filter {res[case]['filter']:9.0f}  instr/req "
-                  f"({time.time() - t0:.0f}s; {' | '.join(s.strip() for s in summary)})", flush=True)
+        res = measure(sport, [("sidecar", sc, sout), ("filter", f, fout)], work)
     finally:
         bench.stop_all()
     print(json.dumps(res))
 
 
 if __name__ == "__main__":
-    main()
+    main_nginx() if sys.argv[1:] == ["--nginx"] else main()

@@ -20,6 +20,12 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Transfer-Encoding` is left to hyper, which re-frames the body itself.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none of these (nor `Connection`, which names the
+    // others): one pass over the names present, cheap comparisons, instead
+    // of nine hashed removals on every request and response.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -113,5 +119,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    /// Each hop-by-hop header alone (no `Connection` to name it) is found.
+    #[test]
+    fn each_hop_by_hop_header_alone_goes() {
+        for name in HOP_BY_HOP.iter() {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT, "*/*".parse().unwrap());
+            h.append(name.clone(), "x".parse().unwrap());
+            h.append(name.clone(), "y".parse().unwrap());
+            strip_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name}: {h:?}");
+            assert!(h.contains_key(header::ACCEPT));
+        }
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, "*/*".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "nothing to strip, nothing stripped");
     }
 }

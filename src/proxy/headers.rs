@@ -20,20 +20,22 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 /// `Transfer-Encoding` is left to hyper, which re-frames the body itself.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none of these (nor `Connection`, which names the
-    // others): one pass over the names present, cheap comparisons, instead
-    // of nine hashed removals on every request and response.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // Most messages carry none of these, and the rest one or two (a store's
+    // `Connection: keep-alive`): one pass over the names present, cheap
+    // comparisons, then removals of what is there, instead of nine hashed
+    // removals on every request and response.
+    let present: smallvec::SmallVec<[HeaderName; 2]> = h.keys().filter(|k| HOP_BY_HOP.contains(k)).cloned().collect();
+    if present.is_empty() {
         return;
     }
-    let named: Vec<HeaderName> = h
+    let named: smallvec::SmallVec<[HeaderName; 2]> = h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
         .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    for n in named.iter().chain(present.iter()) {
         h.remove(n);
     }
 }

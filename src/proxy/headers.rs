@@ -1,7 +1,7 @@
 //! Header rewriting for a forwarded request: hop-by-hop headers,
 //! `X-Forwarded-For`, and `Host` / `X-Forwarded-Host`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -40,14 +40,35 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Appends the client's address to `X-Forwarded-For` (an earlier proxy's
+/// value kept in front when it is text). Built in a stack buffer, IPv4
+/// written by hand: this runs on every request, and `to_string` plus
+/// `format!` allocated twice for it.
 pub(crate) fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
     let name = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_string();
-    let v = match h.get(&name).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&v) {
+    let mut v: smallvec::SmallVec<[u8; 64]> = smallvec::SmallVec::new();
+    if let Some(prev) = h.get(&name).filter(|p| p.to_str().is_ok()) {
+        v.extend_from_slice(prev.as_bytes());
+        v.extend_from_slice(b", ");
+    }
+    match peer.ip() {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    v.push(b'.');
+                }
+                if o >= 100 {
+                    v.push(b'0' + o / 100);
+                }
+                if o >= 10 {
+                    v.push(b'0' + o / 10 % 10);
+                }
+                v.push(b'0' + o % 10);
+            }
+        }
+        IpAddr::V6(a) => v.extend_from_slice(a.to_string().as_bytes()),
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&v) {
         h.insert(name, v);
     }
 }
@@ -121,6 +142,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_client_address_as_text() {
+        let name = "x-forwarded-for";
+        for (ip, text) in [
+            ("0.0.0.0", "0.0.0.0"),
+            ("10.0.9.255", "10.0.9.255"),
+            ("192.168.100.7", "192.168.100.7"),
+            ("::1", "::1"),
+            ("::ffff:1.2.3.4", "::ffff:1.2.3.4"),
+        ] {
+            let peer = SocketAddr::new(ip.parse().unwrap(), 5);
+            let mut h = HeaderMap::new();
+            append_forwarded_for(&mut h, peer);
+            assert_eq!(h[name], text);
+            assert_eq!(peer.ip().to_string(), text, "as std writes it");
+            append_forwarded_for(&mut h, peer);
+            assert_eq!(h[name], format!("{text}, {text}"));
+        }
+        // A previous value that is not text is replaced, not copied.
+        let mut h = HeaderMap::new();
+        h.insert(name, HeaderValue::from_bytes(b"caf\xe9").unwrap());
+        append_forwarded_for(&mut h, "1.2.3.4:5".parse().unwrap());
+        assert_eq!(h[name], "1.2.3.4");
     }
 
     /// Each hop-by-hop header alone (no `Connection` to name it) is found.

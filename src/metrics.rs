@@ -94,6 +94,16 @@ impl LatencyHistogram {
         self.0.counts[i].fetch_add(1, Ordering::Relaxed);
         self.0.sum_ns.fetch_add(ns, Ordering::Relaxed);
     }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.0.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Sum of the observations so far, in seconds.
+    pub fn sum_seconds(&self) -> f64 {
+        self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9
+    }
 }
 
 impl prometheus_client::metrics::TypedMetric for LatencyHistogram {
@@ -109,8 +119,7 @@ impl EncodeMetric for LatencyHistogram {
             })
             .collect();
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
-        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(self.sum_seconds(), count, &buckets, None)
     }
 
     fn metric_type(&self) -> prometheus_client::metrics::MetricType {
@@ -141,5 +150,9 @@ mod tests {
         };
         assert_eq!(buckets(&a), buckets(&b), "{a}\n{b}");
         assert!(a.contains("h_sum 20.073501"), "{a}");
+        let mine = LatencyHistogram::default();
+        mine.observe(Duration::from_millis(250));
+        mine.observe(Duration::from_millis(750));
+        assert_eq!((mine.count(), mine.sum_seconds()), (2, 1.0));
     }
 }

@@ -244,9 +244,7 @@ impl Shared {
                     self.stats.raises_expired.fetch_add(1, Ordering::Relaxed);
                 }
                 let took = started.elapsed();
-                self.stats.raises.fetch_add(1, Ordering::Relaxed);
-                self.stats.raise_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-                self.stats.raise_latency.observe(took.as_secs_f64());
+                self.stats.raise_latency.observe(took);
                 return Ok(t);
             }
             waiting.set_missing(&missing);
@@ -310,8 +308,8 @@ impl Shared {
             "writable": self.writable(),
             "replicas": replicas,
             "acks": per_lock,
-            "raises": s.raises.load(Ordering::Relaxed),
-            "raise_seconds_total": s.raise_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "raises": s.raise_latency.count(),
+            "raise_seconds_total": s.raise_latency.sum_seconds(),
             "raises_waiting": s.raises_waiting.load(Ordering::Relaxed),
             "raises_expired": s.raises_expired.load(Ordering::Relaxed),
             "raise_timeouts": s.raise_timeouts.load(Ordering::Relaxed),

@@ -60,9 +60,7 @@ impl Shared {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-}
 
-impl Shared {
     /// The first step of a graceful exit: this replica forwards no write
     /// from now on, for good (`check_shared` refuses). Writes already past
     /// that check are the caller's to abort and wait out (`filter::serve`).

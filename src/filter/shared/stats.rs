@@ -9,19 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use prometheus_client::encoding::DescriptorEncoder;
-use prometheus_client::metrics::histogram::Histogram;
 
 use crate::metrics;
 
 /// Counters and the last view of the replica set.
 #[derive(Debug)]
 pub struct SharedStats {
-    /// Raises that completed (every live replica acknowledged).
-    pub raises: AtomicU64,
-    /// Total microseconds from a raise's CAS to the last acknowledgement.
-    pub raise_us: AtomicU64,
-    /// The same, as a histogram (`fencegate_filter_mark_raise_seconds`).
-    pub raise_latency: Histogram,
+    /// Raises that completed (every live replica acknowledged), timed from
+    /// the CAS to the last acknowledgement: its count is the number of
+    /// raises, its sum their total time.
+    pub raise_latency: metrics::LatencyHistogram,
     /// Raises now waiting for some replica's acknowledgement.
     pub raises_waiting: AtomicU64,
     /// Raises that completed only because a replica that had not
@@ -38,9 +35,7 @@ pub struct SharedStats {
 impl Default for SharedStats {
     fn default() -> Self {
         SharedStats {
-            raises: AtomicU64::new(0),
-            raise_us: AtomicU64::new(0),
-            raise_latency: metrics::latency_histogram(),
+            raise_latency: metrics::LatencyHistogram::default(),
             raises_waiting: AtomicU64::new(0),
             raises_expired: AtomicU64::new(0),
             raise_timeouts: AtomicU64::new(0),
@@ -94,8 +89,13 @@ impl SharedStats {
                 per.iter().map(move |(r, t)| (vec![("lock", lock.clone()), ("replica", r.clone())], *t as i64))
             }),
         )?;
+        metrics::encode_counter(
+            enc,
+            "fencegate_filter_mark_raises",
+            "Mark raises acknowledged by every live replica",
+            self.raise_latency.count(),
+        )?;
         let counters = [
-            ("fencegate_filter_mark_raises", "Mark raises acknowledged by every live replica", &self.raises),
             (
                 "fencegate_filter_mark_raises_expired",
                 "Raises that completed only when a replica's registration went away: expired (they waited on a dead replica) or revoked by its graceful exit",

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::body::Body;
-use super::idle::Idle;
+use super::idle::{Expired, Idle};
 use super::upstream::ConnSlot;
 
 /// Limits for the accepting side of a server.
@@ -104,7 +104,9 @@ pub async fn serve_capped<H, F>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The header timeout is the connection's `Idle` watcher's (one timer
+        // per connection), not hyper's (a boxed timer armed per request).
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
@@ -175,7 +177,10 @@ pub async fn serve_capped<H, F>(
                     Ok(r) => r,
                     Err(e) => return tracing::debug!(%peer, "{e}"),
                 },
-                _ = idle.expired(idle_timeout) => return tracing::debug!(%peer, ?idle_timeout, "idle connection closed"),
+                why = idle.expired(idle_timeout, handshake_timeout) => return match why {
+                    Expired::Idle => tracing::debug!(%peer, ?idle_timeout, "idle connection closed"),
+                    Expired::Head => tracing::debug!(%peer, timeout = ?handshake_timeout, "no request head in time: connection closed"),
+                },
                 _ = kill.cancelled() => return tracing::debug!(%peer, "connection dropped at the end of the shutdown grace"),
             };
             if let Err(e) = result {
@@ -231,5 +236,49 @@ mod tests {
         assert!(!finished.load(Ordering::SeqCst), "serve_capped returned before the handler could end");
         tokio::time::sleep(Duration::from_millis(2000)).await;
         assert!(!finished.load(Ordering::SeqCst), "the handler ran on after serve_capped returned");
+    }
+
+    /// A client that dribbles a request head (a byte every 50 ms, slowloris)
+    /// is closed at the header timeout; with a longer timeout (the control)
+    /// the same client is still connected then.
+    #[tokio::test]
+    async fn a_request_head_slower_than_the_header_timeout_is_closed() {
+        async fn dribble(header_read_timeout: Duration) -> Option<Duration> {
+            use tokio::io::AsyncReadExt;
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let limits = ServerLimits { header_read_timeout, ..Default::default() };
+            let cap = connection_cap(&limits);
+            let handler = |_req, _peer| async {
+                Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync())
+            };
+            let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
+                let _ = stop_rx.await;
+            }));
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let start = tokio::time::Instant::now();
+            let mut closed = None;
+            for b in b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ".iter().chain([b'a'; 40].iter()) {
+                let mut buf = [0u8; 64];
+                tokio::select! {
+                    r = c.read(&mut buf) => {
+                        assert!(matches!(r, Ok(0) | Err(_)), "no answer to a head never finished: {r:?}");
+                        closed = Some(start.elapsed());
+                        break;
+                    }
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                if c.write_all(&[*b]).await.is_err() {
+                    closed = Some(start.elapsed());
+                    break;
+                }
+            }
+            server.abort();
+            closed
+        }
+        let took = dribble(Duration::from_millis(400)).await.expect("closed at the header timeout");
+        assert!(took >= Duration::from_millis(380) && took < Duration::from_millis(1200), "{took:?}");
+        assert_eq!(dribble(Duration::from_secs(30)).await, None, "control: a 30 s header timeout leaves it open");
     }
 }

@@ -297,7 +297,9 @@ impl Filter {
         Ok((t, req.map(RequestBody::stream)))
     }
 
-    /// [`targets`](Self::targets) for `--store s3`.
+    /// [`targets`](Self::targets) for `--store s3`. The two bodies read here
+    /// (DeleteObjects, a form POST) are read in boxed futures: rare requests,
+    /// whose futures would otherwise make every request's future bigger.
     async fn s3_targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
         let path = s3::request_path(
             req.uri().path(),
@@ -309,7 +311,7 @@ impl Filter {
         let bucket = s3::bucket_of(&path).map(str::to_owned);
         if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
             if s3::is_delete_objects(req.uri().query()) {
-                let (body, req) = read_prefix(req, |_, complete| complete).await?;
+                let (body, req) = Box::pin(read_prefix(req, |_, complete| complete)).await?;
                 let keys = s3::delete_keys(&body).map_err(|e| match e {
                     s3::KeysError::TooMany => {
                         FilterError::BodyTooLarge(format!("a DeleteObjects names more than {} keys", s3::MAX_KEYS))
@@ -321,7 +323,7 @@ impl Filter {
             }
             if let Some(boundary) = s3::form_boundary(req.headers()) {
                 let decided = |b: &[u8], complete| s3::form_key(b, &boundary, complete) != s3::FormKey::NeedMore;
-                let (body, req) = read_prefix(req, decided).await?;
+                let (body, req) = Box::pin(read_prefix(req, decided)).await?;
                 // Unreadable: checked as a write to the whole bucket, which
                 // is refused (path_spans_locks) when the bucket is split.
                 let raw = match s3::form_key(&body, &boundary, true) {

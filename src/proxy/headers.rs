@@ -60,12 +60,17 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+// Names built at compile time: `from_static` outside a constant parses the
+// name again on every call.
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Appends the client's address to `X-Forwarded-For` (an earlier proxy's
 /// value kept in front when it is text). Built in a stack buffer, IPv4
 /// written by hand: this runs on every request, and `to_string` plus
 /// `format!` allocated twice for it.
 pub(crate) fn append_forwarded_for(h: &mut HeaderMap, peer: SocketAddr) {
-    let name = HeaderName::from_static("x-forwarded-for");
+    let name = X_FORWARDED_FOR;
     let mut v: smallvec::SmallVec<[u8; 64]> = smallvec::SmallVec::new();
     if let Some(prev) = h.get(&name).filter(|p| p.to_str().is_ok()) {
         v.extend_from_slice(prev.as_bytes());
@@ -113,12 +118,19 @@ pub(crate) fn set_host(
 ) {
     let client =
         h.get(header::HOST).cloned().or_else(|| uri_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    let xfh = HeaderName::from_static("x-forwarded-host");
-    if let (Some(c), false) = (&client, h.contains_key(&xfh)) {
-        h.insert(xfh, c.clone());
+    if let (Some(c), false) = (&client, h.contains_key(X_FORWARDED_HOST)) {
+        h.insert(X_FORWARDED_HOST, c.clone());
     }
-    let host = upstream_host.cloned().or(client).unwrap_or_else(|| fallback.clone());
-    h.insert(header::HOST, host);
+    match (upstream_host, client) {
+        // The common case: the client's `Host`, already there.
+        (None, Some(_)) if h.contains_key(header::HOST) => {}
+        (Some(host), _) => {
+            h.insert(header::HOST, host.clone());
+        }
+        (None, client) => {
+            h.insert(header::HOST, client.unwrap_or_else(|| fallback.clone()));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 pub mod body;
 pub mod client;
+mod gate;
 pub mod headers;
 mod idle;
 pub mod server;

@@ -12,11 +12,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::body::Body;
+use super::gate::Gated;
 use super::idle::{Expired, Idle};
 use super::upstream::ConnSlot;
 
@@ -71,7 +73,7 @@ pub fn connection_cap(limits: &ServerLimits) -> Arc<Semaphore> {
 /// connection's own task (bounded by the header timeout), so a slow client
 /// cannot stall the accept loop.
 ///
-/// Every connection task is watched by the `GracefulShutdown` watcher and,
+/// At shutdown every connection is asked to finish (graceful shutdown) and,
 /// once the grace period is over, cancelled: none outlives this function by
 /// more than the grace period (plus its next poll).
 pub async fn serve_tls<H, F>(
@@ -110,10 +112,11 @@ pub async fn serve_capped<H, F>(
         .max_buf_size(limits.max_header_bytes.max(8192));
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    // Cancelled when the grace period is over: the graceful watcher only asks
-    // connections to close, so this is what ends those that do not.
-    let kill = tokio_util::sync::CancellationToken::new();
+    // `drain` asks every connection to finish (graceful shutdown); `kill`,
+    // cancelled when the grace period is over, ends those that have not;
+    // `tracker` knows when they all have.
+    let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
+    let tracker = tokio_util::task::TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         // Over the cap: wait for a connection to close before accepting more.
@@ -147,53 +150,108 @@ pub async fn serve_capped<H, F>(
                 Ok::<_, Infallible>(resp)
             }
         });
-        // A watcher per connection: the task owns it, the accept loop keeps
-        // the `GracefulShutdown` that signals them all.
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-        let (handshake_timeout, idle_timeout) = (limits.header_read_timeout, limits.idle_timeout);
-        let kill = kill.clone();
-        tokio::spawn(async move {
+        let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
+        let ends = Ends { idle, limits, drain: drain.clone(), kill: kill.clone() };
+        tracker.spawn(async move {
             // Held until the connection ends: that frees a place under the cap.
             let _permit = permit;
-            let io = idle.wrap(stream);
+            let io = ends.idle.wrap(stream);
             // This connection's own upstream connection (HTTP/1): opened by
             // its first forwarded request, driven by `run` in this same task.
             let slot = Arc::new(ConnSlot::default());
-            let serve = slot.run(async {
-                match tls {
-                    None => Ok(watcher.watch(builder.serve_connection(TokioIo::new(io), svc).into_owned()).await),
-                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(io)).await {
-                        Ok(Ok(tls_stream)) => Ok(watcher
-                            .watch(builder.serve_connection(TokioIo::new(tls_stream), svc).into_owned())
-                            .await),
-                        Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-                        Err(_) => Err("TLS handshake timed out".to_string()),
-                    },
-                }
-            });
-            let result = tokio::select! {
-                biased;
-                r = serve => match r {
-                    Ok(r) => r,
-                    Err(e) => return tracing::debug!(%peer, "{e}"),
-                },
-                why = idle.expired(idle_timeout, handshake_timeout) => return match why {
-                    Expired::Idle => tracing::debug!(%peer, ?idle_timeout, "idle connection closed"),
-                    Expired::Head => tracing::debug!(%peer, timeout = ?handshake_timeout, "no request head in time: connection closed"),
-                },
-                _ = kill.cancelled() => return tracing::debug!(%peer, "connection dropped at the end of the shutdown grace"),
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            let served = slot
+                .run(async {
+                    match tls {
+                        None => Ok(ends.serve(builder.serve_connection(TokioIo::new(io), svc)).await),
+                        Some(acceptor) => {
+                            match tokio::time::timeout(ends.limits.header_read_timeout, acceptor.accept(io)).await {
+                                Ok(Ok(tls)) => Ok(ends.serve(builder.serve_connection(TokioIo::new(tls), svc)).await),
+                                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                                Err(_) => Err("TLS handshake timed out".to_string()),
+                            }
+                        }
+                    }
+                })
+                .await;
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => tracing::debug!(%peer, "{why}"),
+                Err(e) => tracing::debug!(%peer, "{e}"),
             }
         });
     }
     drop(listener);
+    tracker.close();
+    drain.cancel();
     tokio::select! {
-        _ = graceful.shutdown() => tracing::debug!("all connections closed"),
+        _ = tracker.wait() => tracing::debug!("all connections closed"),
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace period over; dropping open connections");
             kill.cancel();
+        }
+    }
+}
+
+/// What ends one connection besides the connection itself.
+struct Ends {
+    idle: Idle,
+    limits: ServerLimits,
+    drain: CancellationToken,
+    kill: CancellationToken,
+}
+
+/// Why [`Ends::next`] woke.
+enum End {
+    Drain,
+    Expired(Expired),
+    Kill,
+}
+
+impl Ends {
+    /// Serves `conn` until it ends (`Ok`, or `Err` with why it was cut).
+    /// Asked to drain, it finishes the requests in flight and closes; idle,
+    /// without a request head in time, or at the end of the shutdown grace,
+    /// it is dropped. The events are [`Gated`]: not polled on every wake-up
+    /// of the connection.
+    async fn serve<C>(&self, conn: C) -> Result<(), String>
+    where
+        C: GracefulConnection,
+        C::Error: std::fmt::Display,
+    {
+        tokio::pin!(conn);
+        let mut events = std::pin::pin!(Gated::new(self.next(true)));
+        loop {
+            let end = tokio::select! {
+                biased;
+                r = conn.as_mut() => return r.map_err(|e| format!("connection ended with an error: {e}")),
+                end = events.as_mut() => end,
+            };
+            match end {
+                End::Drain => {
+                    conn.as_mut().graceful_shutdown();
+                    events.set(Gated::new(self.next(false)));
+                }
+                End::Expired(Expired::Idle) => return Err(format!("idle for {:?}: closed", self.limits.idle_timeout)),
+                End::Expired(Expired::Head) => {
+                    return Err(format!("no request head in {:?}: closed", self.limits.header_read_timeout))
+                }
+                End::Kill => return Err("dropped at the end of the shutdown grace".into()),
+            }
+        }
+    }
+
+    async fn next(&self, drain: bool) -> End {
+        let drained = async {
+            match drain {
+                true => self.drain.cancelled().await,
+                false => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.kill.cancelled() => End::Kill,
+            _ = drained => End::Drain,
+            why = self.idle.expired(self.limits.idle_timeout, self.limits.header_read_timeout) => End::Expired(why),
         }
     }
 }

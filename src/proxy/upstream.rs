@@ -354,7 +354,10 @@ impl Upstream {
         loop {
             let (mut sender, fresh) = match slot.take(&self.authority) {
                 Some(s) => (s, false),
-                None => (self.connect(slot).await?, true),
+                // Boxed: opening a connection is rare (once per downstream
+                // connection), and its future would make every request's
+                // future bigger, copied at each move.
+                None => (Box::pin(self.connect(slot)).await?, true),
             };
             if let Err(e) = sender.ready().await {
                 // Closed before anything was sent: open a new one, once.

@@ -15,6 +15,7 @@
 //! and a quarter more (the clock read and the timer per request and per
 //! read were about 3% of a hop's instructions).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -121,9 +122,35 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B> BusyBody<B> {
-    pub fn new(inner: B, busy: Busy) -> Self {
-        BusyBody { inner, busy: Some(busy) }
+pin_project_lite::pin_project! {
+    /// A handler's answer whose body keeps the connection busy until it ends.
+    /// A struct, not an `async` block: that block would keep the handler's
+    /// future twice (captured, then pinned to be awaited), and hyper boxes
+    /// it, copying it whole, on every request.
+    pub struct Served<F> {
+        #[pin]
+        fut: F,
+        busy: Option<Busy>,
+    }
+}
+
+impl<F> Served<F> {
+    pub fn new(fut: F, busy: Busy) -> Self {
+        Served { fut, busy: Some(busy) }
+    }
+}
+
+impl<F, B> Future for Served<F>
+where
+    F: Future<Output = http::Response<B>>,
+{
+    type Output = Result<http::Response<BusyBody<B>>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let resp = std::task::ready!(this.fut.poll(cx));
+        let busy = this.busy.take();
+        Poll::Ready(Ok(resp.map(|inner| BusyBody { inner, busy })))
     }
 }
 

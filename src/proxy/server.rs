@@ -1,14 +1,12 @@
 //! The accept loop shared by every server here: HTTP/1.1 and h2c (or TLS),
 //! limits, and graceful shutdown.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -19,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::Body;
 use super::gate::Gated;
-use super::idle::{Expired, Idle};
+use super::idle::{Expired, Idle, Served};
 use super::upstream::ConnSlot;
 
 /// Limits for the accepting side of a server.
@@ -140,16 +138,9 @@ pub async fn serve_capped<H, F>(
         let h = handler.clone();
         let idle = Idle::new();
         let busy = idle.clone();
-        let svc = hyper::service::service_fn(move |req| {
-            let fut = h(req, peer);
-            let busy = busy.request();
-            async move {
-                // Busy until the response body has ended too: a quiet stream
-                // (server-sent events, a slow store) is not an idle connection.
-                let resp = fut.await.map(|b| super::idle::BusyBody::new(b, busy).boxed_unsync());
-                Ok::<_, Infallible>(resp)
-            }
-        });
+        // Busy until the response body has ended too: a quiet stream
+        // (server-sent events, a slow store) is not an idle connection.
+        let svc = hyper::service::service_fn(move |req| Served::new(h(req, peer), busy.request()));
         let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
         let ends = Ends { idle, limits, drain: drain.clone(), kill: kill.clone() };
         tracker.spawn(async move {
@@ -259,6 +250,7 @@ impl Ends {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::AsyncWriteExt;
 

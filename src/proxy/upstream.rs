@@ -88,6 +88,9 @@ pub struct ConnSlot {
     inner: parking_lot::Mutex<SlotInner>,
     /// The connection task, woken when a new upstream connection is installed.
     waker: AtomicWaker,
+    /// The response timeout's timer, kept from one request to the next
+    /// (see [`ConnSlot::within`]).
+    timer: parking_lot::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
 }
 
 #[derive(Default)]
@@ -143,6 +146,22 @@ impl ConnSlot {
         }
     }
 
+    /// `fut`, or `Err` if it has not finished `timeout` from now. One timer
+    /// serves all of this connection's requests (one at a time): moving its
+    /// deadline later is an atomic update in tokio's timer wheel, where a
+    /// timer per request (`tokio::time::timeout`) was an insertion into the
+    /// wheel and a removal. Once a request is answered the timer stays
+    /// armed; if no request moves it on, it fires once, for nothing.
+    fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut timer = self.timer.lock();
+        match timer.as_mut() {
+            Some(t) => t.as_mut().reset(deadline),
+            None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        Within { fut, slot: self }
+    }
+
     fn take(&self, authority: &HeaderValue) -> Option<http1::SendRequest<RequestBody>> {
         let mut g = self.inner.lock();
         if g.authority.as_ref() != Some(authority) {
@@ -163,6 +182,32 @@ impl ConnSlot {
         g.conn = Some(Box::pin(conn));
         drop(g);
         self.waker.wake();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`ConnSlot::within`]. A struct, not an `async fn`: an `async fn`
+    /// keeps its argument and the pinned copy it polls, twice the size, and
+    /// request futures are copied whole at every move.
+    struct Within<'a, F> {
+        #[pin]
+        fut: F,
+        slot: &'a ConnSlot,
+    }
+}
+
+impl<F: Future> Future for Within<'_, F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            return Poll::Ready(Ok(out));
+        }
+        match this.slot.timer.lock().as_mut().map(|t| t.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(())),
+            _ => Poll::Pending,
+        }
     }
 }
 
@@ -321,21 +366,20 @@ impl Upstream {
         if let Some(peer) = peer {
             append_forwarded_for(req.headers_mut(), peer);
         }
-        let sent = async {
-            match slot {
-                Some(slot) => {
-                    *req.uri_mut() = self.origin_form(req.uri());
-                    self.send_own(&slot, req).await
-                }
-                None => {
-                    *req.uri_mut() = self.target(req.uri());
-                    self.client.request(req).await.map_err(|e| UpstreamError::Unavailable(error_chain(&e)))
-                }
+        let t = self.response_timeout;
+        let resp = match slot {
+            Some(slot) => {
+                *req.uri_mut() = self.origin_form(req.uri());
+                slot.within(t, self.send_own(&slot, req)).await.map_err(|_| UpstreamError::Timeout(t))??
+            }
+            None => {
+                *req.uri_mut() = self.target(req.uri());
+                tokio::time::timeout(t, self.client.request(req))
+                    .await
+                    .map_err(|_| UpstreamError::Timeout(t))?
+                    .map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?
             }
         };
-        let resp = tokio::time::timeout(self.response_timeout, sent)
-            .await
-            .map_err(|_| UpstreamError::Timeout(self.response_timeout))??;
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, body))
@@ -500,5 +544,93 @@ mod tests {
             assert!(got.starts_with(b"HTTP/1.1 200"), "request {i}: {}", String::from_utf8_lossy(&got));
         }
         assert_eq!(accepted.load(Relaxed), 3, "one upstream connection per request");
+    }
+
+    /// The response timeout with one timer per connection: a slow answer is
+    /// a 504 at the timeout, and the timer left armed by earlier requests
+    /// (moved on by each, fired for nothing while the connection was quiet)
+    /// neither cuts a later request short nor lets it wait past its own
+    /// timeout.
+    #[tokio::test]
+    async fn the_response_timeout_counts_from_each_request() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A keep-alive store: `/wait/<ms>` answers after that long.
+        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let store_addr = store.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = store.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+                    loop {
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&got[..end]).to_string();
+                            got.drain(..end + 4);
+                            let ms: u64 =
+                                head.split(' ').nth(1).and_then(|p| p.strip_prefix("/wait/")).unwrap().parse().unwrap();
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        let up = Arc::new(
+            Upstream::new(&format!("http://{store_addr}"), Duration::from_secs(1), Duration::from_millis(300)).unwrap(),
+        );
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let front_addr = front.local_addr().unwrap();
+        tokio::spawn(super::super::server::serve(
+            front,
+            super::super::server::ServerLimits::default(),
+            move |req, _| {
+                let up = up.clone();
+                async move {
+                    match up.send(req, None).await {
+                        Ok(r) => r.map(super::super::body::stream),
+                        Err(e) => e.into_response(),
+                    }
+                }
+            },
+            std::future::pending(),
+        ));
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        let mut get = async |ms: u64| {
+            let start = std::time::Instant::now();
+            c.write_all(format!("GET /wait/{ms} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes()).await.unwrap();
+            let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+            while !(got.ends_with(b"ok") || got.ends_with(b"}")) {
+                let n = c.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed after {}", String::from_utf8_lossy(&got));
+                got.extend_from_slice(&buf[..n]);
+            }
+            (String::from_utf8_lossy(&got[..12]).to_string(), start.elapsed())
+        };
+        for _ in 0..3 {
+            assert_eq!(get(0).await.0, "HTTP/1.1 200");
+        }
+        // Slower than the timeout: 504 at it.
+        let (status, took) = get(1000).await;
+        assert_eq!(status, "HTTP/1.1 504");
+        assert!(took >= Duration::from_millis(290) && took < Duration::from_millis(900), "{took:?}");
+        // Quiet past the timeout (the timer fires for nothing), then a
+        // request that takes most of its own timeout: answered.
+        assert_eq!(get(0).await.0, "HTTP/1.1 200");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, took) = get(200).await;
+        assert_eq!(status, "HTTP/1.1 200", "{took:?}");
+        // Requests that moved the deadline on do not stretch a later one's.
+        for _ in 0..5 {
+            assert_eq!(get(50).await.0, "HTTP/1.1 200");
+        }
+        let (status, took) = get(1000).await;
+        assert_eq!(status, "HTTP/1.1 504");
+        assert!(took < Duration::from_millis(900), "{took:?}");
     }
 }

@@ -237,15 +237,41 @@ where
         let Some(token) = token.filter(|_| !l.cfg.unsafe_no_self_fence) else { return Box::pin(fut) };
         let (rx, lock) = (l.status.clone(), l.cfg.lock.clone());
         let until = Instant::now() + l.cfg.write_deadline;
-        Box::pin(async move {
-            tokio::select! {
-                r = fut => r,
-                why = stops_being_safe(rx, token, until) => {
-                    tracing::warn!(%lock, token = token.get(), reason = why.code(), "write aborted while streaming to the upstream");
-                    Ok(why.answer(&lock))
-                }
-            }
-        })
+        Box::pin(CutOff { fut, guard: stops_being_safe(rx, token, until), lock, token })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A forwarded write, or the answer that it was cut off once `guard`
+    /// resolves. A struct, not an `async` block with a `select!`: that block
+    /// keeps the write's future twice (captured, then pinned to be polled),
+    /// and boxing it copied twice its size on every write.
+    struct CutOff<F, G> {
+        #[pin]
+        fut: F,
+        #[pin]
+        guard: G,
+        lock: LockName,
+        token: token::Token,
+    }
+}
+
+impl<F, G, E> Future for CutOff<F, G>
+where
+    F: Future<Output = Result<Response<Body>, E>>,
+    G: Future<Output = Cutoff>,
+{
+    type Output = Result<Response<Body>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
+            return Poll::Ready(r);
+        }
+        let why = std::task::ready!(this.guard.poll(cx));
+        let (lock, token) = (&*this.lock, this.token.get());
+        tracing::warn!(%lock, token, reason = why.code(), "write aborted while streaming to the upstream");
+        Poll::Ready(Ok(why.answer(lock)))
     }
 }
 

@@ -237,7 +237,7 @@ where
         let Some(token) = token.filter(|_| !l.cfg.unsafe_no_self_fence) else { return Box::pin(fut) };
         let (rx, lock) = (l.status.clone(), l.cfg.lock.clone());
         let until = Instant::now() + l.cfg.write_deadline;
-        Box::pin(CutOff { fut, guard: stops_being_safe(rx, token, until), lock, token })
+        Box::pin(CutOff { write: Write::Sending { fut }, guard: stops_being_safe(rx, token, until), lock, token })
     }
 }
 
@@ -248,11 +248,21 @@ pin_project_lite::pin_project! {
     /// and boxing it copied twice its size on every write.
     struct CutOff<F, G> {
         #[pin]
-        fut: F,
+        write: Write<F>,
         #[pin]
         guard: G,
         lock: LockName,
         token: token::Token,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The write's own future, dropped the moment it is cut off (that closes
+    /// its upstream connection: no more of its body goes out).
+    #[project = WriteProj]
+    enum Write<F> {
+        Sending { #[pin] fut: F },
+        Dropped,
     }
 }
 
@@ -264,11 +274,14 @@ where
     type Output = Result<Response<Body>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(r) = this.fut.poll(cx) {
-            return Poll::Ready(r);
+        let mut this = self.project();
+        if let WriteProj::Sending { fut } = this.write.as_mut().project() {
+            if let Poll::Ready(r) = fut.poll(cx) {
+                return Poll::Ready(r);
+            }
         }
         let why = std::task::ready!(this.guard.poll(cx));
+        this.write.set(Write::Dropped);
         let (lock, token) = (&*this.lock, this.token.get());
         tracing::warn!(%lock, token, reason = why.code(), "write aborted while streaming to the upstream");
         Poll::Ready(Ok(why.answer(lock)))

@@ -18,7 +18,7 @@ use std::fmt;
 use std::num::NonZeroU64;
 use std::str::FromStr;
 
-use http::{HeaderMap, HeaderName, Method};
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::{Deserialize, Serialize};
 
 /// `Fencing-Lock`: which lock the token belongs to.
@@ -185,9 +185,27 @@ fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a st
 
 /// Writes the two headers, replacing any present.
 pub fn insert_headers(headers: &mut HeaderMap, lock: &LockName, token: Token) {
-    // Both values are validated ASCII, so the conversions cannot fail.
-    headers.insert(LOCK_HEADER.clone(), lock.as_str().parse().expect("lock names are header-safe"));
+    insert_headers_with(headers, &lock_header_value(lock), token);
+}
+
+/// `Fencing-Lock`'s value for `lock`.
+pub fn lock_header_value(lock: &LockName) -> HeaderValue {
+    // Validated ASCII, so the conversion cannot fail.
+    lock.as_str().parse().expect("lock names are header-safe")
+}
+
+/// [`insert_headers`] with the lock's value made once by
+/// [`lock_header_value`]: a sidecar sends the same lock on every write.
+pub fn insert_headers_with(headers: &mut HeaderMap, lock: &HeaderValue, token: Token) {
+    headers.insert(LOCK_HEADER.clone(), lock.clone());
     headers.insert(TOKEN_HEADER.clone(), token.get().into());
+}
+
+/// The token alone, for a request whose headers this process wrote itself
+/// ([`insert_headers`]): `None` when it has none, or anything but one valid
+/// token. Not for requests from outside: [`parse_headers`] checks both.
+pub fn token_of(headers: &HeaderMap) -> Option<Token> {
+    single(headers, &TOKEN_HEADER).ok().flatten()?.parse().ok()
 }
 
 /// Removes every `Fencing-*` header: the sidecar's trust boundary.
@@ -284,6 +302,23 @@ mod tests {
         }
         let ok = "a".repeat(128);
         assert!(parse_headers(&hm(&[("Fencing-Lock", &ok), ("Fencing-Token", "1")])).is_ok());
+    }
+
+    /// What the sidecar reads back from headers it wrote: the token, and
+    /// nothing from a request with none, two, or a bad one.
+    #[test]
+    fn token_of_reads_what_insert_headers_wrote() {
+        let lock: LockName = "orders".parse().unwrap();
+        let mut h = hm(&[("x-keep", "1")]);
+        assert_eq!(token_of(&h), None);
+        insert_headers(&mut h, &lock, Token::new(42).unwrap());
+        assert_eq!(token_of(&h), Some(Token::new(42).unwrap()));
+        assert_eq!(parse_headers(&h).unwrap(), Fence { lock: lock.clone(), token: Token::new(42).unwrap() });
+        insert_headers_with(&mut h, &lock_header_value(&lock), Token::new(43).unwrap());
+        assert_eq!(parse_headers(&h).unwrap().token.get(), 43, "replaced, not appended");
+        for bad in [vec![("Fencing-Token", "1"), ("Fencing-Token", "2")], vec![("Fencing-Token", "0")]] {
+            assert_eq!(token_of(&hm(&bad)), None, "{bad:?}");
+        }
     }
 
     #[test]

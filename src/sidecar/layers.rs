@@ -97,6 +97,8 @@ pub struct InjectTokenLayer {
     stats: Arc<ProxyStats>,
     /// Set when the sidecar is shutting down: no new writes.
     stopping: Arc<std::sync::atomic::AtomicBool>,
+    /// `Fencing-Lock`'s value, made once.
+    lock_value: http::HeaderValue,
 }
 
 impl InjectTokenLayer {
@@ -106,7 +108,8 @@ impl InjectTokenLayer {
         stats: Arc<ProxyStats>,
         stopping: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
-        InjectTokenLayer { cfg: Arc::new(cfg), status, stats, stopping }
+        let lock_value = token::lock_header_value(&cfg.lock);
+        InjectTokenLayer { cfg: Arc::new(cfg), status, stats, stopping, lock_value }
     }
 }
 
@@ -151,7 +154,7 @@ where
         let stopping = l.stopping.load(Ordering::Relaxed);
         if is_write || l.cfg.reads_need_lease {
             match token {
-                Some(t) if !stopping => token::insert_headers(req.headers_mut(), &l.cfg.lock, t),
+                Some(t) if !stopping => token::insert_headers_with(req.headers_mut(), &l.lock_value, t),
                 _ => {
                     let counter = if is_write { &l.stats.writes_refused } else { &l.stats.reads_refused };
                     counter.fetch_add(1, Ordering::Relaxed);
@@ -232,7 +235,7 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let l = &self.layer;
         // Only requests that InjectToken gave a token (the app's own were stripped).
-        let token = token::parse_headers(req.headers()).ok().map(|f| f.token);
+        let token = token::token_of(req.headers());
         let fut = self.inner.call(req);
         let Some(token) = token.filter(|_| !l.cfg.unsafe_no_self_fence) else { return Box::pin(fut) };
         let (rx, lock) = (l.status.clone(), l.cfg.lock.clone());

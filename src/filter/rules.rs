@@ -138,7 +138,9 @@ fn decode(raw: &str) -> Result<Vec<u8>, String> {
 /// The path in a `Destination` header (an absolute URL or an absolute path),
 /// still encoded, or `None` when there is no such header.
 pub fn destination(headers: &HeaderMap) -> Result<Option<String>, FilterError> {
-    let mut all = headers.get_all("destination").iter();
+    // Built at compile time: a `&str` name is parsed again on every lookup.
+    const DESTINATION: http::HeaderName = http::HeaderName::from_static("destination");
+    let mut all = headers.get_all(DESTINATION).iter();
     let Some(v) = all.next() else { return Ok(None) };
     let bad = |why: &str| FilterError::DestinationMalformed(why.to_string());
     if all.next().is_some() {

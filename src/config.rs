@@ -24,7 +24,9 @@ pub use crate::duration::parse as duration;
 /// Limits shared by every server.
 #[derive(Args, Debug, Clone)]
 pub struct LimitArgs {
-    /// How long a client may take to send a request head.
+    /// How long a client may take to send a request head: a connection with no request in flight for this long is
+    /// closed, bytes or not (a head sent a byte at a time; idle keep-alive and h2c connections too). Takes effect
+    /// between this and a quarter more.
     #[arg(long, env = "FENCEGATE_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub header_timeout: Duration,
     /// Largest request head accepted, in bytes.

@@ -116,14 +116,20 @@ pub(crate) fn set_host(
     upstream_host: Option<&HeaderValue>,
     fallback: &HeaderValue,
 ) {
-    let client =
-        h.get(header::HOST).cloned().or_else(|| uri_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let (client, single) = {
+        let mut hosts = h.get_all(header::HOST).iter();
+        (hosts.next().cloned(), hosts.next().is_none())
+    };
+    // Exactly one `Host` of the client's own goes as it is; a repeated one is
+    // sent once (its first value), as before.
+    let kept = client.is_some() && single;
+    let client = client.or_else(|| uri_authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     if let (Some(c), false) = (&client, h.contains_key(X_FORWARDED_HOST)) {
         h.insert(X_FORWARDED_HOST, c.clone());
     }
     match (upstream_host, client) {
-        // The common case: the client's `Host`, already there.
-        (None, Some(_)) if h.contains_key(header::HOST) => {}
+        // The common case: the client's one `Host`, already there.
+        (None, Some(_)) if kept => {}
         (Some(host), _) => {
             h.insert(header::HOST, host.clone());
         }
@@ -173,6 +179,12 @@ mod tests {
         set_host(&mut h, None, None, &fallback);
         assert_eq!(h[header::HOST], "store:80");
         assert!(!h.contains_key("x-forwarded-host"));
+        // A repeated Host goes once, its first value.
+        let mut h = HeaderMap::new();
+        h.append(header::HOST, "a.example".parse().unwrap());
+        h.append(header::HOST, "b.example".parse().unwrap());
+        set_host(&mut h, None, None, &fallback);
+        assert_eq!(h.get_all(header::HOST).iter().collect::<Vec<_>>(), ["a.example"]);
     }
 
     #[test]

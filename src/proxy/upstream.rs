@@ -487,6 +487,29 @@ mod tests {
         assert!(Upstream::new("https://h", Duration::ZERO, Duration::ZERO).is_err());
     }
 
+    /// A proxy in front of `store` (the real accept loop and per-connection
+    /// upstream), with this response timeout; its address.
+    async fn front(store: SocketAddr, response_timeout: Duration) -> SocketAddr {
+        let up = Arc::new(Upstream::new(&format!("http://{store}"), Duration::from_secs(1), response_timeout).unwrap());
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(super::super::server::serve(
+            front,
+            super::super::server::ServerLimits::default(),
+            move |req, _| {
+                let up = up.clone();
+                async move {
+                    match up.send(req, None).await {
+                        Ok(r) => r.map(super::super::body::stream),
+                        Err(e) => e.into_response(),
+                    }
+                }
+            },
+            std::future::pending(),
+        ));
+        addr
+    }
+
     /// A store that closes its connection after every answer: each request on
     /// one keep-alive downstream connection gets a new upstream connection.
     #[tokio::test]
@@ -513,25 +536,7 @@ mod tests {
                 });
             }
         });
-        let up = Arc::new(
-            Upstream::new(&format!("http://{store_addr}"), Duration::from_secs(1), Duration::from_secs(5)).unwrap(),
-        );
-        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        tokio::spawn(super::super::server::serve(
-            front,
-            super::super::server::ServerLimits::default(),
-            move |req, _| {
-                let up = up.clone();
-                async move {
-                    match up.send(req, None).await {
-                        Ok(r) => r.map(super::super::body::stream),
-                        Err(e) => e.into_response(),
-                    }
-                }
-            },
-            std::future::pending(),
-        ));
+        let front_addr = front(store_addr, Duration::from_secs(5)).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
         for i in 0..3 {
             c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
@@ -581,25 +586,7 @@ mod tests {
                 });
             }
         });
-        let up = Arc::new(
-            Upstream::new(&format!("http://{store_addr}"), Duration::from_secs(1), Duration::from_millis(300)).unwrap(),
-        );
-        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let front_addr = front.local_addr().unwrap();
-        tokio::spawn(super::super::server::serve(
-            front,
-            super::super::server::ServerLimits::default(),
-            move |req, _| {
-                let up = up.clone();
-                async move {
-                    match up.send(req, None).await {
-                        Ok(r) => r.map(super::super::body::stream),
-                        Err(e) => e.into_response(),
-                    }
-                }
-            },
-            std::future::pending(),
-        ));
+        let front_addr = front(store_addr, Duration::from_millis(300)).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
         let mut get = async |ms: u64| {
             let start = std::time::Instant::now();

@@ -12,14 +12,40 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 
-/// A free loopback port (bound, then released).
+/// A free loopback port for a process a test starts (bound, then released).
+///
+/// Taken below the kernel's ephemeral range, not with `bind(0)`: a port from that range can be taken by any outgoing
+/// connection of the busy suite between this call and the process binding it, and the process then fails to start
+/// (etcd once did, in CI). A counter from a per-process start keeps two tests of one binary apart.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let high = ephemeral_low().unwrap_or(32_768);
+    if high <= LOW + 1_000 {
+        // A machine whose ephemeral range starts low: nothing below it to pick from.
+        return StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    let span = high - LOW;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{high}");
+}
+
+/// The first port of the kernel's ephemeral range (Linux: `ip_local_port_range`).
+fn ephemeral_low() -> Option<u32> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    range.split_whitespace().next()?.parse().ok()
 }
 
 /// Waits until something accepts TCP connections on `addr`.
@@ -75,6 +101,24 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    /// Waits until the process accepts TCP connections on `addr`, failing at once, with its log, if it exits first.
+    pub fn wait_listening(&mut self, addr: SocketAddr, within: Duration) -> Result<(), String> {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return Err(format!(
+                    "{} exited ({st}) before listening on {addr}; log:\n{}",
+                    self.name,
+                    self.log_text()
+                ));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("{} does not listen on {addr} after {within:?}; log:\n{}", self.name, self.log_text()))
     }
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -432,8 +476,25 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts the etcd of [`etcd_version`] and checks that the server reports that version.
+    /// Starts the etcd of [`etcd_version`] and checks that the server reports that version. A start that fails is
+    /// tried again on new ports and a new data dir (twice at most), its log printed: the suite must not fail on a
+    /// port that another program took first.
     pub fn start() -> Etcd {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            let mut e = Etcd::on_free_ports();
+            match e.try_resume() {
+                Ok(()) => return e,
+                Err(why) => {
+                    eprintln!("etcd did not start, trying again on new ports: {why}");
+                    failures.push(why);
+                }
+            }
+        }
+        panic!("etcd did not start in 3 tries:\n{}", failures.join("\n---\n"));
+    }
+
+    fn on_free_ports() -> Etcd {
         let bin = etcd_bin();
         let dir = tempfile::tempdir().unwrap();
         let (cport, pport) = (free_port(), free_port());
@@ -462,32 +523,38 @@ impl Etcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let mut e = Etcd { proc: None, client_url, dir, args, bin };
-        e.resume();
-        e
+        Etcd { proc: None, client_url, dir, args, bin }
     }
 
     /// Starts etcd again on the same data dir and ports.
     pub fn resume(&mut self) {
-        let p = spawn("etcd", self.dir.path(), &self.bin, &self.args, &[("ETCD_UNSUPPORTED_ARCH", "")]);
-        self.proc = Some(p);
+        self.try_resume().unwrap_or_else(|why| panic!("{why}"));
+    }
+
+    /// Starts etcd and waits until it answers `/health`; on failure it is stopped again.
+    fn try_resume(&mut self) -> Result<(), String> {
+        let mut p = spawn("etcd", self.dir.path(), &self.bin, &self.args, &[("ETCD_UNSUPPORTED_ARCH", "")]);
         let addr: SocketAddr = self.client_url.trim_start_matches("http://").parse().unwrap();
-        wait_port(addr, Duration::from_secs(15));
+        p.wait_listening(addr, Duration::from_secs(15))?;
+        self.proc = Some(p);
         // Ready once it answers a request.
         let end = Instant::now() + Duration::from_secs(15);
         while Instant::now() < end {
             if let Ok(mut s) = TcpStream::connect(addr) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
                 let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
                 let mut buf = String::new();
                 let _ = s.read_to_string(&mut buf);
                 if buf.contains("\"health\":\"true\"") {
                     self.check_version();
-                    return;
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("etcd did not become healthy");
+        let log = self.proc.as_ref().map(Proc::log_text).unwrap_or_default();
+        self.stop();
+        Err(format!("etcd did not become healthy on {addr}; log:\n{log}"))
     }
 
     /// The running server's version (`GET /version`'s `etcdserver`, e.g. `3.5.1`).

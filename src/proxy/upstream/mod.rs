@@ -12,28 +12,27 @@
 //! * **Pooled** (h2c downstream, which multiplexes; anything outside a
 //!   connection task): hyper-util's pooled client.
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
 use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
+
+mod slot;
+
+pub use slot::ConnSlot;
+use slot::SLOT;
 
 /// A client for one upstream base URL: per-connection upstreams where the
 /// caller runs inside a connection task with a [`ConnSlot`], else a pool.
@@ -69,237 +68,6 @@ impl UpstreamError {
                 json_error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &self.to_string(), None)
             }
         }
-    }
-}
-
-type UpConn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
-
-tokio::task_local! {
-    /// The current downstream connection's upstream slot (set by the accept
-    /// loop around each HTTP/1 connection's task).
-    static SLOT: Arc<ConnSlot>;
-}
-
-/// One downstream connection's own upstream connection. The accept loop
-/// creates one per connection and serves the connection in
-/// [`ConnSlot::run`].
-#[derive(Debug, Default)]
-pub struct ConnSlot {
-    inner: parking_lot::Mutex<SlotInner>,
-    /// The connection task, woken when a new upstream connection is installed.
-    waker: AtomicWaker,
-    /// The response timeout's timer, kept from one request to the next
-    /// (see [`ConnSlot::within`]).
-    timer: parking_lot::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
-}
-
-#[derive(Default)]
-struct SlotInner {
-    /// Which upstream the connection goes to (one server, one upstream; a
-    /// request for another one uses the pool).
-    authority: Option<HeaderValue>,
-    sender: Option<http1::SendRequest<RequestBody>>,
-    conn: Option<Pin<Box<UpConn>>>,
-}
-
-impl std::fmt::Debug for SlotInner {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlotInner").field("authority", &self.authority).field("open", &self.conn.is_some()).finish()
-    }
-}
-
-impl ConnSlot {
-    /// Runs `serve` (a downstream connection) with this slot as the one
-    /// [`Upstream::send`] uses, and drives the upstream connection beside it
-    /// in the same task; resolves with `serve`. Dropping it closes the
-    /// upstream connection.
-    ///
-    /// The two halves wake each other all the time (a request handed to the
-    /// upstream connection, its answer handed back, body chunks both ways).
-    /// Each has its own waker that only marks it, and one poll of the task
-    /// polls whichever is marked until neither is: a wake-up between the two
-    /// halves costs no trip through the scheduler.
-    pub fn run<F: Future>(self: Arc<Self>, serve: F) -> impl Future<Output = F::Output> {
-        let marks = Arc::new(Marks::default());
-        Joined {
-            serve: Box::pin(SLOT.scope(self.clone(), serve)),
-            serve_waker: Waker::from(Arc::new(Mark { marks: marks.clone(), serve: true })),
-            drive_waker: Waker::from(Arc::new(Mark { marks: marks.clone(), serve: false })),
-            marks,
-            slot: self,
-        }
-    }
-
-    fn poll_drive(&self, cx: &mut Context<'_>) {
-        self.waker.register(cx.waker());
-        let mut g = self.inner.lock();
-        if let Some(c) = g.conn.as_mut() {
-            if let Poll::Ready(r) = c.as_mut().poll(cx) {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "upstream connection ended");
-                }
-                // Closed (by the store, an error, or an abandoned request):
-                // the next request opens a new one.
-                g.conn = None;
-                g.sender = None;
-            }
-        }
-    }
-
-    /// `fut`, or `Err` if it has not finished `timeout` from now. One timer
-    /// serves all of this connection's requests (one at a time): moving its
-    /// deadline later is an atomic update in tokio's timer wheel, where a
-    /// timer per request (`tokio::time::timeout`) was an insertion into the
-    /// wheel and a removal. Once a request is answered the timer stays
-    /// armed; if no request moves it on, it fires once, for nothing.
-    fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut timer = self.timer.lock();
-        match timer.as_mut() {
-            Some(t) => t.as_mut().reset(deadline),
-            None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
-        Within { fut, slot: self }
-    }
-
-    fn take(&self, authority: &HeaderValue) -> Option<http1::SendRequest<RequestBody>> {
-        let mut g = self.inner.lock();
-        if g.authority.as_ref() != Some(authority) {
-            return None;
-        }
-        g.sender.take().filter(|s| !s.is_closed())
-    }
-
-    fn put(&self, sender: http1::SendRequest<RequestBody>) {
-        self.inner.lock().sender = Some(sender);
-    }
-
-    fn install(&self, authority: HeaderValue, conn: UpConn) {
-        let mut g = self.inner.lock();
-        g.authority = Some(authority);
-        g.sender = None;
-        // Replaces (closes) an older connection.
-        g.conn = Some(Box::pin(conn));
-        drop(g);
-        self.waker.wake();
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// See [`ConnSlot::within`]. A struct, not an `async fn`: an `async fn`
-    /// keeps its argument and the pinned copy it polls, twice the size, and
-    /// request futures are copied whole at every move.
-    struct Within<'a, F> {
-        #[pin]
-        fut: F,
-        slot: &'a ConnSlot,
-    }
-}
-
-impl<F: Future> Future for Within<'_, F> {
-    type Output = Result<F::Output, ()>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(out) = this.fut.poll(cx) {
-            return Poll::Ready(Ok(out));
-        }
-        match this.slot.timer.lock().as_mut().map(|t| t.as_mut().poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Err(())),
-            _ => Poll::Pending,
-        }
-    }
-}
-
-/// Which half of a [`ConnSlot::run`] was woken, and the task to wake.
-#[derive(Debug)]
-struct Marks {
-    serve: AtomicBool,
-    drive: AtomicBool,
-    /// Set while the task polls the halves: a wake-up then only marks.
-    polling: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Default for Marks {
-    fn default() -> Self {
-        Marks {
-            serve: AtomicBool::new(true),
-            drive: AtomicBool::new(true),
-            polling: AtomicBool::new(false),
-            task: AtomicWaker::new(),
-        }
-    }
-}
-
-impl Marks {
-    fn any(&self) -> bool {
-        self.serve.load(SeqCst) || self.drive.load(SeqCst)
-    }
-}
-
-struct Mark {
-    marks: Arc<Marks>,
-    serve: bool,
-}
-
-impl Wake for Mark {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        let m = &self.marks;
-        (if self.serve { &m.serve } else { &m.drive }).store(true, SeqCst);
-        if !m.polling.load(SeqCst) {
-            m.task.wake();
-        }
-    }
-}
-
-/// See [`ConnSlot::run`].
-struct Joined<F> {
-    serve: Pin<Box<F>>,
-    serve_waker: Waker,
-    drive_waker: Waker,
-    marks: Arc<Marks>,
-    slot: Arc<ConnSlot>,
-}
-
-/// Most rounds of polling in one poll of the task, so one busy connection
-/// cannot starve the others on its thread.
-const MAX_ROUNDS: usize = 32;
-
-impl<F: Future> Future for Joined<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        let m = &*this.marks;
-        m.task.register(cx.waker());
-        m.polling.store(true, SeqCst);
-        for _ in 0..MAX_ROUNDS {
-            if m.drive.swap(false, SeqCst) {
-                this.slot.poll_drive(&mut Context::from_waker(&this.drive_waker));
-            }
-            if m.serve.swap(false, SeqCst) {
-                if let Poll::Ready(out) = this.serve.as_mut().poll(&mut Context::from_waker(&this.serve_waker)) {
-                    m.polling.store(false, SeqCst);
-                    return Poll::Ready(out);
-                }
-            }
-            if !m.any() {
-                // A wake-up from another thread after the check above sees
-                // `polling` false and wakes the task; one before it is seen here.
-                m.polling.store(false, SeqCst);
-                if !m.any() {
-                    return Poll::Pending;
-                }
-                m.polling.store(true, SeqCst);
-            }
-        }
-        m.polling.store(false, SeqCst);
-        cx.waker().wake_by_ref();
-        Poll::Pending
     }
 }
 
@@ -475,6 +243,7 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[test]
     fn target_joins_base_path_and_query() {

@@ -163,7 +163,8 @@ pub struct FilterArgs {
     #[arg(long, env = "FENCEGATE_STORE", value_enum, default_value = "plain")]
     pub store: crate::filter::Store,
     /// With --store s3: requests with `Host: BUCKET.DOMAIN` (virtual-hosted style) are matched as /BUCKET/...;
-    /// it must be the domain the store itself takes virtual-hosted names for.
+    /// it must be the domain the store itself takes virtual-hosted names for. Not with --upstream-host (the store
+    /// would read the path as another bucket).
     #[arg(long, env = "FENCEGATE_S3_DOMAIN")]
     pub s3_domain: Option<String>,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
@@ -251,6 +252,14 @@ impl FilterArgs {
         };
         if self.s3_domain.is_some() && self.store != crate::filter::Store::S3 {
             return Err("--s3-domain needs --store s3".into());
+        }
+        // The filter would match a virtual-hosted request by the client's
+        // `Host` (`bucket.domain`) and the store, sent `--upstream-host`
+        // instead, would read its path as another bucket: another lock's.
+        if self.s3_domain.is_some() && self.upstream_host.is_some() {
+            return Err("--s3-domain and --upstream-host exclude each other: the store would not see the bucket the \
+                        filter matched in the client's Host"
+                .into());
         }
         Ok(FilterConfig {
             upstream: self.upstream.clone().ok_or("--upstream is required")?,
@@ -611,6 +620,19 @@ mod tests {
         let big = ["t", "set-mark", "--state-dir", "/d", "--lock", "l", "--token", "9223372036854775808"];
         assert!(FilterOrRepair::try_parse_from(big).is_err());
         assert!(FilterOrRepair::try_parse_from(["t", "--state-dir", "/d", "--lock", "l"]).is_err());
+    }
+
+    /// Found in review: with both, the filter matched a virtual-hosted
+    /// request by the client's `Host` and the store, sent another `Host`,
+    /// read the path as another bucket.
+    #[test]
+    fn s3_domain_and_upstream_host_exclude_each_other() {
+        let f = ["t", "--upstream", "http://s", "--state-dir", "/d", "--lock", "l", "--store", "s3"];
+        let with = |more: &[&str]| Filter::try_parse_from([&f[..], more].concat()).unwrap().f.config();
+        assert!(with(&["--s3-domain", "s3.test"]).is_ok());
+        assert!(with(&["--upstream-host", "store"]).is_ok());
+        let both = with(&["--s3-domain", "s3.test", "--upstream-host", "store"]).unwrap_err();
+        assert!(both.contains("exclude each other"), "{both}");
     }
 
     /// `--etcd` is required for the sidecar, optional for the filter (no

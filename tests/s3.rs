@@ -262,3 +262,42 @@ async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "fencing_lock_mismatch"), "{r}");
     assert_eq!(stored(&weed, "split"), ["a/v"]);
 }
+
+/// A write's target is decided on the request as it is forwarded. Found in review: a request whose `Connection`
+/// header names `Host` had its `Host` matched by the filter (`Host: split.s3.test`, so `/aaa/x` read as
+/// `/split/aaa/x`, lockA's), then removed as hop-by-hop before forwarding; the store, given the upstream's own address
+/// as `Host`, read it path-style as bucket `aaa`, key `x`: lockB's object, written with lockA's token. The request is
+/// signed (SigV4) for exactly what the store then sees, so the store's signature check does not stop it.
+///
+/// Now the filter strips hop-by-hop headers first and matches what is left: `/aaa/x`, lockB's, refused 403
+/// `fencing_lock_mismatch`, and bucket `aaa` stays empty. Control: what the store is handed once `Host` is dropped
+/// (signed for its own address, path-style) is a request it accepts: sent straight to it, it is stored, so the
+/// refusal is the filter's and not a bad signature. Fails on the old code: 200 and `aaa/x` stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_named_in_connection_cannot_move_a_write_to_another_lock() {
+    let weed = SeaweedFs::start();
+    for b in ["split", "aaa"] {
+        weed.create_bucket(b);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args =
+        ["--protect", "/split/aaa/=lockA", "--protect", "/aaa/=lockB", "--store", "s3", "--s3-domain", "s3.test"];
+    let f = FilterProc::start(dir.path(), &weed.url(), &dir.path().join("s3"), &args);
+    // Signed path-style for the store's own address, bucket `aaa`; sent to `to` with `Host` and `Connection` changed.
+    let put = |to: &str, key: &str| {
+        let headers = serde_json::json!({"Host": "split.s3.test", "Connection": "host"});
+        call(serde_json::json!({
+            "endpoint": weed.url(), "op": "put", "bucket": "aaa", "key": key, "data": "zombie",
+            "lock": "lockA", "token": 1, "send_as": {"url": to, "headers": headers},
+        }))
+    };
+    let r = put(&f.url(), "x");
+    assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "fencing_lock_mismatch"), "{r}");
+    assert_eq!(stored(&weed, "aaa"), Vec::<String>::new(), "lockB's bucket written with lockA's token");
+    // Control: the request as the store was handed it (no `Host` of the client's, path-style), straight to it.
+    let r = call(serde_json::json!({
+        "endpoint": weed.url(), "op": "put", "bucket": "aaa", "key": "y", "data": "ok", "lock": "lockA", "token": 1,
+    }));
+    assert_eq!(r["status"], 200, "control: {r}");
+    assert_eq!(stored(&weed, "aaa"), ["y"], "control");
+}

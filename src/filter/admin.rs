@@ -125,7 +125,7 @@ impl Filter {
             self.refusals.count(&self.locks, Some(&lock), &e);
             return Err(e);
         }
-        if let Err(e) = entry.fence(token, Instant::now() + wait).await {
+        if let Err(e) = entry.fence(token, crate::duration::after(wait)).await {
             let e = FilterError::from(e);
             self.refusals.count(&self.locks, Some(&lock), &e);
             return Err(e);

@@ -238,7 +238,7 @@ impl Filter {
     /// `--abort-grace` since the abort to land (an aborted write may still be
     /// applied by the store: the barrier's own abort rule).
     async fn settle_before_leaving(&self) {
-        let until = Instant::now() + self.cfg.barrier.abort_grace;
+        let until = crate::duration::after(self.cfg.barrier.abort_grace);
         let in_flight = || self.locks.all().iter().any(|e| !e.snapshot().3.is_empty());
         while in_flight() && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -346,6 +346,13 @@ impl Filter {
         req: Request<Incoming>,
         peer: SocketAddr,
     ) -> Result<Response<Body>, (Option<LockName>, FilterError)> {
+        let mut req = req;
+        // Hop-by-hop headers go before anything is matched: the target is
+        // decided on the request as it will be forwarded. A `Connection:
+        // host` would otherwise have its `Host` matched here (an S3 virtual
+        // host naming one lock's bucket) and then dropped on the way out, so
+        // that the store read the path as another bucket, another lock's.
+        proxy::strip_hop_by_hop(req.headers_mut());
         let is_write = self.cfg.read_methods.is_write(req.method());
         if !is_write && !self.cfg.fence_reads {
             return self.pass(up, req.map(RequestBody::stream), peer).await.map_err(|e| (None, e));
@@ -365,7 +372,7 @@ impl Filter {
         let fence = token::parse_headers(req.headers()).map_err(|e| (None, e.into()))?;
         targets.check_lock(&fence.lock).map_err(|e| (Some(lock.clone()), e))?;
         let entry = self.locks.entry(&lock);
-        let deadline = Instant::now() + self.cfg.max_wait;
+        let deadline = crate::duration::after(self.cfg.max_wait);
         self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
         // Checked again right before forwarding: the admission may have

@@ -137,7 +137,7 @@ impl LeaseBackend for Embedded {
         let g = self.with(|st| {
             st.next_lease += 1;
             let id = st.next_lease;
-            st.leases.insert(id, LeaseRec { ttl, expires: Instant::now() + ttl });
+            st.leases.insert(id, LeaseRec { ttl, expires: crate::duration::after(ttl) });
             Granted { id, ttl }
         });
         async move { Ok(g) }.boxed()
@@ -146,7 +146,7 @@ impl LeaseBackend for Embedded {
     fn keep_alive(&self, lease: i64) -> BoxFuture<'_, Result<Option<Duration>, LeaseError>> {
         let r = self.with(|st| {
             st.leases.get_mut(&lease).map(|l| {
-                l.expires = Instant::now() + l.ttl;
+                l.expires = crate::duration::after(l.ttl);
                 l.ttl
             })
         });

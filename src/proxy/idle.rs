@@ -33,7 +33,9 @@ struct Shared {
     /// Set by every byte read or written and every request's end; cleared
     /// by the watcher at each look.
     active: AtomicBool,
-    /// Requests started, ever (wrapping): the watcher compares it between looks.
+    /// Requests started and ended, ever (wrapping): the watcher compares it
+    /// between looks. Ends count too, so that the header timeout counts from
+    /// a request's end, not from the look before it (a quarter early).
     started: AtomicUsize,
     busy: AtomicUsize,
 }
@@ -49,6 +51,7 @@ pub struct Busy(Arc<Shared>);
 impl Drop for Busy {
     fn drop(&mut self) {
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
         touch(&self.0);
     }
 }
@@ -86,8 +89,9 @@ impl Idle {
     /// Resolves once the connection has been idle for `idle`, or has gone
     /// `head` without a request (see the module's doc), whichever is first.
     pub async fn expired(&self, idle: Duration, head: Duration) -> Expired {
-        let tick = (idle.min(head) / TICKS).max(Duration::from_millis(10));
-        let mut looks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+        // At most `FAR`: the interval adds its period to the clock at each look.
+        let tick = (idle.min(head) / TICKS).clamp(Duration::from_millis(10), crate::duration::FAR);
+        let mut looks = tokio::time::interval_at(crate::duration::after(tick), tick);
         looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut quiet, mut waiting) = (Duration::ZERO, Duration::ZERO);
         let mut seen = self.0.started.load(Ordering::Relaxed);
@@ -270,6 +274,26 @@ mod tests {
             touch(&idle.0);
         }
         assert!(waiting.is_finished(), "no request head within the header timeout and a quarter");
+        assert_eq!(waiting.await.unwrap(), Expired::Head);
+    }
+
+    /// Found in review: a look saw the request in flight, the request ended
+    /// just before the next look, and that look counted a whole tick of
+    /// waiting for a head, so the connection was closed three quarters of the
+    /// header timeout after the request's end. Fails without the end counted
+    /// (closed 24 s after it here).
+    #[tokio::test(start_paused = true)]
+    async fn the_header_timeout_counts_from_a_requests_end() {
+        let idle = Idle::new();
+        let head = Duration::from_secs(32);
+        let busy = idle.request();
+        let waiting = watch(&idle, HOUR, head);
+        // Looks every 8 s: at 8 s the request is in flight; it ends just before the look at 16 s.
+        tokio::time::sleep(Duration::from_millis(15_999)).await;
+        drop(busy);
+        tokio::time::sleep(head - Duration::from_millis(2)).await;
+        assert!(!waiting.is_finished(), "closed before the header timeout had passed since the request's end");
+        tokio::time::sleep(head / TICKS + Duration::from_millis(10)).await;
         assert_eq!(waiting.await.unwrap(), Expired::Head);
     }
 

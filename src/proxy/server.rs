@@ -72,8 +72,8 @@ pub fn connection_cap(limits: &ServerLimits) -> Arc<Semaphore> {
 /// cannot stall the accept loop.
 ///
 /// At shutdown every connection is asked to finish (graceful shutdown) and,
-/// once the grace period is over, cancelled: none outlives this function by
-/// more than the grace period (plus its next poll).
+/// once the grace period is over, cancelled, and this function waits (up to
+/// a second more) until each has seen that: none outlives it.
 pub async fn serve_tls<H, F>(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -155,7 +155,12 @@ pub async fn serve_capped<H, F>(
                     match tls {
                         None => Ok(ends.serve(builder.serve_connection(TokioIo::new(io), svc)).await),
                         Some(acceptor) => {
-                            match tokio::time::timeout(ends.limits.header_read_timeout, acceptor.accept(io)).await {
+                            let handshake = tokio::time::timeout(ends.limits.header_read_timeout, acceptor.accept(io));
+                            let shaken = tokio::select! {
+                                r = handshake => r,
+                                _ = ends.kill.cancelled() => return Err("dropped during its TLS handshake".into()),
+                            };
+                            match shaken {
                                 Ok(Ok(tls)) => Ok(ends.serve(builder.serve_connection(TokioIo::new(tls), svc)).await),
                                 Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
                                 Err(_) => Err("TLS handshake timed out".to_string()),
@@ -179,6 +184,12 @@ pub async fn serve_capped<H, F>(
         _ = tokio::time::sleep(limits.shutdown_grace) => {
             tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace period over; dropping open connections");
             kill.cancel();
+            // Each connection sees the kill at its next poll, which the
+            // cancellation wakes: none outlives this function. Bounded all
+            // the same, against a task that is stuck in a blocking call.
+            if tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await.is_err() {
+                tracing::warn!(open = tracker.len(), "connections still open a second after the grace period");
+            }
         }
     }
 }
@@ -212,10 +223,13 @@ impl Ends {
         tokio::pin!(conn);
         let mut events = std::pin::pin!(Gated::new(self.next(true)));
         loop {
+            // The events first (a flag check while none has fired): a
+            // connection killed at the end of the grace is dropped before it
+            // is polled again, so it writes nothing more upstream.
             let end = tokio::select! {
                 biased;
-                r = conn.as_mut() => return r.map_err(|e| format!("connection ended with an error: {e}")),
                 end = events.as_mut() => end,
+                r = conn.as_mut() => return r.map_err(|e| format!("connection ended with an error: {e}")),
             };
             match end {
                 End::Drain => {

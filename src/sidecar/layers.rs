@@ -239,7 +239,7 @@ where
         let fut = self.inner.call(req);
         let Some(token) = token.filter(|_| !l.cfg.unsafe_no_self_fence) else { return Box::pin(fut) };
         let (rx, lock) = (l.status.clone(), l.cfg.lock.clone());
-        let until = Instant::now() + l.cfg.write_deadline;
+        let until = crate::duration::after(l.cfg.write_deadline);
         Box::pin(CutOff { write: Write::Sending { fut }, guard: stops_being_safe(rx, token, until), lock, token })
     }
 }
@@ -278,12 +278,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        if let WriteProj::Sending { fut } = this.write.as_mut().project() {
-            if let Poll::Ready(r) = fut.poll(cx) {
-                return Poll::Ready(r);
-            }
-        }
-        let why = std::task::ready!(this.guard.poll(cx));
+        // The guard first: when it fires on the same wake-up that lets the
+        // write make progress, the write is dropped before it can hand
+        // anything more to the upstream under a token no longer safe.
+        let Poll::Ready(why) = this.guard.poll(cx) else {
+            return match this.write.as_mut().project() {
+                WriteProj::Sending { fut } => fut.poll(cx),
+                WriteProj::Dropped => Poll::Pending,
+            };
+        };
         this.write.set(Write::Dropped);
         let (lock, token) = (&*this.lock, this.token.get());
         tracing::warn!(%lock, token, reason = why.code(), "write aborted while streaming to the upstream");

@@ -5,7 +5,9 @@
 Options: "style" ("path" or "virtual"), "proxy" (send through this HTTP
 proxy, for virtual-hosted names that do not resolve), "lock" and "token"
 (Fencing-Lock / Fencing-Token headers, as a sidecar would add), "key",
-"keys", "data". Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes).
+"keys", "data", "send_as" ({"url": base URL, "headers": {...}}: after signing,
+send to that URL instead, with these headers set: a request signed for one
+place and sent as another). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes).
 Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -41,7 +43,17 @@ def keep(http_response, **_):
     last["body"] = http_response.content.decode("utf-8", "replace")
 
 
+def send_as(request, **_):
+    to = a["send_as"]
+    path = request.url.split("/", 3)[3] if request.url.count("/") >= 3 else ""
+    request.url = to["url"].rstrip("/") + "/" + path
+    for k, v in to.get("headers", {}).items():
+        request.headers[k] = v
+
+
 s3.meta.events.register("before-sign.s3.*", fence)
+if a.get("send_as"):
+    s3.meta.events.register("before-send.s3.*", send_as)
 s3.meta.events.register("after-call.s3.*", keep)
 out = {}
 try:

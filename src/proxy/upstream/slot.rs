@@ -100,7 +100,7 @@ impl ConnSlot {
     /// wheel and a removal. Once a request is answered the timer stays
     /// armed; if no request moves it on, it fires once, for nothing.
     pub(super) fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::duration::after(timeout);
         let mut timer = self.timer.lock();
         match timer.as_mut() {
             Some(t) => t.as_mut().reset(deadline),
@@ -225,14 +225,18 @@ impl<F: Future> Future for Joined<F> {
         m.task.register(cx.waker());
         m.polling.store(true, SeqCst);
         for _ in 0..MAX_ROUNDS {
-            if m.drive.swap(false, SeqCst) {
-                this.slot.poll_drive(&mut Context::from_waker(&this.drive_waker));
-            }
+            // The downstream half first: a request it gives up on (the
+            // sidecar's write guard firing, a timeout) is dropped before the
+            // upstream half can write more of it, and hyper then closes the
+            // upstream connection instead of sending on.
             if m.serve.swap(false, SeqCst) {
                 if let Poll::Ready(out) = this.serve.as_mut().poll(&mut Context::from_waker(&this.serve_waker)) {
                     m.polling.store(false, SeqCst);
                     return Poll::Ready(out);
                 }
+            }
+            if m.drive.swap(false, SeqCst) {
+                this.slot.poll_drive(&mut Context::from_waker(&this.drive_waker));
             }
             if !m.any() {
                 // A wake-up from another thread after the check above sees

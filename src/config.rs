@@ -26,7 +26,8 @@ pub use crate::duration::parse as duration;
 pub struct LimitArgs {
     /// How long a client may take to send a request head: a connection with no request in flight for this long is
     /// closed, bytes or not (a head sent a byte at a time; idle keep-alive and h2c connections too). Takes effect
-    /// between this and a quarter more.
+    /// between this and a quarter more. The filter with --store s3 also reads the start of some bodies (DeleteObjects,
+    /// a POST-policy form) within it, else 408 body_timeout.
     #[arg(long, env = "FENCEGATE_HEADER_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub header_timeout: Duration,
     /// Largest request head accepted, in bytes.

@@ -122,3 +122,43 @@ async fn over_the_connection_cap_the_filter_waits_for_a_connection_to_close() {
     // The admin port has a cap of its own: probes still get through.
     assert_eq!(request("GET", &format!("{}/healthz", f.admin_url()), &[], "").await.status, 200);
 }
+
+/// Found in review: with `--store s3` the filter reads the start of some bodies (DeleteObjects, a POST-policy form)
+/// to see what the write changes, and a client that sent the head and then no body held its connection for ever: the
+/// header timeout only counts while no request is in flight. That read is now bounded by `--header-timeout`, and
+/// answered 408 `body_timeout`. Control: with the default 30 s the same request has no answer after 3 s (what every
+/// header timeout did before).
+#[tokio::test]
+async fn a_body_the_filter_must_read_that_never_comes_is_answered_408() {
+    let nginx = Nginx::start();
+    let d = tempfile::tempdir().unwrap();
+    let start = |name: &str, extra: &[&str]| {
+        let args: Vec<&str> = ["--lock", LOCK, "--store", "s3"].iter().chain(extra).copied().collect();
+        FilterProc::start(d.path(), &nginx.url(), &d.path().join(name), &args)
+    };
+    let head = |f: &FilterProc| {
+        let mut s = TcpStream::connect(f.addr).unwrap();
+        let h = format!(
+            "POST /bkt?delete HTTP/1.1\r\nHost: {}\r\nFencing-Lock: {LOCK}\r\nFencing-Token: 1\r\nContent-Length: 100\r\n\r\n",
+            f.addr
+        );
+        s.write_all(h.as_bytes()).unwrap();
+        s
+    };
+    let answer = |s: &mut TcpStream, within: Duration| {
+        s.set_read_timeout(Some(within)).unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let f = start("short", &["--header-timeout", "1s"]);
+    let mut s = head(&f);
+    let sent = Instant::now();
+    let r = answer(&mut s, Duration::from_secs(10));
+    assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+    assert!(r.contains("\"body_timeout\""), "{r}");
+    assert!(sent.elapsed() >= Duration::from_millis(900), "{:?}", sent.elapsed());
+    let control = start("default", &[]);
+    let mut s = head(&control);
+    assert_eq!(answer(&mut s, Duration::from_secs(3)), "", "control: answered before the body came");
+}

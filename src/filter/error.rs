@@ -45,6 +45,10 @@ pub enum FilterError {
     /// (DeleteObjects XML that is not well-formed, say).
     #[error("{0}")]
     BodyMalformed(String),
+    /// `--store s3`: the part of the body that names the write's targets did
+    /// not arrive within `--header-timeout`.
+    #[error("{0}")]
+    BodyTimeout(String),
     #[error("{0}")]
     NotFound(String),
 }
@@ -71,6 +75,7 @@ impl FilterError {
             FilterError::BadRequest(_) => "bad_request",
             FilterError::BodyTooLarge(_) => "body_too_large",
             FilterError::BodyMalformed(_) => "body_malformed",
+            FilterError::BodyTimeout(_) => "body_timeout",
             FilterError::NotFound(_) => "not_found",
         }
     }
@@ -151,6 +156,7 @@ impl FilterError {
             FilterError::BadRequest(_) => json_error(StatusCode::BAD_REQUEST, "bad_request", &msg, None),
             FilterError::BodyTooLarge(_) => json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &msg, None),
             FilterError::BodyMalformed(_) => json_error(StatusCode::BAD_REQUEST, "body_malformed", &msg, None),
+            FilterError::BodyTimeout(_) => json_error(StatusCode::REQUEST_TIMEOUT, "body_timeout", &msg, None),
             FilterError::NotFound(_) => json_error(StatusCode::NOT_FOUND, "not_found", &msg, None),
         }
     }

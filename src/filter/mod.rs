@@ -311,7 +311,8 @@ impl Filter {
         let bucket = s3::bucket_of(&path).map(str::to_owned);
         if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
             if s3::is_delete_objects(req.uri().query()) {
-                let (body, req) = Box::pin(read_prefix(req, |_, complete| complete)).await?;
+                let (body, req) =
+                    Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, |_, complete| complete)).await?;
                 let keys = s3::delete_keys(&body).map_err(|e| match e {
                     s3::KeysError::TooMany => {
                         FilterError::BodyTooLarge(format!("a DeleteObjects names more than {} keys", s3::MAX_KEYS))
@@ -323,7 +324,7 @@ impl Filter {
             }
             if let Some(boundary) = s3::form_boundary(req.headers()) {
                 let decided = |b: &[u8], complete| s3::form_key(b, &boundary, complete) != s3::FormKey::NeedMore;
-                let (body, req) = Box::pin(read_prefix(req, decided)).await?;
+                let (body, req) = Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, decided)).await?;
                 // Unreadable: checked as a write to the whole bucket, which
                 // is refused (path_spans_locks) when the bucket is split.
                 let raw = match s3::form_key(&body, &boundary, true) {
@@ -422,17 +423,28 @@ impl Filter {
 /// Reads the start of a request's body until `decided(bytes so far, body
 /// complete)` (at most [`s3::MAX_BODY`]: beyond, 413), and gives back the
 /// bytes read and the request with its body whole again (those bytes, then
-/// the rest as the client sends it).
+/// the rest as the client sends it). All of it within `within` (the header
+/// timeout: this start decides the write as its head does elsewhere), else
+/// 408: a client that sends a head and then no body would otherwise hold
+/// its connection for ever.
 async fn read_prefix(
     req: Request<Incoming>,
+    within: Duration,
     decided: impl Fn(&[u8], bool) -> bool,
 ) -> Result<(bytes::Bytes, Request<RequestBody>), FilterError> {
     use http_body_util::BodyExt;
     let (parts, mut body) = req.into_parts();
     let mut buf = bytes::BytesMut::new();
     let (mut complete, mut trailers) = (false, None);
+    let deadline = crate::duration::after(within);
     while !decided(&buf, complete) && !complete {
-        match body.frame().await {
+        let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| {
+            FilterError::BodyTimeout(format!(
+                "the filter reads the start of this body to see what the write changes, and it did not arrive \
+                 within {within:?} (--header-timeout)"
+            ))
+        })?;
+        match frame {
             None => complete = true,
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => buf.extend_from_slice(&data),

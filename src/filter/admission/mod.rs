@@ -32,7 +32,7 @@
 //! checked with the lock service *before* the pure decision sees it, so a
 //! forged or stale token never touches the state (nothing raised, nothing
 //! made durable, nothing forwarded). Concurrent raises of one lock wait for
-//! one check and share its outcome ([`LockEntry::verify_raise`]).
+//! one check and share its outcome (`LockEntry::verify_raise`).
 //!
 //! **Shared marks** (`--shared-marks`, see [`super::shared`]): "durable"
 //! then means "stored in etcd and acknowledged by every live replica", and

@@ -94,7 +94,7 @@ impl Upstream {
     }
 
     /// Sends `host` as every request's `Host` instead of the client's (see
-    /// [`set_host`]); `None` keeps the client's.
+    /// `set_host`); `None` keeps the client's.
     pub fn with_host(mut self, host: Option<&str>) -> Result<Self, String> {
         self.host =
             host.map(|h| HeaderValue::from_str(h).map_err(|e| format!("bad upstream host {h:?}: {e}"))).transpose()?;
@@ -106,7 +106,7 @@ impl Upstream {
     }
 
     /// Rewrites `req` for the upstream (URI, hop-by-hop headers, Host as
-    /// [`set_host`] says) and
+    /// `set_host` says) and
     /// sends it; resolves when the upstream's response head has arrived. The
     /// body streams both ways: nothing here buffers it.
     /// `peer`, when given, is appended to `X-Forwarded-For`.

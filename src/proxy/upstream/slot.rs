@@ -57,7 +57,7 @@ impl std::fmt::Debug for SlotInner {
 
 impl ConnSlot {
     /// Runs `serve` (a downstream connection) with this slot as the one
-    /// [`Upstream::send`] uses, and drives the upstream connection beside it
+    /// [`super::Upstream::send`] uses, and drives the upstream connection beside it
     /// in the same task; resolves with `serve`. Dropping it closes the
     /// upstream connection.
     ///

@@ -1,0 +1,221 @@
+//! The filter's request path: what a write changes (its targets), the
+//! admission of its token, and the forward to the store.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+use super::error::FilterError;
+use super::rules::{self, Targets};
+use super::{admission, s3, Filter, Store};
+use crate::proxy::{self, Body, RequestBody, Upstream};
+use crate::token::{self, LockName};
+
+impl Filter {
+    /// The proxy's request handler.
+    pub async fn handle(
+        self: Arc<Self>,
+        up: Arc<Upstream>,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        match self.clone().route(&up, req, peer).await {
+            Ok(r) => r,
+            Err((lock, e)) => {
+                self.refusals.count(&self.locks, lock.as_ref(), &e);
+                tracing::info!(reason = e.reason(), lock = lock.as_ref().map(|l| l.as_str()), error = %e, "refused");
+                e.into_response()
+            }
+        }
+    }
+
+    /// The write's targets (request path, `Destination`; with `--store s3`
+    /// also what the body names, see [`s3`]), checked against the rules;
+    /// see [`rules`]. Returns the request to forward, its body unchanged
+    /// (whatever was read of it goes first).
+    async fn targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
+        let path = req.uri().path();
+        if self.cfg.unsafe_raw_paths {
+            let lock = self.cfg.protection.lock_for(path).cloned();
+            let t = Targets { paths: vec![(path.to_owned(), lock)] };
+            return Ok((t, req.map(RequestBody::stream)));
+        }
+        if self.cfg.store == Store::S3 {
+            return self.s3_targets(req).await;
+        }
+        let dest = rules::destination(req.headers())?;
+        let raw: Vec<&str> = std::iter::once(path).chain(dest.as_deref()).collect();
+        let t = Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)?;
+        Ok((t, req.map(RequestBody::stream)))
+    }
+
+    /// [`targets`](Self::targets) for `--store s3`. The two bodies read here
+    /// (DeleteObjects, a form POST) are read in boxed futures: rare requests,
+    /// whose futures would otherwise make every request's future bigger.
+    async fn s3_targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
+        let path = s3::request_path(
+            req.uri().path(),
+            req.headers(),
+            req.uri().authority().map(|a| a.as_str()),
+            self.cfg.s3_domain.as_deref(),
+        );
+        let resolve = |raw: &[&str]| Targets::resolve(&self.cfg.protection, raw, self.cfg.allow_path_params);
+        let bucket = s3::bucket_of(&path).map(str::to_owned);
+        if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
+            if s3::is_delete_objects(req.uri().query()) {
+                let (body, req) =
+                    Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, |_, complete| complete)).await?;
+                let keys = s3::delete_keys(&body).map_err(|e| match e {
+                    s3::KeysError::TooMany => {
+                        FilterError::BodyTooLarge(format!("a DeleteObjects names more than {} keys", s3::MAX_KEYS))
+                    }
+                    s3::KeysError::Malformed(why) => FilterError::BodyMalformed(why),
+                })?;
+                let raw: Vec<String> = keys.iter().map(|k| s3::key_path(&bucket, k)).collect();
+                return Ok((resolve(&raw.iter().map(String::as_str).collect::<Vec<_>>())?, req));
+            }
+            if let Some(boundary) = s3::form_boundary(req.headers()) {
+                let decided = |b: &[u8], complete| s3::form_key(b, &boundary, complete) != s3::FormKey::NeedMore;
+                let (body, req) = Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, decided)).await?;
+                // Unreadable: checked as a write to the whole bucket, which
+                // is refused (path_spans_locks) when the bucket is split.
+                let raw = match s3::form_key(&body, &boundary, true) {
+                    s3::FormKey::Found(key) => s3::key_path(&bucket, &key),
+                    _ => format!("/{bucket}/"),
+                };
+                return Ok((resolve(&[&raw])?, req));
+            }
+        }
+        // A bucket-level request is a write to the collection `/bucket/`.
+        let path = if s3::bucket_level(&path).is_some() { format!("{path}/") } else { path };
+        let dest = rules::destination(req.headers())?;
+        let raw: Vec<&str> = std::iter::once(path.as_str()).chain(dest.as_deref()).collect();
+        Ok((resolve(&raw)?, req.map(RequestBody::stream)))
+    }
+
+    async fn route(
+        self: Arc<Self>,
+        up: &Upstream,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, (Option<LockName>, FilterError)> {
+        let mut req = req;
+        // Hop-by-hop headers go before anything is matched: the target is
+        // decided on the request as it will be forwarded. A `Connection:
+        // host` would otherwise have its `Host` matched here (an S3 virtual
+        // host naming one lock's bucket) and then dropped on the way out, so
+        // that the store read the path as another bucket, another lock's.
+        proxy::strip_hop_by_hop(req.headers_mut());
+        let is_write = self.cfg.read_methods.is_write(req.method());
+        if !is_write && !self.cfg.fence_reads {
+            return self.pass(up, req.map(RequestBody::stream), peer).await.map_err(|e| (None, e));
+        }
+        let (targets, req) = self.targets(req).await.map_err(|e| (None, e))?;
+        let Some(lock) = targets.lock().cloned() else {
+            return if self.cfg.allow_unprotected || !is_write {
+                self.pass(up, req, peer).await.map_err(|e| (None, e))
+            } else {
+                let path = targets.unprotected().unwrap_or(req.uri().path()).to_owned();
+                Err((None, FilterError::Unprotected(path)))
+            };
+        };
+        if let (Some(path), false) = (targets.unprotected(), self.cfg.allow_unprotected) {
+            return Err((None, FilterError::Unprotected(path.to_owned())));
+        }
+        let fence = token::parse_headers(req.headers()).map_err(|e| (None, e.into()))?;
+        targets.check_lock(&fence.lock).map_err(|e| (Some(lock.clone()), e))?;
+        let entry = self.locks.entry(&lock);
+        let deadline = crate::duration::after(self.cfg.max_wait);
+        self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
+        let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
+        // Checked again right before forwarding: the admission may have
+        // waited past the moment this replica had to self-fence.
+        self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
+        entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
+        let started = StdInstant::now();
+        let sent = tokio::select! {
+            r = up.send_body(req, Some(peer)) => r,
+            _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+        };
+        self.upstream_latency.observe(started.elapsed());
+        match sent {
+            Ok(resp) => {
+                // The store has answered: this write no longer holds the barrier.
+                permit.complete();
+                Ok(resp.map(proxy::stream))
+            }
+            // Dropping the permit without complete() keeps it in flight for
+            // abort_grace: the store may still apply a write we gave up on.
+            Err(e) => Err((Some(lock), e.into())),
+        }
+    }
+
+    /// With shared marks: refuses (503 `fencing_state_unavailable`) while
+    /// this replica is self-fenced. Reads never come here.
+    pub(super) fn check_shared(&self) -> Result<(), FilterError> {
+        match &self.shared {
+            Some(s) if !s.writable() => Err(FilterError::Admit(admission::AdmitError::State(s.unavailable()))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn pass(
+        &self,
+        up: &Upstream,
+        req: Request<RequestBody>,
+        peer: SocketAddr,
+    ) -> Result<Response<Body>, FilterError> {
+        let started = StdInstant::now();
+        let resp = up.send_body(req, Some(peer)).await?;
+        self.upstream_latency.observe(started.elapsed());
+        Ok(resp.map(proxy::stream))
+    }
+}
+
+/// Reads the start of a request's body until `decided(bytes so far, body
+/// complete)` (at most [`s3::MAX_BODY`]: beyond, 413), and gives back the
+/// bytes read and the request with its body whole again (those bytes, then
+/// the rest as the client sends it). All of it within `within` (the header
+/// timeout: this start decides the write as its head does elsewhere), else
+/// 408: a client that sends a head and then no body would otherwise hold
+/// its connection for ever.
+async fn read_prefix(
+    req: Request<Incoming>,
+    within: Duration,
+    decided: impl Fn(&[u8], bool) -> bool,
+) -> Result<(bytes::Bytes, Request<RequestBody>), FilterError> {
+    use http_body_util::BodyExt;
+    let (parts, mut body) = req.into_parts();
+    let mut buf = bytes::BytesMut::new();
+    let (mut complete, mut trailers) = (false, None);
+    let deadline = crate::duration::after(within);
+    while !decided(&buf, complete) && !complete {
+        let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| {
+            FilterError::BodyTimeout(format!(
+                "the filter reads the start of this body to see what the write changes, and it did not arrive \
+                 within {within:?} (--header-timeout)"
+            ))
+        })?;
+        match frame {
+            None => complete = true,
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => buf.extend_from_slice(&data),
+                Err(frame) => (trailers, complete) = (frame.into_trailers().ok(), true),
+            },
+            Some(Err(e)) => return Err(FilterError::BadRequest(format!("the request body could not be read: {e}"))),
+        }
+        if buf.len() > s3::MAX_BODY {
+            return Err(FilterError::BodyTooLarge(format!(
+                "the filter reads at most {} bytes of this body to see what the write changes",
+                s3::MAX_BODY
+            )));
+        }
+    }
+    let buf = buf.freeze();
+    let rest = (!complete).then_some(body);
+    Ok((buf.clone(), Request::from_parts(parts, RequestBody::prefixed(buf, rest, trailers))))
+}

@@ -301,3 +301,36 @@ async fn a_host_named_in_connection_cannot_move_a_write_to_another_lock() {
     assert_eq!(r["status"], 200, "control: {r}");
     assert_eq!(stored(&weed, "aaa"), ["y"], "control");
 }
+
+/// A POST-policy form is read the way the store reads it, or not at all. Found in review: the filter took any
+/// `--BOUNDARY` as a delimiter, even followed by more characters; Go's multipart reader (SeaweedFS's) takes
+/// `--BOUNDARYQ` as data. A first field `x-ignore-pad` holding `v\r\n--BOUNDARYQ\r\n` + a `key` part (`a/evil`,
+/// lockA's) + a `file` part's headers read, to the filter, as key `a/evil`; to the store as one field's value,
+/// followed by the presigned `key` (`b/x`, lockB's). Now the filter refuses such a form as unreadable (a write to the
+/// whole bucket, which is split between locks: 403 `path_spans_locks`), and lockB's key is not written. Control: the
+/// same form straight to the store is stored under the presigned key, `b/...`. Fails on the old code: 200 and `b/x`
+/// stored with lockA's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_form_the_store_would_read_another_way_is_not_guessed_at() {
+    let weed = SeaweedFs::start();
+    weed.create_bucket("split");
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--protect", "/split/a/=lockA", "--protect", "/split/b/=lockB", "--store", "s3"];
+    let f = FilterProc::start(dir.path(), &weed.url(), &dir.path().join("s3"), &args);
+    let smuggle = "--{B}\r\nContent-Disposition: form-data; name=\"x-ignore-pad\"\r\n\r\nv\r\n--{B}Q\r\n\
+        Content-Disposition: form-data; name=\"key\"\r\n\r\na/evil\r\n--{B}Q\r\n\
+        Content-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nx";
+    let post = |endpoint: &str, key: &str| {
+        call(serde_json::json!({
+            "endpoint": endpoint, "op": "post_policy", "bucket": "split", "key": key, "data": "zombie",
+            "size": 6, "lock": "lockA", "token": 1, "smuggle": smuggle,
+        }))
+    };
+    let r = post(&f.url(), "b/x");
+    assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "path_spans_locks"), "{r}");
+    assert_eq!(stored(&weed, "split"), Vec::<String>::new(), "lockB's key written with lockA's token");
+    // Control: the store reads the presigned key, not the smuggled one.
+    let r = post(&weed.url(), "b/straight");
+    assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "control: {r}");
+    assert_eq!(stored(&weed, "split"), ["b/straight"], "control");
+}

@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod admission;
 pub mod error;
+pub mod form;
 pub mod metrics;
 pub mod repair;
 pub mod rules;

@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::error::FilterError;
 use super::rules::{self, Targets};
-use super::{admission, s3, Filter, Store};
+use super::{admission, form, s3, Filter, Store};
 use crate::proxy::{self, Body, RequestBody, Upstream};
 use crate::token::{self, LockName};
 
@@ -78,13 +78,13 @@ impl Filter {
                 let raw: Vec<String> = keys.iter().map(|k| s3::key_path(&bucket, k)).collect();
                 return Ok((resolve(&raw.iter().map(String::as_str).collect::<Vec<_>>())?, req));
             }
-            if let Some(boundary) = s3::form_boundary(req.headers()) {
-                let decided = |b: &[u8], complete| s3::form_key(b, &boundary, complete) != s3::FormKey::NeedMore;
+            if let Some(boundary) = form::form_boundary(req.headers()) {
+                let decided = |b: &[u8], complete| form::form_key(b, &boundary, complete) != form::FormKey::NeedMore;
                 let (body, req) = Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, decided)).await?;
                 // Unreadable: checked as a write to the whole bucket, which
                 // is refused (path_spans_locks) when the bucket is split.
-                let raw = match s3::form_key(&body, &boundary, true) {
-                    s3::FormKey::Found(key) => s3::key_path(&bucket, &key),
+                let raw = match form::form_key(&body, &boundary, true) {
+                    form::FormKey::Found(key) => s3::key_path(&bucket, &key),
                     _ => format!("/{bucket}/"),
                 };
                 return Ok((resolve(&[&raw])?, req));

@@ -7,7 +7,7 @@
 //!   each key is a target `/bucket/key`.
 //! - A POST-policy upload (`POST /bucket`, `multipart/form-data`) names its
 //!   key in the form's `key` field (`${filename}` replaced by the file's name,
-//!   as S3 does).
+//!   as S3 does): parsed in `filter::form`, strictly.
 //! - A virtual-hosted-style request (`Host: bucket.DOMAIN`, `--s3-domain
 //!   DOMAIN`) has its bucket in the host: it is matched as `/bucket/...`.
 //!
@@ -166,83 +166,6 @@ fn delete_keys_inner(xml: &[u8]) -> Result<Vec<String>, String> {
     Ok(keys)
 }
 
-/// A POST-policy upload: `multipart/form-data` with its boundary.
-pub fn form_boundary(headers: &HeaderMap) -> Option<String> {
-    let ct = headers.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
-    let (mime, params) = ct.split_once(';').unwrap_or((ct, ""));
-    if !mime.trim().eq_ignore_ascii_case("multipart/form-data") {
-        return None;
-    }
-    params.split(';').find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case("boundary").then(|| v.trim().trim_matches('"').to_owned())
-    })
-}
-
-/// What the start of a POST-policy form says about its key.
-#[derive(Debug, PartialEq, Eq)]
-pub enum FormKey {
-    /// The object key (with `${filename}` already replaced).
-    Found(String),
-    /// Not decided by the bytes so far: read more.
-    NeedMore,
-    /// The form has no usable key (S3 refuses it), or cannot be read.
-    Unreadable,
-}
-
-/// Scans the start of a form (`complete`: the whole body) for its `key`
-/// field, up to the file part's headers. S3 ignores fields after the file,
-/// so the key must come first; a form with two `key` fields (names compared
-/// case-insensitively) is unreadable rather than guessed at.
-pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
-    let delim = format!("--{boundary}");
-    let need = |complete: bool| if complete { FormKey::Unreadable } else { FormKey::NeedMore };
-    let Some(mut pos) = find(body, delim.as_bytes(), 0) else { return need(complete) };
-    let (mut key, mut twice): (Option<String>, bool) = (None, false);
-    loop {
-        pos += delim.len();
-        if body.get(pos..pos + 2) == Some(b"--") {
-            break; // the closing delimiter
-        }
-        let Some(head_end) = find(body, b"\r\n\r\n", pos) else { return need(complete) };
-        let head = String::from_utf8_lossy(&body[pos..head_end]).to_ascii_lowercase();
-        let disposition = head.lines().find(|l| l.starts_with("content-disposition:")).unwrap_or("");
-        let name = param(disposition, "name");
-        if name.as_deref() == Some("file") {
-            // The file part: its filename (headers as sent, not lowercased).
-            let raw = String::from_utf8_lossy(&body[pos..head_end]).into_owned();
-            let raw_disp = raw.lines().find(|l| l.to_ascii_lowercase().starts_with("content-disposition:"));
-            let filename = raw_disp.and_then(|d| param(d, "filename")).unwrap_or_default();
-            return match key {
-                Some(k) if !twice => FormKey::Found(k.replace("${filename}", &filename)),
-                _ => FormKey::Unreadable,
-            };
-        }
-        let value_start = head_end + 4;
-        let Some(value_end) = find(body, format!("\r\n{delim}").as_bytes(), value_start) else {
-            return need(complete);
-        };
-        if name.as_deref() == Some("key") {
-            let Ok(k) = std::str::from_utf8(&body[value_start..value_end]) else { return FormKey::Unreadable };
-            twice |= key.replace(k.to_owned()).is_some();
-        }
-        pos = value_end + 2;
-    }
-    FormKey::Unreadable
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
-}
-
-/// `name="value"` from a Content-Disposition line.
-fn param(line: &str, name: &str) -> Option<String> {
-    line.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.split_once('=')?;
-        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().trim_matches('"').to_owned())
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,21 +215,5 @@ mod tests {
         }
         let many = format!("<Delete>{}</Delete>", "<Object><Key>k</Key></Object>".repeat(MAX_KEYS + 1));
         assert_eq!(delete_keys(many.as_bytes()), Err(KeysError::TooMany));
-    }
-
-    #[test]
-    fn post_policy_keys() {
-        let form = "--XyZ\r\nContent-Disposition: form-data; name=\"Policy\"\r\n\r\np\r\n--XyZ\r\n\
-            Content-Disposition: form-data; name=\"key\"\r\n\r\nb/${filename}\r\n--XyZ\r\n\
-            Content-Disposition: form-data; name=\"file\"; filename=\"Up.txt\"\r\n\r\nDATA\r\n--XyZ--\r\n";
-        assert_eq!(form_key(form.as_bytes(), "XyZ", true), FormKey::Found("b/Up.txt".into()));
-        assert_eq!(form_key(&form.as_bytes()[..60], "XyZ", false), FormKey::NeedMore);
-        let twice = form.replace("name=\"Policy\"", "name=\"KEY\"");
-        assert_eq!(form_key(twice.as_bytes(), "XyZ", true), FormKey::Unreadable, "two key fields");
-        let no_key = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nD\r\n--XyZ--\r\n";
-        assert_eq!(form_key(no_key.as_bytes(), "XyZ", true), FormKey::Unreadable);
-        let mut h = HeaderMap::new();
-        h.insert("content-type", "multipart/form-data; boundary=\"XyZ\"".parse().unwrap());
-        assert_eq!(form_boundary(&h).as_deref(), Some("XyZ"));
     }
 }

@@ -7,7 +7,8 @@ proxy, for virtual-hosted names that do not resolve), "lock" and "token"
 (Fencing-Lock / Fencing-Token headers, as a sidecar would add), "key",
 "keys", "data", "send_as" ({"url": base URL, "headers": {...}}: after signing,
 send to that URL instead, with these headers set: a request signed for one
-place and sent as another). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes).
+place and sent as another). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes;
+"smuggle": a hand-made first part, see the op).
 Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -75,7 +76,17 @@ try:
         size = a.get("size", 0)
         data = (a.get("data", "x") * (size // max(len(a.get("data", "x")), 1) + 1))[: size or None]
         fields = list(p["fields"].items()) + [("file", ("up.txt", data.encode()))]
-        body, ctype = encode_multipart_formdata(fields)
+        if a.get("smuggle") is not None:
+            # A hand-made form: "smuggle" (text with {B} for the boundary) first, then the presigned fields.
+            b = "fgB0undary"
+            body = a["smuggle"].replace("{B}", b).encode() + b"\r\n"
+            for k, v in p["fields"].items():
+                body += f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            body += f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="up.txt"\r\n\r\n'.encode()
+            body += data.encode() + f"\r\n--{b}--\r\n".encode()
+            ctype = f"multipart/form-data; boundary={b}"
+        else:
+            body, ctype = encode_multipart_formdata(fields)
         headers = {"Content-Type": ctype}
         if a.get("lock"):
             headers.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})

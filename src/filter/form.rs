@@ -1,0 +1,301 @@
+//! The key of an S3 POST-policy upload (`multipart/form-data`), read the
+//! way the store will read it, or not at all.
+//!
+//! The filter and the store parse the same bytes with two parsers. Where
+//! they could disagree, the filter would admit a write under one key's lock
+//! while the store writes another key: the one thing the filter exists to
+//! prevent. So this parser accepts only the plain form that browsers and
+//! SDKs send, and calls anything else [`FormKey::Unreadable`] (the filter
+//! then treats the upload as a write to the whole bucket, refused when the
+//! bucket is split between locks). What it refuses, and which parser does
+//! otherwise (Go's `mime/multipart`, the S3 stores written in Go):
+//!
+//! - a delimiter not followed at once by CRLF or `--` (Go skips transport
+//!   padding, and takes `--BQ` as data when the boundary is `B`), a preamble,
+//!   the delimiter's text inside a field's value;
+//! - a part header other than `Content-Disposition` and `Content-Type`
+//!   (Go decodes `Content-Transfer-Encoding: quoted-printable` values),
+//!   folded or bare-LF header lines, a disposition other than `form-data`
+//!   (Go names no field then);
+//! - parameters that are not plain `name=token` or `name="text"`: a
+//!   backslash in a quoted value (Go keeps some escapes and not others), a
+//!   `name*` (RFC 2231, which Go decodes), a name twice;
+//! - two `key` fields, a field named `file` other than in lower case, a
+//!   key with leading or trailing whitespace, a file name with `/` or `\`
+//!   (Go keeps only the last element for `${filename}`).
+
+use http::HeaderMap;
+
+/// What the start of a POST-policy form says about its key.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FormKey {
+    /// The object key (with `${filename}` already replaced).
+    Found(String),
+    /// Not decided by the bytes so far: read more.
+    NeedMore,
+    /// The form has no usable key (S3 refuses it), or cannot be read
+    /// without guessing.
+    Unreadable,
+}
+
+/// A POST-policy upload: exactly one `Content-Type`, `multipart/form-data`,
+/// with a boundary of RFC 2046's characters. `None` for anything else.
+pub fn form_boundary(headers: &HeaderMap) -> Option<String> {
+    let mut all = headers.get_all(http::header::CONTENT_TYPE).iter();
+    let (Some(ct), None) = (all.next(), all.next()) else { return None };
+    let (mime, params) = media_type(ct.to_str().ok()?)?;
+    if !mime.eq_ignore_ascii_case("multipart/form-data") {
+        return None;
+    }
+    let boundary = params.into_iter().find_map(|(k, v)| (k == "boundary").then_some(v))?;
+    let bchar = |b: u8| b.is_ascii_alphanumeric() || b"'()+_,-./:=? ".contains(&b);
+    let ok = (1..=70).contains(&boundary.len()) && boundary.bytes().all(bchar) && !boundary.ends_with(' ');
+    ok.then_some(boundary)
+}
+
+/// Scans the start of a form (`complete`: the whole body) for its `key`
+/// field, up to the file part's headers. S3 ignores fields after the file,
+/// so the key must come first.
+pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
+    match scan(body, boundary) {
+        Scan::Key(k) => FormKey::Found(k),
+        Scan::Short if !complete => FormKey::NeedMore,
+        Scan::Short | Scan::Bad => FormKey::Unreadable,
+    }
+}
+
+enum Scan {
+    Key(String),
+    /// The bytes so far end before the file part's headers.
+    Short,
+    Bad,
+}
+
+fn scan(body: &[u8], boundary: &str) -> Scan {
+    let delim = format!("--{boundary}");
+    let delim = delim.as_bytes();
+    if !body.starts_with(delim) {
+        return if delim.starts_with(body) { Scan::Short } else { Scan::Bad };
+    }
+    let mut pos = delim.len();
+    let mut key: Option<String> = None;
+    loop {
+        // After a delimiter: CRLF opens a part; `--` (the end) means no file.
+        match body.get(pos..pos + 2) {
+            None => return Scan::Short,
+            Some(b"\r\n") => pos += 2,
+            Some(_) => return Scan::Bad,
+        }
+        let Some(head_end) = find(body, b"\r\n\r\n", pos) else { return Scan::Short };
+        let Some(part) = std::str::from_utf8(&body[pos..head_end]).ok().and_then(part_head) else {
+            return Scan::Bad;
+        };
+        if part.name.eq_ignore_ascii_case("file") {
+            return match (part.name == "file", key, part.filename) {
+                (true, Some(k), Some(f)) if !f.contains(['/', '\\']) => Scan::Key(k.replace("${filename}", &f)),
+                (true, Some(k), None) => Scan::Key(k.replace("${filename}", "")),
+                _ => Scan::Bad,
+            };
+        }
+        let value_start = head_end + 4;
+        let mut end_delim = b"\r\n".to_vec();
+        end_delim.extend_from_slice(delim);
+        let Some(value_end) = find(body, &end_delim, value_start) else {
+            // A value that already holds the delimiter's text is not waited on.
+            return if find(body, delim, value_start).is_some() { Scan::Bad } else { Scan::Short };
+        };
+        let value = &body[value_start..value_end];
+        if find(value, delim, 0).is_some() {
+            return Scan::Bad;
+        }
+        if part.name.eq_ignore_ascii_case("key") {
+            let Ok(k) = std::str::from_utf8(value) else { return Scan::Bad };
+            if key.is_some() || k.is_empty() || k.trim() != k {
+                return Scan::Bad;
+            }
+            key = Some(k.to_owned());
+        }
+        pos = value_end + end_delim.len();
+    }
+}
+
+/// A part's headers, as far as the key is concerned.
+struct PartHead {
+    name: String,
+    filename: Option<String>,
+}
+
+/// `Content-Disposition: form-data; name="..."[; filename="..."]`, with at
+/// most a `Content-Type` beside it; `None` for anything else.
+fn part_head(head: &str) -> Option<PartHead> {
+    let mut disposition = None;
+    let mut content_type = false;
+    for line in head.split("\r\n") {
+        let (name, value) = line.split_once(':')?;
+        if name.is_empty() || !name.bytes().all(is_tchar) || line.contains(['\r', '\n']) {
+            return None;
+        }
+        if name.eq_ignore_ascii_case("content-disposition") && disposition.is_none() {
+            disposition = Some(value);
+        } else if name.eq_ignore_ascii_case("content-type") && !content_type {
+            content_type = true;
+        } else {
+            return None;
+        }
+    }
+    let (kind, params) = media_type(disposition?)?;
+    if !kind.eq_ignore_ascii_case("form-data") {
+        return None;
+    }
+    let (mut name, mut filename) = (None, None);
+    for (k, v) in params {
+        match k.as_str() {
+            "name" => name = Some(v),
+            "filename" => filename = Some(v),
+            _ => {}
+        }
+    }
+    Some(PartHead { name: name?, filename })
+}
+
+/// `type[; name=value]...` in RFC 9110's grammar, without the parts that
+/// parsers read differently (see the module docs). Parameter names are
+/// lower-cased; a name given twice is refused.
+fn media_type(s: &str) -> Option<(&str, Vec<(String, String)>)> {
+    let (kind, mut rest) = s.split_once(';').unwrap_or((s, ""));
+    let kind = kind.trim_matches([' ', '\t']);
+    if kind.is_empty() || !kind.bytes().all(|b| is_tchar(b) || b == b'/') {
+        return None;
+    }
+    let mut params: Vec<(String, String)> = Vec::new();
+    while !rest.trim_matches([' ', '\t']).is_empty() {
+        let (name, after) = rest.split_once('=')?;
+        let name = name.trim_start_matches([' ', '\t']).to_ascii_lowercase();
+        if name.is_empty() || !name.bytes().all(is_tchar) || name.contains('*') {
+            return None;
+        }
+        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
+            let (v, a) = quoted.split_once('"')?;
+            if v.contains(['\\', '\r', '\n']) {
+                return None;
+            }
+            (v, a)
+        } else {
+            let end = after.find([';', ' ', '\t']).unwrap_or(after.len());
+            let v = &after[..end];
+            if v.is_empty() || !v.bytes().all(is_tchar) {
+                return None;
+            }
+            (v, &after[end..])
+        };
+        let after = after.trim_start_matches([' ', '\t']);
+        rest = match after.strip_prefix(';') {
+            Some(r) => r,
+            None if after.is_empty() => "",
+            None => return None,
+        };
+        if params.iter().any(|(k, _)| *k == name) {
+            return None;
+        }
+        params.push((name, value.to_owned()));
+    }
+    Some((kind, params))
+}
+
+/// RFC 9110's `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    hay.get(from..)?.windows(needle.len()).position(|w| w == needle).map(|i| i + from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn part(disposition: &str, value: &str) -> String {
+        format!("--XyZ\r\nContent-Disposition: {disposition}\r\n\r\n{value}\r\n")
+    }
+
+    fn form(key_part: &str) -> String {
+        let file = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"Up.txt\"\r\n\
+            Content-Type: text/plain\r\n\r\nDATA\r\n--XyZ--\r\n";
+        format!("{}{key_part}{file}", part("form-data; name=\"Policy\"", "p"))
+    }
+
+    #[test]
+    fn the_plain_form_is_read() {
+        let f = form(&part("form-data; name=\"key\"", "b/${filename}"));
+        assert_eq!(form_key(f.as_bytes(), "XyZ", true), FormKey::Found("b/Up.txt".into()));
+        assert_eq!(form_key(&f.as_bytes()[..60], "XyZ", false), FormKey::NeedMore);
+        assert_eq!(form_key(&f.as_bytes()[..3], "XyZ", false), FormKey::NeedMore);
+        assert_eq!(form_key(&f.as_bytes()[..60], "XyZ", true), FormKey::Unreadable);
+        let token = form(&part("form-data; name=key", "b/k"));
+        assert_eq!(form_key(token.as_bytes(), "XyZ", true), FormKey::Found("b/k".into()));
+        let no_filename = form(&part("form-data; name=\"key\"", "b/x${filename}")).replace("; filename=\"Up.txt\"", "");
+        assert_eq!(form_key(no_filename.as_bytes(), "XyZ", true), FormKey::Found("b/x".into()));
+    }
+
+    /// Each of these reads as another key, or none, in some store's parser.
+    #[test]
+    fn what_another_parser_could_read_otherwise_is_unreadable() {
+        let key = part("form-data; name=\"key\"", "b/k");
+        let cases = [
+            // `--XyZQ` is data to Go, a delimiter to a parser that stops at the boundary's text.
+            form(&format!("{}{key}", part("form-data; name=\"x-ignore-a\"", "v\r\n--XyZQ\r\nX"))),
+            form(&key).replacen("--XyZ\r\n", "--XyZ \r\n", 2),
+            format!("preamble\r\n{}", form(&key)),
+            form(&key).replace("\r\nContent-Type: text/plain", "\r\nContent-Transfer-Encoding: quoted-printable"),
+            form(&part("form-data;\r\n name=\"key\"", "b/k")),
+            form(&part("attachment; name=\"key\"", "b/k")),
+            form(&part("form-data; name=\"key\\\"\"", "b/k")),
+            form(&part("form-data; name*=UTF-8''key", "b/k")),
+            form(&part("form-data; name=\"key\"; name=\"x\"", "b/k")),
+            form(&part("form-data; filename=\"q;name=zz\"; name=\"KEY\"; x", "b/k")),
+            form(&format!("{key}{}", part("form-data; name=\"KEY\"", "b/k2"))),
+            form(&part("form-data; name=\"key\"", " b/k")),
+            form(&part("form-data; name=\"key\"", "")),
+            form(&part("form-data; name=\"key\"", "b/--XyZ")),
+            form(&part("form-data; name=\"key\"", "b/${filename}")).replace("Up.txt", "../a/Up.txt"),
+            form(&key).replace("name=\"file\"", "name=\"File\""),
+            form(&key).replace("Content-Type: text/plain", "Content-Type: a\r\nContent-Type: b"),
+            form(&key).replace("Content-Disposition: form-data; name=\"Policy\"", "Content-Disposition: form-data\n"),
+            form(""),
+        ];
+        for (i, f) in cases.iter().enumerate() {
+            assert_eq!(form_key(f.as_bytes(), "XyZ", true), FormKey::Unreadable, "case {i}: {f:?}");
+        }
+        // The control: the same forms without the twist are read.
+        assert_eq!(form_key(form(&key).as_bytes(), "XyZ", true), FormKey::Found("b/k".into()));
+    }
+
+    #[test]
+    fn boundaries() {
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("content-type", v.parse().unwrap());
+            form_boundary(&h)
+        };
+        assert_eq!(ct("multipart/form-data; boundary=\"XyZ\"").as_deref(), Some("XyZ"));
+        assert_eq!(ct("Multipart/Form-Data;boundary=a-1").as_deref(), Some("a-1"));
+        assert_eq!(ct("multipart/form-data; charset=utf-8; boundary=\"a b\"").as_deref(), Some("a b"));
+        for bad in [
+            "multipart/mixed; boundary=a",
+            "multipart/form-data; boundary=\"a;b\"x",
+            "multipart/form-data; boundary=\"a\\b\"",
+            "multipart/form-data; boundary=a; boundary=b",
+            "multipart/form-data; boundary*=a",
+            "multipart/form-data; boundary=\"\"",
+            "multipart/form-data; boundary=\"a<b\"",
+            "multipart/form-data",
+        ] {
+            assert_eq!(ct(bad), None, "{bad}");
+        }
+        let mut two = HeaderMap::new();
+        two.append("content-type", "multipart/form-data; boundary=a".parse().unwrap());
+        two.append("content-type", "multipart/form-data; boundary=b".parse().unwrap());
+        assert_eq!(form_boundary(&two), None, "two Content-Types");
+    }
+}

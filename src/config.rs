@@ -2,7 +2,7 @@
 //!
 //! Every flag can also be set by an environment variable `FENCEGATE_<FLAG>`
 //! (dashes become underscores), which is how the Helm chart configures pods.
-//! Durations take humantime syntax: `500ms`, `10s`, `2m`.
+//! Durations take humantime syntax: `500ms`, `10s`, `2m`, at most `10y`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -165,7 +165,8 @@ pub struct FilterArgs {
     pub store: crate::filter::Store,
     /// With --store s3: requests with `Host: BUCKET.DOMAIN` (virtual-hosted style) are matched as /BUCKET/...;
     /// it must be the domain the store itself takes virtual-hosted names for. Not with --upstream-host (the store
-    /// would read the path as another bucket).
+    /// would read the path as another bucket), nor with an --upstream under the domain. A Host the store might
+    /// read otherwise (upper case, trailing dot, repeated; a differing X-Forwarded-Host): 400 host_malformed.
     #[arg(long, env = "FENCEGATE_S3_DOMAIN")]
     pub s3_domain: Option<String>,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
@@ -262,8 +263,22 @@ impl FilterArgs {
                         filter matched in the client's Host"
                 .into());
         }
+        let upstream = self.upstream.clone().ok_or("--upstream is required")?;
+        // A request with no `Host` and no authority (HTTP/1.0) is matched
+        // path-style and sent with the upstream's own name as `Host`: a store
+        // addressed as `bucket.DOMAIN` would read it virtual-hosted instead.
+        if let Some(domain) = &self.s3_domain {
+            let host = upstream.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_ascii_lowercase));
+            let domain = domain.trim_matches('.').to_ascii_lowercase();
+            if host.is_some_and(|h| h.trim_end_matches('.').ends_with(&format!(".{domain}"))) {
+                return Err(format!(
+                    "--upstream {upstream} is a virtual-hosted name under --s3-domain {domain}: address the store by a \
+                     name outside the domain, so that a request without a Host is read path-style by both"
+                ));
+            }
+        }
         Ok(FilterConfig {
-            upstream: self.upstream.clone().ok_or("--upstream is required")?,
+            upstream,
             upstream_host: self.upstream_host.clone(),
             state_dir: self.state_dir.clone().ok_or("--state-dir is required")?,
             protection,
@@ -634,6 +649,11 @@ mod tests {
         assert!(with(&["--upstream-host", "store"]).is_ok());
         let both = with(&["--s3-domain", "s3.test", "--upstream-host", "store"]).unwrap_err();
         assert!(both.contains("exclude each other"), "{both}");
+        let vhost = ["t", "--upstream", "http://Bkt.S3.test:8333", "--state-dir", "/d", "--lock", "l", "--store", "s3"];
+        let under = Filter::try_parse_from([&vhost[..], &["--s3-domain", "s3.test"]].concat()).unwrap().f.config();
+        assert!(under.unwrap_err().contains("virtual-hosted name"));
+        let outside = Filter::try_parse_from([&vhost[..], &["--s3-domain", "other.test"]].concat()).unwrap();
+        assert!(outside.f.config().is_ok());
     }
 
     /// `--etcd` is required for the sidecar, optional for the filter (no

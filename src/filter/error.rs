@@ -49,6 +49,9 @@ pub enum FilterError {
     /// not arrive within `--header-timeout`.
     #[error("{0}")]
     BodyTimeout(String),
+    /// `--s3-domain`: a `Host` the store might read as another bucket.
+    #[error("{0}")]
+    HostMalformed(String),
     #[error("{0}")]
     NotFound(String),
 }
@@ -76,6 +79,7 @@ impl FilterError {
             FilterError::BodyTooLarge(_) => "body_too_large",
             FilterError::BodyMalformed(_) => "body_malformed",
             FilterError::BodyTimeout(_) => "body_timeout",
+            FilterError::HostMalformed(_) => "host_malformed",
             FilterError::NotFound(_) => "not_found",
         }
     }
@@ -157,6 +161,7 @@ impl FilterError {
             FilterError::BodyTooLarge(_) => json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &msg, None),
             FilterError::BodyMalformed(_) => json_error(StatusCode::BAD_REQUEST, "body_malformed", &msg, None),
             FilterError::BodyTimeout(_) => json_error(StatusCode::REQUEST_TIMEOUT, "body_timeout", &msg, None),
+            FilterError::HostMalformed(_) => json_error(StatusCode::BAD_REQUEST, "host_malformed", &msg, None),
             FilterError::NotFound(_) => json_error(StatusCode::NOT_FOUND, "not_found", &msg, None),
         }
     }

@@ -62,7 +62,8 @@ impl Filter {
             req.headers(),
             req.uri().authority().map(|a| a.as_str()),
             self.cfg.s3_domain.as_deref(),
-        );
+        )
+        .map_err(FilterError::HostMalformed)?;
         let resolve = |raw: &[&str]| Targets::resolve(&self.cfg.protection, raw, self.cfg.allow_path_params);
         let bucket = s3::bucket_of(&path).map(str::to_owned);
         if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {

@@ -39,24 +39,69 @@ pub enum Store {
 
 /// The request's path as the store reads it: with `--s3-domain DOMAIN` and a
 /// `Host` of `bucket.DOMAIN`, `/bucket` + the path. Still encoded.
-pub fn request_path(path: &str, headers: &HeaderMap, authority: Option<&str>, domain: Option<&str>) -> String {
-    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok()).or(authority);
-    match (domain, host) {
-        (Some(domain), Some(host)) => match bucket_of_host(host, domain) {
-            Some(bucket) => format!("/{bucket}{path}"),
-            None => path.to_owned(),
-        },
-        _ => path.to_owned(),
+///
+/// With a domain, the `Host` must be one header of visible ASCII, and a name
+/// under the domain must be written as stores compare it byte for byte: in
+/// lower case, without a trailing dot. A store that did not fold `BKT.DOMAIN`
+/// or `bkt.domain.` as this filter would read the request path-style, as
+/// another bucket (`Err`: why, for a 400).
+pub fn request_path(
+    path: &str,
+    headers: &HeaderMap,
+    authority: Option<&str>,
+    domain: Option<&str>,
+) -> Result<String, String> {
+    let Some(domain) = domain else { return Ok(path.to_owned()) };
+    let mut hosts = headers.get_all(http::header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (None, _) => authority,
+        (Some(h), None) => Some(h.to_str().map_err(|_| "the Host header is not visible ASCII".to_string())?),
+        (Some(_), Some(_)) => return Err("the Host header is repeated".into()),
+    };
+    forwarded_host_agrees(headers, host)?;
+    match host.map(|h| bucket_of_host(h, domain)).transpose()?.flatten() {
+        Some(bucket) => Ok(format!("/{bucket}{path}")),
+        None => Ok(path.to_owned()),
     }
 }
 
-/// `bucket` from `bucket.DOMAIN[:port]` (case-insensitive, as DNS is).
-fn bucket_of_host(host: &str, domain: &str) -> Option<String> {
-    let host = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
-    let domain = domain.trim_matches('.').to_ascii_lowercase();
-    let bucket = host.strip_suffix(&domain)?.strip_suffix('.')?;
-    (!bucket.is_empty()).then(|| bucket.to_owned())
+/// A store behind proxies may take the bucket from `X-Forwarded-Host` or
+/// `Forwarded: host=` rather than `Host`. Both hops send `X-Forwarded-Host`
+/// equal to the `Host` they pass through; one that says otherwise, is
+/// repeated or is a list, and any `Forwarded` naming a host, could have the
+/// store read another bucket than the filter matched.
+fn forwarded_host_agrees(headers: &HeaderMap, host: Option<&str>) -> Result<(), String> {
+    let mut xfh = headers.get_all("x-forwarded-host").iter();
+    match (xfh.next(), xfh.next()) {
+        (None, _) => {}
+        (Some(v), None) if host.is_some_and(|h| v.as_bytes() == h.as_bytes()) => {}
+        _ => return Err("X-Forwarded-Host differs from Host (or is repeated): the store may read either".into()),
+    }
+    let names_host = |v: &http::HeaderValue| v.as_bytes().to_ascii_lowercase().windows(5).any(|w| w == b"host=");
+    if headers.get_all("forwarded").iter().any(names_host) {
+        return Err("a Forwarded header names a host: the store may read the bucket from it".into());
+    }
+    Ok(())
+}
+
+/// `bucket` from `bucket.DOMAIN[:port]`; `Err` for the same name in another
+/// spelling (upper case, a trailing dot).
+fn bucket_of_host<'h>(host: &'h str, domain: &str) -> Result<Option<&'h str>, String> {
+    let name = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+    let domain = domain.trim_matches('.');
+    let bucket = |name: &'h str| {
+        let cut = name.len().checked_sub(domain.len() + 1)?;
+        let (bucket, rest) = name.split_at_checked(cut)?;
+        (rest.as_bytes()[0] == b'.' && rest[1..].eq_ignore_ascii_case(domain) && !bucket.is_empty()).then_some(bucket)
+    };
+    let loose = bucket(name.trim_end_matches('.'));
+    if loose.is_some() && (name.ends_with('.') || name.bytes().any(|b| b.is_ascii_uppercase())) {
+        return Err(format!(
+            "the Host {host:?} names a bucket under --s3-domain {domain} in another spelling than lower case without a \
+             trailing dot; refused, since the store may read it as another bucket"
+        ));
+    }
+    Ok(loose)
 }
 
 /// `/bucket` (one segment) is the bucket itself: the collection `/bucket/`.
@@ -172,17 +217,38 @@ mod tests {
 
     #[test]
     fn virtual_hosts() {
-        let h = |host: &str| {
+        let h = |hosts: &[&str]| {
             let mut m = HeaderMap::new();
-            m.insert("host", host.parse().unwrap());
+            for host in hosts {
+                m.append("host", http::HeaderValue::from_bytes(host.as_bytes()).unwrap());
+            }
             m
         };
         let d = Some("s3.example.com");
-        assert_eq!(request_path("/k", &h("bkt.s3.example.com:8333"), None, d), "/bkt/k");
-        assert_eq!(request_path("/k", &h("BKT.S3.example.com."), None, d), "/bkt/k");
-        assert_eq!(request_path("/bkt/k", &h("s3.example.com"), None, d), "/bkt/k", "path-style");
-        assert_eq!(request_path("/k", &h("bkt.other.com"), None, d), "/k");
-        assert_eq!(request_path("/k", &h("bkt.s3.example.com"), None, None), "/k", "no --s3-domain");
+        let path = |p: &str, hosts: &[&str], dom| request_path(p, &h(hosts), None, dom);
+        assert_eq!(path("/k", &["bkt.s3.example.com:8333"], d).unwrap(), "/bkt/k");
+        assert_eq!(path("/bkt/k", &["s3.example.com"], d).unwrap(), "/bkt/k", "path-style");
+        assert_eq!(path("/k", &["bkt.other.com"], d).unwrap(), "/k");
+        assert_eq!(path("/k", &["bkt.s3.example.com"], None).unwrap(), "/k", "no --s3-domain");
+        assert_eq!(request_path("/k", &h(&[]), Some("bkt.s3.example.com"), d).unwrap(), "/bkt/k", "authority");
+        // Spellings a store may not fold as the filter would, a repeated or non-ASCII Host: refused.
+        for hosts in [&["BKT.S3.example.com"][..], &["bkt.s3.example.com."], &["a.s3.example.com", "b.s3.example.com"]]
+        {
+            assert!(path("/k", hosts, d).is_err(), "{hosts:?}");
+        }
+        assert!(path("/k", &["bkt\u{e9}.s3.example.com"], d).is_err(), "not ASCII");
+        assert_eq!(path("/k", &["OTHER.com"], d).unwrap(), "/k", "outside the domain, any spelling");
+        // X-Forwarded-Host as both hops send it (equal to Host), and otherwise.
+        let with = |name: &str, value: &str| {
+            let mut m = h(&["bkt.s3.example.com"]);
+            m.append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
+            request_path("/k", &m, None, d)
+        };
+        assert_eq!(with("x-forwarded-host", "bkt.s3.example.com").unwrap(), "/bkt/k");
+        assert_eq!(with("forwarded", "for=10.0.0.1;proto=http").unwrap(), "/bkt/k");
+        assert!(with("x-forwarded-host", "other.s3.example.com").is_err());
+        assert!(with("x-forwarded-host", "bkt.s3.example.com, other.s3.example.com").is_err());
+        assert!(with("forwarded", "for=10.0.0.1;Host=other.s3.example.com").is_err());
     }
 
     #[test]

@@ -280,7 +280,10 @@ where
         let mut this = self.project();
         // The guard first: when it fires on the same wake-up that lets the
         // write make progress, the write is dropped before it can hand
-        // anything more to the upstream under a token no longer safe.
+        // anything more to the upstream under a token no longer safe. The
+        // price: a write whose answer arrived on that same wake-up is
+        // reported cut off although the store answered it; the answer says
+        // `"outcome": "unknown"`, which stays true.
         let Poll::Ready(why) = this.guard.poll(cx) else {
             return match this.write.as_mut().project() {
                 WriteProj::Sending { fut } => fut.poll(cx),

@@ -166,7 +166,8 @@ pub struct FilterArgs {
     /// With --store s3: requests with `Host: BUCKET.DOMAIN` (virtual-hosted style) are matched as /BUCKET/...;
     /// it must be the domain the store itself takes virtual-hosted names for. Not with --upstream-host (the store
     /// would read the path as another bucket), nor with an --upstream under the domain. A Host the store might
-    /// read otherwise (upper case, trailing dot, repeated; a differing X-Forwarded-Host): 400 host_malformed.
+    /// read otherwise (upper case, trailing dot, repeated, a port cut another way; a differing
+    /// X-Forwarded-Host): 400 host_malformed. In lower case, without a leading or trailing dot.
     #[arg(long, env = "FENCEGATE_S3_DOMAIN")]
     pub s3_domain: Option<String>,
     /// TESTS ONLY: switch the epoch barrier off, to show what it prevents.
@@ -268,6 +269,16 @@ impl FilterArgs {
         // path-style and sent with the upstream's own name as `Host`: a store
         // addressed as `bucket.DOMAIN` would read it virtual-hosted instead.
         if let Some(domain) = &self.s3_domain {
+            // Matched byte for byte against the lower-case Host (see
+            // filter::s3): a domain in another spelling would match nothing.
+            let label =
+                |l: &str| !l.is_empty() && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !domain.split('.').all(label) {
+                return Err(format!(
+                    "--s3-domain {domain:?} is not a domain name in lower case (labels of a-z, 0-9 and -, no \
+                     leading or trailing dot)"
+                ));
+            }
             let host = upstream.parse::<http::Uri>().ok().and_then(|u| u.host().map(str::to_ascii_lowercase));
             let domain = domain.trim_matches('.').to_ascii_lowercase();
             if host.is_some_and(|h| h.trim_end_matches('.').ends_with(&format!(".{domain}"))) {
@@ -654,6 +665,9 @@ mod tests {
         assert!(under.unwrap_err().contains("virtual-hosted name"));
         let outside = Filter::try_parse_from([&vhost[..], &["--s3-domain", "other.test"]].concat()).unwrap();
         assert!(outside.f.config().is_ok());
+        for bad in ["S3.test", ".s3.test", "s3.test.", "s3..test", "a,b.test", ""] {
+            assert!(with(&["--s3-domain", bad]).unwrap_err().contains("lower case"), "{bad}");
+        }
     }
 
     /// `--etcd` is required for the sidecar, optional for the filter (no

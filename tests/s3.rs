@@ -222,13 +222,15 @@ async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     let r = raw_delete(keys(&["a/../b/1"])).await;
     assert_eq!((r.status, r.error_code().as_str()), (400, "path_not_canonical"), "{}", r.body);
 
-    // POST policy: the form's key decides; a 512 KiB upload goes past what the filter reads (key first, the rest
-    // streamed after it).
+    // POST policy: the form's key decides; a 512 KiB upload is read whole, then forwarded. One over 1 MiB cannot be
+    // read whole: in this split bucket, 413 (in one lock's bucket it goes through: see the next test).
     let post = |f: &FilterProc, key: &str, size: usize| {
         fenced(f, "post_policy", "split", "lockA", serde_json::json!({"key": key, "data": "p", "size": size}))
     };
     let r = post(&s3, "a/p1", 512 << 10);
     assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "{r}");
+    let r = post(&s3, "a/big", 1536 << 10);
+    assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(413), "body_too_large"), "{r}");
     let r = post(&s3, "b/p2", 10);
     assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "fencing_lock_mismatch"), "{r}");
     let r = post(&plain, "a/p3", 10);
@@ -264,6 +266,8 @@ async fn s3_rules_delete_objects_bucket_level_and_virtual_hosts() {
     for headers in [
         serde_json::json!({"Host": format!("SPLIT.s3.test:{}", s3.addr.port())}),
         serde_json::json!({"Host": format!("split.s3.test:{}", s3.addr.port()), "X-Forwarded-Host": "other.s3.test"}),
+        // A port SeaweedFS cuts at the first `:`, another parser at the last.
+        serde_json::json!({"Host": format!("split.s3.test:{}:1", s3.addr.port())}),
     ] {
         let more = serde_json::json!({"key": "a/h", "send_as": {"url": s3.url(), "headers": headers}});
         let mut v = more;
@@ -345,4 +349,82 @@ async fn a_form_the_store_would_read_another_way_is_not_guessed_at() {
     let r = post(&weed.url(), "b/straight");
     assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "control: {r}");
     assert_eq!(stored(&weed, "split"), ["b/straight"], "control");
+}
+
+/// The bodies that name a POST's targets are read wherever the store reads them. Found in review, each a write
+/// the store applied to lockB's keys under lockA's token, and each now refused (the store keeps what it held):
+/// - DeleteObjects below the bucket (`POST /split/a/x?delete=`): SeaweedFS deletes the body's keys; the filter
+///   read the path alone (`/split/a/x`, lockA's).
+/// - DeleteObjects spelled `?%64elete=` (below the bucket too): SeaweedFS's router decodes the name (it is signed as
+///   `delete=`); the filter must not read the path alone either.
+/// - A POST-policy form below the bucket (`POST /split/a/x`): SeaweedFS writes the form's key.
+/// - A form whose first `key` part has a file name (a file to SeaweedFS, a key `a/evil` to the old filter) and
+///   whose presigned fields, `key` among them, follow the file: SeaweedFS reads fields after the file.
+///
+/// Controls: each request straight to the store does what is described (keys deleted, objects written). Fails on
+/// the old code: 200/204, and lockB's keys deleted or written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_body_is_read_wherever_the_store_reads_it() {
+    let weed = SeaweedFs::start();
+    weed.create_bucket("split");
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--protect", "/split/a/=lockA", "--protect", "/split/b/=lockB", "--store", "s3"];
+    let f = FilterProc::start(dir.path(), &weed.url(), &dir.path().join("s3"), &args);
+    let send = |endpoint: &str, more: serde_json::Value| {
+        let mut v = serde_json::json!({"endpoint": endpoint, "bucket": "split", "lock": "lockA", "token": 1});
+        v.as_object_mut().unwrap().extend(more.as_object().unwrap().clone());
+        call(v)
+    };
+    for k in ["b/x", "b/y"] {
+        let r = call(serde_json::json!({"endpoint": weed.url(), "op": "put", "bucket": "split", "key": k}));
+        assert_eq!(r["status"], 200, "{r}");
+    }
+    let smuggled_key = "--{B}\r\nContent-Disposition: form-data; name=\"key\"; filename=\"k\"\r\n\r\na/evil";
+    let cases = [
+        (
+            "delete below the bucket",
+            serde_json::json!({"op": "delete_objects", "keys": ["b/x"], "at": "/split/a/x?delete="}),
+        ),
+        (
+            "?%64elete",
+            serde_json::json!({
+                "op": "delete_objects", "keys": ["b/y"], "at": "/split/a/y?delete=", "send_at": "/split/a/y?%64elete=",
+            }),
+        ),
+        (
+            "form below the bucket",
+            serde_json::json!({"op": "post_policy", "key": "b/p", "data": "z", "size": 3, "at": "/split/a/x"}),
+        ),
+        (
+            "key after the file",
+            serde_json::json!({
+                "op": "post_policy", "key": "b/q", "data": "z", "size": 3, "smuggle": smuggled_key, "after_file": true,
+            }),
+        ),
+    ];
+    for (what, op) in &cases {
+        let r = send(&f.url(), op.clone());
+        assert_eq!(r["status"], 403, "{what}: {r}");
+        assert!(["fencing_lock_mismatch", "path_spans_locks"].contains(&code(&r).as_str()), "{what}: {r}");
+    }
+    assert_eq!(stored(&weed, "split"), ["b/x", "b/y"], "lockB's keys changed under lockA's token");
+    // Controls: straight to the store, each does what the filter refused.
+    for (what, op) in &cases {
+        let r = send(&weed.url(), op.clone());
+        assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "control, {what}: {r}");
+    }
+    assert_eq!(stored(&weed, "split"), ["b/p", "b/q"], "control");
+    // A form too long to read whole (over 1 MiB) into a bucket one lock holds: any key is that lock's, it goes
+    // through, whole.
+    let one = FilterProc::start(
+        dir.path(),
+        &weed.url(),
+        &dir.path().join("one"),
+        &["--protect", "/split/=lockS", "--store", "s3"],
+    );
+    let big = serde_json::json!({"op": "post_policy", "key": "big", "data": "w", "size": 1536 << 10, "lock": "lockS"});
+    let r = send(&one.url(), big);
+    assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "{r}");
+    let list = call(serde_json::json!({"endpoint": weed.url(), "op": "list", "bucket": "split"}));
+    assert_eq!(list["sizes"]["big"], 1536 << 10, "{list}");
 }

@@ -4,15 +4,16 @@
 //! The filter and the store parse the same bytes with two parsers. Where
 //! they could disagree, the filter would admit a write under one key's lock
 //! while the store writes another key: the one thing the filter exists to
-//! prevent. So this parser accepts only the plain form that browsers and
-//! SDKs send, and calls anything else [`FormKey::Unreadable`] (the filter
-//! then treats the upload as a write to the whole bucket, refused when the
+//! prevent. So this parser reads the whole form (the filter buffers it, up
+//! to `s3::MAX_BODY`), accepts only the plain form that browsers and SDKs
+//! send, and calls anything else [`FormKey::Unreadable`] (the filter then
+//! treats the upload as a write to the whole bucket, refused when the
 //! bucket is split between locks). What it refuses, and which parser does
 //! otherwise (Go's `mime/multipart`, the S3 stores written in Go):
 //!
 //! - a delimiter not followed at once by CRLF or `--` (Go skips transport
 //!   padding, and takes `--BQ` as data when the boundary is `B`), a preamble,
-//!   the delimiter's text inside a field's value;
+//!   an epilogue other than one CRLF, the delimiter's text inside a part;
 //! - a part header other than `Content-Disposition` and `Content-Type`
 //!   (Go decodes `Content-Transfer-Encoding: quoted-printable` values),
 //!   folded or bare-LF header lines, a disposition other than `form-data`
@@ -20,19 +21,22 @@
 //! - parameters that are not plain `name=token` or `name="text"`: a
 //!   backslash in a quoted value (Go keeps some escapes and not others), a
 //!   `name*` (RFC 2231, which Go decodes), a name twice;
-//! - two `key` fields, a field named `file` other than in lower case, a
-//!   key with leading or trailing whitespace, a file name with `/` or `\`
-//!   (Go keeps only the last element for `${filename}`).
+//! - two `key` fields in any case (SeaweedFS folds field names' case, and
+//!   reads fields after the file, where AWS S3 stops), a `key` part with a
+//!   file name (a file to Go, a field to a parser that ignores file names),
+//!   a file part other than one `file` in lower case, a key with leading or
+//!   trailing whitespace;
+//! - `${filename}` in the key with no file name, an empty one, or one with
+//!   `/` or `\` (SeaweedFS keeps `${filename}` when there is no name; Go
+//!   keeps only a path's last element).
 
 use http::HeaderMap;
 
-/// What the start of a POST-policy form says about its key.
+/// What a POST-policy form says about its key.
 #[derive(Debug, PartialEq, Eq)]
 pub enum FormKey {
     /// The object key (with `${filename}` already replaced).
     Found(String),
-    /// Not decided by the bytes so far: read more.
-    NeedMore,
     /// The form has no usable key (S3 refuses it), or cannot be read
     /// without guessing.
     Unreadable,
@@ -53,70 +57,61 @@ pub fn form_boundary(headers: &HeaderMap) -> Option<String> {
     ok.then_some(boundary)
 }
 
-/// Scans the start of a form (`complete`: the whole body) for its `key`
-/// field, up to the file part's headers. S3 ignores fields after the file,
-/// so the key must come first.
-pub fn form_key(body: &[u8], boundary: &str, complete: bool) -> FormKey {
-    match scan(body, boundary) {
-        Scan::Key(k) => FormKey::Found(k),
-        Scan::Short if !complete => FormKey::NeedMore,
-        Scan::Short | Scan::Bad => FormKey::Unreadable,
-    }
+/// The key of a whole form (`body`: all of it, to the closing delimiter).
+/// Every part is read: stores differ on fields after the file (AWS S3
+/// ignores them, SeaweedFS reads them), so the filter reads them too and
+/// refuses the forms where the two readings differ.
+pub fn form_key(body: &[u8], boundary: &str) -> FormKey {
+    scan(body, boundary).map_or(FormKey::Unreadable, FormKey::Found)
 }
 
-enum Scan {
-    Key(String),
-    /// The bytes so far end before the file part's headers.
-    Short,
-    Bad,
-}
-
-fn scan(body: &[u8], boundary: &str) -> Scan {
+fn scan(body: &[u8], boundary: &str) -> Option<String> {
     let delim = format!("--{boundary}");
     let delim = delim.as_bytes();
-    if !body.starts_with(delim) {
-        return if delim.starts_with(body) { Scan::Short } else { Scan::Bad };
-    }
-    let mut pos = delim.len();
-    let mut key: Option<String> = None;
+    let end_delim = [&b"\r\n"[..], delim].concat();
+    let mut pos = body.starts_with(delim).then_some(delim.len())?;
+    let (mut key, mut file) = (None::<String>, None::<Option<String>>);
     loop {
-        // After a delimiter: CRLF opens a part; `--` (the end) means no file.
-        match body.get(pos..pos + 2) {
-            None => return Scan::Short,
-            Some(b"\r\n") => pos += 2,
-            Some(_) => return Scan::Bad,
+        // After a delimiter: CRLF opens a part; `--` closes the form, and
+        // only a CRLF may follow (no epilogue another parser could read on).
+        match body.get(pos..pos + 2)? {
+            b"\r\n" => pos += 2,
+            b"--" if matches!(&body[pos + 2..], b"" | b"\r\n") => break,
+            _ => return None,
         }
-        let Some(head_end) = find(body, b"\r\n\r\n", pos) else { return Scan::Short };
-        let Some(part) = std::str::from_utf8(&body[pos..head_end]).ok().and_then(part_head) else {
-            return Scan::Bad;
-        };
-        if part.name.eq_ignore_ascii_case("file") {
-            return match (part.name == "file", key, part.filename) {
-                (true, Some(k), Some(f)) if !f.contains(['/', '\\']) => Scan::Key(k.replace("${filename}", &f)),
-                (true, Some(k), None) => Scan::Key(k.replace("${filename}", "")),
-                _ => Scan::Bad,
-            };
-        }
+        let head_end = find(body, b"\r\n\r\n", pos)?;
+        let head = &body[pos..head_end];
+        find(head, delim, 0).is_none().then_some(())?;
+        let part = std::str::from_utf8(head).ok().and_then(part_head)?;
         let value_start = head_end + 4;
-        let mut end_delim = b"\r\n".to_vec();
-        end_delim.extend_from_slice(delim);
-        let Some(value_end) = find(body, &end_delim, value_start) else {
-            // A value that already holds the delimiter's text is not waited on.
-            return if find(body, delim, value_start).is_some() { Scan::Bad } else { Scan::Short };
-        };
+        let value_end = find(body, &end_delim, value_start)?;
         let value = &body[value_start..value_end];
         if find(value, delim, 0).is_some() {
-            return Scan::Bad;
-        }
-        if part.name.eq_ignore_ascii_case("key") {
-            let Ok(k) = std::str::from_utf8(value) else { return Scan::Bad };
-            if key.is_some() || k.is_empty() || k.trim() != k {
-                return Scan::Bad;
-            }
-            key = Some(k.to_owned());
+            return None;
         }
         pos = value_end + end_delim.len();
+        // SeaweedFS folds field names' case (`KEY` is `Key`); a file part
+        // (one with a file name) is not a field to it, to AWS S3 it is.
+        let name = part.name.to_ascii_lowercase();
+        match (name.as_str(), part.filename) {
+            ("key", None) if key.is_none() => {
+                let k = std::str::from_utf8(value).ok()?;
+                (!k.is_empty() && k.trim() == k).then_some(())?;
+                key = Some(k.to_owned());
+            }
+            ("file", filename) if part.name == "file" && file.is_none() => file = Some(filename),
+            ("key" | "file", _) | (_, Some(_)) => return None,
+            _ => {}
+        }
     }
+    let (key, filename) = (key?, file?);
+    if !key.contains("${filename}") {
+        return Some(key);
+    }
+    // Substituted only with a plain name: stores keep `${filename}` as it is
+    // when there is none (SeaweedFS), or keep only a path's last element.
+    let f = filename.filter(|f| !f.is_empty() && !f.contains(['/', '\\']))?;
+    Some(key.replace("${filename}", &f))
 }
 
 /// A part's headers, as far as the key is concerned.
@@ -228,25 +223,33 @@ mod tests {
     #[test]
     fn the_plain_form_is_read() {
         let f = form(&part("form-data; name=\"key\"", "b/${filename}"));
-        assert_eq!(form_key(f.as_bytes(), "XyZ", true), FormKey::Found("b/Up.txt".into()));
-        assert_eq!(form_key(&f.as_bytes()[..60], "XyZ", false), FormKey::NeedMore);
-        assert_eq!(form_key(&f.as_bytes()[..3], "XyZ", false), FormKey::NeedMore);
-        assert_eq!(form_key(&f.as_bytes()[..60], "XyZ", true), FormKey::Unreadable);
+        assert_eq!(form_key(f.as_bytes(), "XyZ"), FormKey::Found("b/Up.txt".into()));
+        assert_eq!(form_key(&f.as_bytes()[..60], "XyZ"), FormKey::Unreadable, "cut short");
+        assert_eq!(form_key(f.trim_end().as_bytes(), "XyZ"), FormKey::Found("b/Up.txt".into()), "no final CRLF");
         let token = form(&part("form-data; name=key", "b/k"));
-        assert_eq!(form_key(token.as_bytes(), "XyZ", true), FormKey::Found("b/k".into()));
-        let no_filename = form(&part("form-data; name=\"key\"", "b/x${filename}")).replace("; filename=\"Up.txt\"", "");
-        assert_eq!(form_key(no_filename.as_bytes(), "XyZ", true), FormKey::Found("b/x".into()));
+        assert_eq!(form_key(token.as_bytes(), "XyZ"), FormKey::Found("b/k".into()));
+        let no_filename = form(&part("form-data; name=\"key\"", "b/x")).replace("; filename=\"Up.txt\"", "");
+        assert_eq!(form_key(no_filename.as_bytes(), "XyZ"), FormKey::Found("b/x".into()));
+        let upper = form(&part("form-data; name=\"Key\"", "b/k"));
+        assert_eq!(form_key(upper.as_bytes(), "XyZ"), FormKey::Found("b/k".into()), "field names fold");
+        // Fields after the file are read too (SeaweedFS reads them): the key may come last.
+        let after = format!("{}{}--XyZ--\r\n", part("form-data; name=\"file\"; filename=\"f\"", "DATA"), {
+            part("form-data; name=\"key\"", "b/last")
+        });
+        assert_eq!(form_key(after.as_bytes(), "XyZ"), FormKey::Found("b/last".into()));
     }
 
     /// Each of these reads as another key, or none, in some store's parser.
     #[test]
     fn what_another_parser_could_read_otherwise_is_unreadable() {
         let key = part("form-data; name=\"key\"", "b/k");
+        let file = "--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f\"\r\n\r\nD\r\n";
         let cases = [
             // `--XyZQ` is data to Go, a delimiter to a parser that stops at the boundary's text.
             form(&format!("{}{key}", part("form-data; name=\"x-ignore-a\"", "v\r\n--XyZQ\r\nX"))),
             form(&key).replacen("--XyZ\r\n", "--XyZ \r\n", 2),
             format!("preamble\r\n{}", form(&key)),
+            format!("{}epilogue --XyZ\r\n", form(&key)),
             form(&key).replace("\r\nContent-Type: text/plain", "\r\nContent-Transfer-Encoding: quoted-printable"),
             form(&part("form-data;\r\n name=\"key\"", "b/k")),
             form(&part("attachment; name=\"key\"", "b/k")),
@@ -263,12 +266,24 @@ mod tests {
             form(&key).replace("Content-Type: text/plain", "Content-Type: a\r\nContent-Type: b"),
             form(&key).replace("Content-Disposition: form-data; name=\"Policy\"", "Content-Disposition: form-data\n"),
             form(""),
+            // A key with a file name: a file to Go, and SeaweedFS then takes the key after the file.
+            format!("{}{file}{}--XyZ--\r\n", part("form-data; name=\"key\"; filename=\"k\"", "b/a"), key),
+            // A second key after the file (AWS S3 reads the first, SeaweedFS both), a second file, another file field.
+            form(&key).replace("--XyZ--", &format!("{}--XyZ--", part("form-data; name=\"key\"", "b/z"))),
+            form(&key).replace("--XyZ--", &format!("{file}--XyZ--")),
+            form(&format!("{key}{}", part("form-data; name=\"other\"; filename=\"o\"", "O"))),
+            // `${filename}` with no file name, or an empty one: SeaweedFS keeps `${filename}`.
+            form(&part("form-data; name=\"key\"", "b${filename}/x")).replace("; filename=\"Up.txt\"", ""),
+            form(&part("form-data; name=\"key\"", "b${filename}/x")).replace("Up.txt", ""),
+            // The file's data holds the delimiter's text; the form ends before its close.
+            form(&key).replace("DATA", "DA--XyZTA"),
+            form(&key).replace("--XyZ--\r\n", ""),
         ];
         for (i, f) in cases.iter().enumerate() {
-            assert_eq!(form_key(f.as_bytes(), "XyZ", true), FormKey::Unreadable, "case {i}: {f:?}");
+            assert_eq!(form_key(f.as_bytes(), "XyZ"), FormKey::Unreadable, "case {i}: {f:?}");
         }
         // The control: the same forms without the twist are read.
-        assert_eq!(form_key(form(&key).as_bytes(), "XyZ", true), FormKey::Found("b/k".into()));
+        assert_eq!(form_key(form(&key).as_bytes(), "XyZ"), FormKey::Found("b/k".into()));
     }
 
     #[test]

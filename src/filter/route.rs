@@ -65,30 +65,48 @@ impl Filter {
         )
         .map_err(FilterError::HostMalformed)?;
         let resolve = |raw: &[&str]| Targets::resolve(&self.cfg.protection, raw, self.cfg.allow_path_params);
-        let bucket = s3::bucket_of(&path).map(str::to_owned);
-        if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
+        if let (&http::Method::POST, Some(bucket)) = (req.method(), s3::post_bucket(&path)) {
+            // A POST below the bucket changes its path too, if the store
+            // reads it as an object's (conservative: no S3 store was seen
+            // to).
+            let object = s3::bucket_of(&path).is_none().then_some(path.as_str());
+            let timeout = self.cfg.limits.header_read_timeout;
             if s3::is_delete_objects(req.uri().query()) {
-                let (body, req) =
-                    Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, |_, complete| complete)).await?;
+                let (body, complete, req) = Box::pin(read_body(req, timeout)).await?;
+                if !complete {
+                    return Err(FilterError::BodyTooLarge(format!(
+                        "the filter reads at most {} bytes of a DeleteObjects to see what it deletes",
+                        s3::MAX_BODY
+                    )));
+                }
                 let keys = s3::delete_keys(&body).map_err(|e| match e {
                     s3::KeysError::TooMany => {
                         FilterError::BodyTooLarge(format!("a DeleteObjects names more than {} keys", s3::MAX_KEYS))
                     }
                     s3::KeysError::Malformed(why) => FilterError::BodyMalformed(why),
                 })?;
-                let raw: Vec<String> = keys.iter().map(|k| s3::key_path(&bucket, k)).collect();
-                return Ok((resolve(&raw.iter().map(String::as_str).collect::<Vec<_>>())?, req));
+                let raw: Vec<String> = keys.iter().map(|k| s3::key_path(bucket, k)).collect();
+                let raw: Vec<&str> = raw.iter().map(String::as_str).chain(object).collect();
+                return Ok((resolve(&raw)?, req));
             }
             if let Some(boundary) = form::form_boundary(req.headers()) {
-                let decided = |b: &[u8], complete| form::form_key(b, &boundary, complete) != form::FormKey::NeedMore;
-                let (body, req) = Box::pin(read_prefix(req, self.cfg.limits.header_read_timeout, decided)).await?;
-                // Unreadable: checked as a write to the whole bucket, which
-                // is refused (path_spans_locks) when the bucket is split.
-                let raw = match form::form_key(&body, &boundary, true) {
-                    form::FormKey::Found(key) => s3::key_path(&bucket, &key),
+                let (body, complete, req) = Box::pin(read_body(req, timeout)).await?;
+                // Unreadable, or too long to read whole: checked as a write
+                // to the whole bucket, which goes through when one lock
+                // holds the bucket and is refused when it is split.
+                let key = match complete.then(|| form::form_key(&body, &boundary)) {
+                    Some(form::FormKey::Found(key)) => s3::key_path(bucket, &key),
                     _ => format!("/{bucket}/"),
                 };
-                return Ok((resolve(&[&raw])?, req));
+                let raw: Vec<&str> = std::iter::once(key.as_str()).chain(object).collect();
+                return match (resolve(&raw), complete) {
+                    (Err(_), false) => Err(FilterError::BodyTooLarge(format!(
+                        "a POST-policy form into a bucket split between locks is read whole to find its key, and \
+                         this one is longer than the {} bytes the filter reads",
+                        s3::MAX_BODY
+                    ))),
+                    (t, _) => Ok((t?, req)),
+                };
             }
         }
         // A bucket-level request is a write to the collection `/bucket/`.
@@ -177,28 +195,27 @@ impl Filter {
     }
 }
 
-/// Reads the start of a request's body until `decided(bytes so far, body
-/// complete)` (at most [`s3::MAX_BODY`]: beyond, 413), and gives back the
-/// bytes read and the request with its body whole again (those bytes, then
-/// the rest as the client sends it). All of it within `within` (the header
-/// timeout: this start decides the write as its head does elsewhere), else
-/// 408: a client that sends a head and then no body would otherwise hold
-/// its connection for ever.
-async fn read_prefix(
+/// Reads a request's body whole, or its first [`s3::MAX_BODY`] bytes and a
+/// little more (`false`: there is more), and gives back the bytes read and
+/// the request with its body whole again (those bytes, then the rest as the
+/// client sends it). All of it within `within` (the header timeout: this
+/// body decides the write as its head does elsewhere), else 408: a client
+/// that sends a head and then no body would otherwise hold its connection
+/// for ever.
+async fn read_body(
     req: Request<Incoming>,
     within: Duration,
-    decided: impl Fn(&[u8], bool) -> bool,
-) -> Result<(bytes::Bytes, Request<RequestBody>), FilterError> {
+) -> Result<(bytes::Bytes, bool, Request<RequestBody>), FilterError> {
     use http_body_util::BodyExt;
     let (parts, mut body) = req.into_parts();
     let mut buf = bytes::BytesMut::new();
     let (mut complete, mut trailers) = (false, None);
     let deadline = crate::duration::after(within);
-    while !decided(&buf, complete) && !complete {
+    while !complete && buf.len() <= s3::MAX_BODY {
         let frame = tokio::time::timeout_at(deadline, body.frame()).await.map_err(|_| {
             FilterError::BodyTimeout(format!(
-                "the filter reads the start of this body to see what the write changes, and it did not arrive \
-                 within {within:?} (--header-timeout)"
+                "the filter reads this body to see what the write changes, and it did not arrive within {within:?} \
+                 (--header-timeout)"
             ))
         })?;
         match frame {
@@ -209,14 +226,8 @@ async fn read_prefix(
             },
             Some(Err(e)) => return Err(FilterError::BadRequest(format!("the request body could not be read: {e}"))),
         }
-        if buf.len() > s3::MAX_BODY {
-            return Err(FilterError::BodyTooLarge(format!(
-                "the filter reads at most {} bytes of this body to see what the write changes",
-                s3::MAX_BODY
-            )));
-        }
     }
     let buf = buf.freeze();
     let rest = (!complete).then_some(body);
-    Ok((buf.clone(), Request::from_parts(parts, RequestBody::prefixed(buf, rest, trailers))))
+    Ok((buf.clone(), complete, Request::from_parts(parts, RequestBody::prefixed(buf, rest, trailers))))
 }

@@ -85,9 +85,18 @@ fn forwarded_host_agrees(headers: &HeaderMap, host: Option<&str>) -> Result<(), 
 }
 
 /// `bucket` from `bucket.DOMAIN[:port]`; `Err` for the same name in another
-/// spelling (upper case, a trailing dot).
+/// spelling (upper case, a trailing dot), and for a host that is not a plain
+/// name or IP literal with at most a port: where stores cut the port differs
+/// (SeaweedFS at the first `:`), so `bkt.DOMAIN:x` could be bucket `bkt` to
+/// one and no bucket to another.
 fn bucket_of_host<'h>(host: &'h str, domain: &str) -> Result<Option<&'h str>, String> {
-    let name = host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h);
+    let malformed = || {
+        format!(
+            "the Host {host:?} is not a host name or IP literal with at most a port; refused with --s3-domain, since \
+             the store may read another bucket from it"
+        )
+    };
+    let name = host_name(host).ok_or_else(malformed)?;
     let domain = domain.trim_matches('.');
     let bucket = |name: &'h str| {
         let cut = name.len().checked_sub(domain.len() + 1)?;
@@ -104,6 +113,26 @@ fn bucket_of_host<'h>(host: &'h str, domain: &str) -> Result<Option<&'h str>, St
     Ok(loose)
 }
 
+/// The name in `host` (`name[:port]`, `[IPv6][:port]`; "" for an IP
+/// literal), if it is that plain: a name of letters, digits, `-`, `.`, `_`,
+/// a port of 1 to 5 digits.
+fn host_name(host: &str) -> Option<&str> {
+    let (name, port) = match host.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, rest) = v6.split_once(']')?;
+            let literal = !addr.is_empty() && addr.bytes().all(|b| b.is_ascii_hexdigit() || b":.".contains(&b));
+            (literal.then_some("")?, if rest.is_empty() { None } else { Some(rest.strip_prefix(':')?) })
+        }
+        None => {
+            let (name, port) = host.split_once(':').map_or((host, None), |(n, p)| (n, Some(p)));
+            let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            (plain.then_some(name)?, port)
+        }
+    };
+    let port_ok = port.is_none_or(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    port_ok.then_some(name)
+}
+
 /// `/bucket` (one segment) is the bucket itself: the collection `/bucket/`.
 pub fn bucket_level(path: &str) -> Option<&str> {
     let rest = path.strip_prefix('/')?;
@@ -111,9 +140,19 @@ pub fn bucket_level(path: &str) -> Option<&str> {
 }
 
 /// The bucket a `/bucket` or `/bucket/` path names, for requests on the
-/// bucket itself (DeleteObjects, POST policy).
+/// bucket itself.
 pub fn bucket_of(path: &str) -> Option<&str> {
     bucket_level(path).or_else(|| bucket_level(path.strip_suffix('/')?))
+}
+
+/// The bucket a POST acts on: its path's first segment. Stores take
+/// DeleteObjects and POST-policy forms at any path in the bucket (SeaweedFS
+/// deletes the body's keys for `POST /bucket/any/key?delete`), so the body
+/// is read wherever the POST goes.
+pub fn post_bucket(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix('/')?;
+    let bucket = rest.split('/').next()?;
+    (!bucket.is_empty()).then_some(bucket)
 }
 
 /// The raw (encoded) path of object `key` in `bucket`: a key's `%` is a
@@ -123,9 +162,15 @@ pub fn key_path(bucket: &str, key: &str) -> String {
     format!("/{bucket}/{}", key.replace('%', "%25"))
 }
 
-/// `POST ?delete` (DeleteObjects): a query parameter named `delete`.
+/// `POST ?delete` (DeleteObjects): a query parameter named `delete` as any
+/// store could read the name: percent- and `+`-decoded (Go's `ParseQuery`:
+/// `?%64elete` is `delete` to SeaweedFS's router), split at `;` too (older
+/// Go did), in any case, spaces around it ignored. Reading too many POSTs as
+/// DeleteObjects only costs a refusal (their bodies are not `<Delete>`);
+/// too few would let the store delete keys the filter never saw.
 pub fn is_delete_objects(query: Option<&str>) -> bool {
-    query.is_some_and(|q| q.split('&').any(|p| p.split('=').next() == Some("delete")))
+    let names = query.into_iter().flat_map(|q| q.split(';')).flat_map(|p| form_urlencoded::parse(p.as_bytes()));
+    names.map(|(name, _)| name).any(|n| n.trim().eq_ignore_ascii_case("delete"))
 }
 
 /// Why a DeleteObjects body's keys cannot be read.
@@ -238,6 +283,15 @@ mod tests {
         }
         assert!(path("/k", &["bkt\u{e9}.s3.example.com"], d).is_err(), "not ASCII");
         assert_eq!(path("/k", &["OTHER.com"], d).unwrap(), "/k", "outside the domain, any spelling");
+        for plain in ["127.0.0.1:8333", "[::1]:8333", "[::1]", "store_1:9000", "localhost"] {
+            assert_eq!(path("/k", &[plain], d).unwrap(), "/k", "{plain}");
+        }
+        // Where a port would be cut differently (SeaweedFS cuts at the first `:`): refused.
+        for odd in
+            ["bkt.s3.example.com:x", "bkt.s3.example.com:", "a.s3.example.com:1:2", "x@bkt.s3.example.com", "[::1]x"]
+        {
+            assert!(path("/k", &[odd], d).is_err(), "{odd}");
+        }
         // X-Forwarded-Host as both hops send it (equal to Host), and otherwise.
         let with = |name: &str, value: &str| {
             let mut m = h(&["bkt.s3.example.com"]);
@@ -257,10 +311,16 @@ mod tests {
         assert_eq!(bucket_level("/bkt/"), None);
         assert_eq!(bucket_of("/bkt/"), Some("bkt"));
         assert_eq!(bucket_of("/bkt/k"), None);
+        assert_eq!(post_bucket("/bkt/a/k"), Some("bkt"));
+        assert_eq!(post_bucket("/bkt"), Some("bkt"));
+        assert_eq!(post_bucket("/"), None);
         assert_eq!(key_path("b", "a/100%/x"), "/b/a/100%25/x");
         assert!(is_delete_objects(Some("delete")));
         assert!(is_delete_objects(Some("x=1&delete=")));
         assert!(!is_delete_objects(Some("deleted")));
+        for spelled in ["%64elete", "x=1;delete", "DELETE=", "dele%74e=1", "+delete"] {
+            assert!(is_delete_objects(Some(spelled)), "{spelled}");
+        }
         assert!(!is_delete_objects(None));
     }
 

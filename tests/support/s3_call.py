@@ -7,8 +7,10 @@ proxy, for virtual-hosted names that do not resolve), "lock" and "token"
 (Fencing-Lock / Fencing-Token headers, as a sidecar would add), "key",
 "keys", "data", "send_as" ({"url": base URL, "headers": {...}}: after signing,
 send to that URL instead, with these headers set: a request signed for one
-place and sent as another). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes;
-"smuggle": a hand-made first part, see the op).
+place and sent as another), "at" (path and query to sign and send instead of the
+operation's own, e.g. "/bucket/a/x?delete=": the same body at another address), "send_at" (the
+same, after signing: a spelling the store reads as what was signed). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes;
+"smuggle": a hand-made first part, see the op; "after_file"; "at": another path).
 Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -52,7 +54,19 @@ def send_as(request, **_):
         request.headers[k] = v
 
 
+def relocate(to):
+    def handler(request, **_):
+        scheme, _, host = request.url.split("/", 3)[:3]
+        request.url = f"{scheme}//{host}{to}"
+
+    return handler
+
+
 s3.meta.events.register("before-sign.s3.*", fence)
+if a.get("at"):
+    s3.meta.events.register("before-sign.s3.*", relocate(a["at"]))
+if a.get("send_at"):
+    s3.meta.events.register("before-send.s3.*", relocate(a["send_at"]))
 if a.get("send_as"):
     s3.meta.events.register("before-send.s3.*", send_as)
 s3.meta.events.register("after-call.s3.*", keep)
@@ -78,19 +92,26 @@ try:
         fields = list(p["fields"].items()) + [("file", ("up.txt", data.encode()))]
         if a.get("smuggle") is not None:
             # A hand-made form: "smuggle" (text with {B} for the boundary) first, then the presigned fields.
+            # "after_file": the presigned fields after the file part instead.
             b = "fgB0undary"
-            body = a["smuggle"].replace("{B}", b).encode() + b"\r\n"
+            body = a["smuggle"].replace("{B}", b).encode() + b"\r\n" if a["smuggle"] else b""
+            presigned = b""
             for k, v in p["fields"].items():
-                body += f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-            body += f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="up.txt"\r\n\r\n'.encode()
-            body += data.encode() + f"\r\n--{b}--\r\n".encode()
+                presigned += f'--{b}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+            file = f'--{b}\r\nContent-Disposition: form-data; name="file"; filename="up.txt"\r\n\r\n'.encode()
+            file += data.encode() + b"\r\n"
+            body += file + presigned if a.get("after_file") else presigned + file
+            body += f"--{b}--\r\n".encode()
             ctype = f"multipart/form-data; boundary={b}"
         else:
             body, ctype = encode_multipart_formdata(fields)
         headers = {"Content-Type": ctype}
         if a.get("lock"):
             headers.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
-        req = urllib.request.Request(p["url"], data=body, method="POST", headers=headers)
+        url = p["url"].rstrip("/")
+        if a.get("at"):
+            url = "/".join(url.split("/", 3)[:3]) + a["at"]
+        req = urllib.request.Request(url, data=body, method="POST", headers=headers)
         try:
             with urllib.request.urlopen(req) as r:
                 last.update(status=r.status, body=r.read().decode("utf-8", "replace"))

@@ -351,8 +351,9 @@ async fn a_form_the_store_would_read_another_way_is_not_guessed_at() {
     assert_eq!(stored(&weed, "split"), ["b/straight"], "control");
 }
 
-/// The bodies that name a POST's targets are read wherever the store reads them. Found in review, each a write
-/// the store applied to lockB's keys under lockA's token, and each now refused (the store keeps what it held):
+/// What a write changes is read wherever the store reads it: bodies at any path, headers. Found in two reviews,
+/// each a write the store applied to lockB's keys under lockA's token, and each now refused (the store keeps what it
+/// held):
 /// - DeleteObjects below the bucket (`POST /split/a/x?delete=`): SeaweedFS deletes the body's keys; the filter
 ///   read the path alone (`/split/a/x`, lockA's).
 /// - DeleteObjects spelled `?%64elete=` (below the bucket too): SeaweedFS's router decodes the name (it is signed as
@@ -360,11 +361,18 @@ async fn a_form_the_store_would_read_another_way_is_not_guessed_at() {
 /// - A POST-policy form below the bucket (`POST /split/a/x`): SeaweedFS writes the form's key.
 /// - A form whose first `key` part has a file name (a file to SeaweedFS, a key `a/evil` to the old filter) and
 ///   whose presigned fields, `key` among them, follow the file: SeaweedFS reads fields after the file.
+/// - A form whose boundary the filter's strict parser does not take (`boundary = B`): Go does, and SeaweedFS
+///   routes any POST with `multipart/form-dat` in its Content-Type to its form upload; now the whole bucket.
+/// - DeleteObjects XML read otherwise by Go: a first root not named `Delete` (Go decodes the first root whatever
+///   its name; the filter read only the `<Delete>` after it), an element inside `<Key>` (Go skips it and keeps the
+///   text around it); now 400 `body_malformed`.
+/// - RenameObject (`PUT /split/a/stolen?renameObject=`, `X-Amz-Rename-Source: b/victim`): the source is moved,
+///   so it is a target too.
 ///
-/// Controls: each request straight to the store does what is described (keys deleted, objects written). Fails on
-/// the old code: 200/204, and lockB's keys deleted or written.
+/// Controls: each request straight to the store does what is described (keys deleted, objects written or moved).
+/// Fails on the old code: 200/204, and lockB's keys deleted, written or moved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_post_body_is_read_wherever_the_store_reads_it() {
+async fn a_write_is_read_wherever_the_store_reads_its_targets() {
     let weed = SeaweedFs::start();
     weed.create_bucket("split");
     let dir = tempfile::tempdir().unwrap();
@@ -375,45 +383,78 @@ async fn a_post_body_is_read_wherever_the_store_reads_it() {
         v.as_object_mut().unwrap().extend(more.as_object().unwrap().clone());
         call(v)
     };
-    for k in ["b/x", "b/y"] {
+    let held = ["b/v1", "b/v2", "b/victim", "b/x", "b/y"];
+    for k in held {
         let r = call(serde_json::json!({"endpoint": weed.url(), "op": "put", "bucket": "split", "key": k}));
         assert_eq!(r["status"], 200, "{r}");
     }
     let smuggled_key = "--{B}\r\nContent-Disposition: form-data; name=\"key\"; filename=\"k\"\r\n\r\na/evil";
+    let xml = |body: &str| serde_json::json!({"op": "raw", "method": "POST", "path": "/split?delete=", "md5": true, "body": body});
+    let (spans, mismatch, malformed) =
+        ((403, "path_spans_locks"), (403, "fencing_lock_mismatch"), (400, "body_malformed"));
     let cases = [
         (
             "delete below the bucket",
+            mismatch,
             serde_json::json!({"op": "delete_objects", "keys": ["b/x"], "at": "/split/a/x?delete="}),
         ),
         (
             "?%64elete",
+            mismatch,
             serde_json::json!({
                 "op": "delete_objects", "keys": ["b/y"], "at": "/split/a/y?delete=", "send_at": "/split/a/y?%64elete=",
             }),
         ),
         (
             "form below the bucket",
+            mismatch,
             serde_json::json!({"op": "post_policy", "key": "b/p", "data": "z", "size": 3, "at": "/split/a/x"}),
         ),
         (
             "key after the file",
+            spans,
             serde_json::json!({
                 "op": "post_policy", "key": "b/q", "data": "z", "size": 3, "smuggle": smuggled_key, "after_file": true,
             }),
         ),
+        (
+            "a boundary only Go reads",
+            spans,
+            serde_json::json!({
+                "op": "post_policy", "key": "b/r", "data": "z", "size": 3, "smuggle": "", "at": "/split/a/x",
+                "content_type": "multipart/form-data; boundary = fgB0undary",
+            }),
+        ),
+        (
+            "a first root not <Delete>",
+            malformed,
+            xml("<Foo><Object><Key>b/v1</Key></Object></Foo><Delete><Object><Key>a/x</Key></Object></Delete>"),
+        ),
+        (
+            "an element inside <Key>",
+            malformed,
+            xml("<Delete><Object><Key>a/x</Key></Object><Object><Key>b/v2<x></x></Key></Object></Delete>"),
+        ),
+        (
+            "rename another lock's object",
+            mismatch,
+            serde_json::json!({
+                "op": "raw", "method": "PUT", "path": "/split/a/stolen?renameObject=",
+                "headers": {"x-amz-rename-source": "b/victim"},
+            }),
+        ),
     ];
-    for (what, op) in &cases {
+    for (what, (status, error), op) in &cases {
         let r = send(&f.url(), op.clone());
-        assert_eq!(r["status"], 403, "{what}: {r}");
-        assert!(["fencing_lock_mismatch", "path_spans_locks"].contains(&code(&r).as_str()), "{what}: {r}");
+        assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(*status), *error), "{what}: {r}");
     }
-    assert_eq!(stored(&weed, "split"), ["b/x", "b/y"], "lockB's keys changed under lockA's token");
+    assert_eq!(stored(&weed, "split"), held, "lockB's keys changed under lockA's token");
     // Controls: straight to the store, each does what the filter refused.
-    for (what, op) in &cases {
+    for (what, _, op) in &cases {
         let r = send(&weed.url(), op.clone());
         assert_eq!(r["status"].as_u64().map(|s| s / 100), Some(2), "control, {what}: {r}");
     }
-    assert_eq!(stored(&weed, "split"), ["b/p", "b/q"], "control");
+    assert_eq!(stored(&weed, "split"), ["a/stolen", "b/p", "b/q", "b/r"], "control");
     // A form too long to read whole (over 1 MiB) into a bucket one lock holds: any key is that lock's, it goes
     // through, whole.
     let one = FilterProc::start(

@@ -23,6 +23,9 @@ pub enum FilterError {
     SpansLocks { path: String, own: Option<LockName>, others: Vec<LockName> },
     #[error("{0}")]
     DestinationMalformed(String),
+    /// `--store s3`: an `X-Amz-Rename-Source` that cannot be read as one key.
+    #[error("{0}")]
+    RenameSourceMalformed(String),
     #[error("no protection rule covers path {0}; writes to it are refused (see --allow-unprotected)")]
     Unprotected(String),
     #[error("path {0} is not canonical; refused so it cannot dodge a protection rule once the store decodes it")]
@@ -67,6 +70,7 @@ impl FilterError {
             FilterError::NotCanonical(_) => "not_canonical",
             FilterError::SpansLocks { .. } => "spans_locks",
             FilterError::DestinationMalformed(_) => "destination_malformed",
+            FilterError::RenameSourceMalformed(_) => "rename_source_malformed",
             FilterError::Admit(AdmitError::Stale { .. } | AdmitError::Superseded { .. }) => "stale",
             FilterError::Admit(AdmitError::State(_)) => "state_unavailable",
             FilterError::Admit(AdmitError::BarrierTimeout { .. }) => "barrier_timeout",
@@ -112,6 +116,9 @@ impl FilterError {
             ),
             FilterError::DestinationMalformed(_) => {
                 json_error(StatusCode::BAD_REQUEST, "destination_malformed", &msg, None)
+            }
+            FilterError::RenameSourceMalformed(_) => {
+                json_error(StatusCode::BAD_REQUEST, "rename_source_malformed", &msg, None)
             }
             FilterError::Unprotected(_) => json_error(StatusCode::FORBIDDEN, "path_not_protected", &msg, None),
             FilterError::NotCanonical(_) => json_error(StatusCode::BAD_REQUEST, "path_not_canonical", &msg, None),

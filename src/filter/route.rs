@@ -65,10 +65,13 @@ impl Filter {
         )
         .map_err(FilterError::HostMalformed)?;
         let resolve = |raw: &[&str]| Targets::resolve(&self.cfg.protection, raw, self.cfg.allow_path_params);
+        // Targets named outside the path, of any request: RenameObject's source.
+        let renamed =
+            s3::rename_sources(req.headers(), s3::post_bucket(&path)).map_err(FilterError::RenameSourceMalformed)?;
+        let renamed = renamed.iter().map(String::as_str);
         if let (&http::Method::POST, Some(bucket)) = (req.method(), s3::post_bucket(&path)) {
             // A POST below the bucket changes its path too, if the store
-            // reads it as an object's (conservative: no S3 store was seen
-            // to).
+            // reads it as an object's.
             let object = s3::bucket_of(&path).is_none().then_some(path.as_str());
             let timeout = self.cfg.limits.header_read_timeout;
             if s3::is_delete_objects(req.uri().query()) {
@@ -86,7 +89,7 @@ impl Filter {
                     s3::KeysError::Malformed(why) => FilterError::BodyMalformed(why),
                 })?;
                 let raw: Vec<String> = keys.iter().map(|k| s3::key_path(bucket, k)).collect();
-                let raw: Vec<&str> = raw.iter().map(String::as_str).chain(object).collect();
+                let raw: Vec<&str> = raw.iter().map(String::as_str).chain(object).chain(renamed).collect();
                 return Ok((resolve(&raw)?, req));
             }
             if let Some(boundary) = form::form_boundary(req.headers()) {
@@ -98,7 +101,7 @@ impl Filter {
                     Some(form::FormKey::Found(key)) => s3::key_path(bucket, &key),
                     _ => format!("/{bucket}/"),
                 };
-                let raw: Vec<&str> = std::iter::once(key.as_str()).chain(object).collect();
+                let raw: Vec<&str> = std::iter::once(key.as_str()).chain(object).chain(renamed).collect();
                 return match (resolve(&raw), complete) {
                     (Err(_), false) => Err(FilterError::BodyTooLarge(format!(
                         "a POST-policy form into a bucket split between locks is read whole to find its key, and \
@@ -108,11 +111,18 @@ impl Filter {
                     (t, _) => Ok((t?, req)),
                 };
             }
+            // Any other POST but the known object-level ones: the whole
+            // bucket (see `s3::is_object_post`).
+            if object.is_none() || !s3::is_object_post(req.uri().query(), req.headers()) {
+                let whole = format!("/{bucket}/");
+                let raw: Vec<&str> = std::iter::once(whole.as_str()).chain(object).chain(renamed).collect();
+                return Ok((resolve(&raw)?, req.map(RequestBody::stream)));
+            }
         }
         // A bucket-level request is a write to the collection `/bucket/`.
         let path = if s3::bucket_level(&path).is_some() { format!("{path}/") } else { path };
         let dest = rules::destination(req.headers())?;
-        let raw: Vec<&str> = std::iter::once(path.as_str()).chain(dest.as_deref()).collect();
+        let raw: Vec<&str> = std::iter::once(path.as_str()).chain(dest.as_deref()).chain(renamed).collect();
         Ok((resolve(&raw)?, req.map(RequestBody::stream)))
     }
 

@@ -169,8 +169,69 @@ pub fn key_path(bucket: &str, key: &str) -> String {
 /// DeleteObjects only costs a refusal (their bodies are not `<Delete>`);
 /// too few would let the store delete keys the filter never saw.
 pub fn is_delete_objects(query: Option<&str>) -> bool {
-    let names = query.into_iter().flat_map(|q| q.split(';')).flat_map(|p| form_urlencoded::parse(p.as_bytes()));
-    names.map(|(name, _)| name).any(|n| n.trim().eq_ignore_ascii_case("delete"))
+    query_names(query).any(|n| n.trim().eq_ignore_ascii_case("delete"))
+}
+
+/// The object-level POSTs that name no other target: CreateMultipartUpload
+/// (`?uploads`), CompleteMultipartUpload (`?uploadId`), `?restore`,
+/// `?select` (names decoded as in [`is_delete_objects`]). Any other POST in
+/// a bucket is one the filter cannot see into, checked as a write to the
+/// whole bucket: a store may read what it changes from the body (SeaweedFS
+/// routes every POST whose `Content-Type` holds `multipart/form-dat` to its
+/// form upload, at any path in the bucket, and Go reads more boundary
+/// spellings than the filter's strict parser).
+pub fn is_object_post(query: Option<&str>, headers: &HeaderMap) -> bool {
+    let multipart = headers
+        .get_all(http::header::CONTENT_TYPE)
+        .iter()
+        .any(|v| v.as_bytes().to_ascii_lowercase().windows(10).any(|w| w == b"multipart/"));
+    let known =
+        |n: &str| ["uploads", "uploadid", "restore", "select"].contains(&n.trim().to_ascii_lowercase().as_str());
+    !multipart && query_names(query).any(|n| known(&n))
+}
+
+/// The names in a query as any store could read them: percent- and
+/// `+`-decoded (Go's `ParseQuery`), split at `;` too (older Go did).
+fn query_names(query: Option<&str>) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
+    let pairs = query.into_iter().flat_map(|q| q.split(';')).flat_map(|p| form_urlencoded::parse(p.as_bytes()));
+    pairs.map(|(name, _)| name)
+}
+
+/// `X-Amz-Rename-Source` (RenameObject, `PUT /bucket/key?renameObject`):
+/// the object it names is moved, so it is written too. SeaweedFS reads the
+/// value (percent-decoded, a leading `/` dropped) as a key in the request's
+/// bucket and, when it starts with `bucket/`, also as the key after that,
+/// and moves whichever exists: both readings are targets, of the value as
+/// sent and decoded. (`bucket/key` in a bucket split between locks is thus
+/// refused, `/bucket/bucket/...` being no lock's: send the bare key.) `Err`
+/// when it is repeated or not text.
+pub fn rename_sources(headers: &HeaderMap, bucket: Option<&str>) -> Result<Vec<String>, String> {
+    let mut all = headers.get_all("x-amz-rename-source").iter();
+    let v = match (all.next(), all.next()) {
+        (None, _) => return Ok(Vec::new()),
+        (Some(v), None) => v.to_str().map_err(|_| "X-Amz-Rename-Source is not visible ASCII".to_string())?,
+        (Some(_), Some(_)) => return Err("X-Amz-Rename-Source is repeated".into()),
+    };
+    let decoded = percent_encoding::percent_decode_str(v)
+        .decode_utf8()
+        .map_err(|_| "X-Amz-Rename-Source does not decode to UTF-8".to_string())?;
+    let mut out = Vec::new();
+    for v in [v, &decoded] {
+        let v = v.strip_prefix('/').unwrap_or(v);
+        if v.is_empty() {
+            return Err("X-Amz-Rename-Source names no object".into());
+        }
+        match bucket {
+            Some(bucket) => {
+                out.push(key_path(bucket, v));
+                if v.strip_prefix(bucket).is_some_and(|rest| rest.starts_with('/')) {
+                    out.push(format!("/{}", v.replace('%', "%25")));
+                }
+            }
+            None => out.push(format!("/{}", v.replace('%', "%25"))),
+        }
+    }
+    Ok(out)
 }
 
 /// Why a DeleteObjects body's keys cannot be read.
@@ -187,31 +248,49 @@ pub fn delete_keys(xml: &[u8]) -> Result<Vec<String>, KeysError> {
     delete_keys_inner(xml).map_err(|e| if e.is_empty() { KeysError::TooMany } else { KeysError::Malformed(e) })
 }
 
-/// [`delete_keys`]; an empty error is "too many keys".
+/// [`delete_keys`]; an empty error is "too many keys". Strict where Go's
+/// `encoding/xml` (SeaweedFS, MinIO) reads otherwise: Go decodes the first
+/// root element whatever its name and ignores what follows it, and skips
+/// elements nested in `<Key>` keeping the text around them. So the body
+/// must be one `<Delete>` root, and a `<Key>` text only.
 fn delete_keys_inner(xml: &[u8]) -> Result<Vec<String>, String> {
     let text = std::str::from_utf8(xml).map_err(|_| "the DeleteObjects body is not UTF-8".to_string())?;
     let mut reader = Reader::from_str(text);
     let mut stack: Vec<String> = Vec::new();
-    let mut keys = Vec::new();
+    let (mut keys, mut roots) = (Vec::new(), 0);
     let mut key: Option<String> = None;
     let bad = |e: quick_xml::Error| format!("the DeleteObjects body is not well-formed XML: {e}");
     loop {
-        match reader.read_event().map_err(bad)? {
+        let event = reader.read_event().map_err(bad)?;
+        if key.is_some() && matches!(event, Event::Start(_) | Event::Empty(_)) {
+            return Err("an element inside a <Key>".into());
+        }
+        match event {
             Event::Start(e) => {
                 let name = e.local_name().as_ref().to_owned();
-                if name == "Key" && stack.len() == 2 && stack[0] == "Delete" && stack[1] == "Object" {
+                if stack.is_empty() {
+                    roots += 1;
+                    if roots > 1 || name != "Delete" {
+                        return Err("the body's root is not one <Delete> element".into());
+                    }
+                }
+                if name == "Key" && stack.len() == 2 && stack[1] == "Object" {
                     key = Some(String::new());
                 }
                 stack.push(name);
             }
             Event::End(_) => {
-                let closed = stack.pop();
-                if let (Some("Key"), Some(k)) = (closed.as_deref(), key.take()) {
+                stack.pop();
+                if let Some(k) = key.take() {
                     keys.push(k);
                     if keys.len() > MAX_KEYS {
                         return Err(String::new());
                     }
                 }
+            }
+            Event::Empty(e) if stack.is_empty() => {
+                let name = e.local_name().as_ref().to_owned();
+                return Err(format!("the body's root is an empty <{name}/>"));
             }
             Event::Empty(e) if e.local_name().as_ref() == "Key" && stack.len() == 2 => {
                 return Err("an empty <Key/>".into());
@@ -325,6 +404,43 @@ mod tests {
     }
 
     #[test]
+    fn object_posts_and_rename_sources() {
+        let ct = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("content-type", v.parse().unwrap());
+            h
+        };
+        let none = HeaderMap::new();
+        for q in ["uploads", "uploadId=abc", "%75ploads=", "restore", "select&select-type=2"] {
+            assert!(is_object_post(Some(q), &none), "{q}");
+        }
+        assert!(!is_object_post(None, &none), "no query: a form to SeaweedFS, if the Content-Type says so");
+        assert!(!is_object_post(Some("tagging"), &none));
+        assert!(is_object_post(Some("uploadId=1"), &ct("application/xml")));
+        assert!(!is_object_post(Some("uploadId=1"), &ct("Multipart/Form-Data; boundary = x")));
+        assert!(!is_object_post(Some("uploads"), &ct("multipart/mixed; boundary=x")));
+
+        let h = |values: &[&str]| {
+            let mut m = HeaderMap::new();
+            for v in values {
+                m.append("x-amz-rename-source", v.parse().unwrap());
+            }
+            m
+        };
+        assert_eq!(rename_sources(&h(&[]), Some("b")).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            rename_sources(&h(&["/b/x%2Fy"]), Some("b")).unwrap(),
+            ["/b/b/x%252Fy", "/b/x%252Fy", "/b/b/x/y", "/b/x/y"],
+            "as sent and decoded, as a key in the bucket and as bucket/key"
+        );
+        assert_eq!(rename_sources(&h(&["a/k"]), Some("b")).unwrap(), ["/b/a/k", "/b/a/k"], "no other bucket");
+        assert_eq!(rename_sources(&h(&["bx/k"]), Some("b")).unwrap(), ["/b/bx/k", "/b/bx/k"]);
+        assert!(rename_sources(&h(&["/b/x", "/b/y"]), Some("b")).is_err(), "repeated");
+        assert!(rename_sources(&h(&["/"]), Some("b")).is_err(), "no object");
+        assert!(rename_sources(&h(&["/b/%ff"]), Some("b")).is_err(), "not UTF-8 once decoded");
+    }
+
+    #[test]
     fn delete_objects_keys() {
         let xml = br#"<?xml version="1.0"?><Delete xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Quiet>true</Quiet>
             <Object><Key>a/1&amp;2</Key><VersionId>v</VersionId></Object><Object><Key><![CDATA[b/<x>]]></Key></Object>
@@ -336,6 +452,13 @@ mod tests {
             b"<Delete><Object><Key>a&foo;</Key></Object></Delete>",
             b"<!DOCTYPE x [<!ENTITY e \"b/\">]><Delete><Object><Key>&e;</Key></Object></Delete>",
             b"not xml <",
+            // Go reads the first root, whatever its name, and skips elements inside <Key>.
+            b"<Foo><Object><Key>b/1</Key></Object></Foo><Delete><Object><Key>a/x</Key></Object></Delete>",
+            b"<Delete><Object><Key>a/x</Key></Object></Delete><Delete><Object><Key>b/1</Key></Object></Delete>",
+            b"<Delete><Object><Key>a/x</Key></Object></Delete><x/>",
+            b"<Delete><Object><Key>b/v2<x></x></Key></Object></Delete>",
+            b"<Delete><Object><Key><Key>a/x</Key>b/v3</Key></Object></Delete>",
+            b"<Delete><Object><Key>b/v<x/></Key></Object></Delete>",
         ] {
             assert!(delete_keys(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }

@@ -10,7 +10,8 @@ send to that URL instead, with these headers set: a request signed for one
 place and sent as another), "at" (path and query to sign and send instead of the
 operation's own, e.g. "/bucket/a/x?delete=": the same body at another address), "send_at" (the
 same, after signing: a spelling the store reads as what was signed). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes;
-"smuggle": a hand-made first part, see the op; "after_file"; "at": another path).
+"smuggle": a hand-made first part, see the op; "after_file"; "at": another path; "content_type"), raw
+("method", "path" with query, "headers", "body" text: signed as they are; "md5": add Content-MD5).
 Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -102,7 +103,7 @@ try:
             file += data.encode() + b"\r\n"
             body += file + presigned if a.get("after_file") else presigned + file
             body += f"--{b}--\r\n".encode()
-            ctype = f"multipart/form-data; boundary={b}"
+            ctype = a.get("content_type", f"multipart/form-data; boundary={b}")
         else:
             body, ctype = encode_multipart_formdata(fields)
         headers = {"Content-Type": ctype}
@@ -112,6 +113,33 @@ try:
         if a.get("at"):
             url = "/".join(url.split("/", 3)[:3]) + a["at"]
         req = urllib.request.Request(url, data=body, method="POST", headers=headers)
+        try:
+            with urllib.request.urlopen(req) as r:
+                last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
+        except urllib.error.HTTPError as e:
+            last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+    elif op == "raw":
+        # A request as given, signed (SigV4) for exactly what is sent.
+        import base64
+        import hashlib
+        import urllib.error
+        import urllib.request
+
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
+        body = a.get("body", "").encode()
+        headers = dict(a.get("headers", {}))
+        if a.get("md5"):
+            headers["Content-MD5"] = base64.b64encode(hashlib.md5(body).digest()).decode()
+        headers["X-Amz-Content-SHA256"] = hashlib.sha256(body).hexdigest()
+        url = a["endpoint"].rstrip("/") + a["path"]
+        signed = AWSRequest(method=a["method"], url=url, data=body, headers=headers)
+        S3SigV4Auth(s3._request_signer._credentials, "s3", "us-east-1").add_auth(signed)
+        send = dict(signed.headers.items())
+        if a.get("lock"):
+            send.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
+        req = urllib.request.Request(url, data=body, method=a["method"], headers=send)
         try:
             with urllib.request.urlopen(req) as r:
                 last.update(status=r.status, body=r.read().decode("utf-8", "replace"))

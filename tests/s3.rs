@@ -469,3 +469,38 @@ async fn a_write_is_read_wherever_the_store_reads_its_targets() {
     let list = call(serde_json::json!({"endpoint": weed.url(), "op": "list", "bucket": "split"}));
     assert_eq!(list["sizes"]["big"], 1536 << 10, "{list}");
 }
+
+/// SeaweedFS keeps a multipart upload's parts as ordinary keys under `/bucket/.uploads/<id>/`, open to any client.
+/// Found in review: with a rule covering the bucket's root (`/split/=lockS`) beside `/split/b/=lockB`, lockS's holder
+/// could write a part into lockB's upload in progress (ListParts then shows it, and a client completing from
+/// ListParts stores its bytes at lockB's key). Now a target in the uploads area is a write to the whole bucket:
+/// refused (`path_spans_locks`), and lockB's upload has no part. Control: the same write straight to the store is
+/// taken as a part of lockB's upload. Fails on the old code: 200, and the part listed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_locks_upload_in_progress_cannot_be_written() {
+    let weed = SeaweedFs::start();
+    weed.create_bucket("split");
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--protect", "/split/=lockS", "--protect", "/split/b/=lockB", "--store", "s3"];
+    let f = FilterProc::start(dir.path(), &weed.url(), &dir.path().join("s3"), &args);
+    let straight = |more: serde_json::Value| {
+        let mut v = serde_json::json!({"endpoint": weed.url(), "bucket": "split", "key": "b/m"});
+        v.as_object_mut().unwrap().extend(more.as_object().unwrap().clone());
+        call(v)
+    };
+    let id = straight(serde_json::json!({"op": "mpu_start"}))["upload_id"].as_str().unwrap().to_owned();
+    let parts = || straight(serde_json::json!({"op": "list_parts", "upload_id": id}))["parts"].clone();
+    let part = |endpoint: &str| {
+        call(serde_json::json!({
+            "endpoint": endpoint, "bucket": "split", "op": "raw", "method": "PUT", "body": "EVIL",
+            "path": format!("/split/.uploads/{id}/0001_zz.part"), "lock": "lockS", "token": 1,
+        }))
+    };
+    let r = part(&f.url());
+    assert_eq!((r["status"].as_u64(), code(&r).as_str()), (Some(403), "path_spans_locks"), "{r}");
+    assert_eq!(parts(), serde_json::json!([]), "a part written into lockB's upload under lockS's token");
+    // Control: straight to the store, the same write is a part of lockB's upload.
+    let r = part(&weed.url());
+    assert_eq!(r["status"], 200, "control: {r}");
+    assert_eq!(parts(), serde_json::json!([1]), "control");
+}

@@ -64,7 +64,13 @@ impl Filter {
             self.cfg.s3_domain.as_deref(),
         )
         .map_err(FilterError::HostMalformed)?;
-        let resolve = |raw: &[&str]| Targets::resolve(&self.cfg.protection, raw, self.cfg.allow_path_params);
+        // Every target, from wherever it was read, in SeaweedFS's uploads
+        // area is a write to its whole bucket too (see `s3::uploads_area`).
+        let resolve = |raw: &[&str]| {
+            let whole: Vec<String> = raw.iter().filter_map(|p| s3::uploads_area(p)).collect();
+            let all: Vec<&str> = raw.iter().copied().chain(whole.iter().map(String::as_str)).collect();
+            Targets::resolve(&self.cfg.protection, &all, self.cfg.allow_path_params)
+        };
         // Targets named outside the path, of any request: RenameObject's source.
         let renamed =
             s3::rename_sources(req.headers(), s3::post_bucket(&path)).map_err(FilterError::RenameSourceMalformed)?;

@@ -155,6 +155,18 @@ pub fn post_bucket(path: &str) -> Option<&str> {
     (!bucket.is_empty()).then_some(bucket)
 }
 
+/// SeaweedFS keeps the parts of multipart uploads in progress as ordinary
+/// keys under `.uploads/` at the bucket's root, open to any client: a write
+/// there can replace or delete the part of an upload another lock's holder
+/// is making, whatever lock covers `.uploads/`. So a target there is a
+/// write to the whole bucket (`/bucket/`, refused when the bucket is split).
+pub fn uploads_area(raw: &str) -> Option<String> {
+    let mut segments = raw.strip_prefix('/')?.split('/');
+    let (bucket, second) = (segments.next()?, segments.next()?);
+    let second = percent_encoding::percent_decode_str(second).decode_utf8_lossy();
+    (!bucket.is_empty() && second == ".uploads").then(|| format!("/{bucket}/"))
+}
+
 /// The raw (encoded) path of object `key` in `bucket`: a key's `%` is a
 /// literal character, so it is escaped; everything else is checked as the
 /// store will see it once decoded.
@@ -393,6 +405,11 @@ mod tests {
         assert_eq!(post_bucket("/bkt/a/k"), Some("bkt"));
         assert_eq!(post_bucket("/bkt"), Some("bkt"));
         assert_eq!(post_bucket("/"), None);
+        assert_eq!(uploads_area("/b/.uploads/id/0001_x.part").as_deref(), Some("/b/"));
+        assert_eq!(uploads_area("/b/%2Euploads/id").as_deref(), Some("/b/"), "decoded");
+        assert_eq!(uploads_area("/b/.uploads").as_deref(), Some("/b/"));
+        assert_eq!(uploads_area("/b/a/.uploads/x"), None, "only at the bucket's root");
+        assert_eq!(uploads_area("/b/.uploadsx"), None);
         assert_eq!(key_path("b", "a/100%/x"), "/b/a/100%25/x");
         assert!(is_delete_objects(Some("delete")));
         assert!(is_delete_objects(Some("x=1&delete=")));

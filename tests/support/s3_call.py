@@ -11,7 +11,8 @@ place and sent as another), "at" (path and query to sign and send instead of the
 operation's own, e.g. "/bucket/a/x?delete=": the same body at another address), "send_at" (the
 same, after signing: a spelling the store reads as what was signed). Ops: put, get, delete, delete_objects, create_bucket, list, post_policy ("size": bytes;
 "smuggle": a hand-made first part, see the op; "after_file"; "at": another path; "content_type"), raw
-("method", "path" with query, "headers", "body" text: signed as they are; "md5": add Content-MD5).
+("method", "path" with query, "headers", "body" text: signed as they are; "md5": add Content-MD5), mpu_start
+(prints "upload_id"), list_parts ("upload_id"; prints "parts", their numbers).
 Prints {"status": HTTP status, "body": the raw response body, "keys": [...]}.
 Credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
 """
@@ -118,6 +119,11 @@ try:
                 last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
         except urllib.error.HTTPError as e:
             last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+    elif op == "mpu_start":
+        out["upload_id"] = s3.create_multipart_upload(Bucket=bucket, Key=a["key"])["UploadId"]
+    elif op == "list_parts":
+        r = s3.list_parts(Bucket=bucket, Key=a["key"], UploadId=a["upload_id"])
+        out["parts"] = [p["PartNumber"] for p in r.get("Parts", [])]
     elif op == "raw":
         # A request as given, signed (SigV4) for exactly what is sent.
         import base64

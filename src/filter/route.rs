@@ -72,10 +72,10 @@ impl Filter {
             Targets::resolve(&self.cfg.protection, &all, self.cfg.allow_path_params)
         };
         // Targets named outside the path, of any request: RenameObject's source.
-        let renamed =
-            s3::rename_sources(req.headers(), s3::post_bucket(&path)).map_err(FilterError::RenameSourceMalformed)?;
+        let bucket = s3::post_bucket(&path);
+        let renamed = s3::rename_sources(req.headers(), bucket).map_err(FilterError::RenameSourceMalformed)?;
         let renamed = renamed.iter().map(String::as_str);
-        if let (&http::Method::POST, Some(bucket)) = (req.method(), s3::post_bucket(&path)) {
+        if let (&http::Method::POST, Some(bucket)) = (req.method(), bucket) {
             // A POST below the bucket changes its path too, if the store
             // reads it as an object's.
             let object = s3::bucket_of(&path).is_none().then_some(path.as_str());

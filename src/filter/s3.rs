@@ -145,7 +145,8 @@ pub fn bucket_of(path: &str) -> Option<&str> {
     bucket_level(path).or_else(|| bucket_level(path.strip_suffix('/')?))
 }
 
-/// The bucket a POST acts on: its path's first segment. Stores take
+/// The bucket a request is in, and a POST acts on: its path's first
+/// segment. Stores take
 /// DeleteObjects and POST-policy forms at any path in the bucket (SeaweedFS
 /// deletes the body's keys for `POST /bucket/any/key?delete`), so the body
 /// is read wherever the POST goes.

@@ -64,6 +64,22 @@ def relocate(to):
     return handler
 
 
+def send_raw(url, method, headers, body):
+    """Sends a request boto3 did not make (with the fencing headers), keeping its status and body."""
+    import urllib.error
+    import urllib.request
+
+    headers = dict(headers)
+    if a.get("lock"):
+        headers.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req) as r:
+            last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
+    except urllib.error.HTTPError as e:
+        last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+
+
 s3.meta.events.register("before-sign.s3.*", fence)
 if a.get("at"):
     s3.meta.events.register("before-sign.s3.*", relocate(a["at"]))
@@ -83,9 +99,6 @@ try:
         s3.create_bucket(Bucket=bucket)
     elif op == "post_policy":
         # A browser-style upload: the form's fields (key first), then the file.
-        import urllib.error
-        import urllib.request
-
         from urllib3 import encode_multipart_formdata
 
         p = s3.generate_presigned_post(Bucket=bucket, Key=a["key"])
@@ -108,17 +121,10 @@ try:
         else:
             body, ctype = encode_multipart_formdata(fields)
         headers = {"Content-Type": ctype}
-        if a.get("lock"):
-            headers.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
         url = p["url"].rstrip("/")
         if a.get("at"):
             url = "/".join(url.split("/", 3)[:3]) + a["at"]
-        req = urllib.request.Request(url, data=body, method="POST", headers=headers)
-        try:
-            with urllib.request.urlopen(req) as r:
-                last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
-        except urllib.error.HTTPError as e:
-            last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+        send_raw(url, "POST", headers, body)
     elif op == "mpu_start":
         out["upload_id"] = s3.create_multipart_upload(Bucket=bucket, Key=a["key"])["UploadId"]
     elif op == "list_parts":
@@ -128,8 +134,6 @@ try:
         # A request as given, signed (SigV4) for exactly what is sent.
         import base64
         import hashlib
-        import urllib.error
-        import urllib.request
 
         from botocore.auth import S3SigV4Auth
         from botocore.awsrequest import AWSRequest
@@ -143,14 +147,7 @@ try:
         signed = AWSRequest(method=a["method"], url=url, data=body, headers=headers)
         S3SigV4Auth(s3._request_signer._credentials, "s3", "us-east-1").add_auth(signed)
         send = dict(signed.headers.items())
-        if a.get("lock"):
-            send.update({"Fencing-Lock": a["lock"], "Fencing-Token": str(a["token"])})
-        req = urllib.request.Request(url, data=body, method=a["method"], headers=send)
-        try:
-            with urllib.request.urlopen(req) as r:
-                last.update(status=r.status, body=r.read().decode("utf-8", "replace"))
-        except urllib.error.HTTPError as e:
-            last.update(status=e.code, body=e.read().decode("utf-8", "replace"))
+        send_raw(url, a["method"], send, body)
     elif op == "get":
         data = s3.get_object(Bucket=bucket, Key=a["key"])["Body"].read()
         out["size"] = len(data)

@@ -105,7 +105,7 @@ impl Filter {
                 // holds the bucket and is refused when it is split.
                 let key = match complete.then(|| form::form_key(&body, &boundary)) {
                     Some(form::FormKey::Found(key)) => s3::key_path(bucket, &key),
-                    _ => format!("/{bucket}/"),
+                    _ => s3::whole_bucket(bucket),
                 };
                 let raw: Vec<&str> = std::iter::once(key.as_str()).chain(object).chain(renamed).collect();
                 return match (resolve(&raw), complete) {
@@ -120,7 +120,7 @@ impl Filter {
             // Any other POST but the known object-level ones: the whole
             // bucket (see `s3::is_object_post`).
             if object.is_none() || !s3::is_object_post(req.uri().query(), req.headers()) {
-                let whole = format!("/{bucket}/");
+                let whole = s3::whole_bucket(bucket);
                 let raw: Vec<&str> = std::iter::once(whole.as_str()).chain(object).chain(renamed).collect();
                 return Ok((resolve(&raw)?, req.map(RequestBody::stream)));
             }

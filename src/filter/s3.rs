@@ -165,7 +165,14 @@ pub fn uploads_area(raw: &str) -> Option<String> {
     let mut segments = raw.strip_prefix('/')?.split('/');
     let (bucket, second) = (segments.next()?, segments.next()?);
     let second = percent_encoding::percent_decode_str(second).decode_utf8_lossy();
-    (!bucket.is_empty() && second == ".uploads").then(|| format!("/{bucket}/"))
+    (!bucket.is_empty() && second == ".uploads").then(|| whole_bucket(bucket))
+}
+
+/// The target of a write to the whole bucket: the collection `/bucket/`,
+/// which every rule inside the bucket falls under (so a split bucket makes
+/// it span locks).
+pub fn whole_bucket(bucket: &str) -> String {
+    format!("/{bucket}/")
 }
 
 /// The raw (encoded) path of object `key` in `bucket`: a key's `%` is a

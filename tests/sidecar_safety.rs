@@ -175,6 +175,58 @@ async fn a_write_that_outlives_the_write_deadline_is_cut_off() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// A write still streaming its body when the lease may have expired is cut
+/// off then (503 `lease_not_held`), long before `--write-deadline`. etcd is
+/// stopped just after an acknowledged keep-alive: nothing arrives to tell the
+/// sidecar, only its clock says the self-fencing deadline (TTL 2 s, margin
+/// 200 ms) has passed. The control, with self-fencing off
+/// (`--unsafe-no-self-fence`), streams the same write on and the store takes
+/// it whole, long after another holder could have had the lock.
+#[tokio::test]
+async fn a_write_streaming_past_the_self_fencing_deadline_is_cut_off() {
+    const ACKS: &str = "fencegate_sidecar_keepalives_total";
+    const PARTS: usize = 40;
+    /// The answer's status and when it came after etcd stopped, if it came
+    /// while the body was streaming.
+    async fn stream(self_fence: bool) -> Option<(u16, Duration)> {
+        let etcd = Etcd::start();
+        let (store, seen) = timing_store().await;
+        let d = tempfile::tempdir().unwrap();
+        let mut args = vec!["--write-deadline", "30s"];
+        if !self_fence {
+            args.push("--unsafe-no-self-fence");
+        }
+        let a = SidecarProc::start(d.path(), &etcd.client_url, "stream", "a", &format!("http://{store}"), &args);
+        wait_holder(&[&a], Duration::from_secs(10)).await;
+        let acks = counter(&a, ACKS).await;
+        until_counter_above(&a, ACKS, acks, Duration::from_secs(3)).await;
+        let mut w = RawRequest::start(a.addr, "/stream", &[], 4 + 4 * PARTS, b"head").await;
+        let etcd_proc = etcd.proc.as_ref().unwrap();
+        etcd_proc.signal(libc::SIGSTOP);
+        let t = Instant::now();
+        let mut answered = None;
+        for _ in 0..PARTS {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Some(status) = w.try_status() {
+                answered = Some((status, t.elapsed()));
+                break;
+            }
+            let _ = w.send(b"more").await;
+        }
+        etcd_proc.signal(libc::SIGCONT);
+        if answered.is_none() {
+            assert_eq!(w.status().await, 200, "the whole body sent: the store took it");
+            assert_eq!(seen.lock().unwrap().len(), 1, "one token-bearing write reached the store");
+        }
+        answered
+    }
+    let (status, after) = stream(true).await.expect("the write was cut off while it streamed");
+    println!("cut off {after:?} after etcd stopped");
+    assert_eq!(status, 503, "lease_not_held");
+    assert!(after > Duration::from_millis(1000) && after < Duration::from_millis(2500), "{after:?}");
+    assert_eq!(stream(false).await, None, "control: without self-fencing the write streams on for 4 s");
+}
+
 /// Item 5: HTTP/2 pings every 2 s break etcd's default
 /// `--grpc-keepalive-min-time` (5 s): etcd answers GOAWAY `too_many_pings`
 /// and every stream on the connection breaks (the holder's watch with it).

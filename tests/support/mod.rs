@@ -659,6 +659,15 @@ impl RawRequest {
         self.stream.flush().await
     }
 
+    /// The status code of the response if its head has come, without
+    /// waiting (a small answer's head comes in one piece).
+    pub fn try_status(&mut self) -> Option<u16> {
+        let mut buf = vec![0u8; 4096];
+        let n = self.stream.try_read(&mut buf).ok().filter(|n| *n > 0)?;
+        let text = String::from_utf8_lossy(&buf[..n]);
+        Some(text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}")))
+    }
+
     /// Reads the status code of the response (and drains what is there).
     pub async fn status(mut self) -> u16 {
         use tokio::io::AsyncReadExt;

@@ -153,7 +153,9 @@ async fn a_body_the_filter_must_read_that_never_comes_is_answered_408() {
             Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
             // The read timeout (no answer) reads as no answer; anything else
             // (a reset) is a failure worth its own message.
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => String::new(),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                String::new()
+            }
             Err(e) => panic!("reading the answer failed after {:?}: {e}", at.elapsed()),
         }
     };

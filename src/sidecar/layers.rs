@@ -8,8 +8,9 @@
 //! * [`BoundWrites`] bounds a forwarded write's life: a token checked when the
 //!   request starts could otherwise reach the filter long after (a slow
 //!   connect, a long body). When the lock stops being safely held, or
-//!   `write_deadline` passes, the upstream request is dropped: hyper closes its
-//!   connection, so no more of the body goes out under that token.
+//!   `write_deadline` passes (both watched for every write at once by
+//!   [`super::safe::SafeToken`]), the upstream request is dropped: hyper
+//!   closes its connection, so no more of the body goes out under that token.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,13 +23,14 @@ use serde_json::json;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use crate::lease::deadline::Stamp;
 use crate::lease::keeper::{LockStatus, Phase};
 use crate::proxy::{json_error, Body};
 use crate::token::{self, LockName, ReadMethods};
+
+use super::safe::{Cutoff, SafeToken};
 
 /// Removes app-sent `Fencing-*` headers.
 #[derive(Clone, Debug, Default)]
@@ -197,12 +199,13 @@ fn refusal(lock: &LockName, phase: Phase, stopping: bool) -> Response<Body> {
 #[derive(Clone, Debug)]
 pub struct BoundWritesLayer {
     cfg: Arc<InjectConfig>,
-    status: watch::Receiver<LockStatus>,
+    safe: Arc<SafeToken>,
 }
 
 impl BoundWritesLayer {
-    pub fn new(cfg: InjectConfig, status: watch::Receiver<LockStatus>) -> Self {
-        BoundWritesLayer { cfg: Arc::new(cfg), status }
+    /// `safe` is kept by its task ([`SafeToken::keep`]), which the caller runs.
+    pub fn new(cfg: InjectConfig, safe: Arc<SafeToken>) -> Self {
+        BoundWritesLayer { cfg: Arc::new(cfg), safe }
     }
 }
 
@@ -238,9 +241,8 @@ where
         let token = token::token_of(req.headers());
         let fut = self.inner.call(req);
         let Some(token) = token.filter(|_| !l.cfg.unsafe_no_self_fence) else { return Box::pin(fut) };
-        let (rx, lock) = (l.status.clone(), l.cfg.lock.clone());
-        let until = crate::duration::after(l.cfg.write_deadline);
-        Box::pin(CutOff { write: Write::Sending { fut }, guard: stops_being_safe(rx, token, until), lock, token })
+        let guard = l.safe.guard(token, crate::duration::after(l.cfg.write_deadline));
+        Box::pin(CutOff { write: Write::Sending { fut }, guard, lock: l.cfg.lock.clone(), token })
     }
 }
 
@@ -292,60 +294,28 @@ where
         };
         this.write.set(Write::Dropped);
         let (lock, token) = (&*this.lock, this.token.get());
-        tracing::warn!(%lock, token, reason = why.code(), "write aborted while streaming to the upstream");
-        Poll::Ready(Ok(why.answer(lock)))
+        tracing::warn!(%lock, token, reason = code(why), "write aborted while streaming to the upstream");
+        Poll::Ready(Ok(answer(why, lock)))
     }
 }
 
-/// Why a forwarded write was cut off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Cutoff {
-    LeaseLost,
-    Deadline,
-}
-
-impl Cutoff {
-    fn code(self) -> &'static str {
-        match self {
-            Cutoff::LeaseLost => "lease_not_held",
-            Cutoff::Deadline => "write_deadline_exceeded",
-        }
-    }
-
-    fn answer(self, lock: &LockName) -> Response<Body> {
-        let (status, why) = match self {
-            Cutoff::LeaseLost => (StatusCode::SERVICE_UNAVAILABLE, "the lock stopped being safely held"),
-            Cutoff::Deadline => (StatusCode::GATEWAY_TIMEOUT, "the write outlived --write-deadline"),
-        };
-        json_error(
-            status,
-            self.code(),
-            &format!("write aborted mid-way ({why}); it may or may not have been applied"),
-            Some(json!({ "lock": lock, "outcome": "unknown" })),
-        )
+fn code(why: Cutoff) -> &'static str {
+    match why {
+        Cutoff::LeaseLost => "lease_not_held",
+        Cutoff::Deadline => "write_deadline_exceeded",
     }
 }
 
-/// Resolves when `token` stops being the safely held token, or at `until`.
-async fn stops_being_safe(mut rx: watch::Receiver<LockStatus>, token: token::Token, until: Instant) -> Cutoff {
-    loop {
-        let valid_until = {
-            let s = rx.borrow_and_update();
-            if s.write_token(Stamp::now()) != Some(token) {
-                return Cutoff::LeaseLost;
-            }
-            s.valid_until.map(|d| d.mono())
-        };
-        if Instant::now() >= until {
-            return Cutoff::Deadline;
-        }
-        // Wake at the self-fencing deadline too: it passes without a message. In
-        // short steps: a sleep is on CLOCK_MONOTONIC, which stops during a
-        // suspend, and the deadline may pass on CLOCK_BOOTTIME meanwhile.
-        let wake = valid_until.map_or(until, |v| v.min(until)).min(Instant::now() + Duration::from_millis(100));
-        tokio::select! {
-            _ = tokio::time::sleep_until(wake) => {}
-            r = rx.changed() => if r.is_err() { return Cutoff::LeaseLost },
-        }
-    }
+/// The answer to a write cut off mid-way.
+fn answer(why: Cutoff, lock: &LockName) -> Response<Body> {
+    let (status, text) = match why {
+        Cutoff::LeaseLost => (StatusCode::SERVICE_UNAVAILABLE, "the lock stopped being safely held"),
+        Cutoff::Deadline => (StatusCode::GATEWAY_TIMEOUT, "the write outlived --write-deadline"),
+    };
+    json_error(
+        status,
+        code(why),
+        &format!("write aborted mid-way ({text}); it may or may not have been applied"),
+        Some(json!({ "lock": lock, "outcome": "unknown" })),
+    )
 }

@@ -14,6 +14,7 @@
 
 pub mod fence;
 pub mod layers;
+pub mod safe;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -382,10 +383,14 @@ pub async fn serve(
         unsafe_no_self_fence: sc.cfg.unsafe_no_self_fence,
         write_deadline: sc.cfg.write_deadline,
     };
+    // Which token the writes in flight may go on under, kept by one task for
+    // all of them; owned here, aborted once the proxy has stopped.
+    let safe = safe::SafeToken::new(sc.status());
+    let safe_task = tokio::spawn(safe.clone().keep());
     let svc = ServiceBuilder::new()
         .layer(StripFencingLayer)
         .layer(InjectTokenLayer::new(inject.clone(), sc.status(), sc.proxy_stats.clone(), sc.stopping.clone()))
-        .layer(BoundWritesLayer::new(inject, sc.status()))
+        .layer(BoundWritesLayer::new(inject, safe.clone()))
         .service(forward);
 
     let stop_proxy = CancellationToken::new();
@@ -425,6 +430,7 @@ pub async fn serve(
         sp.cancel();
     });
     proxy_task.await;
+    safe_task.abort();
     let keeper = sc.keeper.lock().take();
     if let Some(k) = keeper {
         k.shutdown().await;

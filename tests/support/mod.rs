@@ -665,7 +665,12 @@ impl RawRequest {
         let mut buf = vec![0u8; 4096];
         let n = self.stream.try_read(&mut buf).ok().filter(|n| *n > 0)?;
         let text = String::from_utf8_lossy(&buf[..n]);
-        Some(text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status in {text:?}")))
+        Some(
+            text.split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| panic!("no status in {text:?}")),
+        )
     }
 
     /// Reads the status code of the response (and drains what is there).

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower::{ServiceBuilder, ServiceExt};
+use tower::{Service, ServiceBuilder, ServiceExt};
 
 use crate::lease::deadline::Stamp;
 use crate::lease::keeper::{Keeper, KeeperConfig, KeeperStats, LockStatus, Phase};
@@ -367,14 +367,16 @@ pub async fn serve(
     // The app is on localhost: no X-Forwarded-For. The upstream is shared
     // behind an Arc so a request costs one reference count, not a client clone.
     let upstream = Arc::new(upstream);
+    // The send's own future, mapped: an `async` block awaiting it would keep
+    // the request twice (captured, then in the awaited future), and this
+    // future is copied whole at each move through the layers.
     let forward = tower::service_fn(move |req: Request<Incoming>| {
-        let upstream = upstream.clone();
-        async move {
-            Ok::<_, Infallible>(match upstream.send(req, None).await {
+        upstream.clone().send_owned(req, None).map(|r| {
+            Ok::<_, Infallible>(match r {
                 Ok(r) => r.map(proxy::stream),
                 Err(e) => e.into_response(),
             })
-        }
+        })
     });
     let inject = InjectConfig {
         lock: sc.cfg.keeper.lock.clone(),
@@ -404,8 +406,18 @@ pub async fn serve(
         listener,
         limits.clone(),
         move |req: Request<Incoming>, _peer| {
-            let svc = svc.clone();
-            async move { svc.oneshot(req).await.unwrap_or_else(|never| match never {}) }
+            // Every layer here passes `poll_ready` on to a `service_fn`, which
+            // is always ready: the call is made at once, and the future is
+            // the layers' (boxed). A `oneshot` future would hold the service
+            // and the request until its first poll, and this future is
+            // copied whole at each move.
+            let mut svc = svc.clone();
+            let ready = svc.poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            let fut = match ready {
+                std::task::Poll::Ready(Ok(())) => futures_util::future::Either::Left(svc.call(req)),
+                _ => futures_util::future::Either::Right(svc.oneshot(req)),
+            };
+            fut.map(|r| r.unwrap_or_else(|never| match never {}))
         },
         stop_proxy.clone().cancelled_owned(),
     );

@@ -456,8 +456,8 @@ pub struct SidecarArgs {
     /// Longest the takeover waits for filters to confirm the fence (above the filter's drain timeout + abort grace).
     #[arg(long, env = "FENCEGATE_FENCE_TIMEOUT", default_value = "8s", value_parser = duration)]
     pub fence_timeout: Duration,
-    /// Longest a write may stream to the upstream after its token was checked; it is also cut off the moment the
-    /// lock stops being safely held (default: the TTL).
+    /// Longest a write may stream to the upstream after its token was checked (seen within 100 ms); it is also cut
+    /// off the moment the lock stops being safely held (default: the TTL).
     #[arg(long, env = "FENCEGATE_WRITE_DEADLINE", value_parser = duration)]
     pub write_deadline: Option<Duration>,
     /// Hold the lock only once every --fence filter has confirmed (retrying without bound).

@@ -145,15 +145,6 @@ impl Upstream {
         Self::send_via(self, req, peer)
     }
 
-    /// [`send_body`](Self::send_body), owning its `Upstream`.
-    pub fn send_body_owned(
-        self: Arc<Self>,
-        req: Request<RequestBody>,
-        peer: Option<SocketAddr>,
-    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'static {
-        Self::send_via(self, req, peer)
-    }
-
     /// The request is rewritten here, when called, and the future returned
     /// holds it once. These futures are nested in every request's future
     /// and copied whole at each move (`memcpy` was 10-13% of a hop's

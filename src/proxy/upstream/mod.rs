@@ -49,10 +49,10 @@ pub struct Upstream {
     pub response_timeout: Duration,
 }
 
-/// Why a request could not be carried to the upstream.
 /// A boxed upstream send (see [`Upstream::send_again`]).
 type SendFuture<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'a>>;
 
+/// Why a request could not be carried to the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     #[error("the upstream did not answer: {0}")]

@@ -386,7 +386,8 @@ pub async fn serve(
         write_deadline: sc.cfg.write_deadline,
     };
     // Which token the writes in flight may go on under, kept by one task for
-    // all of them; owned here, aborted once the proxy has stopped.
+    // all of them; owned here, closed and aborted once the proxy and the
+    // keeper have stopped.
     let safe = safe::SafeToken::new(sc.status());
     let safe_task = tokio::spawn(safe.clone().keep());
     let svc = ServiceBuilder::new()
@@ -442,11 +443,15 @@ pub async fn serve(
         sp.cancel();
     });
     proxy_task.await;
-    safe_task.abort();
     let keeper = sc.keeper.lock().take();
     if let Some(k) = keeper {
         k.shutdown().await;
     }
+    // Still watching until here: a write that outlived the proxy's grace (a
+    // connection still open a second after it) is cut off by the keeper's
+    // last status, and by this at the latest.
+    safe.close();
+    safe_task.abort();
     stop_admin.cancel();
     let _ = admin_task.await;
     if let Some(h) = health_task {

@@ -13,7 +13,8 @@
 //! and wakes the writes in flight through one `Notify` each time. A write
 //! reads the atomic and registers on the `Notify`: no timer, no clock read.
 //!
-//! The task also looks every [`STEP`] while the lock is held:
+//! The task also looks every [`STEP`] while the status has a self-fencing
+//! deadline (held, or held until a moment ago):
 //! * a sleep runs on CLOCK_MONOTONIC, which stops during a suspend, while the
 //!   deadline may pass on CLOCK_BOOTTIME meanwhile (`lease::deadline`): after
 //!   a resume the deadline is seen within a step;
@@ -21,14 +22,20 @@
 //!   `--write-deadline` then: that bound takes effect up to one step late. It
 //!   bounds how long a write streams; the safety deadline is the lease's.
 //!
+//! Each look wakes every write in flight, which costs them one poll each per
+//! step; a sidecar serves one app, whose writes in flight are few.
+//!
 //! The task runs on the same runtime as the writes and its timer fires with
 //! theirs, so a write is cut off when it was before, give or take the
-//! scheduling of one task: microseconds, well inside the self-fencing margin
-//! that already absorbs a late timer on a busy machine.
+//! scheduling of one more task before the writes' own: on a busy runtime,
+//! as late as a late timer already was, which the self-fencing margin is
+//! there to absorb. When the keeper's status watch closes (the keeper gone,
+//! even by a panic, with its last status saying held) nothing is safe any
+//! more ([`SafeToken::close`]).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -54,6 +61,10 @@ pub struct SafeToken {
     /// The keeper's status, read by a write that finds `token` behind it (a
     /// token just won, before the task has run).
     status: watch::Receiver<LockStatus>,
+    /// Set for good when the status watch closes (the keeper gone, even by a
+    /// panic, its last status saying held) or the sidecar stops: nothing is
+    /// safe after it, whatever `status` last said.
+    closed: AtomicBool,
 }
 
 /// Why a forwarded write must be cut off.
@@ -68,36 +79,55 @@ pub enum Cutoff {
 impl SafeToken {
     /// Nothing safe until [`SafeToken::keep`] has looked at `status`.
     pub fn new(status: watch::Receiver<LockStatus>) -> Arc<SafeToken> {
-        Arc::new(SafeToken { token: AtomicU64::new(0), changed: Arc::new(Notify::new()), status })
+        Arc::new(SafeToken {
+            token: AtomicU64::new(0),
+            changed: Arc::new(Notify::new()),
+            status,
+            closed: AtomicBool::new(false),
+        })
     }
 
-    /// Keeps `token` up to date until the status watch closes. The sidecar's
-    /// `serve` spawns it and aborts it once its proxy has stopped.
+    /// Keeps `token` up to date until the status watch closes, then closes
+    /// ([`SafeToken::close`]). The sidecar's `serve` spawns it, and closes
+    /// and aborts it once its proxy and its keeper have stopped.
     pub async fn keep(self: Arc<Self>) {
         let mut rx = self.status.clone();
         loop {
             let (t, valid_until) = {
                 let s = rx.borrow_and_update();
-                let t = s.write_token(Stamp::now());
-                (t.map_or(0, Token::get), s.valid_until.filter(|_| t.is_some()).map(|d| d.mono()))
+                (s.write_token(Stamp::now()).map_or(0, Token::get), s.valid_until.map(|d| d.mono()))
             };
             self.token.store(t, SeqCst);
             self.changed.notify_waiters();
             let changed = rx.changed();
             let ended = match valid_until {
-                // Not held: nothing is in flight to cut off or to time.
+                // No deadline: not holding, nothing in flight to cut off or to time.
                 None => changed.await.is_err(),
-                Some(v) => tokio::select! {
-                    _ = tokio::time::sleep_until(v.min(Instant::now() + STEP)) => false,
-                    r = changed => r.is_err(),
-                },
+                // A deadline, passed or not, is looked at again at itself and
+                // every step. One that has passed can come back with no
+                // message: a keep-alive answered late moves it on silently
+                // (`keeper::alive`), and the status says held again.
+                Some(v) => {
+                    let now = Instant::now();
+                    let wake = if v > now { v.min(now + STEP) } else { now + STEP };
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(wake) => false,
+                        r = changed => r.is_err(),
+                    }
+                }
             };
             if ended {
-                self.token.store(0, SeqCst);
-                self.changed.notify_waiters();
-                return;
+                return self.close();
             }
         }
+    }
+
+    /// Nothing is safe any more, for good: every write in flight is cut off
+    /// and every guard made later fires at once.
+    pub fn close(&self) {
+        self.closed.store(true, SeqCst);
+        self.token.store(0, SeqCst);
+        self.changed.notify_waiters();
     }
 
     /// Resolves when `token` stops being safe to write under, or at `until`
@@ -108,11 +138,15 @@ impl SafeToken {
     }
 
     /// Whether `token` is safe now. The atomic is the fast answer; when it
-    /// disagrees, the keeper's status decides: the task may not have seen a
-    /// token just won yet. Either way a token the status calls unsafe is
-    /// unsafe.
+    /// disagrees, the keeper's status decides (the task may not have seen a
+    /// token just won yet), as long as its watch is open. Once closed,
+    /// nothing is safe.
     fn is_safe(&self, token: Token) -> bool {
-        self.token.load(SeqCst) == token.get() || self.status.borrow().write_token(Stamp::now()) == Some(token)
+        if self.closed.load(SeqCst) {
+            return false;
+        }
+        self.token.load(SeqCst) == token.get()
+            || (self.status.has_changed().is_ok() && self.status.borrow().write_token(Stamp::now()) == Some(token))
     }
 }
 
@@ -226,6 +260,56 @@ mod tests {
         // And one the status does not hold is cut off at once.
         let stale = safe.guard(Token::new(6).unwrap(), Instant::now() + Duration::from_secs(60)).await;
         assert_eq!(stale, Cutoff::LeaseLost);
+    }
+
+    /// The keeper gone (its watch closed) while its last status says held:
+    /// the writes in flight are cut off, and so is any later one, although
+    /// that status still calls the token safe.
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_status_watch_cuts_off_every_write() {
+        let (tx, rx) = watch::channel(holding(5, Duration::from_secs(10)));
+        let safe = SafeToken::new(rx);
+        let task = tokio::spawn(safe.clone().keep());
+        settle().await;
+        let far = Instant::now() + Duration::from_secs(60);
+        let in_flight = tokio::spawn(safe.guard(Token::new(5).unwrap(), far));
+        settle().await;
+        assert!(!in_flight.is_finished());
+        drop(tx);
+        settle().await;
+        assert!(in_flight.is_finished(), "cut off when the watch closed");
+        assert_eq!(in_flight.await.unwrap(), Cutoff::LeaseLost);
+        assert_eq!(safe.guard(Token::new(5).unwrap(), far).await, Cutoff::LeaseLost, "and every write after");
+        task.await.unwrap();
+    }
+
+    /// A self-fencing deadline that passed, then came back with no message (a
+    /// keep-alive answered late moves it on silently): the writes under it are
+    /// still watched, their `--write-deadline` seen and the new self-fencing
+    /// deadline kept to the moment.
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_that_comes_back_is_still_watched() {
+        let (tx, rx) = watch::channel(holding(5, Duration::from_secs(1)));
+        let safe = SafeToken::new(rx);
+        let _task = tokio::spawn(safe.clone().keep());
+        settle().await;
+        let far = Instant::now() + Duration::from_secs(600);
+        assert_eq!(safe.guard(Token::new(5).unwrap(), far).await, Cutoff::LeaseLost, "cut off at the first deadline");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send_if_modified(|s| {
+            s.valid_until = Some(Deadline::after(Stamp::now(), Duration::from_secs(2)));
+            false
+        });
+        let start = Instant::now();
+        let short = tokio::spawn(safe.guard(Token::new(5).unwrap(), start + Duration::from_millis(500)));
+        let long = tokio::spawn(safe.guard(Token::new(5).unwrap(), far));
+        // Bounded: unwatched, they would wait for ever.
+        let within = |f| tokio::time::timeout(Duration::from_secs(30), f);
+        let why = within(short).await.expect("the write deadline seen").unwrap();
+        assert_eq!(why, Cutoff::Deadline);
+        assert!(start.elapsed() <= Duration::from_millis(500) + STEP, "{:?}", start.elapsed());
+        assert_eq!(within(long).await.expect("the new deadline kept").unwrap(), Cutoff::LeaseLost);
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "cut off at the new deadline itself");
     }
 
     /// `--write-deadline` is seen at the look after it, within a step.

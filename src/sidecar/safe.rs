@@ -207,6 +207,15 @@ mod tests {
         }
     }
 
+    /// A `SafeToken` over `status`, its task started and settled.
+    async fn kept(status: LockStatus) -> (watch::Sender<LockStatus>, Arc<SafeToken>, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = watch::channel(status);
+        let safe = SafeToken::new(rx);
+        let task = tokio::spawn(safe.clone().keep());
+        settle().await;
+        (tx, safe, task)
+    }
+
     async fn settle() {
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -217,10 +226,7 @@ mod tests {
     /// cut off then, on the task's timer.
     #[tokio::test(start_paused = true)]
     async fn a_write_is_cut_off_when_the_self_fencing_deadline_passes() {
-        let (tx, rx) = watch::channel(holding(5, Duration::from_millis(1_050)));
-        let safe = SafeToken::new(rx);
-        let task = tokio::spawn(safe.clone().keep());
-        settle().await;
+        let (tx, safe, task) = kept(holding(5, Duration::from_millis(1_050))).await;
         let start = Instant::now();
         let why = safe.guard(Token::new(5).unwrap(), start + Duration::from_secs(60)).await;
         assert_eq!(why, Cutoff::LeaseLost);
@@ -233,10 +239,7 @@ mod tests {
     /// that then became safe goes on.
     #[tokio::test(start_paused = true)]
     async fn a_status_change_cuts_off_the_writes_under_the_old_token() {
-        let (tx, rx) = watch::channel(holding(5, Duration::from_secs(10)));
-        let safe = SafeToken::new(rx);
-        let _task = tokio::spawn(safe.clone().keep());
-        settle().await;
+        let (tx, safe, _task) = kept(holding(5, Duration::from_secs(10))).await;
         let old = tokio::spawn(safe.guard(Token::new(5).unwrap(), Instant::now() + Duration::from_secs(60)));
         settle().await;
         tx.send(holding(6, Duration::from_secs(10))).unwrap();
@@ -267,10 +270,7 @@ mod tests {
     /// that status still calls the token safe.
     #[tokio::test(start_paused = true)]
     async fn a_closed_status_watch_cuts_off_every_write() {
-        let (tx, rx) = watch::channel(holding(5, Duration::from_secs(10)));
-        let safe = SafeToken::new(rx);
-        let task = tokio::spawn(safe.clone().keep());
-        settle().await;
+        let (tx, safe, task) = kept(holding(5, Duration::from_secs(10))).await;
         let far = Instant::now() + Duration::from_secs(60);
         let in_flight = tokio::spawn(safe.guard(Token::new(5).unwrap(), far));
         settle().await;
@@ -289,10 +289,7 @@ mod tests {
     /// deadline kept to the moment.
     #[tokio::test(start_paused = true)]
     async fn a_deadline_that_comes_back_is_still_watched() {
-        let (tx, rx) = watch::channel(holding(5, Duration::from_secs(1)));
-        let safe = SafeToken::new(rx);
-        let _task = tokio::spawn(safe.clone().keep());
-        settle().await;
+        let (tx, safe, _task) = kept(holding(5, Duration::from_secs(1))).await;
         let far = Instant::now() + Duration::from_secs(600);
         assert_eq!(safe.guard(Token::new(5).unwrap(), far).await, Cutoff::LeaseLost, "cut off at the first deadline");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -315,10 +312,7 @@ mod tests {
     /// `--write-deadline` is seen at the look after it, within a step.
     #[tokio::test(start_paused = true)]
     async fn the_write_deadline_takes_effect_within_a_step() {
-        let (_tx, rx) = watch::channel(holding(5, Duration::from_secs(600)));
-        let safe = SafeToken::new(rx);
-        let _task = tokio::spawn(safe.clone().keep());
-        settle().await;
+        let (_tx, safe, _task) = kept(holding(5, Duration::from_secs(600))).await;
         let start = Instant::now();
         let why = safe.guard(Token::new(5).unwrap(), start + Duration::from_millis(1_030)).await;
         assert_eq!(why, Cutoff::Deadline);

@@ -90,16 +90,7 @@ async fn trickle_race(extra: &[&str]) -> (String, Duration) {
     let fence = fence_headers;
     let old_body = b"OLD-OLD-OLD-OLD!";
     let mut old = RawRequest::start(f.addr, "/race", &fence(1), old_body.len(), &old_body[..4]).await;
-    // Let the filter admit token 1 and open the upstream request (it shows in flight).
-    let admitted = Instant::now();
-    loop {
-        let locks = request("GET", &format!("{}/v1/locks", f.admin_url()), &[], "").await.json();
-        if locks["locks"][0]["inflight"]["1"] == 1 {
-            break;
-        }
-        assert!(admitted.elapsed() < Duration::from_secs(10), "token 1 never in flight: {locks}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_in_flight(&f.admin_url(), LOCK, 1).await;
 
     let url = format!("{}/race", f.url());
     let started = Instant::now();
@@ -137,7 +128,7 @@ async fn an_older_write_that_never_finishes_is_aborted_after_the_drain_timeout()
     let (nginx, _d, f) = filter_with(&["--lock", LOCK, "--drain-timeout", "1s", "--abort-grace", "300ms"]);
     let fence = fence_headers(1);
     let mut stuck = RawRequest::start(f.addr, "/stuck", &fence, 100, b"zombie").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&f.admin_url(), LOCK, 1).await;
     let started = Instant::now();
     let r = put(&format!("{}/stuck", f.url()), LOCK, 2, "NEW").await;
     let waited = started.elapsed();
@@ -156,7 +147,7 @@ async fn a_write_that_cannot_wait_long_enough_gets_503_with_retry_after() {
     let (nginx, _d, f) = filter_with(&["--lock", LOCK, "--drain-timeout", "5s", "--max-wait", "300ms"]);
     let fence = fence_headers(1);
     let _stuck = RawRequest::start(f.addr, "/slow", &fence, 100, b"zz").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&f.admin_url(), LOCK, 1).await;
     let r = put(&format!("{}/slow", f.url()), LOCK, 2, "NEW").await;
     assert_eq!(r.status, 503, "{}", r.body);
     assert_eq!(r.error_code(), "fencing_barrier_timeout");
@@ -259,7 +250,7 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let (nginx, _d, mut f) = filter_with(&["--lock", LOCK]);
     let fence = fence_headers(1);
     let mut slow = RawRequest::start(f.addr, "/bye", &fence, 8, b"half").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&f.admin_url(), LOCK, 1).await;
     f.proc.signal(libc::SIGTERM);
     tokio::time::sleep(Duration::from_millis(300)).await;
     slow.send(b"done").await.unwrap();

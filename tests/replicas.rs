@@ -96,7 +96,7 @@ async fn barrier_across_replicas(shared: bool) -> Option<String> {
     assert!(put(&url(1), LOCK, 5, "old holder 5, first").await.status < 300);
     let body = b"old holder 5, in flight";
     let mut old = RawRequest::start(c.filters[1].addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_in_flight(&c.filters[1].admin_url(), LOCK, 5).await;
     let newer_url = url(0);
     let newer = tokio::spawn(async move { put(&newer_url, LOCK, 6, "new holder 6").await });
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -283,7 +283,7 @@ async fn an_in_process_replica_leaving_with_a_write_in_flight_aborts_it_before_r
     assert!(put(&url, LOCK, 5, "holder 5").await.status < 300);
     let body = b"zombie 5, trickling in at r2";
     let mut old = RawRequest::start(addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_in_flight(&format!("http://{admin}"), LOCK, 5).await;
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), r2).await.expect("r2 stopped");
     let r = put(&url, LOCK, 6, "holder 6").await;

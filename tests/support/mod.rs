@@ -605,6 +605,24 @@ impl Resp {
     }
 }
 
+/// Waits until the filter answering `admin_url` shows a write of `token` to
+/// `lock` in flight (admitted, its upstream request open). A fixed sleep is
+/// not enough: on a loaded CI machine the filter may not have read the
+/// request yet, and a newer write would then come first instead of finding
+/// the older one in flight (CI once saw exactly that).
+pub async fn wait_in_flight(admin_url: &str, lock: &str, token: u64) {
+    let started = Instant::now();
+    loop {
+        let locks = request("GET", &format!("{admin_url}/v1/locks"), &[], "").await.json();
+        let mine = locks["locks"].as_array().and_then(|a| a.iter().find(|l| l["lock"] == lock));
+        if mine.is_some_and(|l| l["inflight"][token.to_string()].as_u64().unwrap_or(0) >= 1) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "token {token} never in flight: {locks}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One HTTP request with a fresh connection.
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     // The project's own control client (fresh each time: a fresh connection).

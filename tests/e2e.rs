@@ -233,13 +233,26 @@ impl Cluster {
     }
 
     fn journals(&self) -> Vec<Attempt> {
-        self.names
-            .iter()
-            .flat_map(|n| {
-                let text = std::fs::read_to_string(self.dir.path().join(format!("journal-{n}"))).unwrap_or_default();
-                history::parse_journal(n, &text)
-            })
-            .collect()
+        (0..self.names.len()).flat_map(|i| self.journal(i)).collect()
+    }
+
+    /// Worker `i`'s journal, its complete lines only: a worker may be in the
+    /// middle of writing one (`writeln!` on a `File` is several writes).
+    fn journal(&self, i: usize) -> Vec<Attempt> {
+        let n = &self.names[i];
+        let text = std::fs::read_to_string(self.dir.path().join(format!("journal-{n}"))).unwrap_or_default();
+        history::parse_journal(n, &text[..text.rfind('\n').map_or(0, |end| end + 1)])
+    }
+
+    /// Waits until worker `i` has journaled a write with `token` answered at
+    /// or after `since_ms`: a woken zombie's write, waited for, not assumed
+    /// done after a fixed time (CI's machine is loaded).
+    async fn wait_attempt(&self, i: usize, token: u64, since_ms: u128, within: Duration) {
+        let end = Instant::now() + within;
+        while !self.journal(i).iter().any(|a| a.at_ms >= since_ms && a.token == token) {
+            assert!(Instant::now() < end, "{} journaled no write with token {token} in {within:?}", self.names[i]);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn verdict(&mut self) -> (Vec<Record>, Vec<Attempt>, Vec<String>) {
@@ -266,7 +279,7 @@ async fn zombie_scenario(o: Opts) -> (Vec<Attempt>, Vec<String>, Vec<Record>, St
     c.wait_log("a record from the new holder", Duration::from_secs(10), |l| l.iter().any(|r| r.token == t1)).await;
     let thawed = now_ms();
     c.thaw(h0);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.wait_attempt(h0, t0, thawed, Duration::from_secs(15)).await;
     let zombie = c.names[h0].clone();
     let (log, atts, v) = c.verdict().await;
     let after: Vec<Attempt> =
@@ -312,7 +325,7 @@ async fn quiet_takeover(fence: bool) -> (Vec<Attempt>, Vec<String>) {
     assert!(t1 > t0);
     let thawed = now_ms();
     c.thaw(h0);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    c.wait_attempt(h0, t0, thawed, Duration::from_secs(15)).await;
     assert!(c.log().await.iter().all(|r| r.token != t1), "the new holder has not written yet");
     c.workers[other].signal(libc::SIGCONT);
     c.wait_log("a record from the new holder", Duration::from_secs(10), |l| l.iter().any(|r| r.token == t1)).await;

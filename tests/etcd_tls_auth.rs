@@ -139,6 +139,18 @@ async fn user_and_password_auth_to_etcd() {
             .expect("etcdctl is installed");
         assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
+    // Ready once it answers (its port opens before that; CI's machine is
+    // loaded, so no fixed time is long enough).
+    let started = Instant::now();
+    while !Command::new(etcdctl_bin())
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &url, "endpoint", "health"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        assert!(started.elapsed() < Duration::from_secs(15), "etcd never healthy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     ctl(&["user", "add", "root:rootpw"]);
     ctl(&["user", "add", "app:apppw"]);
     ctl(&["role", "add", "locks"]);

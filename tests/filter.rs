@@ -94,15 +94,28 @@ async fn trickle_race(extra: &[&str]) -> (String, Duration) {
 
     let url = format!("{}/race", f.url());
     let started = Instant::now();
-    let newer = tokio::spawn(async move {
+    let mut newer = tokio::spawn(async move {
         let r = put(&url, LOCK, 2, "NEW").await;
         (r.status, started.elapsed())
     });
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Token 2 has arrived (waited for: on a loaded machine it may take
+    // longer than any fixed time), then the old body stays unfinished a
+    // while longer. Without the barrier token 2 is not held: its write is
+    // answered first, so that the old one lands last for sure.
+    wait_highest(&f.admin_url(), LOCK, 2).await;
+    let unfinished = Instant::now();
+    let mut answered = None;
+    if extra.contains(&"--unsafe-no-barrier") {
+        answered = Some((&mut newer).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(700).saturating_sub(unfinished.elapsed())).await;
     old.send(&old_body[4..]).await.unwrap();
     let old_status = old.status().await;
     assert!(old_status < 300, "the older write was in flight and completes: {old_status}");
-    let (new_status, waited) = newer.await.unwrap();
+    let (new_status, waited) = match answered {
+        Some(a) => a,
+        None => newer.await.unwrap(),
+    };
     assert!(new_status < 300, "{new_status}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     (nginx.get("/race").await.unwrap(), waited)
@@ -138,8 +151,17 @@ async fn an_older_write_that_never_finishes_is_aborted_after_the_drain_timeout()
     let _ = stuck.send(&[b'z'; 94]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(nginx.get("/stuck").await.as_deref(), Some("NEW"));
-    let m = request("GET", &format!("{}/metrics", f.admin_url()), &[], "").await.body;
-    assert!(m.contains(r#"fencegate_filter_writes_refused_total{lock="orders",reason="aborted"} 1"#), "{m}");
+    // Counted when the zombie's handler sees the abort: polled, not assumed.
+    let want = r#"fencegate_filter_writes_refused_total{lock="orders",reason="aborted"} 1"#;
+    let polled = Instant::now();
+    loop {
+        let m = request("GET", &format!("{}/metrics", f.admin_url()), &[], "").await.body;
+        if m.contains(want) {
+            break;
+        }
+        assert!(polled.elapsed() < Duration::from_secs(10), "{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -98,15 +98,32 @@ async fn barrier_across_replicas(shared: bool) -> Option<String> {
     let mut old = RawRequest::start(c.filters[1].addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
     wait_in_flight(&c.filters[1].admin_url(), LOCK, 5).await;
     let newer_url = url(0);
-    let newer = tokio::spawn(async move { put(&newer_url, LOCK, 6, "new holder 6").await });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut newer = tokio::spawn(async move { put(&newer_url, LOCK, 6, "new holder 6").await });
+    // Where token 6 is, waited for rather than assumed after a fixed time
+    // (CI's machine is loaded): with shared marks, r1's raise waits on r2;
+    // without, nothing holds it and it is answered before the old body ends.
+    let arrived = Instant::now();
+    let mut answered = None;
     if shared {
+        let metrics = format!("{}/metrics", c.filters[0].admin_url());
+        let waiting = "fencegate_filter_mark_raises_waiting_on{replica=\"r2\"} 1";
+        while !request("GET", &metrics, &[], "").await.body.contains(waiting) {
+            assert!(arrived.elapsed() < Duration::from_secs(10), "r1's raise never waited on r2");
+            assert!(!newer.is_finished(), "token 6 must wait while token 5's write is in flight at replica 2");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(1500).saturating_sub(arrived.elapsed())).await;
         assert!(!newer.is_finished(), "token 6 must wait while token 5's write is in flight at replica 2");
         assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("old holder 5, first"));
+    } else {
+        answered = Some((&mut newer).await.unwrap());
     }
     let _ = old.send(&body[4..]).await;
     let old_status = old.status().await;
-    let r = newer.await.unwrap();
+    let r = match answered {
+        Some(r) => r,
+        None => newer.await.unwrap(),
+    };
     assert!(r.status < 300, "{}", r.body);
     if shared {
         assert!(old_status < 300, "the older write was admitted before the raise and answered: {old_status}");

@@ -121,8 +121,14 @@ async fn a_cancelled_keepalive_does_not_make_self_fencing_late() {
     until_counter_above(&a, ACKS, acks, Duration::from_secs(3)).await;
     etcd_proc.signal(libc::SIGSTOP);
     until_counter_above(&a, FAILS, fails, Duration::from_secs(3)).await;
+    let acks = counter(&a, ACKS).await;
     etcd_proc.signal(libc::SIGCONT);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let resumed = Instant::now();
+    // Settled: a keep-alive acknowledged after the stall (waited for, not
+    // assumed after a fixed time: CI's machine is loaded), and the rest of
+    // 1.5 s for the cancelled one's answer to have come and gone.
+    until_counter_above(&a, ACKS, acks, Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(resumed.elapsed())).await;
     assert!(a.holding().await.is_some(), "still holding after the stall");
 
     // Then etcd stops for good at T, just after an acknowledged keep-alive.
@@ -271,7 +277,23 @@ async fn after_a_compaction_the_holder_still_watches_its_key() {
     let log_before = a.proc.log_text().len();
     etcd.stop();
     etcd.resume();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let resumed = Instant::now();
+    // The deletion below is only seen at once through the watch: wait until
+    // the holder has one again (its retries back off up to 2 s, longer on a
+    // loaded machine). The restarted etcd had none; the holder's is the one.
+    loop {
+        let m = request("GET", &format!("{}/metrics", etcd.client_url), &[], "").await.body;
+        let watchers = m
+            .lines()
+            .find_map(|l| l.strip_prefix("etcd_debugging_mvcc_watcher_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+        if watchers.is_some_and(|w| w >= 1.0) {
+            break;
+        }
+        assert!(resumed.elapsed() < Duration::from_secs(15), "the holder never watched its key again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(resumed.elapsed())).await;
     assert!(a.holding().await.is_some(), "still holding across the restart");
     let since = a.proc.log_text()[log_before..].to_string();
     let cancelled = since.matches("watch on our key failed").count();

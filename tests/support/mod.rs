@@ -611,14 +611,26 @@ impl Resp {
 /// request yet, and a newer write would then come first instead of finding
 /// the older one in flight (CI once saw exactly that).
 pub async fn wait_in_flight(admin_url: &str, lock: &str, token: u64) {
+    let key = token.to_string();
+    wait_lock(admin_url, lock, &format!("token {token} in flight"), |l| l["inflight"][&key].as_u64().unwrap_or(0) >= 1)
+        .await
+}
+
+/// Waits until the filter answering `admin_url` has seen `token` for `lock`
+/// (its highest, raised as a write arrives, before it persists or waits).
+pub async fn wait_highest(admin_url: &str, lock: &str, token: u64) {
+    wait_lock(admin_url, lock, &format!("highest {token}"), |l| l["highest"].as_u64() >= Some(token)).await
+}
+
+async fn wait_lock(admin_url: &str, lock: &str, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
     let started = Instant::now();
     loop {
         let locks = request("GET", &format!("{admin_url}/v1/locks"), &[], "").await.json();
         let mine = locks["locks"].as_array().and_then(|a| a.iter().find(|l| l["lock"] == lock));
-        if mine.is_some_and(|l| l["inflight"][token.to_string()].as_u64().unwrap_or(0) >= 1) {
+        if mine.is_some_and(&ok) {
             return;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "token {token} never in flight: {locks}");
+        assert!(started.elapsed() < Duration::from_secs(10), "never {what}: {locks}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

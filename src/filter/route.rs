@@ -47,27 +47,25 @@ impl Filter {
         }
     }
 
-    /// The write's targets (request path, `Destination`; with `--store s3`
-    /// also what the body names, see [`s3`]), checked against the rules;
-    /// see [`rules`]. Returns the request to forward, its body unchanged
-    /// (whatever was read of it goes first).
-    async fn targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
+    /// The write's targets (request path, `Destination`), checked against
+    /// the rules; see [`rules`]. With `--store s3` the body may name more:
+    /// [`s3_targets`](Self::s3_targets). Every other store's targets are
+    /// decided on the head alone, in a plain function: an `async fn` would
+    /// move the request into its future and out again on every write.
+    fn head_targets(&self, req: &Request<Incoming>) -> Result<Targets, FilterError> {
         let path = req.uri().path();
         if self.cfg.unsafe_raw_paths {
             let lock = self.cfg.protection.lock_for(path).cloned();
-            let t = Targets { paths: vec![(path.to_owned(), lock)] };
-            return Ok((t, req.map(RequestBody::stream)));
-        }
-        if self.cfg.store == Store::S3 {
-            return self.s3_targets(req).await;
+            return Ok(Targets { paths: vec![(path.to_owned(), lock)] });
         }
         let dest = rules::destination(req.headers())?;
         let raw: Vec<&str> = std::iter::once(path).chain(dest.as_deref()).collect();
-        let t = Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)?;
-        Ok((t, req.map(RequestBody::stream)))
+        Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)
     }
 
-    /// [`targets`](Self::targets) for `--store s3`. The two bodies read here
+    /// The write's targets with `--store s3`: the head's, and what the body
+    /// names. Returns the request to forward, its body unchanged (whatever
+    /// was read of it goes first). The two bodies read here
     /// (DeleteObjects, a form POST) are read in boxed futures: rare requests,
     /// whose futures would otherwise make every request's future bigger.
     async fn s3_targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
@@ -155,7 +153,12 @@ impl Filter {
         peer: SocketAddr,
         is_write: bool,
     ) -> Result<Response<Body>, (Option<LockName>, FilterError)> {
-        let (targets, req) = self.targets(req).await.map_err(|e| (None, e))?;
+        let (targets, req) = if self.cfg.store == Store::S3 && !self.cfg.unsafe_raw_paths {
+            self.s3_targets(req).await
+        } else {
+            self.head_targets(&req).map(|t| (t, req.map(RequestBody::stream)))
+        }
+        .map_err(|e| (None, e))?;
         let Some(lock) = targets.lock().cloned() else {
             return if self.cfg.allow_unprotected || !is_write {
                 self.pass(up, req, peer).await.map_err(|e| (None, e))

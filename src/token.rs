@@ -55,6 +55,20 @@ impl fmt::Display for LockName {
 impl FromStr for LockName {
     type Err = TokenError;
     fn from_str(s: &str) -> Result<Self, TokenError> {
+        Ok(LockRef::parse(s)?.to_owned())
+    }
+}
+
+/// A lock name read from a request, borrowed from its header and checked as
+/// strictly as a [`LockName`]. The filter reads one on every write only to
+/// compare it with the lock its rules give the write's targets: borrowed, it
+/// costs no allocation; [`to_owned`](Self::to_owned) makes a [`LockName`]
+/// where one must be kept (an error that names it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockRef<'a>(&'a str);
+
+impl<'a> LockRef<'a> {
+    pub fn parse(s: &'a str) -> Result<Self, TokenError> {
         let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
         if s.is_empty() || s.len() > MAX_LOCK_LEN || !s.chars().all(ok_char) {
             return Err(TokenError::Malformed(format!(
@@ -62,7 +76,21 @@ impl FromStr for LockName {
                 truncate(s)
             )));
         }
-        Ok(LockName(Arc::from(s)))
+        Ok(LockRef(s))
+    }
+
+    pub fn as_str(&self) -> &'a str {
+        self.0
+    }
+
+    pub fn to_owned(self) -> LockName {
+        LockName(Arc::from(self.0))
+    }
+}
+
+impl PartialEq<LockRef<'_>> for LockName {
+    fn eq(&self, other: &LockRef<'_>) -> bool {
+        self.as_str() == other.0
     }
 }
 
@@ -151,10 +179,10 @@ pub enum TokenError {
     Malformed(String),
 }
 
-/// The lock and token a request carries.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Fence {
-    pub lock: LockName,
+/// The lock and token a request carries, the lock borrowed from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fence<'a> {
+    pub lock: LockRef<'a>,
     pub token: Token,
 }
 
@@ -162,10 +190,10 @@ pub struct Fence {
 ///
 /// Malformed beats missing: a request with a bad `Fencing-Token` and no
 /// `Fencing-Lock` is answered 400, since the client clearly meant to fence.
-pub fn parse_headers(headers: &HeaderMap) -> Result<Fence, TokenError> {
+pub fn parse_headers(headers: &HeaderMap) -> Result<Fence<'_>, TokenError> {
     let lock = single(headers, &LOCK_HEADER)?;
     let token = single(headers, &TOKEN_HEADER)?;
-    let lock = lock.map(str::parse::<LockName>).transpose()?;
+    let lock = lock.map(LockRef::parse).transpose()?;
     let token = token.map(str::parse::<Token>).transpose()?;
     match (lock, token) {
         (Some(lock), Some(token)) => Ok(Fence { lock, token }),
@@ -200,8 +228,22 @@ pub fn lock_header_value(lock: &LockName) -> HeaderValue {
 /// [`insert_headers`] with the lock's value made once by
 /// [`lock_header_value`]: a sidecar sends the same lock on every write.
 pub fn insert_headers_with(headers: &mut HeaderMap, lock: &HeaderValue, token: Token) {
-    headers.insert(LOCK_HEADER.clone(), lock.clone());
-    headers.insert(TOKEN_HEADER.clone(), token.get().into());
+    insert_header_values(headers, lock.clone(), token_header_value(token));
+}
+
+/// `Fencing-Token`'s value for `token`.
+pub fn token_header_value(token: Token) -> HeaderValue {
+    token.get().into()
+}
+
+/// Writes the two headers from values made by [`lock_header_value`] and
+/// [`token_header_value`], replacing any present: a sidecar sends the same
+/// lock on every write, and the same token until the lock changes hands, so
+/// it makes each value once (a clone is a reference count, where making one
+/// is an allocation).
+pub fn insert_header_values(headers: &mut HeaderMap, lock: HeaderValue, token: HeaderValue) {
+    headers.insert(LOCK_HEADER.clone(), lock);
+    headers.insert(TOKEN_HEADER.clone(), token);
 }
 
 /// The token alone, for a request whose headers this process wrote itself
@@ -263,11 +305,12 @@ mod tests {
 
     #[test]
     fn parses_a_good_pair() {
-        let f = parse_headers(&hm(&[("Fencing-Lock", "orders.v1_a-b"), ("Fencing-Token", "42")])).unwrap();
+        let h = hm(&[("Fencing-Lock", "orders.v1_a-b"), ("Fencing-Token", "42")]);
+        let f = parse_headers(&h).unwrap();
         assert_eq!(f.lock.as_str(), "orders.v1_a-b");
         assert_eq!(f.token.get(), 42);
-        let max = parse_headers(&hm(&[("fencing-lock", "x"), ("fencing-token", "9223372036854775807")]));
-        assert_eq!(max.unwrap().token.get(), i64::MAX as u64);
+        let h = hm(&[("fencing-lock", "x"), ("fencing-token", "9223372036854775807")]);
+        assert_eq!(parse_headers(&h).unwrap().token.get(), i64::MAX as u64);
     }
 
     #[test]
@@ -316,7 +359,7 @@ mod tests {
         assert_eq!(token_of(&h), None);
         insert_headers(&mut h, &lock, Token::new(42).unwrap());
         assert_eq!(token_of(&h), Some(Token::new(42).unwrap()));
-        assert_eq!(parse_headers(&h).unwrap(), Fence { lock: lock.clone(), token: Token::new(42).unwrap() });
+        assert_eq!(parse_headers(&h).unwrap(), Fence { lock: LockRef(lock.as_str()), token: Token::new(42).unwrap() });
         insert_headers_with(&mut h, &lock_header_value(&lock), Token::new(43).unwrap());
         assert_eq!(parse_headers(&h).unwrap().token.get(), 43, "replaced, not appended");
         for bad in [vec![("Fencing-Token", "1"), ("Fencing-Token", "2")], vec![("Fencing-Token", "0")]] {

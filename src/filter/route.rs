@@ -171,7 +171,7 @@ impl Filter {
             return Err((None, FilterError::Unprotected(path.to_owned())));
         }
         let fence = token::parse_headers(req.headers()).map_err(|e| (None, e.into()))?;
-        targets.check_lock(&fence.lock).map_err(|e| (Some(lock.clone()), e))?;
+        targets.check_lock(fence.lock).map_err(|e| (Some(lock.clone()), e))?;
         let entry = self.locks.entry(&lock);
         let deadline = crate::duration::after(self.cfg.max_wait);
         self.check_shared().map_err(|e| (Some(lock.clone()), e))?;

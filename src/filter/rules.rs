@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use http::{HeaderMap, Uri};
 
 use super::error::FilterError;
-use crate::token::LockName;
+use crate::token::{LockName, LockRef};
 
 /// Which lock protects which paths.
 #[derive(Clone, Debug)]
@@ -221,12 +221,13 @@ impl Targets {
     }
 
     /// Every target must be covered by `named` (the write's `Fencing-Lock`).
-    pub fn check_lock(&self, named: &LockName) -> Result<(), FilterError> {
-        if self.paths.iter().all(|(_, l)| l.as_ref() == Some(named)) {
+    pub fn check_lock(&self, named: LockRef<'_>) -> Result<(), FilterError> {
+        let covered = |l: &Option<LockName>| l.as_ref().is_some_and(|l| *l == named);
+        if self.paths.iter().all(|(_, l)| covered(l)) {
             return Ok(());
         }
-        let expected = self.paths.iter().find(|(_, l)| l.as_ref() != Some(named)).and_then(|(_, l)| l.clone());
-        Err(FilterError::LockMismatch { expected, got: named.clone(), paths: self.paths.clone() })
+        let expected = self.paths.iter().find(|(_, l)| !covered(l)).and_then(|(_, l)| l.clone());
+        Err(FilterError::LockMismatch { expected, got: named.to_owned(), paths: self.paths.clone() })
     }
 }
 
@@ -341,10 +342,13 @@ mod tests {
         let p = rules(&["/a/=A", "/c/=C"]);
         let t = Targets::resolve(&p, &["/c/src", "/a/doc"], false).unwrap();
         assert_eq!(t.lock().unwrap().as_str(), "C");
-        assert!(matches!(t.check_lock(&"C".parse().unwrap()), Err(FilterError::LockMismatch { .. })));
+        assert!(matches!(t.check_lock(LockRef::parse("C").unwrap()), Err(FilterError::LockMismatch { .. })));
         let t = Targets::resolve(&p, &["/tmp/upload-1", "/%61/doc"], false).unwrap();
         assert_eq!(t.lock().unwrap().as_str(), "A", "an unprotected source does not hide a protected destination");
         assert_eq!(t.unprotected(), Some("/tmp/upload-1"));
-        assert!(Targets::resolve(&p, &["/a/x", "/a/y"], false).unwrap().check_lock(&"A".parse().unwrap()).is_ok());
+        assert!(Targets::resolve(&p, &["/a/x", "/a/y"], false)
+            .unwrap()
+            .check_lock(LockRef::parse("A").unwrap())
+            .is_ok());
     }
 }

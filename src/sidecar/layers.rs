@@ -101,6 +101,8 @@ pub struct InjectTokenLayer {
     stopping: Arc<std::sync::atomic::AtomicBool>,
     /// `Fencing-Lock`'s value, made once.
     lock_value: http::HeaderValue,
+    /// `Fencing-Token`'s value, made once per token (see [`Self::token_value`]).
+    token_value: Arc<parking_lot::Mutex<Option<(token::Token, http::HeaderValue)>>>,
 }
 
 impl InjectTokenLayer {
@@ -111,7 +113,23 @@ impl InjectTokenLayer {
         stopping: Arc<std::sync::atomic::AtomicBool>,
     ) -> Self {
         let lock_value = token::lock_header_value(&cfg.lock);
-        InjectTokenLayer { cfg: Arc::new(cfg), status, stats, stopping, lock_value }
+        let token_value = Arc::default();
+        InjectTokenLayer { cfg: Arc::new(cfg), status, stats, stopping, lock_value, token_value }
+    }
+
+    /// `Fencing-Token`'s value for `t`: the one made for the last token if
+    /// it is `t` (a lock changes hands rarely), else made and kept. Made
+    /// afresh on every write it was an allocation and a formatting each.
+    fn token_value(&self, t: token::Token) -> http::HeaderValue {
+        let mut kept = self.token_value.lock();
+        match &*kept {
+            Some((k, v)) if *k == t => v.clone(),
+            _ => {
+                let v = token::token_header_value(t);
+                *kept = Some((t, v.clone()));
+                v
+            }
+        }
     }
 }
 
@@ -156,7 +174,9 @@ where
         let stopping = l.stopping.load(Ordering::Relaxed);
         if is_write || l.cfg.reads_need_lease {
             match token {
-                Some(t) if !stopping => token::insert_headers_with(req.headers_mut(), &l.lock_value, t),
+                Some(t) if !stopping => {
+                    token::insert_header_values(req.headers_mut(), l.lock_value.clone(), l.token_value(t))
+                }
                 _ => {
                     let counter = if is_write { &l.stats.writes_refused } else { &l.stats.reads_refused };
                     counter.fetch_add(1, Ordering::Relaxed);

@@ -56,11 +56,13 @@ impl Filter {
         let path = req.uri().path();
         if self.cfg.unsafe_raw_paths {
             let lock = self.cfg.protection.lock_for(path).cloned();
-            return Ok(Targets { paths: vec![(path.to_owned(), lock)] });
+            return Ok(Targets { paths: smallvec::smallvec![(path.to_owned(), lock)] });
         }
-        let dest = rules::destination(req.headers())?;
-        let raw: Vec<&str> = std::iter::once(path).chain(dest.as_deref()).collect();
-        Targets::resolve(&self.cfg.protection, &raw, self.cfg.allow_path_params)
+        let (protection, allow) = (&self.cfg.protection, self.cfg.allow_path_params);
+        match rules::destination(req.headers())? {
+            Some(dest) => Targets::resolve(protection, &[path, &dest], allow),
+            None => Targets::resolve(protection, &[path], allow),
+        }
     }
 
     /// The write's targets with `--store s3`: the head's, and what the body

@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 
 use http::{HeaderMap, Uri};
+use smallvec::SmallVec;
 
 use super::error::FilterError;
 use crate::token::{LockName, LockRef};
@@ -185,15 +186,16 @@ fn decoded(protection: &Protection, raw: &str, allow_params: bool) -> Result<Str
 /// The checks of one write's targets against the rules.
 #[derive(Debug)]
 pub struct Targets {
-    /// (decoded path, its lock), request path first.
-    pub paths: Vec<(String, Option<LockName>)>,
+    /// (decoded path, its lock), request path first. Inline for the one or
+    /// two (a `Destination`) that nearly every write has: no allocation.
+    pub paths: SmallVec<[(String, Option<LockName>); 2]>,
 }
 
 impl Targets {
     /// Decodes and checks every raw target path. With `--lock` (one lock for
     /// every path) no path can dodge a rule, so paths are taken as they are.
     pub fn resolve(protection: &Protection, raw: &[&str], allow_params: bool) -> Result<Targets, FilterError> {
-        let mut paths = Vec::with_capacity(raw.len());
+        let mut paths = SmallVec::with_capacity(raw.len());
         for r in raw {
             let path = match protection {
                 Protection::All(_) => (*r).to_owned(),
@@ -227,7 +229,7 @@ impl Targets {
             return Ok(());
         }
         let expected = self.paths.iter().find(|(_, l)| !covered(l)).and_then(|(_, l)| l.clone());
-        Err(FilterError::LockMismatch { expected, got: named.to_owned(), paths: self.paths.clone() })
+        Err(FilterError::LockMismatch { expected, got: named.to_owned(), paths: self.paths.to_vec() })
     }
 }
 

@@ -178,9 +178,18 @@ impl Sidecar {
             (&Method::GET, "/v1/lock") => json_response(StatusCode::OK, &self.lock_json()),
             (&Method::GET, "/v1/lock/events") => self.events(),
             (&Method::POST, "/v1/lock/release") => {
-                let was_holding = self.status.borrow().token.is_some();
+                let mut status = self.status.clone();
+                let was_holding = status.borrow_and_update().token.is_some();
                 if let Some(k) = self.keeper.lock().as_ref() {
                     k.release();
+                }
+                // Answered once the keeper has withdrawn the token (it does
+                // so before it revokes), so that no write the app sends after
+                // this answer carries it, whichever thread serves that write;
+                // bounded, for a keeper that does not answer.
+                if was_holding {
+                    let withdrawn = status.wait_for(|s| s.token.is_none());
+                    let _ = tokio::time::timeout(Duration::from_secs(2), withdrawn).await;
                 }
                 json_response(StatusCode::ACCEPTED, &json!({ "released": was_holding }))
             }

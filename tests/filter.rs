@@ -274,7 +274,12 @@ async fn sigterm_finishes_in_flight_requests_and_exits_0() {
     let mut slow = RawRequest::start(f.addr, "/bye", &fence, 8, b"half").await;
     wait_in_flight(&f.admin_url(), LOCK, 1).await;
     f.proc.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The shutdown has begun (its readiness goes) before the body ends.
+    let signalled = Instant::now();
+    while f.ready() {
+        assert!(signalled.elapsed() < Duration::from_secs(10), "the filter never began its shutdown");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     slow.send(b"done").await.unwrap();
     assert_eq!(slow.status().await, 201);
     assert_eq!(f.proc.wait_exit(Duration::from_secs(10)), Some(0));

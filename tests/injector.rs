@@ -366,7 +366,13 @@ async fn certificate_rotation_without_restart() {
     }
     // A broken key file does not take the server down: it keeps the last good pair.
     std::fs::write(inj.dir.path().join("tls.key"), "garbage").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Once it has tried the broken pair (its log says so): not a fixed wait,
+    // which a slow machine would pass without the reload ever tried.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !inj._proc.log_text().contains("new TLS files do not load") {
+        assert!(Instant::now() < end, "the broken key was never tried:\n{}", inj._proc.log_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let (status, _, _) = https(inj.addr, &new.ca_pem, "GET", "/healthz", vec![]).await;
     assert_eq!(status, 200);
 }

@@ -153,15 +153,7 @@ async fn an_older_write_that_never_finishes_is_aborted_after_the_drain_timeout()
     assert_eq!(nginx.get("/stuck").await.as_deref(), Some("NEW"));
     // Counted when the zombie's handler sees the abort: polled, not assumed.
     let want = r#"fencegate_filter_writes_refused_total{lock="orders",reason="aborted"} 1"#;
-    let polled = Instant::now();
-    loop {
-        let m = request("GET", &format!("{}/metrics", f.admin_url()), &[], "").await.body;
-        if m.contains(want) {
-            break;
-        }
-        assert!(polled.elapsed() < Duration::from_secs(10), "{m}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_metric(&f.admin_url(), want, Duration::from_secs(10)).await;
 }
 
 #[tokio::test]

@@ -635,6 +635,20 @@ async fn wait_lock(admin_url: &str, lock: &str, what: &str, ok: impl Fn(&serde_j
     }
 }
 
+/// Waits until `admin_url`'s `/metrics` has a line containing `want`, for at
+/// most `within`: a count or gauge set by another task, polled, not assumed.
+pub async fn wait_metric(admin_url: &str, want: &str, within: Duration) {
+    let started = Instant::now();
+    loop {
+        let m = request("GET", &format!("{admin_url}/metrics"), &[], "").await.body;
+        if m.contains(want) {
+            return;
+        }
+        assert!(started.elapsed() < within, "no {want} in {within:?}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// One HTTP request with a fresh connection.
 pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Resp {
     // The project's own control client (fresh each time: a fresh connection).

@@ -794,6 +794,10 @@ def report(r):
     ip = r["admission_in_process"]
     out.append(f"- admission alone, in process: {ip['ns_per_write_one_lock']:.0f} ns per write on one lock, "
                f"{ip['ns_per_write_many_locks']:.0f} ns spread over {ip['locks']} locks; {ip['bytes_per_lock']:.0f} bytes per lock")
+    if "ns_per_match_many_rules" in ip:
+        out.append(f"- matching a write's path against the rules, in process: {ip['ns_per_match_one_rule']:.0f} ns with one "
+                   f"rule, {ip['ns_per_match_many_rules']:.0f} ns spread over {ip['locks']} rules; "
+                   f"{ip['bytes_per_rule']:.0f} bytes per rule")
     out.append("\n## Where fencegate's time goes (perf, cpu-clock samples, sidecar + filter, PUT c=32)\n")
     out.append("```")
     out.extend(re.sub(r"\s+-\s+-\s*$", "", l).rstrip() for l in r["profile_top"])

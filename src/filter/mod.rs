@@ -34,6 +34,7 @@ pub mod form;
 pub mod metrics;
 pub mod repair;
 pub mod rules;
+pub mod ruleset;
 pub mod s3;
 pub mod shared;
 pub mod state;

@@ -14,12 +14,11 @@
 //! collection that holds another lock's paths (`DELETE /a/` would delete
 //! `/a/b/` too).
 
-use std::collections::BTreeMap;
-
 use http::{HeaderMap, Uri};
 use smallvec::SmallVec;
 
 use super::error::FilterError;
+pub use super::ruleset::RuleSet;
 use crate::token::{LockName, LockRef};
 
 /// Which lock protects which paths.
@@ -28,26 +27,27 @@ pub enum Protection {
     /// `--lock NAME`: one lock for every path.
     All(LockName),
     /// `--protect PREFIX=LOCK ...`: the longest matching prefix wins.
-    Rules(BTreeMap<String, LockName>),
+    Rules(RuleSet),
 }
 
 impl Protection {
+    /// `--protect` rules, `(prefix, lock)`; a repeated prefix keeps its last lock.
+    pub fn rules(rules: impl IntoIterator<Item = (String, LockName)>) -> Protection {
+        Protection::Rules(rules.into_iter().collect())
+    }
+
     /// The lock for a (decoded) path.
     pub fn lock_for(&self, path: &str) -> Option<&LockName> {
         match self {
             Protection::All(l) => Some(l),
-            Protection::Rules(rules) => {
-                // Longest prefix first: one map lookup per candidate length,
-                // so thousands of rules cost no more than a handful.
-                (0..=path.len()).rev().filter(|&n| path.is_char_boundary(n)).find_map(|n| rules.get(&path[..n]))
-            }
+            Protection::Rules(rules) => rules.lock_for(path),
         }
     }
 
     pub fn protects(&self, lock: &LockName) -> bool {
         match self {
             Protection::All(l) => l == lock,
-            Protection::Rules(rules) => rules.values().any(|l| l == lock),
+            Protection::Rules(rules) => rules.protects(lock),
         }
     }
 
@@ -67,8 +67,7 @@ impl Protection {
     pub fn other_locks_under(&self, path: &str, own: Option<&LockName>) -> Vec<LockName> {
         let Protection::Rules(rules) = self else { return Vec::new() };
         let mut found: Vec<LockName> = rules
-            .range::<str, _>((std::ops::Bound::Excluded(path), std::ops::Bound::Unbounded))
-            .take_while(|(prefix, _)| prefix.starts_with(path))
+            .below(path)
             // `/a` holds `/a/...`, not `/ab`; `/a/` holds everything after it.
             .filter(|(prefix, _)| path.ends_with('/') || prefix[path.len()..].starts_with('/'))
             .filter(|(_, lock)| Some(*lock) != own)
@@ -95,18 +94,27 @@ pub fn canonical_path(raw: &str, cut_params: bool) -> Result<String, String> {
     if let Some(c) = path.chars().find(|c| c.is_control() || *c == '\\') {
         return Err(format!("it holds {c:?} once decoded"));
     }
-    let segs: Vec<&str> =
-        path[1..].split('/').map(|s| if cut_params { s.split(';').next().unwrap_or("") } else { s }).collect();
-    let last = segs.len() - 1;
-    for (i, s) in segs.iter().enumerate() {
-        if *s == "." || *s == ".." {
+    fn cut(s: &str, cut_params: bool) -> &str {
+        if cut_params {
+            s.split(';').next().unwrap_or("")
+        } else {
+            s
+        }
+    }
+    let mut segs = path[1..].split('/').map(|s| cut(s, cut_params)).peekable();
+    while let Some(s) = segs.next() {
+        if s == "." || s == ".." {
             return Err("it has '.' or '..' segments once decoded".into());
         }
-        if s.is_empty() && i != last {
+        if s.is_empty() && segs.peek().is_some() {
             return Err("it has empty segments ('//') once decoded".into());
         }
     }
-    Ok(format!("/{}", segs.join("/")))
+    // Nothing cut: the decoded path is the answer, without building it again.
+    if !cut_params || !path.contains(';') {
+        return Ok(path);
+    }
+    Ok(format!("/{}", path[1..].split('/').map(|s| cut(s, true)).collect::<Vec<_>>().join("/")))
 }
 
 /// Percent-decodes `raw`; an escaped `/` (`%2F`) is refused, since the store

@@ -189,7 +189,6 @@ impl Locks {
         self.map.entry(lock.clone()).or_insert_with(|| self.new_entry(lock.clone(), LockState::default())).clone()
     }
 
-    /// All entries, sorted by name.
     /// Aborts every write in flight, of every lock (a replica leaving: see
     /// `filter::serve`). Their permits' `aborted()` resolve; the writes are
     /// released after `abort_grace`, as after any abort.
@@ -199,6 +198,7 @@ impl Locks {
         }
     }
 
+    /// All entries, sorted by name.
     pub fn all(&self) -> Vec<Arc<LockEntry>> {
         let mut v: Vec<_> = self.map.iter().map(|e| e.value().clone()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));

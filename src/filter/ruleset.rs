@@ -13,7 +13,7 @@ use crate::token::LockName;
 /// lock per tenant) that was 1.8 µs per write, most of it cache misses on
 /// cold nodes. Hashed lookups at only the lengths some rule has, and no range
 /// query when the path is as long as the longest rule (nothing can lie
-/// under it): 0.6-0.7 µs (`examples/admission_bench.rs`), most of it the
+/// under it): 0.6-0.9 µs (`examples/admission_bench.rs`), most of it the
 /// one hit's cache misses, for about 10 bytes more per rule.
 #[derive(Clone, Debug)]
 pub struct RuleSet {

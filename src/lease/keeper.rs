@@ -472,6 +472,9 @@ impl Task {
             Ok(rev) => rev,
             Err(end) => return end,
         };
+        // A release asked for while queued was answered as about no lock
+        // held (`released: false`); it must not step down from this win.
+        while self.cmd.try_recv().is_ok() {}
         let Some(token) = u64::try_from(rev).ok().and_then(Token::new) else {
             return RoundEnd::Lost(format!("etcd gave a revision that is no token: {rev}"));
         };
@@ -594,7 +597,7 @@ impl Task {
 
     /// Holds until something ends the round. A release asked for while
     /// fencing is honoured here, at once (stale ones were dropped when the
-    /// round began).
+    /// lock was won).
     async fn hold(&mut self, mut keep: Ender<'_>, mut gone: Ender<'_>, retries: &mut JoinSet<()>) -> RoundEnd {
         loop {
             tokio::select! {

@@ -179,19 +179,22 @@ impl Sidecar {
             (&Method::GET, "/v1/lock/events") => self.events(),
             (&Method::POST, "/v1/lock/release") => {
                 let mut status = self.status.clone();
-                let was_holding = status.borrow_and_update().token.is_some();
+                let token = status.borrow_and_update().token;
                 if let Some(k) = self.keeper.lock().as_ref() {
                     k.release();
                 }
                 // Answered once the keeper has withdrawn the token (it does
                 // so before it revokes), so that no write the app sends after
-                // this answer carries it, whichever thread serves that write;
-                // bounded, for a keeper that does not answer.
-                if was_holding {
-                    let withdrawn = status.wait_for(|s| s.token.is_none());
-                    let _ = tokio::time::timeout(Duration::from_secs(2), withdrawn).await;
-                }
-                json_response(StatusCode::ACCEPTED, &json!({ "released": was_holding }))
+                // this answer carries it, whichever thread serves that write.
+                // Bounded: while fencing, the keeper takes the release only
+                // when the fence ends; the answer then says so. A token that
+                // changed (withdrawn, then a new one won at once) is withdrawn.
+                let Some(token) = token else {
+                    return json_response(StatusCode::ACCEPTED, &json!({ "released": false }));
+                };
+                let changed = status.wait_for(|s| s.token != Some(token));
+                let withdrawn = matches!(tokio::time::timeout(Duration::from_secs(2), changed).await, Ok(Ok(_)));
+                json_response(StatusCode::ACCEPTED, &json!({ "released": true, "withdrawn": withdrawn }))
             }
             (&Method::POST, "/v1/lock/rejoin") => {
                 let rejoined = self.keeper.lock().as_ref().is_some_and(|k| k.rejoin());

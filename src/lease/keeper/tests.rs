@@ -137,6 +137,22 @@ async fn release_hands_over_and_campaigns_again() {
     assert_eq!(a.stats.losses.load(Ordering::Relaxed), 1);
 }
 
+/// A release asked for while queued (answered `released: false`: nothing is
+/// held) is not kept for later: winning afterwards, the keeper holds.
+#[tokio::test(start_paused = true)]
+async fn a_release_asked_for_while_queued_does_not_step_down_after_winning() {
+    let b = Arc::new(Flaky::default());
+    let (a, _, c, mut rc) = holder_and_waiter(&b).await;
+    assert_eq!(rc.borrow().phase, Phase::Campaigning);
+    c.release();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.shutdown().await;
+    until_phase(&mut rc, Phase::Holding).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(c.status().phase, Phase::Holding, "still holding: the release was about no lock held");
+    assert_eq!(c.stats.losses.load(Ordering::Relaxed), 0);
+}
+
 /// Issue 11, item 2: on release the token and deadline go first, then the
 /// (slow) revoke; no write may carry the token meanwhile.
 #[tokio::test(start_paused = true)]

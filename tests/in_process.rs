@@ -230,34 +230,41 @@ async fn the_sidecar_injects_its_token_strips_forged_ones_and_answers_its_local_
 }
 
 /// A release asked for while the sidecar is still fencing (its filter takes
-/// the fence's connection and never answers) takes effect when the fence
-/// ends, and is answered only then: straight after the answer the token is
-/// gone. Before, the answer came at once, with the token still set.
+/// the fence's connection and never answers) ends the fence and is answered
+/// once the token is withdrawn: straight after the answer the token is gone.
+/// Before, the answer came at once with the token still set; then, after the
+/// wait, a fence that never ends (`fence_required`) kept the release queued
+/// and the answer said `withdrawn: false` after 2 s.
 #[tokio::test]
-async fn a_release_asked_for_while_fencing_is_answered_once_the_token_is_withdrawn() {
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
-    // Listening, never accepting: the fence's request is sent and never answered.
-    let (_silent, silent) = bind().await;
-    let mut keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
-    keeper.fence_timeout = Duration::from_millis(400);
-    keeper.release_pause = Duration::from_secs(30);
-    let mut cfg = SidecarConfig::new(keeper, format!("http://{silent}"));
-    cfg.fence_urls = vec![format!("http://{silent}")];
-    let ((l, _), (al, aa)) = (bind().await, bind().await);
-    tokio::spawn(sidecar::run(cfg, Arc::new(Embedded::new()), l, al, None, stop.clone().cancelled_owned()));
-    let admin = format!("http://{aa}");
-    let state = || async { request("GET", &format!("{admin}/v1/lock"), &[], "").await.json() };
-    let started = tokio::time::Instant::now();
-    while state().await["state"] != "fencing" {
-        assert!(started.elapsed() < Duration::from_secs(10), "never fencing: {}", state().await);
-        tokio::time::sleep(Duration::from_millis(10)).await;
+async fn a_release_asked_for_while_fencing_ends_the_fence_and_is_answered_once_the_token_is_withdrawn() {
+    for required in [false, true] {
+        let stop = CancellationToken::new();
+        let _guard = stop.clone().drop_guard();
+        // Listening, never accepting: the fence's request is sent and never answered.
+        let (_silent, silent) = bind().await;
+        let mut keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
+        keeper.fence_timeout = Duration::from_millis(400);
+        keeper.fence_required = required;
+        keeper.release_pause = Duration::from_secs(30);
+        let mut cfg = SidecarConfig::new(keeper, format!("http://{silent}"));
+        cfg.fence_urls = vec![format!("http://{silent}")];
+        let ((l, _), (al, aa)) = (bind().await, bind().await);
+        tokio::spawn(sidecar::run(cfg, Arc::new(Embedded::new()), l, al, None, stop.clone().cancelled_owned()));
+        let admin = format!("http://{aa}");
+        let state = || async { request("GET", &format!("{admin}/v1/lock"), &[], "").await.json() };
+        let started = tokio::time::Instant::now();
+        while state().await["state"] != "fencing" {
+            assert!(started.elapsed() < Duration::from_secs(10), "never fencing: {}", state().await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let r = request("POST", &format!("{admin}/v1/lock/release"), &[], "").await;
+        assert_eq!(
+            (r.status, r.json()["released"].as_bool(), r.json()["withdrawn"].as_bool()),
+            (202, Some(true), Some(true)),
+            "fence required: {required}"
+        );
+        let after = state().await;
+        assert!(after["token"].is_null() && after["holding"] == false, "the token outlived the answer: {after}");
+        assert_eq!(after["state"], "campaigning", "{after}");
     }
-    let r = request("POST", &format!("{admin}/v1/lock/release"), &[], "").await;
-    assert_eq!(
-        (r.status, r.json()["released"].as_bool(), r.json()["withdrawn"].as_bool()),
-        (202, Some(true), Some(true))
-    );
-    let after = state().await;
-    assert!(after["token"].is_null() && after["holding"] == false, "the token outlived the answer: {after}");
 }

@@ -485,7 +485,29 @@ impl Task {
         let gone = key_gone(self.backend.clone(), key.clone(), rev, keepalive_interval(lease.ttl));
         let mut gone: Pin<Box<dyn Future<Output = String> + Send>> = Box::pin(gone);
         let mut retries = JoinSet::new();
-        if let Some(end) = self.fence(token, &key, rev, &mut retries, keep.as_mut(), gone.as_mut()).await {
+        // A release asked for while fencing ends the round at once: with
+        // `--fence-required` and a filter down the fence may never end, and
+        // the app asked to step down. Dropping the fence is safe: its token
+        // was never injected into a write. (The receiver is moved out for
+        // the fence, which borrows the whole task; put back after.)
+        let mut cmd = std::mem::replace(&mut self.cmd, mpsc::unbounded_channel().1);
+        let released = async {
+            loop {
+                match cmd.recv().await {
+                    Some(Command::Release) => return RoundEnd::Released,
+                    // Only meaningful while awaiting one.
+                    Some(Command::Rejoin) => {}
+                    // The handle is gone: `hold` ends the round for it.
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        };
+        let fenced = tokio::select! {
+            end = self.fence(token, &key, rev, &mut retries, keep.as_mut(), gone.as_mut()) => end,
+            end = released => Some(end),
+        };
+        self.cmd = cmd;
+        if let Some(end) = fenced {
             return end;
         }
         self.hold(keep.as_mut(), gone.as_mut(), &mut retries).await
@@ -595,9 +617,8 @@ impl Task {
         None
     }
 
-    /// Holds until something ends the round. A release asked for while
-    /// fencing is honoured here, at once (stale ones were dropped when the
-    /// lock was won).
+    /// Holds until something ends the round (stale commands were dropped
+    /// when the lock was won).
     async fn hold(&mut self, mut keep: Ender<'_>, mut gone: Ender<'_>, retries: &mut JoinSet<()>) -> RoundEnd {
         loop {
             tokio::select! {

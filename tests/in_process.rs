@@ -243,7 +243,9 @@ async fn a_release_asked_for_while_fencing_ends_the_fence_and_is_answered_once_t
         // Listening, never accepting: the fence's request is sent and never answered.
         let (_silent, silent) = bind().await;
         let mut keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
-        keeper.fence_timeout = Duration::from_millis(400);
+        // Long enough to be seen fencing on a loaded machine; the release
+        // ends the fence, not the timeout.
+        keeper.fence_timeout = Duration::from_secs(5);
         keeper.fence_required = required;
         keeper.release_pause = Duration::from_secs(30);
         let mut cfg = SidecarConfig::new(keeper, format!("http://{silent}"));

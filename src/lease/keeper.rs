@@ -189,8 +189,17 @@ pub fn default_margin(ttl: Duration) -> Duration {
 }
 
 enum Command {
-    Release,
+    /// Step down from this round, if its token is the one given (`None`:
+    /// whichever round is on).
+    Release(Option<Token>),
     Rejoin,
+}
+
+impl Command {
+    /// Whether this is a release of the round with `token`.
+    fn releases(&self, token: Token) -> bool {
+        matches!(self, Command::Release(None)) || matches!(self, Command::Release(Some(t)) if *t == token)
+    }
 }
 
 /// Handle on the keeper task.
@@ -245,7 +254,14 @@ impl Keeper {
 
     /// Steps down: revoke, then campaign again after `release_pause`.
     pub fn release(&self) {
-        let _ = self.cmd.send(Command::Release);
+        let _ = self.cmd.send(Command::Release(None));
+    }
+
+    /// [`release`](Self::release), only if `token` is still this keeper's:
+    /// an app that saw `token` asks to give up that one, not a lock lost
+    /// and won again (a new token) before the command is read.
+    pub fn release_token(&self, token: Token) {
+        let _ = self.cmd.send(Command::Release(Some(token)));
     }
 
     /// After a loss with [`Rejoin::Manual`]: campaign again. Returns whether
@@ -381,7 +397,7 @@ impl Task {
                         return true;
                     }
                     // Nothing is held, so there is nothing to release.
-                    Some(Command::Release) => {}
+                    Some(Command::Release(_)) => {}
                     None => return false,
                 },
                 _ = self.stop.cancelled() => return false,
@@ -494,9 +510,10 @@ impl Task {
         let released = async {
             loop {
                 match cmd.recv().await {
-                    Some(Command::Release) => return RoundEnd::Released,
-                    // Only meaningful while awaiting one.
-                    Some(Command::Rejoin) => {}
+                    Some(c) if c.releases(token) => return RoundEnd::Released,
+                    // A rejoin is only meaningful while awaiting one; a
+                    // release of an earlier token is not about this round.
+                    Some(_) => {}
                     // The handle is gone: `hold` ends the round for it.
                     None => std::future::pending::<()>().await,
                 }
@@ -510,7 +527,7 @@ impl Task {
         if let Some(end) = fenced {
             return end;
         }
-        self.hold(keep.as_mut(), gone.as_mut(), &mut retries).await
+        self.hold(token, keep.as_mut(), gone.as_mut(), &mut retries).await
     }
 
     /// Queues and waits for our turn; the create revision of our key.
@@ -617,18 +634,25 @@ impl Task {
         None
     }
 
-    /// Holds until something ends the round (stale commands were dropped
-    /// when the lock was won).
-    async fn hold(&mut self, mut keep: Ender<'_>, mut gone: Ender<'_>, retries: &mut JoinSet<()>) -> RoundEnd {
+    /// Holds `token` until something ends the round (stale commands were
+    /// dropped when the lock was won).
+    async fn hold(
+        &mut self,
+        token: Token,
+        mut keep: Ender<'_>,
+        mut gone: Ender<'_>,
+        retries: &mut JoinSet<()>,
+    ) -> RoundEnd {
         loop {
             tokio::select! {
                 why = &mut keep => return RoundEnd::Lost(why),
                 why = &mut gone => return RoundEnd::Lost(why),
                 _ = self.stop.cancelled() => return RoundEnd::Stopped,
                 c = self.cmd.recv() => match c {
-                    Some(Command::Release) => return RoundEnd::Released,
-                    // Only meaningful while awaiting one.
-                    Some(Command::Rejoin) => {}
+                    Some(c) if c.releases(token) => return RoundEnd::Released,
+                    // A rejoin is only meaningful while awaiting one; a
+                    // release of an earlier token is not about this round.
+                    Some(_) => {}
                     None => return RoundEnd::Stopped,
                 },
                 Some(_) = retries.join_next(), if !retries.is_empty() => {}

@@ -179,19 +179,22 @@ impl Sidecar {
             (&Method::GET, "/v1/lock/events") => self.events(),
             (&Method::POST, "/v1/lock/release") => {
                 let mut status = self.status.clone();
-                let token = status.borrow_and_update().token;
-                if let Some(k) = self.keeper.lock().as_ref() {
-                    k.release();
-                }
-                // Answered once the keeper has withdrawn the token (it does
-                // so before it revokes), so that no write the app sends after
-                // this answer carries it, whichever thread serves that write.
-                // Bounded: while fencing, the keeper takes the release only
-                // when the fence ends; the answer then says so. A token that
-                // changed (withdrawn, then a new one won at once) is withdrawn.
-                let Some(token) = token else {
+                // The token the app may have seen: the release is of that
+                // one only, so that a lock lost and won again before the
+                // keeper reads the command is not given up, and nothing is
+                // released at all when none was held.
+                let Some(token) = status.borrow_and_update().token else {
                     return json_response(StatusCode::ACCEPTED, &json!({ "released": false }));
                 };
+                if let Some(k) = self.keeper.lock().as_ref() {
+                    k.release_token(token);
+                }
+                // Answered once the keeper has withdrawn the token (it does
+                // so before it revokes, and a fence under way is ended), so
+                // that no write the app sends after this answer carries it,
+                // whichever thread serves that write. Bounded, for a keeper
+                // that does not answer. A token that changed (withdrawn, or
+                // lost and a new one won) is withdrawn.
                 let changed = status.wait_for(|s| s.token != Some(token));
                 let withdrawn = matches!(tokio::time::timeout(Duration::from_secs(2), changed).await, Ok(Ok(_)));
                 json_response(StatusCode::ACCEPTED, &json!({ "released": true, "withdrawn": withdrawn }))

@@ -153,6 +153,33 @@ async fn a_release_asked_for_while_queued_does_not_step_down_after_winning() {
     assert_eq!(c.stats.losses.load(Ordering::Relaxed), 0);
 }
 
+/// A release of a token that is no longer the keeper's (the app saw it,
+/// then the lock was lost and won again before the command was read) does
+/// not give up the new one.
+#[tokio::test(start_paused = true)]
+async fn a_release_of_an_earlier_token_does_not_end_a_later_round() {
+    let b = Arc::new(Flaky::default());
+    let a = spawn(&b, "a");
+    let mut ra = a.subscribe();
+    let first = until_phase(&mut ra, Phase::Holding).await.token.unwrap();
+    a.release();
+    let second = tokio::time::timeout(
+        Duration::from_secs(60),
+        ra.wait_for(|s| s.phase == Phase::Holding && s.token != Some(first)),
+    )
+    .await
+    .expect("held again")
+    .unwrap()
+    .token
+    .unwrap();
+    a.release_token(first);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!((a.status().phase, a.status().token), (Phase::Holding, Some(second)), "the later round goes on");
+    a.release_token(second);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(a.status().token, None, "a release of the current token is honoured");
+}
+
 /// Issue 11, item 2: on release the token and deadline go first, then the
 /// (slow) revoke; no write may carry the token meanwhile.
 #[tokio::test(start_paused = true)]

@@ -792,6 +792,7 @@ def report(r):
                    f"({tp['one_of_3_replicas'] / tp['single_filter']:.2f}x); etcd Txn/Range/Put calls during the "
                    f"replica's steady writes: {rp['etcd_calls_during_steady_writes']}.")
     ip = r["admission_in_process"]
+    out.append("")
     out.append(f"- admission alone, in process: {ip['ns_per_write_one_lock']:.0f} ns per write on one lock, "
                f"{ip['ns_per_write_many_locks']:.0f} ns spread over {ip['locks']} locks; {ip['bytes_per_lock']:.0f} bytes per lock")
     if "ns_per_match_many_rules" in ip:

@@ -265,6 +265,7 @@ async fn a_release_asked_for_while_fencing_ends_the_fence_and_is_answered_once_t
             (202, Some(true), Some(true)),
             "fence required: {required}"
         );
+        assert!(r.json()["token"].is_null(), "{}", r.body);
         let after = state().await;
         assert!(after["token"].is_null() && after["holding"] == false, "the token outlived the answer: {after}");
         assert_eq!(after["state"], "campaigning", "{after}");

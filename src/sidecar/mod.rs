@@ -197,7 +197,10 @@ impl Sidecar {
                 // lost and a new one won) is withdrawn.
                 let changed = status.wait_for(|s| s.token != Some(token));
                 let withdrawn = matches!(tokio::time::timeout(Duration::from_secs(2), changed).await, Ok(Ok(_)));
-                json_response(StatusCode::ACCEPTED, &json!({ "released": true, "withdrawn": withdrawn }))
+                // Not null only when the lock was lost and won again meanwhile
+                // (or the token was not withdrawn): the app is still the holder.
+                let now = self.status.borrow().token.map(|t| t.get());
+                json_response(StatusCode::ACCEPTED, &json!({ "released": true, "withdrawn": withdrawn, "token": now }))
             }
             (&Method::POST, "/v1/lock/rejoin") => {
                 let rejoined = self.keeper.lock().as_ref().is_some_and(|k| k.rejoin());

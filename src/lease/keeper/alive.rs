@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::{KeeperStats, LockStatus};
+use super::status::{KeeperStats, LockStatus};
 use crate::lease::backoff::Backoff;
 use crate::lease::deadline::{Deadline, Stamp};
 use crate::lease::{LeaseBackend, LeaseError};

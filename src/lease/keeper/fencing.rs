@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{KeeperConfig, KeeperStats, LockStatus, Phase};
+use super::settings::KeeperConfig;
+use super::status::{KeeperStats, LockStatus, Phase};
 use crate::lease::backoff::Backoff;
 use crate::lease::{Fencer, Outcome};
 use crate::token::Token;

@@ -2,15 +2,18 @@
 //! wrapped to misbehave the way etcd can (stalled keep-alives, a silent
 //! watch, a slow revoke).
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tokio::time::Instant;
 
 use super::*;
+use crate::lease::deadline::Stamp;
 use crate::lease::embedded::Embedded;
-use crate::lease::{Granted, NoFence, Outcome};
+use crate::lease::{queue_prefix, Fencer, Granted, LeaseBackend, LeaseError, NoFence, Outcome};
+use crate::token::LockName;
 
 fn cfg(holder: &str) -> KeeperConfig {
     KeeperConfig::new("l".parse().unwrap(), holder, Duration::from_secs(3))

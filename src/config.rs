@@ -247,9 +247,7 @@ impl FilterArgs {
         }
         let protection = match (&self.lock, rules.is_empty()) {
             (Some(l), true) => Protection::All(l.clone()),
-            (None, false) => {
-                Protection::Rules(rules.iter().map(|r| Protection::parse_rule(r)).collect::<Result<_, _>>()?)
-            }
+            (None, false) => Protection::parse_rules(rules.iter().map(String::as_str))?,
             (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),
         };

@@ -18,7 +18,7 @@ use crate::token::{self, LockName};
 impl Filter {
     /// The proxy's request handler. A read that needs no fencing is sent
     /// from here, one future fewer to go through on each of its wake-ups
-    /// than [`route`](Self::route)'s.
+    /// than `route`'s.
     pub async fn handle(
         self: Arc<Self>,
         up: Arc<Upstream>,

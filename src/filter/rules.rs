@@ -51,12 +51,49 @@ impl Protection {
         }
     }
 
+    /// Parses `--protect` rules (`PREFIX=LOCK` each). A prefix given twice
+    /// with two locks is refused: which one the operator meant is a guess,
+    /// and a wrong guess fences the path with a lock its writers do not hold
+    /// (or with one a zombie does).
+    pub fn parse_rules<'a>(rules: impl IntoIterator<Item = &'a str>) -> Result<Protection, String> {
+        let mut seen: std::collections::HashMap<String, LockName> = std::collections::HashMap::new();
+        for r in rules {
+            let (prefix, lock) = Protection::parse_rule(r)?;
+            match seen.get(&prefix) {
+                Some(l) if *l != lock => {
+                    return Err(format!("--protect prefix {prefix:?} is given twice, for locks {l} and {lock}"))
+                }
+                _ => seen.insert(prefix, lock),
+            };
+        }
+        Ok(Protection::rules(seen))
+    }
+
     /// Parses `PREFIX=LOCK`.
+    ///
+    /// The prefix must be a path as the filter compares paths: decoded, with
+    /// no dot or empty segments and no `;` (parameters are refused in
+    /// protected space, or cut with `--allow-path-params`). Any other prefix
+    /// matches no path the filter admits, so its rule would protect nothing,
+    /// silently: its writes refused as unprotected, or let through unfenced
+    /// with `--allow-unprotected`.
     pub fn parse_rule(s: &str) -> Result<(String, LockName), String> {
         let (prefix, lock) =
             s.rsplit_once('=').ok_or_else(|| format!("--protect wants PATH_PREFIX=LOCK, got {s:?}"))?;
         if !prefix.starts_with('/') {
             return Err(format!("--protect prefix {prefix:?} must start with '/'"));
+        }
+        match canonical_path(prefix, false) {
+            _ if prefix.contains(';') => {
+                return Err(format!("--protect prefix {prefix:?} holds ';', which no admitted path can have there"))
+            }
+            Ok(decoded) if decoded != prefix => {
+                return Err(format!(
+                    "--protect prefix {prefix:?} is compared with decoded paths: write it decoded, as {decoded:?}"
+                ))
+            }
+            Ok(_) => {}
+            Err(why) => return Err(format!("--protect prefix {prefix:?} matches no path the filter admits: {why}")),
         }
         Ok((prefix.to_owned(), lock.parse().map_err(|e| format!("--protect {s:?}: {e}"))?))
     }
@@ -259,6 +296,48 @@ mod tests {
         assert!(p.protects(&"y".parse().unwrap()));
         assert!(Protection::parse_rule("a=x").is_err());
         assert!(Protection::parse_rule("/a=b c").is_err());
+    }
+
+    /// A prefix no admitted path can start with would protect nothing: with
+    /// `--allow-unprotected`, `/a b/f` went through unfenced under a rule
+    /// `/a%20b/=x` (a control for the check below).
+    #[test]
+    fn a_prefix_no_admitted_path_can_match_is_refused() {
+        let unchecked = Protection::rules([("/a%20b/".to_string(), "x".parse().unwrap())]);
+        let t = Targets::resolve(&unchecked, &["/a%20b/f"], false).unwrap();
+        assert_eq!(t.unprotected(), Some("/a b/f"), "the rule as written protects nothing");
+
+        for ok in ["/=x", "/a=x", "/a/=x", "/a.b/c..d/=x", "/été/=x", "/a b/=x"] {
+            assert!(Protection::parse_rule(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/a%20b/=x",
+            "/a%2Fb/=x",
+            "/100%/=x",
+            "/a//b/=x",
+            "//=x",
+            "/a/../b/=x",
+            "/./a/=x",
+            "/a/./=x",
+            "/a;v=1/=x",
+            "/a;p/=x",
+            "/a\\b/=x",
+            "/a\u{7}/=x",
+        ] {
+            let e = Protection::parse_rule(bad).unwrap_err();
+            assert!(e.contains("--protect prefix"), "{bad}: {e}");
+        }
+        let e = Protection::parse_rule("/a%20b/=x").unwrap_err();
+        assert!(e.contains("\"/a b/\""), "{e}");
+    }
+
+    #[test]
+    fn a_prefix_given_twice_with_two_locks_is_refused() {
+        let e = Protection::parse_rules(["/a/=x", "/b/=y", "/a/=z"]).unwrap_err();
+        assert!(e.contains("\"/a/\"") && e.contains("x") && e.contains("z"), "{e}");
+        let p = Protection::parse_rules(["/a/=x", "/a/=x", "/b/=y"]).unwrap();
+        assert_eq!(p.lock_for("/a/f").unwrap().as_str(), "x");
+        assert_eq!(p.lock_for("/b/f").unwrap().as_str(), "y");
     }
 
     #[test]

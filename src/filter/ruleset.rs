@@ -93,7 +93,20 @@ mod tests {
         .iter()
         .map(|(p, l)| (p.to_string(), l.parse().unwrap()))
         .collect();
-        let set: RuleSet = rules.clone().into_iter().collect();
+        // Given in several orders, with a prefix repeated (its last lock
+        // wins, as in a map): the index is sorted whatever the input order.
+        let given: Vec<(String, LockName)> = rules.clone().into_iter().collect();
+        let mut orders = vec![given.clone(), given.iter().rev().cloned().collect()];
+        let mut rotated = given.clone();
+        rotated.rotate_left(3);
+        rotated.insert(1, ("/a/b/".to_string(), "dropped".parse().unwrap()));
+        orders.push(rotated);
+        for order in orders {
+            check(&rules, order.into_iter().collect());
+        }
+    }
+
+    fn check(rules: &BTreeMap<String, LockName>, set: RuleSet) {
         let paths = [
             "/",
             "/a",
@@ -117,9 +130,13 @@ mod tests {
             "/t/123/x",
             "/t/",
             "/t",
+            // As long as the longest rule, and one shorter: the search for
+            // rules below is skipped at the first, not at the second.
+            "/a/b/c/dx",
+            "/a/b/c/",
         ];
         for path in paths {
-            assert_eq!(set.lock_for(path), naive_lock_for(&rules, path), "lock for {path}");
+            assert_eq!(set.lock_for(path), naive_lock_for(rules, path), "lock for {path}");
             let below: Vec<&str> = set.below(path).map(|(p, _)| p).collect();
             let naive: Vec<&str> =
                 rules.keys().filter(|p| p.len() > path.len() && p.starts_with(path)).map(String::as_str).collect();

@@ -14,6 +14,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::body::Body;
 use super::gate::Gated;
@@ -100,21 +101,12 @@ pub async fn serve_capped<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The header timeout is the connection's `Idle` watcher's (one timer
-        // per connection), not hyper's (a boxed timer armed per request).
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    let builder = Arc::new(builder);
+    let builder = Arc::new(http_builder(&limits));
     // `drain` asks every connection to finish (graceful shutdown); `kill`,
     // cancelled when the grace period is over, ends those that have not;
     // `tracker` knows when they all have.
     let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
-    let tracker = tokio_util::task::TaskTracker::new();
+    let tracker = TaskTracker::new();
     tokio::pin!(shutdown);
     loop {
         // Over the cap: wait for a connection to close before accepting more.
@@ -154,18 +146,10 @@ pub async fn serve_capped<H, F>(
                 .run(async {
                     match tls {
                         None => Ok(ends.serve(builder.serve_connection(TokioIo::new(io), svc)).await),
-                        Some(acceptor) => {
-                            let handshake = tokio::time::timeout(ends.limits.header_read_timeout, acceptor.accept(io));
-                            let shaken = tokio::select! {
-                                r = handshake => r,
-                                _ = ends.kill.cancelled() => return Err("dropped during its TLS handshake".into()),
-                            };
-                            match shaken {
-                                Ok(Ok(tls)) => Ok(ends.serve(builder.serve_connection(TokioIo::new(tls), svc)).await),
-                                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-                                Err(_) => Err("TLS handshake timed out".to_string()),
-                            }
-                        }
+                        Some(acceptor) => match ends.handshake(&acceptor, io).await {
+                            Ok(tls) => Ok(ends.serve(builder.serve_connection(TokioIo::new(tls), svc)).await),
+                            Err(why) => Err(why),
+                        },
                     }
                 })
                 .await;
@@ -177,12 +161,32 @@ pub async fn serve_capped<H, F>(
         });
     }
     drop(listener);
+    close_all(tracker, drain, kill, limits.shutdown_grace).await;
+}
+
+/// hyper's server settings for every connection.
+fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The header timeout is the connection's `Idle` watcher's (one timer
+        // per connection), not hyper's (a boxed timer armed per request).
+        .header_read_timeout(None)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
+    builder
+}
+
+/// Graceful shutdown of the connections `tracker` follows: each is asked to
+/// finish (`drain`), and those still open after `grace` are cut (`kill`).
+async fn close_all(tracker: TaskTracker, drain: CancellationToken, kill: CancellationToken, grace: Duration) {
     tracker.close();
     drain.cancel();
     tokio::select! {
         _ = tracker.wait() => tracing::debug!("all connections closed"),
-        _ = tokio::time::sleep(limits.shutdown_grace) => {
-            tracing::warn!(grace = ?limits.shutdown_grace, "shutdown grace period over; dropping open connections");
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(?grace, "shutdown grace period over; dropping open connections");
             kill.cancel();
             // Each connection sees the kill at its next poll, which the
             // cancellation wakes: none outlives this function. Bounded all
@@ -242,6 +246,28 @@ impl Ends {
                 }
                 End::Kill => return Err("dropped at the end of the shutdown grace".into()),
             }
+        }
+    }
+
+    /// The TLS handshake on `io`, bounded by the header timeout and cut at
+    /// the end of the shutdown grace.
+    async fn handshake<IO>(
+        &self,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        io: IO,
+    ) -> Result<tokio_rustls::server::TlsStream<IO>, String>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let handshake = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(io));
+        let shaken = tokio::select! {
+            r = handshake => r,
+            _ = self.kill.cancelled() => return Err("dropped during its TLS handshake".into()),
+        };
+        match shaken {
+            Ok(Ok(tls)) => Ok(tls),
+            Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+            Err(_) => Err("TLS handshake timed out".to_string()),
         }
     }
 

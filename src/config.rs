@@ -201,14 +201,30 @@ pub struct SharedMarksArgs {
     /// etcd key prefix of the shared marks, registrations and acknowledgements.
     #[arg(long, env = "FENCEGATE_MARKS_PREFIX", default_value = "/fencegate/filter")]
     pub marks_prefix: String,
+    /// TESTS ONLY: leave a self-fenced replica's writes in flight running, to show what cutting them off prevents.
+    #[cfg(feature = "test-unsafe")]
+    #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_REPLICA_CUT_OFF")]
+    pub unsafe_no_replica_cut_off: bool,
+    /// TESTS ONLY: go on when etcd lost marks a replica saw (restored from a snapshot), to show what failing closed
+    /// prevents.
+    #[cfg(feature = "test-unsafe")]
+    #[arg(long, hide = true, env = "FENCEGATE_UNSAFE_NO_ROLLBACK_CHECK")]
+    pub unsafe_no_rollback_check: bool,
 }
 
 impl SharedMarksArgs {
     /// The shared-marks configuration, or `None` without `--shared-marks`.
+    ///
+    /// The replica's self-fencing margin is the sidecar's plus
+    /// `abort_grace`: at the deadline the replica cuts off its writes in
+    /// flight, and the store may apply such a write up to `abort_grace`
+    /// later, which must still fall before etcd can expire the registration
+    /// and let the other replicas stop waiting for this one.
     pub fn shared(
         &self,
         etcd: &EtcdArgs,
         raise_timeout: Duration,
+        abort_grace: Duration,
     ) -> Result<Option<crate::filter::shared::SharedConfig>, String> {
         if !self.shared_marks {
             return Ok(None);
@@ -226,13 +242,34 @@ impl SharedMarksArgs {
         if self.replica_ttl < Duration::from_secs(2) {
             return Err("--replica-ttl must be at least 2s (etcd leases count whole seconds)".into());
         }
+        let margin = crate::lease::keeper::default_margin(self.replica_ttl) + abort_grace;
+        // Writable for at least half the TTL after each keep-alive (sent every
+        // third of it), so one slow keep-alive does not self-fence the replica.
+        if margin > self.replica_ttl / 2 {
+            return Err(format!(
+                "--replica-ttl {:?} is too short for --abort-grace {abort_grace:?}: a replica stops writing \
+                 --abort-grace plus {:?} before its registration can expire, and needs half the TTL to write in; \
+                 give --replica-ttl {}s or more",
+                self.replica_ttl,
+                margin - abort_grace,
+                (2 * margin).as_secs() + 1,
+            ));
+        }
         Ok(Some(crate::filter::shared::SharedConfig {
             etcd: etcd.options()?,
             replica_id,
             ttl: self.replica_ttl,
-            margin: crate::lease::keeper::default_margin(self.replica_ttl),
+            margin,
             prefix: self.marks_prefix.clone(),
             raise_timeout,
+            #[cfg(feature = "test-unsafe")]
+            unsafe_no_cut_off: self.unsafe_no_replica_cut_off,
+            #[cfg(not(feature = "test-unsafe"))]
+            unsafe_no_cut_off: false,
+            #[cfg(feature = "test-unsafe")]
+            unsafe_no_rollback_check: self.unsafe_no_rollback_check,
+            #[cfg(not(feature = "test-unsafe"))]
+            unsafe_no_rollback_check: false,
         }))
     }
 }
@@ -315,7 +352,7 @@ impl FilterArgs {
             limits: self.limits.server(),
             metrics_lock_limit: self.metrics_lock_limit,
             holder_check: self.holder_check()?,
-            shared: self.shared.shared(&self.etcd, self.max_wait)?,
+            shared: self.shared.shared(&self.etcd, self.max_wait, self.abort_grace)?,
         })
     }
 

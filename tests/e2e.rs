@@ -81,7 +81,12 @@ fn filter_args(o: &Opts, etcd: &Etcd, replica_id: &str) -> Vec<String> {
     let mut a: Vec<String> =
         ["--lock", LOCK, "--etcd", &etcd.client_url, "--etcd-timeout", "1s"].map(String::from).into();
     if o.shared_marks {
-        a.extend(["--shared-marks", "--replica-id", replica_id, "--replica-ttl", "2s"].map(String::from));
+        // A short TTL (a killed replica holds raises for it), so a short
+        // --abort-grace: a replica stops writing that long before its TTL too.
+        a.extend(
+            ["--shared-marks", "--replica-id", replica_id, "--replica-ttl", "2s", "--abort-grace", "500ms"]
+                .map(String::from),
+        );
     }
     a
 }

@@ -306,3 +306,127 @@ async fn an_in_process_replica_leaving_with_a_write_in_flight_aborts_it_before_r
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"), "the aborted write overtook token 6");
 }
+
+/// A replica cut from etcd (its requests to etcd held back by a frozen
+/// relay; clients and the store still reach it) while one of its writes is
+/// still streaming. etcd expires its registration and a raise at another
+/// replica, which waited for it, goes through. The cut-off replica's older
+/// write must not land after that: it cuts the write off when it
+/// self-fences, `--abort-grace` before etcd can expire the registration.
+/// Without the cut-off (the control) the older write, finished afterwards,
+/// overwrites the newer holder's.
+async fn cut_from_etcd_mid_write(cut_off: bool) -> (Option<String>, u16) {
+    let c = cluster(1, true, &["--drain-timeout", "30s", "--max-wait", "20s"]);
+    let etcd_addr = c.etcd.client_url.trim_start_matches("http://").parse().unwrap();
+    let relay = fencegate::demo::relay::Relay::start(etcd_addr).await.unwrap();
+    let mut extra = vec!["--drain-timeout", "30s", "--max-wait", "20s"];
+    if !cut_off {
+        extra.push("--unsafe-no-replica-cut-off");
+    }
+    let args = replica_args(&format!("http://{}", relay.addr), "r2", true, &extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r2 = FilterProc::start(c.dir.path(), &c.nginx.url(), &c.dir.path().join("state-r2"), &args);
+    let url = format!("{}/data/x", c.filters[0].url());
+    assert!(put(&url, LOCK, 5, "old holder 5, first").await.status < 300);
+    let body = b"old holder 5, in flight at r2";
+    let mut old = RawRequest::start(r2.addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
+    wait_in_flight(&r2.admin_url(), LOCK, 5).await;
+
+    relay.freeze();
+    let r = put(&url, LOCK, 6, "new holder 6").await;
+    assert!(r.status < 300, "{}", r.body);
+    // With the cut-off, r2 has answered the older write already (at its
+    // deadline, before etcd expired it and token 6 went through).
+    let early = old.try_status();
+    // The rest of the body: nowhere to go once the write was cut off.
+    let _ = old.send(&body[4..]).await;
+    let status = match early {
+        Some(s) => s,
+        None => old.status().await,
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (c.nginx.get("/data/x").await, status)
+}
+
+// Multi-thread: the relay runs on this runtime while the helpers block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_from_etcd_cuts_off_its_writes_in_flight_before_its_registration_expires() {
+    let (held, old_status) = cut_from_etcd_mid_write(true).await;
+    assert_eq!(old_status, 503, "the older write is answered fencing_state_unavailable when cut off");
+    assert_eq!(held.as_deref(), Some("new holder 6"), "the older write landed after the newer holder's");
+}
+
+// Multi-thread: the relay runs on this runtime while the helpers block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_replica_cut_from_etcd_without_the_cut_off_lets_its_older_write_land_last() {
+    let (held, old_status) = cut_from_etcd_mid_write(false).await;
+    assert!(old_status < 300, "{old_status}");
+    assert_eq!(held.as_deref(), Some("old holder 5, in flight at r2"));
+}
+
+/// etcd restored from a snapshot (a real `snapshot save`, stop, `restore`,
+/// start) takes the shared marks back in time. Here the snapshot holds mark
+/// 100 and no replica: replica r1 registered after it, and holder 200 wrote
+/// through it. After the restore the mark is 100 again and r1's registration
+/// is gone, so a raise no longer waits for r1. r1 notices when its watch
+/// breaks and it reads the marks again: it fails closed (no write forwarded
+/// until restarted) and puts the mark it saw back, so a replica started
+/// after the restore refuses a zombie's token 150. Without the check (the
+/// control) the new replica reads 100, nobody else is registered to hold
+/// its raise, and the zombie's write lands over holder 200's.
+async fn etcd_restored_from_a_snapshot(check: bool) -> (Option<String>, u16, u16) {
+    let extra: &[&str] = if check { &[] } else { &["--unsafe-no-rollback-check"] };
+    let mut c = cluster(0, true, extra);
+    let mut etcd = etcd_client::Client::connect([c.etcd.client_url.as_str()], None).await.unwrap();
+    let mark_key = format!("/fencegate/filter/marks/{LOCK}");
+    etcd.put(mark_key.as_str(), format!("{:020}", 100), None).await.unwrap();
+    let snap = c.dir.path().join("etcd.snapshot");
+    c.etcd.snapshot(&snap);
+    let r1 = start_replica(&c, "r1", true, extra);
+    c.filters.push(r1);
+    let url = |f: &FilterProc| format!("{}/data/x", f.url());
+    assert!(put(&url(&c.filters[0]), LOCK, 200, "holder 200").await.status < 300);
+
+    c.etcd.restore(&snap);
+    // Settled: with the check, the mark is back at 200; without, r1 has
+    // found its registration gone (its keep-alive says so) and is not ready.
+    let mut etcd = etcd_client::Client::connect([c.etcd.client_url.as_str()], None).await.unwrap();
+    let settled = Instant::now();
+    loop {
+        assert!(settled.elapsed() < Duration::from_secs(15), "r1 never settled after the restore");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if check {
+            let got = etcd.get(mark_key.as_str(), None).await.ok();
+            let mark = got.as_ref().and_then(|g| g.kvs().first()).map(|kv| kv.value_str().unwrap().to_string());
+            if mark.is_some_and(|m| m.parse::<u64>() == Ok(200)) {
+                break;
+            }
+        } else if !c.filters[0].proc.log_text().contains("registration lease expired") {
+            continue;
+        } else {
+            break;
+        }
+    }
+    let fresh = start_replica(&c, "r3", true, extra);
+    let zombie = put(&url(&fresh), LOCK, 150, "zombie 150").await.status;
+    let held = c.nginx.get("/data/x").await;
+    // The replica that saw etcd lose state forwards no write (a new holder's neither).
+    let live = put(&url(&c.filters[0]), LOCK, 300, "holder 300 through r1").await.status;
+    c.filters.push(fresh);
+    (held, zombie, live)
+}
+
+#[tokio::test]
+async fn replicas_fail_closed_when_etcd_is_restored_from_a_snapshot() {
+    let (held, zombie, live) = etcd_restored_from_a_snapshot(true).await;
+    assert_eq!(live, 503, "a replica that saw etcd lose state must not write");
+    assert_eq!(zombie, 409, "a replica started after the restore must read the mark put back");
+    assert_eq!(held.as_deref(), Some("holder 200"));
+}
+
+#[tokio::test]
+async fn control_replicas_without_the_rollback_check_let_a_zombie_in_after_an_etcd_restore() {
+    let (held, zombie, _) = etcd_restored_from_a_snapshot(false).await;
+    assert!(zombie < 300, "{zombie}");
+    assert_eq!(held.as_deref(), Some("zombie 150"), "the zombie's write landed over holder 200's");
+}

@@ -34,6 +34,13 @@ pub enum FilterError {
     Admit(#[from] AdmitError),
     #[error("this write was aborted because a newer token fenced lock {0}; whether the store applied it is unknown")]
     Aborted(LockName),
+    /// With shared marks: the replica self-fenced while the write was in
+    /// flight, and cut it off.
+    #[error(
+        "this filter replica could not confirm its etcd registration in time while this write to lock {0} was in \
+         flight, and cut it off; whether the store applied it is unknown"
+    )]
+    SelfFenced(LockName),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("lock {0} is not protected by this filter")]
@@ -77,6 +84,7 @@ impl FilterError {
             FilterError::Admit(AdmitError::Unverified { .. }) => "unverified",
             FilterError::Admit(AdmitError::VerifyUnavailable { .. }) => "verify_unavailable",
             FilterError::Aborted(_) => "aborted",
+            FilterError::SelfFenced(_) => "self_fenced",
             FilterError::Upstream(_) => "upstream",
             FilterError::UnknownLock(_) => "unknown_lock",
             FilterError::BadRequest(_) => "bad_request",
@@ -161,6 +169,15 @@ impl FilterError {
                 "fencing_write_aborted",
                 &msg,
                 Some(json!({ "lock": lock, "outcome": "unknown" })),
+            ),
+            FilterError::SelfFenced(lock) => retry(
+                json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "fencing_state_unavailable",
+                    &msg,
+                    Some(json!({ "lock": lock, "outcome": "unknown" })),
+                ),
+                Duration::from_secs(1),
             ),
             FilterError::Upstream(e) => e.into_response(),
             FilterError::UnknownLock(_) => json_error(StatusCode::NOT_FOUND, "fencing_lock_unknown", &msg, None),

@@ -179,13 +179,25 @@ impl Filter {
         self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
         // Checked again right before forwarding: the admission may have
-        // waited past the moment this replica had to self-fence.
+        // waited past the moment this replica had to self-fence. A replica
+        // that self-fences later cuts the write off (`shared::cutoff`).
+        let cut = self.shared.as_ref().map(|s| s.cut_generation());
         self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
-        let sent = tokio::select! {
-            r = up.send_body(req, Some(peer)) => r,
-            _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+        let sent = match (&self.shared, cut) {
+            (Some(shared), Some(cut)) => tokio::select! {
+                // The cut-off first: polled before the send, it stops a write
+                // at its next poll after the deadline.
+                biased;
+                _ = shared.cut_off(cut) => return Err((Some(lock.clone()), FilterError::SelfFenced(lock))),
+                _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+                r = up.send_body(req, Some(peer)) => r,
+            },
+            _ => tokio::select! {
+                r = up.send_body(req, Some(peer)) => r,
+                _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+            },
         };
         self.upstream_latency.observe(started.elapsed());
         match sent {

@@ -586,6 +586,38 @@ impl Etcd {
             p.kill9();
         }
     }
+
+    /// Saves a snapshot of the running etcd to `file` (`etcdctl snapshot save`).
+    pub fn snapshot(&self, file: &Path) {
+        let out = Command::new(etcdctl_bin())
+            .args(["--endpoints", &self.client_url, "snapshot", "save", &file.display().to_string()])
+            .env("ETCDCTL_API", "3")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl snapshot save: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Stops etcd, restores its data dir from `file` and starts it again on
+    /// the same ports, as an operator restores a lost cluster (its revision
+    /// goes back: neither 3.4's `etcdctl` nor 3.5.1's `etcdutl` can bump it).
+    pub fn restore(&mut self, file: &Path) {
+        self.stop();
+        let arg = |name: &str| self.args[self.args.iter().position(|a| a == name).unwrap() + 1].clone();
+        let data = arg("--data-dir");
+        std::fs::remove_dir_all(&data).unwrap();
+        let peer = arg("--initial-advertise-peer-urls");
+        let mut restore: Vec<String> =
+            ["snapshot", "restore", &file.display().to_string(), "--data-dir", &data].map(String::from).into();
+        restore.extend(["--name", "t", "--initial-cluster", &format!("t={peer}")].map(String::from));
+        restore.extend(["--initial-advertise-peer-urls".to_string(), peer]);
+        let tool = match etcd_version() {
+            "3.4" => etcdctl_bin(),
+            _ => Path::new(&etcd_bin()).with_file_name("etcdutl").to_string_lossy().into_owned(),
+        };
+        let out = Command::new(&tool).args(&restore).env("ETCDCTL_API", "3").output().unwrap();
+        assert!(out.status.success(), "{tool} {restore:?}: {}", String::from_utf8_lossy(&out.stderr));
+        self.resume();
+    }
 }
 
 /// A response: status, headers, body as text.

@@ -10,8 +10,10 @@
 //!   local state file. The returned mark is never lower than what is stored.
 //! * **Every replica is registered** on a lease of its own and self-fences
 //!   like the sidecar ([`replica`]): past the last confirmed keep-alive +
-//!   TTL - margin it forwards no write. So once etcd has expired a replica's
-//!   registration, that replica has already stopped writing.
+//!   TTL - margin it forwards no write, and cuts off those in flight
+//!   ([`cutoff`]; the margin includes `--abort-grace`). So once etcd has
+//!   expired a replica's registration, that replica has already stopped
+//!   writing, and what it cut off has had its grace.
 //! * **A raise is global before it is used** ([`Shared::raise`], behind
 //!   [`GlobalMarks`]): after the CAS, the raiser waits until every registered
 //!   replica has acknowledged `t` (its ack key holds `t` or more) or its
@@ -27,8 +29,10 @@
 //! is counted among those that must acknowledge it. A replica that lost etcd
 //! is counted until its lease expires, and stops writing before that.
 
+pub mod cutoff;
 pub mod keys;
 pub mod replica;
+mod rollback;
 pub mod stats;
 pub mod watch;
 
@@ -66,6 +70,13 @@ pub struct SharedConfig {
     pub prefix: String,
     /// Longest a raise waits for every replica's acknowledgement.
     pub raise_timeout: Duration,
+    /// TESTS ONLY (`--unsafe-no-replica-cut-off`): leave writes in flight
+    /// running when the replica self-fences, to show what cutting them off
+    /// prevents.
+    pub unsafe_no_cut_off: bool,
+    /// TESTS ONLY (`--unsafe-no-rollback-check`): go on when etcd lost
+    /// marks this replica saw, to show what failing closed prevents.
+    pub unsafe_no_rollback_check: bool,
 }
 
 /// One replica's membership in the shared marks.
@@ -81,6 +92,10 @@ pub struct Shared {
     valid_until: Mutex<Option<Deadline>>,
     /// The marks watch is established (cleared while it is re-established).
     watching: AtomicBool,
+    /// Moved on when the replica self-fences: its writes in flight stop.
+    cut: cutoff::CutSignal,
+    /// What this replica has seen in etcd, to notice etcd losing it.
+    seen: rollback::Seen,
     pub stats: SharedStats,
 }
 
@@ -160,18 +175,31 @@ impl Shared {
         }
     }
 
-    /// Every mark, read at one revision; and that revision.
-    async fn read_marks(&self) -> Result<(Vec<(LockName, u64)>, i64), StateError> {
+    /// Every mark, read at one revision, with that revision and whether
+    /// this replica's registration was there (one transaction).
+    async fn read_marks(&self) -> Result<rollback::MarksRead, StateError> {
         let mut c = self.client.clone();
-        let r = self.timed(c.get(self.keys.marks(), Some(GetOptions::new().with_prefix()))).await?;
-        let rev = r.header().map(|h| h.revision()).ok_or_else(|| err("get answer without a header"))?;
+        let own = self.keys.replica(self.id());
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.keys.marks(), Some(GetOptions::new().with_prefix())),
+            TxnOp::get(own.as_str(), Some(GetOptions::new().with_keys_only())),
+        ]);
+        let r = self.timed(c.txn(txn)).await?;
+        let revision = r.header().map(|h| h.revision()).ok_or_else(|| err("txn answer without a header"))?;
+        let mut gets = r.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(got), Some(registration)) = (gets.next(), gets.next()) else {
+            return Err(err("txn answer without its reads"));
+        };
         let mut marks = Vec::new();
-        for kv in r.kvs() {
+        for kv in got.kvs() {
             let lock = self.keys.lock_of(kv.key()).ok_or_else(|| err(format!("bad mark key {:?}", kv.key_str())))?;
             let t = decode(kv.value()).ok_or_else(|| err(format!("mark of {lock} is not a token")))?;
             marks.push((lock, t));
         }
-        Ok((marks, rev))
+        Ok(rollback::MarksRead { marks, revision, registered: !registration.kvs().is_empty() })
     }
 
     /// The registered replicas' ids and the acknowledgements under
@@ -224,6 +252,7 @@ impl Shared {
         }
         let started = Instant::now();
         let stored = self.cas_up(&self.keys.mark(lock), t, None).await?;
+        self.seen.mark(lock, stored);
         if stored > t {
             return Ok(stored);
         }
@@ -340,14 +369,20 @@ pub async fn join(cfg: SharedConfig) -> Result<(Arc<Shared>, Vec<(LockName, u64)
         lease,
         valid_until: Mutex::new(Some(valid_until)),
         watching: AtomicBool::new(false),
+        cut: cutoff::CutSignal::default(),
+        seen: rollback::Seen::default(),
         stats: SharedStats::default(),
     });
     // Keep-alives run from the grant on: registering may wait out a
     // previous process's registration under the same id.
     tokio::spawn(replica::keep_alive(shared.clone()));
+    tokio::spawn(cutoff::watch_deadline(shared.clone()));
     shared.register().await?;
     // Read after registering: any raise whose CAS came later waits for our
     // acknowledgement; any earlier one is in what we read.
-    let (marks, rev) = shared.read_marks().await?;
-    Ok((shared, marks, rev))
+    let read = shared.read_marks().await?;
+    if let Some(why) = rollback::lost(&shared.seen, &read) {
+        return Err(err(format!("just after registering: {why}")));
+    }
+    Ok((shared, read.marks, read.revision))
 }

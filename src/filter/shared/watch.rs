@@ -8,7 +8,9 @@
 //! If the watch fails, the replica stops forwarding writes (`writable` is
 //! false), reads every mark afresh at one revision, applies them, and
 //! watches again from the next revision. Its raises are still waited for by
-//! the others meanwhile, so nothing is missed, only delayed.
+//! the others meanwhile, so nothing is missed, only delayed. A read that
+//! shows etcd lost state this replica saw (restored from a snapshot) makes
+//! it fail closed (`rollback`).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use etcd_client::{EventType, WatchOptions};
 use tokio::time::Instant;
 
 use super::keys::decode;
-use super::Shared;
+use super::{rollback, Shared};
 use crate::filter::admission::{AdmitError, Locks};
 use crate::token::LockName;
 
@@ -36,6 +38,7 @@ pub fn start(shared: Arc<Shared>, locks: Arc<Locks>, marks: Vec<(LockName, u64)>
 
 /// One raise seen: refuse below now, drain and acknowledge in the background.
 fn apply(shared: &Arc<Shared>, locks: &Arc<Locks>, lock: LockName, t: u64) {
+    shared.seen.mark(&lock, t);
     let entry = locks.entry(&lock);
     entry.refuse_below(t);
     let shared = shared.clone();
@@ -75,11 +78,16 @@ async fn watch_loop(shared: Arc<Shared>, locks: Arc<Locks>, mut from: i64) {
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
             match shared.read_marks().await {
-                Ok((marks, rev)) => {
-                    for (lock, t) in marks {
+                Ok(read) => {
+                    // Before applying what was read: it is recorded as seen.
+                    let lost = rollback::lost(&shared.seen, &read);
+                    if let (Some(why), false) = (lost, shared.cfg.unsafe_no_rollback_check) {
+                        rollback::fail_closed(shared.clone(), why).await;
+                    }
+                    for (lock, t) in read.marks {
                         apply(&shared, &locks, lock, t);
                     }
-                    from = rev + 1;
+                    from = read.revision + 1;
                     break;
                 }
                 Err(e) => tracing::warn!(replica = shared.id(), error = %e, "reading the marks failed"),

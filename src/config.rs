@@ -243,16 +243,19 @@ impl SharedMarksArgs {
             return Err("--replica-ttl must be at least 2s (etcd leases count whole seconds)".into());
         }
         let margin = crate::lease::keeper::default_margin(self.replica_ttl) + abort_grace;
-        // Writable for at least half the TTL after each keep-alive (sent every
-        // third of it), so one slow keep-alive does not self-fence the replica.
-        if margin > self.replica_ttl / 2 {
+        // etcd grants whole seconds. Writable for at least half of it after
+        // each acknowledged keep-alive (they are sent every third of it), so
+        // a keep-alive answered up to a sixth of the TTL late does not
+        // self-fence the replica.
+        let granted = Duration::from_secs(self.replica_ttl.as_secs());
+        if margin > granted / 2 {
+            // The margin is a tenth of the TTL (from 2 s on) plus the grace.
+            let least = (abort_grace.as_secs_f64() * 2.5).ceil().max(2.0);
             return Err(format!(
                 "--replica-ttl {:?} is too short for --abort-grace {abort_grace:?}: a replica stops writing \
-                 --abort-grace plus {:?} before its registration can expire, and needs half the TTL to write in; \
-                 give --replica-ttl {}s or more",
+                 --abort-grace plus a tenth of its TTL before its registration can expire, and needs half the TTL \
+                 (in whole seconds, as etcd grants it) to write in; give --replica-ttl {least}s or more",
                 self.replica_ttl,
-                margin - abort_grace,
-                (2 * margin).as_secs() + 1,
             ));
         }
         Ok(Some(crate::filter::shared::SharedConfig {
@@ -669,6 +672,29 @@ mod tests {
     struct FilterOrRepair {
         #[command(flatten)]
         f: FilterCmd,
+    }
+
+    /// A replica stops writing `--abort-grace` plus a tenth of its TTL
+    /// before its registration can expire, and needs half the TTL (whole
+    /// seconds) to write in.
+    #[test]
+    fn a_replica_ttl_too_short_for_the_abort_grace_is_refused() {
+        let base = ["t", "--upstream", "http://s", "--state-dir", "/d", "--lock", "l", "--etcd", "http://e:2379"];
+        let config = |more: &[&str]| {
+            let args = [&base[..], &["--shared-marks", "--replica-id", "r1"], more].concat();
+            Filter::try_parse_from(args).unwrap().f.config().map(|c| c.shared.unwrap().margin)
+        };
+        let e = config(&["--replica-ttl", "2s"]).unwrap_err();
+        assert!(e.contains("give --replica-ttl 3s or more"), "{e}");
+        assert_eq!(config(&["--replica-ttl", "3s"]), Ok(Duration::from_millis(1300)));
+        assert_eq!(config(&["--replica-ttl", "2s", "--abort-grace", "500ms"]), Ok(Duration::from_millis(700)));
+        assert_eq!(config(&[]), Ok(Duration::from_secs(2)), "the defaults: 10 s TTL, 1 s grace");
+        // etcd grants 3 s for 3.9 s: 1.94 s of margin leaves less than half.
+        let e = config(&["--replica-ttl", "3900ms", "--abort-grace", "1550ms"]).unwrap_err();
+        assert!(e.contains("whole seconds"), "{e}");
+        let e = config(&["--replica-ttl", "5s", "--abort-grace", "3s"]).unwrap_err();
+        assert!(e.contains("give --replica-ttl 8s or more"), "{e}");
+        assert!(config(&["--replica-ttl", "8s", "--abort-grace", "3s"]).is_ok());
     }
 
     #[test]

@@ -307,15 +307,25 @@ async fn an_in_process_replica_leaving_with_a_write_in_flight_aborts_it_before_r
     assert_eq!(c.nginx.get("/data/x").await.as_deref(), Some("holder 6"), "the aborted write overtook token 6");
 }
 
-/// A replica cut from etcd (its requests to etcd held back by a frozen
-/// relay; clients and the store still reach it) while one of its writes is
-/// still streaming. etcd expires its registration and a raise at another
-/// replica, which waited for it, goes through. The cut-off replica's older
-/// write must not land after that: it cuts the write off when it
-/// self-fences, `--abort-grace` before etcd can expire the registration.
-/// Without the cut-off (the control) the older write, finished afterwards,
-/// overwrites the newer holder's.
-async fn cut_from_etcd_mid_write(cut_off: bool) -> (Option<String>, u16) {
+/// How the replica with a write in flight loses etcd.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    /// Its requests to etcd held back by a frozen relay; clients and the
+    /// store still reach it.
+    Partition,
+    /// SIGSTOP, then SIGCONT once the newer write has landed: it resumes
+    /// with the older write's body waiting on its socket.
+    Pause,
+}
+
+/// A replica loses etcd while one of its writes is still streaming. etcd
+/// expires its registration and a raise at another replica, which waited
+/// for it, goes through. The older write must not land after that: the
+/// replica cuts it off when it self-fences, `--abort-grace` before etcd can
+/// expire the registration (or, paused past it, as soon as it resumes,
+/// before it hands on more of the body). Without the cut-off (the control)
+/// the older write, finished afterwards, overwrites the newer holder's.
+async fn mid_write(cut: Cut, cut_off: bool) -> (Option<String>, u16) {
     let c = cluster(1, true, &["--drain-timeout", "30s", "--max-wait", "20s"]);
     let etcd_addr = c.etcd.client_url.trim_start_matches("http://").parse().unwrap();
     let relay = fencegate::demo::relay::Relay::start(etcd_addr).await.unwrap();
@@ -332,14 +342,19 @@ async fn cut_from_etcd_mid_write(cut_off: bool) -> (Option<String>, u16) {
     let mut old = RawRequest::start(r2.addr, "/data/x", &fence_headers(5), body.len(), &body[..4]).await;
     wait_in_flight(&r2.admin_url(), LOCK, 5).await;
 
-    relay.freeze();
+    match cut {
+        Cut::Partition => relay.freeze(),
+        Cut::Pause => r2.proc.signal(libc::SIGSTOP),
+    }
     let r = put(&url, LOCK, 6, "new holder 6").await;
     assert!(r.status < 300, "{}", r.body);
-    // With the cut-off, r2 has answered the older write already (at its
-    // deadline, before etcd expired it and token 6 went through).
+    // Cut off at its deadline, r2 has answered the older write already.
     let early = old.try_status();
     // The rest of the body: nowhere to go once the write was cut off.
     let _ = old.send(&body[4..]).await;
+    if cut == Cut::Pause {
+        r2.proc.signal(libc::SIGCONT);
+    }
     let status = match early {
         Some(s) => s,
         None => old.status().await,
@@ -351,15 +366,28 @@ async fn cut_from_etcd_mid_write(cut_off: bool) -> (Option<String>, u16) {
 // Multi-thread: the relay runs on this runtime while the helpers block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_cut_from_etcd_cuts_off_its_writes_in_flight_before_its_registration_expires() {
-    let (held, old_status) = cut_from_etcd_mid_write(true).await;
+    let (held, old_status) = mid_write(Cut::Partition, true).await;
     assert_eq!(old_status, 503, "the older write is answered fencing_state_unavailable when cut off");
     assert_eq!(held.as_deref(), Some("new holder 6"), "the older write landed after the newer holder's");
 }
 
-// Multi-thread: the relay runs on this runtime while the helpers block.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_a_replica_cut_from_etcd_without_the_cut_off_lets_its_older_write_land_last() {
-    let (held, old_status) = cut_from_etcd_mid_write(false).await;
+    let (held, old_status) = mid_write(Cut::Partition, false).await;
+    assert!(old_status < 300, "{old_status}");
+    assert_eq!(held.as_deref(), Some("old holder 5, in flight at r2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_paused_past_its_registration_cuts_off_its_writes_in_flight_when_it_resumes() {
+    let (held, old_status) = mid_write(Cut::Pause, true).await;
+    assert_eq!(old_status, 503, "the older write is answered fencing_state_unavailable when cut off");
+    assert_eq!(held.as_deref(), Some("new holder 6"), "the older write landed after the newer holder's");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_replica_paused_past_its_registration_without_the_cut_off_lets_its_older_write_land_last() {
+    let (held, old_status) = mid_write(Cut::Pause, false).await;
     assert!(old_status < 300, "{old_status}");
     assert_eq!(held.as_deref(), Some("old holder 5, in flight at r2"));
 }

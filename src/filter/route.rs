@@ -188,11 +188,12 @@ impl Filter {
         let sent = match (&self.shared, cut) {
             (Some(shared), Some(cut)) => tokio::select! {
                 // The cut-off first: polled before the send, it stops a write
-                // at its next poll after the deadline.
+                // at its next poll after the deadline; its body stops at its
+                // next chunk.
                 biased;
                 _ = shared.cut_off(cut) => return Err((Some(lock.clone()), FilterError::SelfFenced(lock))),
                 _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
-                r = up.send_body(req, Some(peer)) => r,
+                r = up.send_body(req.map(|b| b.halted_by(super::shared::CutCheck::halt(shared, cut))), Some(peer)) => r,
             },
             _ => tokio::select! {
                 r = up.send_body(req, Some(peer)) => r,

@@ -49,6 +49,12 @@ pub fn text_response(status: StatusCode, content_type: &'static str, body: impl 
     r
 }
 
+/// Whether a request body must send nothing more (a filter replica that
+/// self-fenced while the write was in flight: `filter::shared::cutoff`).
+pub trait Halt: Send + Sync + std::fmt::Debug {
+    fn halted(&self) -> bool;
+}
+
 /// A request body on its way to the upstream: the client's stream as it
 /// is, or (when the filter had to read the start of it to see what a write
 /// changes, as for S3 DeleteObjects) the bytes already read followed by the
@@ -58,18 +64,30 @@ pub struct RequestBody {
     prefix: Option<Bytes>,
     rest: Option<Incoming>,
     trailers: Option<http::HeaderMap>,
+    /// Checked before each frame: once halted, the body hands on nothing
+    /// more (and whoever sends it drops the request, which closes the
+    /// upstream connection). In the body, not only around the send: the
+    /// upstream connection pulls the body whenever it is woken, even when
+    /// the request's own future is not polled.
+    halt: Option<std::sync::Arc<dyn Halt>>,
 }
 
 impl RequestBody {
     /// The client's body, unbuffered.
     pub fn stream(b: Incoming) -> Self {
-        RequestBody { prefix: None, rest: Some(b), trailers: None }
+        RequestBody { prefix: None, rest: Some(b), trailers: None, halt: None }
     }
 
     /// `prefix` (already read from the client), then `rest` if the client
     /// has more, then `trailers` if the client's body ended with them.
     pub fn prefixed(prefix: Bytes, rest: Option<Incoming>, trailers: Option<http::HeaderMap>) -> Self {
-        RequestBody { prefix: (!prefix.is_empty()).then_some(prefix), rest, trailers }
+        RequestBody { prefix: (!prefix.is_empty()).then_some(prefix), rest, trailers, halt: None }
+    }
+
+    /// The same body, sending nothing more once `halt` says so.
+    pub fn halted_by(mut self, halt: std::sync::Arc<dyn Halt>) -> Self {
+        self.halt = Some(halt);
+        self
     }
 }
 
@@ -88,6 +106,11 @@ impl http_body::Body for RequestBody {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         use std::task::Poll;
+        // No waker is registered: the request is dropped by its sender, which
+        // watches the same condition (`CutOff`), and this body with it.
+        if self.halt.as_ref().is_some_and(|h| h.halted()) {
+            return Poll::Pending;
+        }
         if let Some(p) = self.prefix.take() {
             return Poll::Ready(Some(Ok(http_body::Frame::data(p))));
         }

@@ -176,6 +176,12 @@ impl Locks {
         self.verifier.as_ref()
     }
 
+    /// How long the store may still apply a write after its connection was
+    /// closed (`--abort-grace`).
+    pub fn abort_grace(&self) -> std::time::Duration {
+        self.barrier.abort_grace
+    }
+
     /// When the start-up barrier opens (now, when there were no records).
     pub fn ready_at(&self) -> Instant {
         self.ready_at

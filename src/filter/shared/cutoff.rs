@@ -13,9 +13,10 @@
 //! One signal per replica, not per write: a generation that the watcher task
 //! ([`watch_deadline`]) moves on when the deadline passes, and each forwarded
 //! write ([`CutOff`]) compares with the one it started under. A write also
-//! looks at the deadline itself whenever it is polled, so a replica that
-//! resumes from a pause (SIGSTOP, a frozen cgroup) cuts its writes at their
-//! next poll, before the watcher has run.
+//! looks at the deadline itself whenever it is polled, and its body before
+//! each chunk it hands on ([`CutCheck`]), so a replica that resumes from a
+//! pause (SIGSTOP, a frozen cgroup) sends no more of a write's body than
+//! what was already on its way to the socket, before the watcher has run.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -66,6 +67,28 @@ impl Shared {
             return true;
         }
         !self.valid_until.lock().is_some_and(|d| !d.passed(Stamp::now()))
+    }
+}
+
+/// A forwarded write's body stops when the replica must cut it off: see
+/// [`crate::proxy::RequestBody::halted_by`].
+#[derive(Debug)]
+pub struct CutCheck {
+    shared: Arc<Shared>,
+    generation: u64,
+}
+
+impl CutCheck {
+    /// For a write forwarded under `generation` (one allocation per write,
+    /// replicas only).
+    pub fn halt(shared: &Arc<Shared>, generation: u64) -> Arc<dyn crate::proxy::body::Halt> {
+        Arc::new(CutCheck { shared: shared.clone(), generation })
+    }
+}
+
+impl crate::proxy::body::Halt for CutCheck {
+    fn halted(&self) -> bool {
+        self.shared.must_cut(self.generation)
     }
 }
 

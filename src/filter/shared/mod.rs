@@ -36,6 +36,8 @@ mod rollback;
 pub mod stats;
 pub mod watch;
 
+pub use cutoff::CutCheck;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -380,8 +382,9 @@ pub async fn join(cfg: SharedConfig) -> Result<(Arc<Shared>, Vec<(LockName, u64)
     shared.register().await?;
     // Read after registering: any raise whose CAS came later waits for our
     // acknowledgement; any earlier one is in what we read.
+    let before = shared.seen.before();
     let read = shared.read_marks().await?;
-    if let Some(why) = rollback::lost(&shared.seen, &read) {
+    if let Some(why) = rollback::lost(&shared.seen, &before, &read) {
         return Err(err(format!("just after registering: {why}")));
     }
     Ok((shared, read.marks, read.revision))

@@ -77,12 +77,12 @@ async fn watch_loop(shared: Arc<Shared>, locks: Arc<Locks>, mut from: i64) {
         shared.watching.store(false, Ordering::Release);
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
+            let before = shared.seen.before();
             match shared.read_marks().await {
                 Ok(read) => {
-                    // Before applying what was read: it is recorded as seen.
-                    let lost = rollback::lost(&shared.seen, &read);
+                    let lost = rollback::lost(&shared.seen, &before, &read);
                     if let (Some(why), false) = (lost, shared.cfg.unsafe_no_rollback_check) {
-                        rollback::fail_closed(shared.clone(), why).await;
+                        rollback::fail_closed(&shared, &locks, why);
                     }
                     for (lock, t) in read.marks {
                         apply(&shared, &locks, lock, t);

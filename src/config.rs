@@ -195,7 +195,8 @@ pub struct SharedMarksArgs {
     /// This replica's name, unique among the replicas (default: $HOSTNAME, the pod name).
     #[arg(long, env = "FENCEGATE_REPLICA_ID")]
     pub replica_id: Option<String>,
-    /// TTL of this replica's etcd registration; it stops forwarding writes before it expires.
+    /// TTL of this replica's etcd registration; it stops forwarding writes, and cuts off those in flight, --abort-grace
+    /// plus a tenth of the TTL before it can expire (so at least 2.5 x --abort-grace, whole seconds).
     #[arg(long, env = "FENCEGATE_REPLICA_TTL", default_value = "10s", value_parser = duration)]
     pub replica_ttl: Duration,
     /// etcd key prefix of the shared marks, registrations and acknowledgements.
@@ -278,6 +279,23 @@ impl SharedMarksArgs {
 }
 
 impl FilterArgs {
+    /// The lock queues (`--key-prefix`) and the shared marks
+    /// (`--marks-prefix`) must not nest: a mark or a registration inside a
+    /// lock's queue would read as a candidate for the lock (its revision
+    /// verified as the holder's token), and a queue inside the marks as marks.
+    fn prefixes_apart(&self) -> Result<(), String> {
+        let dir = |p: &str| format!("{}/", p.trim_end_matches('/'));
+        let (keys, marks) = (dir(&self.key_prefix), dir(&self.shared.marks_prefix));
+        if keys.starts_with(&marks) || marks.starts_with(&keys) {
+            return Err(format!(
+                "--key-prefix {:?} and --marks-prefix {:?} nest: give them apart (the defaults are /fencegate/locks \
+                 and /fencegate/filter)",
+                self.key_prefix, self.shared.marks_prefix
+            ));
+        }
+        Ok(())
+    }
+
     pub fn config(&self) -> Result<FilterConfig, String> {
         let mut rules = self.protect.clone();
         if let Some(f) = &self.protect_file {
@@ -355,7 +373,13 @@ impl FilterArgs {
             limits: self.limits.server(),
             metrics_lock_limit: self.metrics_lock_limit,
             holder_check: self.holder_check()?,
-            shared: self.shared.shared(&self.etcd, self.max_wait, self.abort_grace)?,
+            shared: {
+                let shared = self.shared.shared(&self.etcd, self.max_wait, self.abort_grace)?;
+                if shared.is_some() {
+                    self.prefixes_apart()?;
+                }
+                shared
+            },
         })
     }
 
@@ -692,6 +716,11 @@ mod tests {
         // etcd grants 3 s for 3.9 s: 1.94 s of margin leaves less than half.
         let e = config(&["--replica-ttl", "3900ms", "--abort-grace", "1550ms"]).unwrap_err();
         assert!(e.contains("whole seconds"), "{e}");
+        for nested in [["--key-prefix", "/fencegate"], ["--marks-prefix", "/fencegate/locks/x"]] {
+            let e = config(&nested).unwrap_err();
+            assert!(e.contains("nest"), "{e}");
+        }
+        assert!(config(&["--marks-prefix", "/fencegate/locksmith"]).is_ok(), "a prefix of the name, not of the path");
         let e = config(&["--replica-ttl", "5s", "--abort-grace", "3s"]).unwrap_err();
         assert!(e.contains("give --replica-ttl 8s or more"), "{e}");
         assert!(config(&["--replica-ttl", "8s", "--abort-grace", "3s"]).is_ok());

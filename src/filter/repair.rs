@@ -24,9 +24,9 @@ pub struct MarkChange {
 
 /// Sets `lock`'s durable mark in `dir` to `token` (up or down).
 pub fn set_mark(dir: &Path, lock: &LockName, token: Token) -> Result<MarkChange, StateError> {
-    let (state, records) = StateDir::open(dir)?;
+    let (state, records) = StateDir::open_repairing(dir, Some(lock))?;
     let old = records.get(lock).map(|r| r.highest);
-    state.write(&Record::new(lock.clone(), token.get(), SystemTime::now()))?;
+    state.set(&Record::new(lock.clone(), token.get(), SystemTime::now()))?;
     tracing::warn!(%lock, old, new = token.get(), dir = %dir.display(), "high-water mark set by hand");
     Ok(MarkChange { lock: lock.clone(), old, new: token.get() })
 }
@@ -46,5 +46,20 @@ mod tests {
         let (_held, recs) = StateDir::open(d.path()).unwrap();
         assert_eq!(recs[&lock].highest, 3);
         assert!(matches!(set_mark(d.path(), &lock, Token::new(1).unwrap()), Err(StateError::InUse(_))));
+    }
+
+    /// A corrupt record stops a filter's start; set-mark can still replace
+    /// it (but not while another lock's record is corrupt too).
+    #[test]
+    fn replaces_a_corrupt_record() {
+        let d = tempfile::tempdir().unwrap();
+        let lock: LockName = "l".parse().unwrap();
+        std::fs::write(d.path().join("lock-l.json"), b"{ torn").unwrap();
+        assert!(matches!(StateDir::open(d.path()), Err(StateError::Corrupt { .. })));
+        let c = set_mark(d.path(), &lock, Token::new(9).unwrap()).unwrap();
+        assert_eq!((c.old, c.new), (None, 9));
+        assert_eq!(StateDir::open(d.path()).unwrap().1[&lock].highest, 9);
+        std::fs::write(d.path().join("lock-m.json"), b"{ torn").unwrap();
+        assert!(matches!(set_mark(d.path(), &lock, Token::new(3).unwrap()), Err(StateError::Corrupt { .. })));
     }
 }

@@ -66,17 +66,37 @@ pub enum StateError {
     Shared(String),
 }
 
+/// How many locks' writes may run at once (each lock's are serialized by
+/// one of these, chosen by its name's hash).
+const WRITE_STRIPES: usize = 64;
+
 /// The state directory, locked for this process.
 #[derive(Debug)]
 pub struct StateDir {
     dir: PathBuf,
     // Held open for the life of the process: closing it releases the flock.
     _lock: File,
+    /// Serializes the writes of each lock, in the blocking write itself: the
+    /// admission's own serialization lives in a request's future, and a
+    /// request cancelled (client gone) while its write runs would let a
+    /// newer write start beside it, sharing its temp file, and the older mark
+    /// could end up on disk. Striped, not one per lock: no memory per lock.
+    stripes: [std::sync::Mutex<()>; WRITE_STRIPES],
 }
 
 impl StateDir {
     /// Opens (creating if needed) and locks `dir`, and reads every record.
     pub fn open(dir: &Path) -> Result<(StateDir, HashMap<LockName, Record>), StateError> {
+        StateDir::open_repairing(dir, None)
+    }
+
+    /// [`StateDir::open`], for `set-mark` on `repairing`: that lock's record
+    /// may be corrupt (it is about to be replaced); any other corrupt record
+    /// still stops the open.
+    pub fn open_repairing(
+        dir: &Path,
+        repairing: Option<&LockName>,
+    ) -> Result<(StateDir, HashMap<LockName, Record>), StateError> {
         let io = |source| StateError::Io { dir: dir.to_owned(), source };
         create_dir_durably(dir).map_err(io)?;
         let lock = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(DIR_LOCK)).map_err(io)?;
@@ -99,24 +119,50 @@ impl StateDir {
             if !(name.starts_with(RECORD_PREFIX) && name.ends_with(RECORD_SUFFIX)) {
                 continue;
             }
-            let rec = read_record(&path)?;
+            let rec = match read_record(&path) {
+                Err(e) if repairing.is_some_and(|l| name == format!("{RECORD_PREFIX}{l}{RECORD_SUFFIX}")) => {
+                    tracing::warn!(error = %e, "the record being repaired is unreadable; replacing it");
+                    continue;
+                }
+                r => r?,
+            };
             let expected = format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}", rec.lock);
             if expected != name {
                 return Err(StateError::Corrupt { path, why: format!("it names lock {:?}", rec.lock.as_str()) });
             }
             records.insert(rec.lock.clone(), rec);
         }
-        Ok((StateDir { dir: dir.to_owned(), _lock: lock }, records))
+        let stripes = std::array::from_fn(|_| std::sync::Mutex::new(()));
+        Ok((StateDir { dir: dir.to_owned(), _lock: lock, stripes }, records))
     }
 
     pub fn path(&self) -> &Path {
         &self.dir
     }
 
-    /// Makes `rec` durable. Blocking (fsync): call it from `spawn_blocking`.
+    /// Makes `rec` durable, unless the lock's record already holds a mark at
+    /// or above it: a mark on disk never goes down here (only by
+    /// [`StateDir::set`]). Blocking (fsync): call it from `spawn_blocking`.
     pub fn write(&self, rec: &Record) -> Result<(), StateError> {
+        self.write_record(rec, false)
+    }
+
+    /// Makes `rec` durable, up or down (`fencegate filter set-mark`).
+    pub fn set(&self, rec: &Record) -> Result<(), StateError> {
+        self.write_record(rec, true)
+    }
+
+    fn write_record(&self, rec: &Record, down_too: bool) -> Result<(), StateError> {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let io = |source| StateError::Io { dir: self.dir.clone(), source };
+        let stripe = BuildHasherDefault::<DefaultHasher>::default().hash_one(rec.lock.as_str()) as usize;
+        let _one_at_a_time = self.stripes[stripe % WRITE_STRIPES].lock().unwrap_or_else(|p| p.into_inner());
         let final_path = self.dir.join(format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}", rec.lock));
+        if !down_too && final_path.exists() && read_record(&final_path)?.highest >= rec.highest {
+            // Already durable at or above it; the directory is synced again
+            // in case the write that renamed it failed at that step.
+            return File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io);
+        }
         let tmp_path = self.dir.join(format!("{RECORD_PREFIX}{}{RECORD_SUFFIX}{TMP_SUFFIX}", rec.lock));
         let mut bytes = serde_json::to_vec(rec).expect("records serialize");
         bytes.push(b'\n');
@@ -197,6 +243,38 @@ mod tests {
         let (_s, recs) = StateDir::open(d.path()).unwrap();
         assert_eq!(recs[&lock("a")].highest, 9);
         assert_eq!(recs[&lock("..")].highest, 3);
+    }
+
+    /// A write cancelled by its request (client gone) runs on beside a newer
+    /// one: the older mark must not end up on disk, whichever order the
+    /// writes reach the directory in. (Before, the last rename won, and two
+    /// writers shared one temp file.)
+    #[test]
+    fn a_mark_on_disk_never_goes_down_but_by_set_mark() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, _) = StateDir::open(d.path()).unwrap();
+        s.write(&Record::new(lock("a"), 30, SystemTime::now())).unwrap();
+        s.write(&Record::new(lock("a"), 20, SystemTime::now())).unwrap();
+        assert_eq!(read_record(&d.path().join("lock-a.json")).unwrap().highest, 30);
+        s.set(&Record::new(lock("a"), 20, SystemTime::now())).unwrap();
+        assert_eq!(read_record(&d.path().join("lock-a.json")).unwrap().highest, 20);
+
+        // Writes of one lock racing from many threads: the highest stays.
+        let s = std::sync::Arc::new(s);
+        let writers: Vec<_> = (0..8u64)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for k in 0..20u64 {
+                        let t = 100 + ((k * 8 + i) * 7919) % 160;
+                        s.write(&Record::new(lock("b"), t, SystemTime::now())).unwrap();
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|w| w.join().unwrap());
+        let max = (0..8u64).flat_map(|i| (0..20u64).map(move |k| 100 + ((k * 8 + i) * 7919) % 160)).max();
+        assert_eq!(Some(read_record(&d.path().join("lock-b.json")).unwrap().highest), max);
     }
 
     #[test]

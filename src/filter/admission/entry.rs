@@ -94,12 +94,35 @@ pub struct LockEntry {
     pub stats: LockStats,
 }
 
-/// One finished verification: which token, when it finished, what it said.
+/// One finished verification: which token, when it was asked and when it
+/// finished, and what it said of the holder (`Ok(None)`: no holder;
+/// `Err`: the lock service did not answer).
 #[derive(Debug)]
 struct Checked {
     token: u64,
-    at: Instant,
-    outcome: Result<(), VerifyFailure>,
+    started: Instant,
+    finished: Instant,
+    holder: Result<Option<u64>, String>,
+}
+
+impl Checked {
+    fn new(token: u64, started: Instant, outcome: Result<(), VerifyFailure>) -> Self {
+        let holder = match outcome {
+            Ok(()) => Ok(Some(token)),
+            Err(VerifyFailure::NotHolder { holder }) => Ok(holder),
+            Err(VerifyFailure::Unavailable(e)) => Err(e),
+        };
+        Checked { token, started, finished: Instant::now(), holder }
+    }
+
+    /// What this check says of token `t`.
+    fn verdict(&self, t: u64) -> Result<(), VerifyFailure> {
+        match &self.holder {
+            Ok(Some(h)) if *h == t => Ok(()),
+            Ok(holder) => Err(VerifyFailure::NotHolder { holder: *holder }),
+            Err(e) => Err(VerifyFailure::Unavailable(e.clone())),
+        }
+    }
 }
 
 /// A forwarded write: counted in flight until released.
@@ -186,7 +209,11 @@ impl LockEntry {
     /// Raises queued behind a check that finished after they arrived share
     /// its outcome (one etcd read for a burst of a new holder's writes, and
     /// one timeout, not one each, while etcd is down); a later raise asks
-    /// again, so a verdict is never reused once it could be out of date.
+    /// again, so a verdict is never reused once it could be out of date. A
+    /// check asked after a raise arrived answers for any token (it read the
+    /// holder as it was after the raise arrived), so raises with many
+    /// different tokens (forged, say) cost two etcd reads in a row at most,
+    /// not one each, and cannot hold a genuine new holder up behind them.
     async fn verify_raise(&self, t: Token) -> Result<(), AdmitError> {
         let Some(v) = &self.verifier else { return Ok(()) };
         let raises = |t: u64| t > self.state.lock().highest;
@@ -197,10 +224,13 @@ impl LockEntry {
         let mut last = self.last_check.lock().await;
         let outcome = match last.as_ref() {
             _ if !raises(t.get()) => Ok(()),
-            Some(c) if c.token == t.get() && c.at > arrived => c.outcome.clone(),
+            Some(c) if c.started > arrived => c.verdict(t.get()),
+            Some(c) if c.token == t.get() && c.finished > arrived => c.verdict(t.get()),
             _ => {
-                let outcome = v.verify(&self.name, t).await;
-                *last = Some(Checked { token: t.get(), at: Instant::now(), outcome: outcome.clone() });
+                let started = Instant::now();
+                let checked = Checked::new(t.get(), started, v.verify(&self.name, t).await);
+                let outcome = checked.verdict(t.get());
+                *last = Some(checked);
                 outcome
             }
         };

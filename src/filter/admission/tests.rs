@@ -260,6 +260,56 @@ async fn concurrent_raises_share_one_check() {
     assert_eq!(check.calls.load(Ordering::Relaxed), 1);
 }
 
+/// Raises with many different tokens (forged, above the holder's) queued
+/// behind one check share it: one etcd read, not one each in a row, and the
+/// genuine holder's raise among them is not held up behind the rest (on the
+/// old code, every distinct token made its own check: 33 here).
+#[tokio::test(start_paused = true)]
+async fn raises_with_many_tokens_share_a_check_asked_after_they_arrived() {
+    let check = Arc::new(FakeCheck { holder: 9.into(), delay: Duration::from_millis(50), ..Default::default() });
+    let locks = verified_locks(check.clone(), 5);
+    let e = locks.entry(&"l".parse().unwrap());
+    let far = Instant::now() + Duration::from_secs(60);
+    let spawn = |t: u64| {
+        let e = e.clone();
+        tokio::spawn(async move { (t, e.admit_write(Token::new(t).unwrap(), far).await.map(Permit::complete)) })
+    };
+    // The first starts a check; the rest arrive while it runs.
+    let mut tasks = vec![spawn(40)];
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    tasks.extend((6..40u64).filter(|t| *t != 9).chain([9]).map(spawn));
+    for task in tasks {
+        let (t, r) = task.await.unwrap();
+        match t {
+            9 => assert!(r.is_ok(), "{r:?}"),
+            t if t < 9 => assert!(matches!(r, Err(AdmitError::Superseded { holder: 9, .. })), "{t}: {r:?}"),
+            t => assert!(matches!(r, Err(AdmitError::Unverified { holder: Some(9), .. })), "{t}: {r:?}"),
+        }
+    }
+    assert!(check.calls.load(Ordering::Relaxed) <= 2, "{} checks", check.calls.load(Ordering::Relaxed));
+    assert_eq!(e.snapshot().0, 9);
+}
+
+/// A check asked before a raise arrived does not answer for another token:
+/// a new holder that won meanwhile is asked about afresh, not refused.
+#[tokio::test(start_paused = true)]
+async fn a_new_holder_arriving_during_a_check_is_asked_about_afresh() {
+    let check = Arc::new(FakeCheck { holder: 9.into(), delay: Duration::from_millis(50), ..Default::default() });
+    let locks = verified_locks(check.clone(), 5);
+    let e = locks.entry(&"l".parse().unwrap());
+    let far = Instant::now() + Duration::from_secs(60);
+    let forged = {
+        let e = e.clone();
+        tokio::spawn(async move { e.admit_write(Token::new(11).unwrap(), far).await.map(Permit::complete) })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    check.holder.store(10, Ordering::Relaxed);
+    let genuine = e.admit_write(Token::new(10).unwrap(), far).await.map(Permit::complete);
+    assert!(genuine.is_ok(), "{genuine:?}");
+    assert!(matches!(forged.await.unwrap(), Err(AdmitError::Unverified { .. })));
+    assert_eq!(e.snapshot().0, 10);
+}
+
 /// Shared marks: applying another replica's raise refuses older tokens
 /// at once and waits for older in-flight writes, but never asks to make
 /// the mark durable here (that would wait for this replica's own ack).

@@ -45,6 +45,11 @@ pub struct LimitArgs {
     /// Close a connection with no request in flight and no bytes either way for this long (HTTP/1 and h2c).
     #[arg(long, env = "FENCEGATE_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub idle_timeout: Duration,
+    /// Close a connection whose client has taken no byte of what is sent to it (its socket full) for this long, request
+    /// in flight or not (nginx's send_timeout). A frozen client otherwise holds its answer, and the filter holds a
+    /// write until its answer ends: a newer holder's writes would wait for ever.
+    #[arg(long, env = "FENCEGATE_SEND_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub send_timeout: Duration,
     /// Most client connections open at once per server; above it, stop accepting until one closes.
     #[arg(long, env = "FENCEGATE_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
@@ -57,6 +62,7 @@ impl LimitArgs {
             max_header_bytes: self.max_header_bytes,
             shutdown_grace: self.shutdown_grace,
             idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
             max_connections: self.max_connections as usize,
         }
     }
@@ -357,6 +363,8 @@ impl FilterArgs {
             unsafe_raw_paths: self.unsafe_raw_paths,
             #[cfg(not(feature = "test-unsafe"))]
             unsafe_raw_paths: false,
+            // In-process tests only (`tests/in_process.rs`): no flag.
+            unsafe_release_at_head: false,
             fence_reads: self.fence_reads,
             read_methods: ReadMethods::parse(&self.read_methods)?,
             barrier: BarrierConfig {

@@ -20,7 +20,7 @@
 //!
 //! Assumptions about the store:
 //! * A write is applied (or definitely not applied) by the time the store
-//!   sends its response status line.
+//!   has sent its whole answer (the permit is held until then: [`held`]).
 //! * A write whose connection the filter closed before the answer is either
 //!   applied within `abort_grace` of the close, or never.
 //! * Only this filter (one process, one state directory) writes to the
@@ -31,6 +31,7 @@ pub mod admin;
 pub mod admission;
 pub mod error;
 pub mod form;
+mod held;
 pub mod metrics;
 pub mod repair;
 pub mod rules;
@@ -80,6 +81,10 @@ pub struct FilterConfig {
     /// Test-only control: match rules on the raw request path, ignore
     /// `Destination` (the filter before issue 12). Never in production.
     pub unsafe_raw_paths: bool,
+    /// Test-only control: a write's permit is released when its answer's
+    /// head arrives, not at its end (the filter before `held`). Never in
+    /// production.
+    pub unsafe_release_at_head: bool,
     pub fence_reads: bool,
     pub read_methods: ReadMethods,
     pub barrier: BarrierConfig,
@@ -111,6 +116,7 @@ impl FilterConfig {
             store: Store::Plain,
             s3_domain: None,
             unsafe_raw_paths: false,
+            unsafe_release_at_head: false,
             fence_reads: false,
             read_methods: ReadMethods::default(),
             barrier: BarrierConfig::default(),

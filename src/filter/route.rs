@@ -10,6 +10,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 use super::error::FilterError;
+use super::held::Held;
 use super::rules::{self, Targets};
 use super::{admission, form, s3, Filter, Store};
 use crate::proxy::{self, Body, RequestBody, Upstream};
@@ -202,11 +203,13 @@ impl Filter {
         };
         self.upstream_latency.observe(started.elapsed());
         match sent {
-            Ok(resp) => {
-                // The store has answered: this write no longer holds the barrier.
+            // A read (`--fence-reads`) changes nothing: released at the head.
+            Ok(resp) if !is_write || self.cfg.unsafe_release_at_head => {
                 permit.complete();
                 Ok(resp.map(proxy::stream))
             }
+            // The write holds the barrier until the store's answer has ended.
+            Ok(resp) => Ok(resp.map(|b| Body::new(Held::new(b, permit, self.clone(), cut)))),
             // Dropping the permit without complete() keeps it in flight for
             // abort_grace: the store may still apply a write we gave up on.
             Err(e) => Err((Some(lock), e.into())),

@@ -12,7 +12,11 @@ use serde_json::{json, Value};
 
 /// The response body every service here returns: either a streamed upstream
 /// body or a small buffered one (errors, admin answers).
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A response body's error: the upstream's, or the filter cutting a write's
+/// answer off (`filter::held`), which ends the client's connection.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A complete body from bytes.
 pub fn full(b: impl Into<Bytes>) -> Body {
@@ -21,7 +25,7 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 
 /// Wraps an upstream body unchanged.
 pub fn stream(b: Incoming) -> Body {
-    b.boxed_unsync()
+    b.map_err(BoxError::from).boxed_unsync()
 }
 
 /// A JSON answer.

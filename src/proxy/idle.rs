@@ -8,6 +8,11 @@
 //!   bytes or not: a client that sends no request head (or dribbles one, a
 //!   byte at a time) in that long is closed. This was hyper's own
 //!   `header_read_timeout`, which armed a boxed timer for every request.
+//! * **send**: an answer the client has stopped taking (the socket full, not
+//!   a byte written) for the send timeout, request in flight or not (nginx's
+//!   `send_timeout`). A frozen client otherwise held its answer's body, and
+//!   with it the filter's hold on a write (`filter::held`): a newer holder
+//!   waited for ever.
 //!
 //! Nothing here reads the clock per request or per byte: a byte sets a flag,
 //! a request bumps two counters, and one timer per connection looks at them
@@ -38,6 +43,10 @@ struct Shared {
     /// a request's end, not from the look before it (a quarter early).
     started: AtomicUsize,
     busy: AtomicUsize,
+    /// The last write found the socket full; cleared by the next byte written.
+    blocked: AtomicBool,
+    /// Set by every byte written; cleared by the watcher at each look.
+    wrote: AtomicBool,
 }
 
 /// One connection's activity (cheap to clone: one `Arc`).
@@ -60,6 +69,21 @@ fn touch(s: &Shared) {
     s.active.store(true, Ordering::Relaxed);
 }
 
+/// After a write: progress, or the socket full.
+fn wrote(s: &Shared, r: &Poll<io::Result<usize>>) {
+    match r {
+        Poll::Ready(Ok(n)) if *n > 0 => {
+            touch(s);
+            s.wrote.store(true, Ordering::Relaxed);
+            if s.blocked.load(Ordering::Relaxed) {
+                s.blocked.store(false, Ordering::Relaxed);
+            }
+        }
+        Poll::Pending => s.blocked.store(true, Ordering::Relaxed),
+        _ => {}
+    }
+}
+
 /// Which limit closed a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Expired {
@@ -67,6 +91,8 @@ pub enum Expired {
     Idle,
     /// No request head in the header timeout.
     Head,
+    /// The client took no byte of what was written for the send timeout.
+    Send,
 }
 
 impl Idle {
@@ -86,18 +112,24 @@ impl Idle {
         IdleIo { io, idle: self.0.clone() }
     }
 
-    /// Resolves once the connection has been idle for `idle`, or has gone
-    /// `head` without a request (see the module's doc), whichever is first.
-    pub async fn expired(&self, idle: Duration, head: Duration) -> Expired {
+    /// Resolves once the connection has been idle for `idle`, has gone
+    /// `head` without a request, or has had its writes blocked for `send`
+    /// (see the module's doc), whichever is first.
+    pub async fn expired(&self, idle: Duration, head: Duration, send: Duration) -> Expired {
         // At most `FAR`: the interval adds its period to the clock at each look.
-        let tick = (idle.min(head) / TICKS).clamp(Duration::from_millis(10), crate::duration::FAR);
+        let tick = (idle.min(head).min(send) / TICKS).clamp(Duration::from_millis(10), crate::duration::FAR);
         let mut looks = tokio::time::interval_at(crate::duration::after(tick), tick);
         looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let (mut quiet, mut waiting) = (Duration::ZERO, Duration::ZERO);
+        let (mut quiet, mut waiting, mut stuck) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let mut seen = self.0.started.load(Ordering::Relaxed);
         loop {
             looks.tick().await;
             let active = self.0.active.swap(false, Ordering::Relaxed);
+            let wrote = self.0.wrote.swap(false, Ordering::Relaxed);
+            stuck = if self.0.blocked.load(Ordering::Relaxed) && !wrote { stuck + tick } else { Duration::ZERO };
+            if stuck >= send {
+                return Expired::Send;
+            }
             let started = self.0.started.load(Ordering::Relaxed);
             if self.0.busy.load(Ordering::Relaxed) > 0 || started != seen {
                 // A request in flight, or one that came and went since the last look.
@@ -204,9 +236,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
 impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            touch(&self.idle);
-        }
+        wrote(&self.idle, &r);
         r
     }
     fn poll_write_vectored(
@@ -215,9 +245,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            touch(&self.idle);
-        }
+        wrote(&self.idle, &r);
         r
     }
     fn is_write_vectored(&self) -> bool {
@@ -239,7 +267,7 @@ mod tests {
 
     fn watch(idle: &Idle, t: Duration, head: Duration) -> tokio::task::JoinHandle<Expired> {
         let idle = idle.clone();
-        tokio::spawn(async move { idle.expired(t, head).await })
+        tokio::spawn(async move { idle.expired(t, head, HOUR).await })
     }
 
     #[tokio::test(start_paused = true)]
@@ -295,6 +323,28 @@ mod tests {
         assert!(!waiting.is_finished(), "closed before the header timeout had passed since the request's end");
         tokio::time::sleep(head / TICKS + Duration::from_millis(10)).await;
         assert_eq!(waiting.await.unwrap(), Expired::Head);
+    }
+
+    /// A client that stops taking its answer (a frozen zombie, say) is
+    /// closed after the send timeout, request in flight or not; one that
+    /// takes some of it now and then is not.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_taking_nothing_is_closed_after_the_send_timeout() {
+        let idle = Idle::new();
+        let _busy = idle.request();
+        let send = Duration::from_secs(60);
+        let watching = idle.clone();
+        let waiting = tokio::spawn(async move { watching.expired(HOUR, HOUR, send).await });
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            wrote(&idle.0, &Poll::Ready(Ok(1)));
+            wrote(&idle.0, &Poll::Pending);
+        }
+        assert!(!waiting.is_finished(), "a byte a second is taken: not stuck");
+        tokio::time::sleep(send - Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "closed before the send timeout");
+        tokio::time::sleep(send / TICKS + Duration::from_secs(1)).await;
+        assert_eq!(waiting.await.unwrap(), Expired::Send);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,7 +20,7 @@ pub mod server;
 pub mod signal;
 pub mod upstream;
 
-pub use body::{full, json_error, json_response, stream, text_response, Body, RequestBody};
+pub use body::{full, json_error, json_response, stream, text_response, Body, BoxError, RequestBody};
 pub use client::{call, error_chain, send, simple_client, SimpleClient};
 pub use headers::strip_hop_by_hop;
 pub use server::{connection_cap, serve, serve_capped, serve_tls, ServerLimits};

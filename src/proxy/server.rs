@@ -34,6 +34,9 @@ pub struct ServerLimits {
     /// this long is closed (HTTP/1 keep-alive and h2c alike), so idle clients
     /// cannot hold sockets forever.
     pub idle_timeout: Duration,
+    /// A connection whose client has taken no byte of what was written to it
+    /// (its socket full) for this long is closed, request in flight or not.
+    pub send_timeout: Duration,
     /// Most connections open at once per server; above it the accept loop
     /// stops accepting until one closes (the kernel's backlog queues the rest).
     pub max_connections: usize,
@@ -46,6 +49,7 @@ impl Default for ServerLimits {
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             max_connections: 10_000,
         }
     }
@@ -244,6 +248,12 @@ impl Ends {
                 End::Expired(Expired::Head) => {
                     return Err(format!("no request head in {:?}: closed", self.limits.header_read_timeout))
                 }
+                End::Expired(Expired::Send) => {
+                    return Err(format!(
+                        "the client took nothing sent to it for {:?}: closed",
+                        self.limits.send_timeout
+                    ))
+                }
                 End::Kill => return Err("dropped at the end of the shutdown grace".into()),
             }
         }
@@ -282,7 +292,7 @@ impl Ends {
             biased;
             _ = self.kill.cancelled() => End::Kill,
             _ = drained => End::Drain,
-            why = self.idle.expired(self.limits.idle_timeout, self.limits.header_read_timeout) => End::Expired(why),
+            why = self.idle.expired(self.limits.idle_timeout, self.limits.header_read_timeout, self.limits.send_timeout) => End::Expired(why),
         }
     }
 }

@@ -161,7 +161,7 @@ impl Sidecar {
                 }
             }
         });
-        let body = StreamBody::new(stream.map(|b| Ok::<_, hyper::Error>(Frame::data(b)))).boxed_unsync();
+        let body = StreamBody::new(stream.map(|b| Ok::<_, proxy::BoxError>(Frame::data(b)))).boxed_unsync();
         let mut r = Response::new(body);
         let h = r.headers_mut();
         h.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/event-stream"));

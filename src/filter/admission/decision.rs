@@ -132,11 +132,19 @@ impl LockState {
                 if now < abort_at {
                     return Decision::Wait { until: abort_at };
                 }
-                // Drain timeout passed: abort every older write still in flight.
-                self.aborted_below = self.aborted_below.max(t);
-                let hold = now + cfg.abort_grace;
-                self.hold_until = Some(self.hold_until.map_or(hold, |h| h.max(hold)));
-                return Decision::Wait { until: hold };
+                // Drain timeout passed: abort every older write still in
+                // flight, and hold `abort_grace` from the abort. Only a new
+                // abort moves the hold on: writes aborted before stay in
+                // flight for their own grace after they stop (their
+                // permits), and their release wakes this wait. Moving it on
+                // at each decision made a new holder wait the grace twice.
+                if t > self.aborted_below {
+                    self.aborted_below = t;
+                    let hold = now + cfg.abort_grace;
+                    self.hold_until = Some(self.hold_until.map_or(hold, |h| h.max(hold)));
+                }
+                let until = self.hold_until.filter(|h| *h > now).unwrap_or(now + cfg.abort_grace);
+                return Decision::Wait { until };
             }
             if let Some(h) = self.hold_until {
                 if now < h {

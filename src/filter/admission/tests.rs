@@ -34,6 +34,35 @@ async fn pure_decisions() {
     assert_eq!(s.inflight(), BTreeMap::from([(6, 2)]));
 }
 
+/// An aborted write stays in flight for its permit's grace after it stops,
+/// a little after the abort's hold ends: the decision at the end of the hold
+/// must not start a second hold. Before, it did, and the new holder waited
+/// twice `abort_grace`.
+#[tokio::test(start_paused = true)]
+async fn an_abort_holds_once() {
+    let c = cfg();
+    let mut s = LockState::with_durable(5, None);
+    let now = Instant::now();
+    assert_eq!(s.admit(5, now, &c), Decision::Forward);
+    assert_eq!(s.admit(6, now, &c), Decision::Persist);
+    s.durable = 6;
+    let aborted = now + c.drain_timeout;
+    assert_eq!(s.admit(6, aborted, &c), Decision::Wait { until: aborted + c.abort_grace });
+    // The hold is over, the aborted write's grace not yet: wait for it
+    // (its release wakes the waiter) ...
+    let held = aborted + c.abort_grace;
+    assert!(matches!(s.admit(6, held, &c), Decision::Wait { .. }));
+    // ... and once it is released, forward at once.
+    s.release(5);
+    assert_eq!(s.admit(6, held + Duration::from_millis(1), &c), Decision::Forward);
+    // A newer raise aborting more writes holds again.
+    assert_eq!(s.admit(7, held, &c), Decision::Persist);
+    s.durable = 7;
+    let t = held + c.drain_timeout;
+    assert_eq!(s.admit(7, t, &c), Decision::Wait { until: t + c.abort_grace });
+    assert!(s.is_aborted(6));
+}
+
 #[tokio::test(start_paused = true)]
 async fn drained_barrier_forwards_without_grace() {
     let c = cfg();

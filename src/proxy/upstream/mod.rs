@@ -23,7 +23,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
 use tower::Service;
 
 use super::body::{json_error, Body, RequestBody};
@@ -35,18 +36,58 @@ mod slot;
 pub use slot::ConnSlot;
 use slot::SLOT;
 
+/// Closes the current connection task's own upstream connection at once
+/// (see [`ConnSlot::run`]), for an answer cut off mid-body: its socket is
+/// reset, not shut down after what hyper and the kernel still hold of the
+/// request. Outside a connection task, nothing.
+pub fn abandon_current() {
+    let _ = SLOT.try_with(|s| s.abandon());
+}
+
 /// A client for one upstream base URL: per-connection upstreams where the
 /// caller runs inside a connection task with a [`ConnSlot`], else a pool.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, RequestBody>,
-    connector: HttpConnector,
+    client: Client<Connector, RequestBody>,
+    connector: Connector,
     base: Uri,
     authority: HeaderValue,
     /// `--upstream-host`: the `Host` sent instead of the client's.
     host: Option<HeaderValue>,
     /// How long to wait for the upstream's response head.
     pub response_timeout: Duration,
+}
+
+/// hyper-util's connector, each socket set to `SO_LINGER` 0: closing an
+/// upstream connection then resets it and drops whatever of the request is
+/// still queued in the kernel's send buffer. With the default (a FIN after
+/// the queue), a write given up on (the filter's barrier abort, the
+/// sidecar's cut-off, a response timeout) went on being delivered, up to a
+/// send buffer's worth (megabytes), whenever a stalled store read it again:
+/// after its permit's grace, and after a newer holder's write. A close of an
+/// idle keep-alive connection resets it too, which costs nothing.
+#[derive(Clone, Debug)]
+struct Connector(HttpConnector);
+
+type ConnectError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Service<Uri> for Connector {
+    type Response = TokioIo<TcpStream>;
+    type Error = ConnectError;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), ConnectError>> {
+        self.0.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.0.call(uri);
+        Box::pin(async move {
+            let io = connecting.await?;
+            io.inner().set_zero_linger()?;
+            Ok(io)
+        })
+    }
 }
 
 /// A boxed upstream send (see [`Upstream::send_again`]).
@@ -88,6 +129,7 @@ impl Upstream {
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(connect_timeout));
         conn.set_keepalive(Some(Duration::from_secs(60)));
+        let conn = Connector(conn);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
@@ -176,7 +218,16 @@ impl Upstream {
         async move {
             let resp = match slot {
                 Some(slot) => {
-                    slot.within(t, up.send_own(&slot, req, false)).await.map_err(|_| UpstreamError::Timeout(t))??
+                    // Given up on before its head arrived (dropped, timed
+                    // out, failed): the connection is closed at once, not
+                    // flushed and shut down by hyper at its next poll.
+                    let abandon = slot::Abandon::new(&slot);
+                    let r = slot
+                        .within(t, up.send_own(&slot, req, false))
+                        .await
+                        .map_err(|_| UpstreamError::Timeout(t))??;
+                    abandon.disarm();
+                    r
                 }
                 None => tokio::time::timeout(t, up.client.request(req))
                     .await
@@ -247,7 +298,7 @@ impl Upstream {
             .clone()
             .call(self.base.clone())
             .await
-            .map_err(|e| UpstreamError::Unavailable(format!("client error (Connect): {}", error_chain(&e))))?;
+            .map_err(|e| UpstreamError::Unavailable(format!("client error (Connect): {}", error_chain(&*e))))?;
         let (sender, conn) = http1::handshake(io).await.map_err(|e| UpstreamError::Unavailable(error_chain(&e)))?;
         slot.install(self.authority.clone(), conn);
         Ok(sender)

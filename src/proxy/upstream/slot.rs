@@ -121,6 +121,17 @@ impl ConnSlot {
         self.inner.lock().sender = Some(sender);
     }
 
+    /// Closes the upstream connection now, without flushing what hyper
+    /// holds of a request or shutting down its write side first (its socket
+    /// lingers 0: the close resets it and drops what the kernel still
+    /// queues). For a request given up on, before anything else is polled.
+    pub(super) fn abandon(&self) {
+        let mut g = self.inner.lock();
+        let (conn, sender) = (g.conn.take(), g.sender.take());
+        drop(g);
+        drop((sender, conn));
+    }
+
     pub(super) fn install(&self, authority: HeaderValue, conn: UpConn) {
         let mut g = self.inner.lock();
         g.authority = Some(authority);
@@ -129,6 +140,29 @@ impl ConnSlot {
         g.conn = Some(Box::pin(conn));
         drop(g);
         self.waker.wake();
+    }
+}
+
+/// Closes the slot's connection ([`ConnSlot::abandon`]) when dropped, unless
+/// disarmed: held by a request from before it is sent until its response
+/// head arrives.
+pub(super) struct Abandon<'a>(Option<&'a ConnSlot>);
+
+impl<'a> Abandon<'a> {
+    pub(super) fn new(slot: &'a ConnSlot) -> Self {
+        Abandon(Some(slot))
+    }
+
+    pub(super) fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.0 {
+            slot.abandon();
+        }
     }
 }
 

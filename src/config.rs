@@ -47,7 +47,7 @@ pub struct LimitArgs {
     pub idle_timeout: Duration,
     /// Close a connection whose client has taken no byte of what is sent to it (its socket full) for this long, request
     /// in flight or not (nginx's send_timeout). A frozen client otherwise holds its answer, and the filter holds a
-    /// write until its answer ends: a newer holder's writes would wait for ever.
+    /// write until its answer ends: a newer holder's writes would wait for ever. 0s: none.
     #[arg(long, env = "FENCEGATE_SEND_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub send_timeout: Duration,
     /// Most client connections open at once per server; above it, stop accepting until one closes.

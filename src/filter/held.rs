@@ -8,11 +8,19 @@
 //! holder's write go while the older one was still being applied, and the
 //! older one landed last. So the permit is released when the answer's body
 //! ends (at once: the store has answered), or after `abort_grace` when it
-//! is dropped or fails before its end (the client went away: the store may
-//! still apply it). While the answer streams, a newer holder's barrier abort
-//! (or, for a replica, its cut-off) ends it with an error: the client's
-//! connection is closed (outcome unknown, as for any abort) and so is the
-//! upstream one, and the permit then has its grace.
+//! is dropped or fails before its end (the client went away, or was closed
+//! by `--send-timeout`: the store may still apply it).
+//!
+//! The barrier does not abort a write whose answer has begun. Before the
+//! head, closing the connection can stop a write the store has not all
+//! read; after it, the store has the whole request and is working on it,
+//! and S3 goes on when its client is gone: cutting the answer off would
+//! only end the wait, and let the newer write go before the older one is
+//! applied. The newer holder waits for the end instead (503
+//! `fencing_barrier_timeout` with `Retry-After` past `--max-wait`). A
+//! replica that self-fences still cuts its answers off (`shared::cutoff`):
+//! the other replicas stop waiting for it at its registration's expiry
+//! whatever it does, and a store that stops on a close then stops.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,11 +33,12 @@ use hyper::body::Incoming;
 
 use super::admission::Permit;
 use super::error::FilterError;
+use super::shared::Shared;
 use super::Filter;
 use crate::proxy::{self, BoxError};
 
-/// Why an answer was cut off.
-type Stop = FilterError;
+/// A replica's cut-off, watched while an answer streams.
+type CutOff = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A write's answer holding its [`Permit`]; see the module docs.
 pub struct Held {
@@ -37,12 +46,12 @@ pub struct Held {
     /// `None` once released (the answer ended, or was cut off).
     permit: Option<Permit>,
     filter: Arc<Filter>,
-    /// The replica cut-off generation the write was forwarded under.
+    /// The replica cut-off generation the write was forwarded under (shared
+    /// marks only).
     cut: Option<u64>,
-    /// What ends the answer early, made on the first wait: most answers
-    /// (a PUT's `201` with an empty body) end without one, and allocate
-    /// nothing for it.
-    stop: Option<Pin<Box<dyn Future<Output = Stop> + Send>>>,
+    /// The cut-off, made on the first wait: most answers (a PUT's `201`
+    /// with an empty body) end without one, and allocate nothing for it.
+    stop: Option<CutOff>,
 }
 
 impl Held {
@@ -50,34 +59,29 @@ impl Held {
         Held { inner, permit: Some(permit), filter, cut, stop: None }
     }
 
-    fn watch(&self, permit: &Permit) -> Pin<Box<dyn Future<Output = Stop> + Send>> {
-        let aborted = permit.aborted_owned();
-        let lock = permit.lock().clone();
-        match (self.filter.shared.clone(), self.cut) {
-            (Some(shared), Some(cut)) => Box::pin(async move {
-                tokio::select! {
-                    biased;
-                    _ = shared.cut_off(cut) => FilterError::SelfFenced(lock),
-                    _ = aborted => FilterError::Aborted(lock),
-                }
-            }),
-            _ => Box::pin(async move {
-                aborted.await;
-                FilterError::Aborted(lock)
-            }),
-        }
+    fn cut_off_future(shared: Arc<Shared>, cut: u64) -> CutOff {
+        Box::pin(async move { shared.cut_off(cut).await })
     }
 
-    /// Cut off: the upstream connection is closed first, then the permit
-    /// is dropped (its grace starts after the close).
-    fn cut_off(&mut self, why: Stop) -> BoxError {
+    /// Cut off (a replica that self-fenced): the upstream connection is
+    /// closed first, then the permit is dropped (its grace starts after the
+    /// close).
+    fn cut_off(&mut self) -> BoxError {
         proxy::upstream::abandon_current();
-        let permit = self.permit.take();
-        let lock = permit.as_ref().map(|p| p.lock().clone());
+        let permit = self.permit.take().expect("held while streaming");
+        let lock = permit.lock().clone();
         drop(permit);
-        self.filter.refusals.count(&self.filter.locks, lock.as_ref(), &why);
-        tracing::info!(reason = why.reason(), lock = lock.as_ref().map(|l| l.as_str()), error = %why, "answer cut off");
+        let why = FilterError::SelfFenced(lock.clone());
+        self.filter.refusals.count(&self.filter.locks, Some(&lock), &why);
+        tracing::info!(reason = why.reason(), lock = lock.as_str(), error = %why, "answer cut off");
         Box::new(why)
+    }
+
+    /// The answer has ended: the store is done with the write.
+    fn ended(&mut self) {
+        if let Some(p) = self.permit.take() {
+            p.complete();
+        }
     }
 }
 
@@ -87,29 +91,42 @@ impl HttpBody for Held {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(permit) = this.permit.as_ref() else {
+        if this.permit.is_none() {
             // Released: ended (nothing more is asked) or cut off (its error
             // was given once).
             return Poll::Ready(None);
-        };
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                this.permit.take().expect("held above").complete();
+                // A body whose sender went away early ends too; with bytes
+                // still due it is not over for the store.
+                if this.inner.size_hint().lower() > 0 {
+                    this.permit = None;
+                    return Poll::Ready(Some(Err("the store's answer ended early".into())));
+                }
+                this.ended();
                 Poll::Ready(None)
             }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
+            Poll::Ready(Some(Ok(frame))) => {
+                // Trailers come after the last data, and hyper may ask no
+                // more once it has them.
+                if frame.is_trailers() {
+                    this.ended();
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
             Poll::Ready(Some(Err(e))) => {
                 // The store's answer broke off: it may still apply the write.
                 this.permit = None;
                 Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => {
-                if this.stop.is_none() {
-                    this.stop = Some(this.watch(permit));
+                if let (None, Some(shared), Some(cut)) = (&this.stop, &this.filter.shared, this.cut) {
+                    this.stop = Some(Self::cut_off_future(shared.clone(), cut));
                 }
-                match this.stop.as_mut().expect("set above").as_mut().poll(cx) {
-                    Poll::Ready(why) => Poll::Ready(Some(Err(this.cut_off(why)))),
-                    Poll::Pending => Poll::Pending,
+                match this.stop.as_mut().map(|s| s.as_mut().poll(cx)) {
+                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(this.cut_off()))),
+                    _ => Poll::Pending,
                 }
             }
         }
@@ -126,13 +143,11 @@ impl HttpBody for Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        // Dropped at its end without being asked for it (hyper sends no
-        // more once `is_end_stream`): answered. Before it: the permit's own
-        // drop keeps it in flight for the grace.
-        if let Some(p) = self.permit.take() {
-            if self.inner.is_end_stream() {
-                p.complete();
-            }
+        // Dropped at its end without being asked for it (hyper asks no more
+        // once `is_end_stream`): answered. Before it: the permit's own drop
+        // keeps it in flight for the grace.
+        if self.inner.is_end_stream() {
+            self.ended();
         }
     }
 }

@@ -115,18 +115,26 @@ impl Idle {
     /// Resolves once the connection has been idle for `idle`, has gone
     /// `head` without a request, or has had its writes blocked for `send`
     /// (see the module's doc), whichever is first.
+    /// A zero `send` is no send timeout.
     pub async fn expired(&self, idle: Duration, head: Duration, send: Duration) -> Expired {
+        let send = if send.is_zero() { crate::duration::FAR } else { send };
         // At most `FAR`: the interval adds its period to the clock at each look.
         let tick = (idle.min(head).min(send) / TICKS).clamp(Duration::from_millis(10), crate::duration::FAR);
         let mut looks = tokio::time::interval_at(crate::duration::after(tick), tick);
         looks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let (mut quiet, mut waiting, mut stuck) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let mut seen = self.0.started.load(Ordering::Relaxed);
+        let mut was_blocked = false;
         loop {
             looks.tick().await;
             let active = self.0.active.swap(false, Ordering::Relaxed);
+            // Stuck for a whole tick: blocked at the last look and at this
+            // one, and not a byte written between them (a write blocked just
+            // before a look counts from that look, not from the one before).
+            let blocked = self.0.blocked.load(Ordering::Relaxed);
             let wrote = self.0.wrote.swap(false, Ordering::Relaxed);
-            stuck = if self.0.blocked.load(Ordering::Relaxed) && !wrote { stuck + tick } else { Duration::ZERO };
+            stuck = if blocked && was_blocked && !wrote { stuck + tick } else { Duration::ZERO };
+            was_blocked = blocked;
             if stuck >= send {
                 return Expired::Send;
             }
@@ -343,8 +351,20 @@ mod tests {
         assert!(!waiting.is_finished(), "a byte a second is taken: not stuck");
         tokio::time::sleep(send - Duration::from_secs(1)).await;
         assert!(!waiting.is_finished(), "closed before the send timeout");
-        tokio::time::sleep(send / TICKS + Duration::from_secs(1)).await;
+        // Within a quarter of the timeout after it, and a look's alignment.
+        tokio::time::sleep(send / TICKS * 2 + Duration::from_secs(1)).await;
         assert_eq!(waiting.await.unwrap(), Expired::Send);
+
+        // A zero send timeout is none (it closed every connection at its
+        // first look before).
+        let idle = Idle::new();
+        let _busy = idle.request();
+        let watching = idle.clone();
+        let t = Duration::from_secs(40);
+        let waiting = tokio::spawn(async move { watching.expired(t, t, Duration::ZERO).await });
+        wrote(&idle.0, &Poll::Pending);
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!waiting.is_finished(), "no send timeout");
     }
 
     #[tokio::test(start_paused = true)]

@@ -144,13 +144,6 @@ impl Permit {
         self.entry.abort.aborted(self.token).await
     }
 
-    /// [`aborted`](Self::aborted), owning what it watches: for an answer
-    /// that outlives the request's future (`filter::held`).
-    pub fn aborted_owned(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let (entry, token) = (self.entry.clone(), self.token);
-        async move { entry.abort.aborted(token).await }
-    }
-
     pub fn token(&self) -> u64 {
         self.token
     }

@@ -114,13 +114,8 @@ async fn filter_on(
     let ((l, a), (al, aa)) = (bind().await, bind().await);
     tokio::spawn(filter::run(cfg, l, Some(al), 1, stop.clone().cancelled_owned()));
     let admin = format!("http://{aa}");
-    for _ in 0..200 {
-        if request("GET", &format!("{admin}/readyz"), &[], "").await.status == 200 {
-            return (format!("http://{a}"), admin);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the in-process filter never became ready");
+    support::until_ready(&admin, "the in-process filter never became ready").await;
+    (format!("http://{a}"), admin)
 }
 
 /// Token 1's write gets its `200` head, then the store works on it for

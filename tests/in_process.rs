@@ -58,13 +58,8 @@ async fn filter(protection: Protection) -> InProc {
     tokio::spawn(filter::run(cfg, l, Some(al), 1, stop.clone().cancelled_owned()));
     let f = InProc { url: format!("http://{a}"), admin: format!("http://{aa}"), store, stop, _state: state };
     // Ready once the start-up barrier has passed.
-    for _ in 0..200 {
-        if request("GET", &format!("{}/readyz", f.admin), &[], "").await.status == 200 {
-            return f;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the in-process filter never became ready");
+    support::until_ready(&f.admin, "the in-process filter never became ready").await;
+    f
 }
 
 fn rules(r: &[(&str, &str)]) -> Protection {
@@ -179,13 +174,8 @@ async fn sidecar_in_process(stop: &CancellationToken, store: SocketAddr) -> (Str
     let ((l, a), (al, aa)) = (bind().await, bind().await);
     tokio::spawn(sidecar::run(cfg, backend, l, al, None, stop.clone().cancelled_owned()));
     let admin = format!("http://{aa}");
-    for _ in 0..200 {
-        if request("GET", &format!("{admin}/readyz"), &[], "").await.status == 200 {
-            return (format!("http://{a}"), admin);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("the in-process sidecar never held the lock");
+    support::until_ready(&admin, "the in-process sidecar never held the lock").await;
+    (format!("http://{a}"), admin)
 }
 
 #[tokio::test]

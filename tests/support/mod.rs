@@ -696,6 +696,19 @@ pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: &s
     Resp { status: status.as_u16(), headers, body: String::from_utf8_lossy(&body).into_owned() }
 }
 
+/// Waits until `{admin}/readyz` answers 200 (an in-process server started
+/// on port-0 listeners: its admin port is up and it is ready); panics with
+/// `never` after 4 s.
+pub async fn until_ready(admin: &str, never: &str) {
+    for _ in 0..200 {
+        if request("GET", &format!("{admin}/readyz"), &[], "").await.status == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{never}");
+}
+
 /// A fenced PUT.
 pub async fn put(url: &str, lock: &str, token: u64, body: &str) -> Resp {
     request("PUT", url, &[("Fencing-Lock", lock), ("Fencing-Token", &token.to_string())], body).await

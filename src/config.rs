@@ -39,7 +39,8 @@ pub struct LimitArgs {
     /// Connect timeout to the upstream.
     #[arg(long, env = "FENCEGATE_CONNECT_TIMEOUT", default_value = "5s", value_parser = duration)]
     pub connect_timeout: Duration,
-    /// How long to wait for the upstream's response head.
+    /// How long to wait for the upstream's response head; at the filter, also the longest a write's answer, once
+    /// begun, may send nothing (the write holds its lock until its answer ends).
     #[arg(long, env = "FENCEGATE_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub upstream_timeout: Duration,
     /// Close a connection with no request in flight and no bytes either way for this long (HTTP/1 and h2c).

@@ -44,8 +44,9 @@ async fn bind() -> (TcpListener, SocketAddr) {
 /// CompleteMultipartUpload: `200 OK` at once, a space every 50 ms while it
 /// works, and after `work` it applies the write and sends the outcome. The
 /// work goes on when the client is gone, as S3's does. A write with
-/// `X-Big: yes` gets a `BIG` answer; any other write is applied when it
-/// arrives.
+/// `X-Big: yes` gets a `BIG` answer; one with `X-Hang: yes` gets `200 OK`,
+/// a space, and then nothing more (a store hung after its head); any other
+/// write is applied when it arrives.
 async fn slow_answer_store(log: Log, work: Duration, stop: CancellationToken) -> SocketAddr {
     let (l, a) = bind().await;
     tokio::spawn(async move {
@@ -72,7 +73,15 @@ async fn answer(
     let who = req.headers().get("x-write").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
     let slow = req.headers().contains_key("x-slow");
     let big = req.headers().contains_key("x-big");
+    let hang = req.headers().contains_key("x-hang");
     let _ = req.into_body().collect().await;
+    if hang {
+        log.lock().unwrap().push(format!("{who} answered 200"));
+        let space = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(b" ")))]);
+        return Ok(Response::new(
+            StreamBody::new(futures_util::StreamExt::chain(space, futures_util::stream::pending())).boxed(),
+        ));
+    }
     if big {
         log.lock().unwrap().push(format!("{who} applied"));
         return Ok(Response::new(Full::new(Bytes::from(vec![b'a'; BIG])).boxed()));
@@ -284,4 +293,41 @@ async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_send_timeou
     assert!(waited < Duration::from_millis(1500), "within the send timeout, its quarter and the grace: {waited:?}");
     let (status, _) = frozen_reader(Duration::from_secs(3600)).await;
     assert_eq!(status, 503, "the control: the newer holder waits on the frozen client");
+}
+
+/// Since a write holds the barrier until its answer ends, a store that hangs
+/// after its head held the lock for as long as its connection stayed open:
+/// every newer write got 503. Nothing more of the answer for
+/// `--upstream-timeout` now ends it (the upstream connection reset, the
+/// client's answer cut off), and the newer write goes after the grace.
+/// Failed on the code before (503 `fencing_barrier_timeout`).
+#[tokio::test]
+async fn a_store_quiet_after_its_head_is_given_up_after_the_upstream_timeout() {
+    let stop = CancellationToken::new();
+    let log = Log::default();
+    let store = slow_answer_store(log.clone(), Duration::ZERO, stop.clone()).await;
+    let state = tempfile::tempdir().unwrap();
+    let (url, admin) = filter_on(store, state.path(), &stop, |c| {
+        c.upstream_timeout = Duration::from_millis(400);
+        c.barrier.abort_grace = Duration::from_millis(100);
+        c.max_wait = Duration::from_secs(3);
+    })
+    .await;
+    let first = tokio::spawn({
+        let url = format!("{url}/k");
+        async move { request("PUT", &url, &[("Fencing-Lock", LOCK), ("Fencing-Token", "1"), ("X-Hang", "yes")], "v1").await }
+    });
+    while log.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = Instant::now();
+    let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "2"), ("X-Write", "2")];
+    let second = request("PUT", &format!("{url}/k"), &h, "v2").await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    assert!(sent.elapsed() < Duration::from_secs(2), "{:?}", sent.elapsed());
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200);
+    let m = request("GET", &format!("{admin}/metrics"), &[], "").await.body;
+    assert!(m.contains(r#"reason="upstream"} 1"#), "{m}");
+    stop.cancel();
 }

@@ -35,7 +35,8 @@ use super::admission::Permit;
 use super::error::FilterError;
 use super::shared::Shared;
 use super::Filter;
-use crate::proxy::{self, BoxError};
+use crate::proxy::{self, BoxError, UpstreamError};
+use crate::token::LockName;
 
 /// A replica's cut-off, watched while an answer streams.
 type CutOff = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -52,26 +53,30 @@ pub struct Held {
     /// The cut-off, made on the first wait: most answers (a PUT's `201`
     /// with an empty body) end without one, and allocate nothing for it.
     stop: Option<CutOff>,
+    /// `--upstream-timeout` between two parts of the answer, armed on the
+    /// first wait: a store that hangs after its head would otherwise hold
+    /// the lock for as long as its connection stays open.
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Held {
     pub(super) fn new(inner: Incoming, permit: Permit, filter: Arc<Filter>, cut: Option<u64>) -> Self {
-        Held { inner, permit: Some(permit), filter, cut, stop: None }
+        Held { inner, permit: Some(permit), filter, cut, stop: None, quiet: None }
     }
 
     fn cut_off_future(shared: Arc<Shared>, cut: u64) -> CutOff {
         Box::pin(async move { shared.cut_off(cut).await })
     }
 
-    /// Cut off (a replica that self-fenced): the upstream connection is
-    /// closed first, then the permit is dropped (its grace starts after the
-    /// close).
-    fn cut_off(&mut self) -> BoxError {
+    /// Cut off (a replica that self-fenced, or a store quiet for
+    /// `--upstream-timeout`): the upstream connection is closed first, then
+    /// the permit is dropped (its grace starts after the close).
+    fn cut_off(&mut self, why: impl FnOnce(LockName) -> FilterError) -> BoxError {
         proxy::upstream::abandon_current();
         let permit = self.permit.take().expect("held while streaming");
         let lock = permit.lock().clone();
         drop(permit);
-        let why = FilterError::SelfFenced(lock.clone());
+        let why = why(lock.clone());
         self.filter.refusals.count(&self.filter.locks, Some(&lock), &why);
         tracing::info!(reason = why.reason(), lock = lock.as_str(), error = %why, "answer cut off");
         Box::new(why)
@@ -112,6 +117,8 @@ impl HttpBody for Held {
                 // more once it has them.
                 if frame.is_trailers() {
                     this.ended();
+                } else if let Some(q) = this.quiet.as_mut() {
+                    q.as_mut().reset(crate::duration::after(this.filter.cfg.upstream_timeout));
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -124,9 +131,14 @@ impl HttpBody for Held {
                 if let (None, Some(shared), Some(cut)) = (&this.stop, &this.filter.shared, this.cut) {
                     this.stop = Some(Self::cut_off_future(shared.clone(), cut));
                 }
-                match this.stop.as_mut().map(|s| s.as_mut().poll(cx)) {
-                    Some(Poll::Ready(())) => Poll::Ready(Some(Err(this.cut_off()))),
-                    _ => Poll::Pending,
+                if let Some(Poll::Ready(())) = this.stop.as_mut().map(|s| s.as_mut().poll(cx)) {
+                    return Poll::Ready(Some(Err(this.cut_off(FilterError::SelfFenced))));
+                }
+                let t = this.filter.cfg.upstream_timeout;
+                let quiet = this.quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(t)));
+                match quiet.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(this.cut_off(|_| UpstreamError::Quiet(t).into())))),
+                    Poll::Pending => Poll::Pending,
                 }
             }
         }

@@ -21,8 +21,8 @@
 //! Assumptions about the store:
 //! * A write is applied (or definitely not applied) by the time the store
 //!   has sent its whole answer (the permit is held until then: [`held`]).
-//! * A write whose connection the filter closed before the answer is either
-//!   applied within `abort_grace` of the close, or never.
+//! * A write whose connection the filter closed before its answer ended is
+//!   either applied within `abort_grace` of the close, or never.
 //! * Only this filter (one process, one state directory) writes to the
 //!   protected paths; or, with `--shared-marks`, only the replicas sharing
 //!   one etcd prefix (see [`shared`]).

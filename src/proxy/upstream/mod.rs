@@ -100,6 +100,9 @@ pub enum UpstreamError {
     Unavailable(String),
     #[error("the upstream did not answer within {0:?}")]
     Timeout(Duration),
+    /// The answer had begun, then nothing more of it came for this long.
+    #[error("the upstream sent nothing more of its answer for {0:?}")]
+    Quiet(Duration),
 }
 
 impl UpstreamError {
@@ -109,7 +112,7 @@ impl UpstreamError {
             UpstreamError::Unavailable(_) => {
                 json_error(StatusCode::BAD_GATEWAY, "upstream_unavailable", &self.to_string(), None)
             }
-            UpstreamError::Timeout(_) => {
+            UpstreamError::Timeout(_) | UpstreamError::Quiet(_) => {
                 json_error(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", &self.to_string(), None)
             }
         }

@@ -8,8 +8,10 @@
 //! holder's write go while the older one was still being applied, and the
 //! older one landed last. So the permit is released when the answer's body
 //! ends (at once: the store has answered), or after `abort_grace` when it
-//! is dropped or fails before its end (the client went away, or was closed
-//! by `--send-timeout`: the store may still apply it).
+//! fails before its end. An answer whose client goes away first (or is
+//! closed by `--send-timeout`) is read on to its end by a task of its own,
+//! on its upstream connection taken out of the client's ([`drain`]): the
+//! store is still at work on the write, and a close would not stop S3.
 //!
 //! The barrier does not abort a write whose answer has begun. Before the
 //! head, closing the connection can stop a write the store has not all
@@ -43,7 +45,8 @@ type CutOff = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A write's answer holding its [`Permit`]; see the module docs.
 pub struct Held {
-    inner: Incoming,
+    /// `None` only once dropped (handed to [`drain`]).
+    inner: Option<Incoming>,
     /// `None` once released (the answer ended, or was cut off).
     permit: Option<Permit>,
     filter: Arc<Filter>,
@@ -61,7 +64,7 @@ pub struct Held {
 
 impl Held {
     pub(super) fn new(inner: Incoming, permit: Permit, filter: Arc<Filter>, cut: Option<u64>) -> Self {
-        Held { inner, permit: Some(permit), filter, cut, stop: None, quiet: None }
+        Held { inner: Some(inner), permit: Some(permit), filter, cut, stop: None, quiet: None }
     }
 
     fn cut_off_future(shared: Arc<Shared>, cut: u64) -> CutOff {
@@ -101,11 +104,12 @@ impl HttpBody for Held {
             // was given once).
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let inner = this.inner.as_mut().expect("taken only when dropped");
+        match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(None) => {
                 // A body whose sender went away early ends too; with bytes
                 // still due it is not over for the store.
-                if this.inner.size_hint().lower() > 0 {
+                if inner.size_hint().lower() > 0 {
                     this.permit = None;
                     return Poll::Ready(Some(Err("the store's answer ended early".into())));
                 }
@@ -145,21 +149,66 @@ impl HttpBody for Held {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.permit.is_none() || self.inner.is_end_stream()
+        self.permit.is_none() || self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner.as_ref().map(|b| b.size_hint()).unwrap_or_default()
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
+        let (Some(permit), Some(body)) = (self.permit.take(), self.inner.take()) else {
+            return;
+        };
         // Dropped at its end without being asked for it (hyper asks no more
-        // once `is_end_stream`): answered. Before it: the permit's own drop
-        // keeps it in flight for the grace.
-        if self.inner.is_end_stream() {
-            self.ended();
+        // once `is_end_stream`): answered.
+        if body.is_end_stream() {
+            permit.complete();
+            return;
         }
+        // Before it: the client is gone (or was closed), and the store is
+        // still at work on the write.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let conn = proxy::upstream::detach_current();
+            rt.spawn(drain(body, conn, permit, self.filter.cfg.upstream_timeout));
+        }
+        // No runtime (the process is leaving): the permit's own drop keeps
+        // the write in flight for the grace.
+    }
+}
+
+/// The client went away before the store's answer ended, and the store may
+/// still apply the write (S3 goes on after a close): the answer is read to
+/// its end here, on the upstream connection taken out of the client's
+/// connection, and only then is the permit released. An answer that breaks
+/// off, or sends nothing for `quiet` (`--upstream-timeout`), leaves the
+/// permit its grace. This task owns the permit; it ends with the answer.
+async fn drain(
+    mut body: Incoming,
+    conn: Option<proxy::upstream::Detached>,
+    permit: Permit,
+    quiet: std::time::Duration,
+) {
+    use http_body_util::BodyExt;
+    let ended = async move {
+        loop {
+            match tokio::time::timeout(quiet, body.frame()).await {
+                Ok(None) => return body.size_hint().lower() == 0,
+                Ok(Some(Ok(frame))) if frame.is_trailers() => return true,
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(_))) | Err(_) => return false,
+            }
+        }
+    };
+    let ended = match conn {
+        Some(conn) => conn.drive_until(ended).await,
+        None => ended.await,
+    };
+    if ended {
+        permit.complete();
+    } else {
+        tracing::info!(lock = permit.lock().as_str(), "a write's answer, read on after its client left, broke off");
     }
 }

@@ -33,8 +33,8 @@ use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
 mod slot;
 
-pub use slot::ConnSlot;
 use slot::SLOT;
+pub use slot::{ConnSlot, Detached};
 
 /// Closes the current connection task's own upstream connection at once
 /// (see [`ConnSlot::run`]), for an answer cut off mid-body: its socket is
@@ -42,6 +42,13 @@ use slot::SLOT;
 /// request. Outside a connection task, nothing.
 pub fn abandon_current() {
     let _ = SLOT.try_with(|s| s.abandon());
+}
+
+/// Takes the current connection task's own upstream connection out of it,
+/// to be driven elsewhere: for an answer that must be read to its end after
+/// its client is gone. Outside a connection task (or with none open), `None`.
+pub fn detach_current() -> Option<Detached> {
+    SLOT.try_with(|s| s.detach()).ok().flatten()
 }
 
 /// A client for one upstream base URL: per-connection upstreams where the

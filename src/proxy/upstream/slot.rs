@@ -132,6 +132,14 @@ impl ConnSlot {
         drop((sender, conn));
     }
 
+    /// Takes the upstream connection out of the slot, to be driven
+    /// elsewhere ([`Detached`]).
+    pub(super) fn detach(&self) -> Option<Detached> {
+        let mut g = self.inner.lock();
+        g.sender = None;
+        g.conn.take().map(Detached)
+    }
+
     pub(super) fn install(&self, authority: HeaderValue, conn: UpConn) {
         let mut g = self.inner.lock();
         g.authority = Some(authority);
@@ -140,6 +148,36 @@ impl ConnSlot {
         g.conn = Some(Box::pin(conn));
         drop(g);
         self.waker.wake();
+    }
+}
+
+/// An upstream connection taken out of its downstream connection's slot
+/// ([`super::detach_current`]): what it was answering outlives the client.
+pub struct Detached(Pin<Box<UpConn>>);
+
+impl Detached {
+    /// Drives the connection until `fut` (which reads its answer) resolves;
+    /// the connection is then dropped. A connection that ends first breaks
+    /// its answer off, which `fut` then sees.
+    pub async fn drive_until<F: Future>(self, fut: F) -> F::Output {
+        let mut conn = Some(self.0);
+        let mut fut = std::pin::pin!(fut);
+        std::future::poll_fn(move |cx| loop {
+            if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+                return Poll::Ready(out);
+            }
+            match conn.as_mut().map(|c| c.as_mut().poll(cx)) {
+                Some(Poll::Ready(_)) => conn = None,
+                _ => return Poll::Pending,
+            }
+        })
+        .await
+    }
+}
+
+impl std::fmt::Debug for Detached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Detached")
     }
 }
 

@@ -366,6 +366,7 @@ impl FilterArgs {
             unsafe_raw_paths: false,
             // In-process tests only (`tests/in_process.rs`): no flag.
             unsafe_release_at_head: false,
+            unsafe_abort_sent: false,
             fence_reads: self.fence_reads,
             read_methods: ReadMethods::parse(&self.read_methods)?,
             barrier: BarrierConfig {

@@ -45,8 +45,10 @@ async fn bind() -> (TcpListener, SocketAddr) {
 /// works, and after `work` it applies the write and sends the outcome. The
 /// work goes on when the client is gone, as S3's does. A write with
 /// `X-Big: yes` gets a `BIG` answer; one with `X-Hang: yes` gets `200 OK`,
-/// a space, and then nothing more (a store hung after its head); any other
-/// write is applied when it arrives.
+/// a space, and then nothing more (a store hung after its head); one with
+/// `X-Late: yes` is applied `work` after it has been read whole, and then
+/// answered (the work goes on if the client goes); any other write is
+/// applied when it arrives.
 async fn slow_answer_store(log: Log, work: Duration, stop: CancellationToken) -> SocketAddr {
     let (l, a) = bind().await;
     tokio::spawn(async move {
@@ -74,7 +76,20 @@ async fn answer(
     let slow = req.headers().contains_key("x-slow");
     let big = req.headers().contains_key("x-big");
     let hang = req.headers().contains_key("x-hang");
+    let late = req.headers().contains_key("x-late");
     let _ = req.into_body().collect().await;
+    if late {
+        // Works on the whole request before it answers, and goes on if its
+        // client goes.
+        log.lock().unwrap().push(format!("{who} received"));
+        let log = log.clone();
+        let _ = tokio::spawn(async move {
+            tokio::time::sleep(work).await;
+            log.lock().unwrap().push(format!("{who} applied"));
+        })
+        .await;
+        return Ok(Response::new(Full::new(Bytes::new()).boxed()));
+    }
     if hang {
         log.lock().unwrap().push(format!("{who} answered 200"));
         let space = futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(b" ")))]);
@@ -127,6 +142,23 @@ async fn filter_on(
     (format!("http://{a}"), admin)
 }
 
+/// Token 2's write to `path`, which must go through.
+async fn newer_write(url: &str, path: &str) {
+    let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "2"), ("X-Write", "2")];
+    let r = request("PUT", &format!("{url}{path}"), &h, "v2").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// The store's log, once it holds `n` entries (the older write's work may
+/// still be going on when the newer one is answered).
+async fn log_of(log: &Log, n: usize) -> Vec<String> {
+    while log.lock().unwrap().len() < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let entries = log.lock().unwrap().clone();
+    entries
+}
+
 /// Token 1's write gets its `200` head, then the store works on it for
 /// 800 ms before it applies it; token 2's write comes meanwhile, and its
 /// barrier's drain timeout (200 ms) passes before the work is done. With
@@ -154,20 +186,14 @@ async fn head_first(release_at_head: bool, leaves: bool) -> Vec<String> {
     if leaves {
         first.abort();
     }
-    let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "2"), ("X-Write", "2")];
-    let second = request("PUT", &format!("{url}/big"), &h, "v2").await;
-    assert_eq!(second.status, 200, "{}", second.body);
+    newer_write(&url, "/big").await;
     if !leaves {
         let first = first.await.unwrap();
         assert_eq!(first.status, 200, "{}", first.body);
         assert!(first.body.ends_with("<CompleteMultipartUploadResult/>"), "not cut off: {:?}", first.body);
     }
-    while log.lock().unwrap().len() < 3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     stop.cancel();
-    let log = log.lock().unwrap().clone();
-    log
+    log_of(&log, 3).await
 }
 
 /// Closes a hole found by a hostile review: the filter released a write's
@@ -218,15 +244,15 @@ async fn stalling_store(log: Log) -> (SocketAddr, tokio::sync::oneshot::Receiver
     (a, rx)
 }
 
-/// Closes a hole found by a hostile review: a write the barrier aborted had
-/// its upstream connection closed gracefully (hyper flushed it, then a FIN
-/// after whatever the kernel still queued), and its permit's grace started
-/// at once, so a store stalled in a GC or fsync storm read the rest of the
-/// older write whenever it woke, after the newer holder's write. The socket
-/// now lingers 0 and the connection is dropped at once: the close resets it
-/// and the kernel drops what it still queued, so the store never gets the
-/// whole older write. (What already sat in the store's own receive buffer it
-/// can still read: `--abort-grace` is for that.)
+/// A write the barrier aborts (its request not yet all sent: the client
+/// still owes its last byte) had its upstream connection closed gracefully:
+/// hyper flushed what it held, then a FIN after whatever the kernel still
+/// queued, and the permit's grace started at once, so a store stalled in a
+/// GC or fsync storm read the whole megabyte it had been sent whenever it
+/// woke, after the newer holder's write. The socket now lingers 0 and the
+/// connection is dropped at once: the close resets it and the kernel drops
+/// what it still queued, so the store reads only what its own receive buffer
+/// held (`--abort-grace` is for that), then the reset.
 #[tokio::test]
 async fn an_aborted_write_is_reset_at_the_store_not_flushed_to_it() {
     const LEN: usize = 1 << 20;
@@ -241,8 +267,8 @@ async fn an_aborted_write_is_reset_at_the_store_not_flushed_to_it() {
     .await;
     let addr: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
     let h = [("Fencing-Lock", LOCK.to_owned()), ("Fencing-Token", "1".to_owned()), ("X-Write", "1".to_owned())];
-    let mut zombie = support::RawRequest::start(addr, "/big", &h, LEN, &[]).await;
-    // Its body, all of it: what the kernels take of it, they hold.
+    let mut zombie = support::RawRequest::start(addr, "/big", &h, LEN + 1, &[]).await;
+    // Its body but the last byte: what the kernels take of it, they hold.
     let body = tokio::spawn(async move {
         let _ = zombie.send(&vec![b'z'; LEN]).await;
         zombie
@@ -264,7 +290,7 @@ async fn an_aborted_write_is_reset_at_the_store_not_flushed_to_it() {
         }
     };
     eprintln!("the store read {got} bytes of the older write, then: {end}");
-    assert!(got < LEN, "the store got the whole older write after the newer one ({got} bytes, then {end})");
+    assert!(got < LEN / 2, "the store got what was queued for it after the newer write ({got} bytes, then {end})");
     assert!(end.contains("reset"), "the connection was reset, not closed after the rest: {end} after {got} bytes");
     body.abort();
     stop.cancel();
@@ -348,4 +374,50 @@ async fn a_store_quiet_after_its_head_is_given_up_after_the_upstream_timeout() {
     let m = request("GET", &format!("{admin}/metrics"), &[], "").await.body;
     assert!(m.contains(r#"reason="upstream"} 1"#), "{m}");
     stop.cancel();
+}
+
+/// Token 1's request reaches the store whole, and the store works on it for
+/// 800 ms before it answers; token 2's write comes meanwhile, and its
+/// barrier's drain timeout (200 ms) passes first. Returns the store's log.
+async fn answered_late(abort_sent: bool) -> Vec<String> {
+    let stop = CancellationToken::new();
+    let log = Log::default();
+    let store = slow_answer_store(log.clone(), Duration::from_millis(800), stop.clone()).await;
+    let state = tempfile::tempdir().unwrap();
+    let (url, _) = filter_on(store, state.path(), &stop, |c| {
+        c.unsafe_abort_sent = abort_sent;
+        c.barrier.drain_timeout = Duration::from_millis(200);
+        c.barrier.abort_grace = Duration::from_millis(100);
+        c.max_wait = Duration::from_secs(3);
+    })
+    .await;
+    let first = tokio::spawn({
+        let url = format!("{url}/k");
+        async move {
+            let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "1"), ("X-Write", "1"), ("X-Late", "yes")];
+            request("PUT", &url, &h, "v1").await
+        }
+    });
+    while log.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    newer_write(&url, "/k").await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, if abort_sent { 409 } else { 200 }, "{}", first.body);
+    stop.cancel();
+    log_of(&log, 3).await
+}
+
+/// Closes a hole found by a hostile review: the barrier aborted an older
+/// write still waiting for its answer after `--drain-timeout` even when its
+/// request had reached the store whole, and the newer write went after
+/// `--abort-grace`; a store that goes on after a close (S3, a slow disk)
+/// applied the older one last. The barrier now aborts a write only while its
+/// request is still being sent, and waits for the rest. The control aborts
+/// it as before.
+#[tokio::test]
+async fn a_write_the_store_has_whole_is_waited_for_not_aborted() {
+    assert_eq!(answered_late(false).await, ["1 received", "1 applied", "2 applied"]);
+    let control = answered_late(true).await;
+    assert_eq!(control, ["1 received", "2 applied", "1 applied"], "the control: the older write lands last");
 }

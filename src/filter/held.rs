@@ -13,10 +13,9 @@
 //! on its upstream connection taken out of the client's ([`drain`]): the
 //! store is still at work on the write, and a close would not stop S3.
 //!
-//! The barrier does not abort a write whose answer has begun. Before the
-//! head, closing the connection can stop a write the store has not all
-//! read; after it, the store has the whole request and is working on it,
-//! and S3 goes on when its client is gone: cutting the answer off would
+//! The barrier does not abort a write whose answer has begun (nor one sent
+//! whole: `route`): the store has the whole request and is working on it,
+//! and S3 goes on when its client is gone, so cutting the answer off would
 //! only end the wait, and let the newer write go before the older one is
 //! applied. The newer holder waits for the end instead (503
 //! `fencing_barrier_timeout` with `Retry-After` past `--max-wait`). A

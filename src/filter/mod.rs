@@ -85,6 +85,9 @@ pub struct FilterConfig {
     /// head arrives, not at its end (the filter before `held`). Never in
     /// production.
     pub unsafe_release_at_head: bool,
+    /// Test-only control: the barrier aborts a write whose request was sent
+    /// whole too (the filter before it waited for those). Never in production.
+    pub unsafe_abort_sent: bool,
     pub fence_reads: bool,
     pub read_methods: ReadMethods,
     pub barrier: BarrierConfig,
@@ -117,6 +120,7 @@ impl FilterConfig {
             s3_domain: None,
             unsafe_raw_paths: false,
             unsafe_release_at_head: false,
+            unsafe_abort_sent: false,
             fence_reads: false,
             read_methods: ReadMethods::default(),
             barrier: BarrierConfig::default(),

@@ -2,7 +2,7 @@
 //! admission of its token, and the forward to the store.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
@@ -186,6 +186,20 @@ impl Filter {
         self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         entry.stats.admitted.fetch_add(1, Ordering::Relaxed);
         let started = StdInstant::now();
+        // The barrier's abort stops a write only while its request is still
+        // being sent: closing the connection then leaves the store with a
+        // request it never got whole. Once all of it is handed on, the store
+        // has it, or soon will, and may apply it whatever the filter closes
+        // (S3 goes on after a close): the write is waited for instead, up to
+        // `--upstream-timeout`.
+        let sent_all = Arc::new(AtomicBool::new(false));
+        let req = req.map(|b| b.marking_end(sent_all.clone()));
+        let aborted = async {
+            permit.aborted().await;
+            if sent_all.load(Ordering::Acquire) && !self.cfg.unsafe_abort_sent {
+                std::future::pending::<()>().await;
+            }
+        };
         let sent = match (&self.shared, cut) {
             (Some(shared), Some(cut)) => tokio::select! {
                 // The cut-off first: polled before the send, it stops a write
@@ -193,12 +207,12 @@ impl Filter {
                 // next chunk.
                 biased;
                 _ = shared.cut_off(cut) => return Err((Some(lock.clone()), FilterError::SelfFenced(lock))),
-                _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+                _ = aborted => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
                 r = up.send_body(req.map(|b| b.halted_by(super::shared::CutCheck::halt(shared, cut))), Some(peer)) => r,
             },
             _ => tokio::select! {
                 r = up.send_body(req, Some(peer)) => r,
-                _ = permit.aborted() => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+                _ = aborted => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
             },
         };
         self.upstream_latency.observe(started.elapsed());

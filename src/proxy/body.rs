@@ -74,24 +74,62 @@ pub struct RequestBody {
     /// upstream connection pulls the body whenever it is woken, even when
     /// the request's own future is not polled.
     halt: Option<std::sync::Arc<dyn Halt>>,
+    /// Set once the body's end has been handed on (see [`marking_end`](Self::marking_end)).
+    sent: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl RequestBody {
     /// The client's body, unbuffered.
     pub fn stream(b: Incoming) -> Self {
-        RequestBody { prefix: None, rest: Some(b), trailers: None, halt: None }
+        RequestBody { prefix: None, rest: Some(b), trailers: None, halt: None, sent: None }
     }
 
     /// `prefix` (already read from the client), then `rest` if the client
     /// has more, then `trailers` if the client's body ended with them.
     pub fn prefixed(prefix: Bytes, rest: Option<Incoming>, trailers: Option<http::HeaderMap>) -> Self {
-        RequestBody { prefix: (!prefix.is_empty()).then_some(prefix), rest, trailers, halt: None }
+        RequestBody { prefix: (!prefix.is_empty()).then_some(prefix), rest, trailers, halt: None, sent: None }
+    }
+
+    /// The same body, setting `sent` once its end has been handed on (at
+    /// once if it has none to send): from then on the upstream has, or will
+    /// have, the whole request.
+    pub fn marking_end(mut self, sent: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
+        if http_body::Body::is_end_stream(&self) {
+            sent.store(true, std::sync::atomic::Ordering::Release);
+        }
+        self.sent = Some(sent);
+        self
+    }
+
+    fn mark_if_ended(&self) {
+        if let (Some(sent), true) = (&self.sent, http_body::Body::is_end_stream(self)) {
+            sent.store(true, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// The same body, sending nothing more once `halt` says so.
     pub fn halted_by(mut self, halt: std::sync::Arc<dyn Halt>) -> Self {
         self.halt = Some(halt);
         self
+    }
+}
+
+impl RequestBody {
+    fn next_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        use std::task::Poll;
+        if let Some(p) = self.prefix.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(p))));
+        }
+        if let Some(rest) = self.rest.as_mut() {
+            match http_body::Body::poll_frame(std::pin::Pin::new(rest), cx) {
+                Poll::Ready(None) => self.rest = None,
+                other => return other,
+            }
+        }
+        Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))))
     }
 }
 
@@ -115,16 +153,11 @@ impl http_body::Body for RequestBody {
         if self.halt.as_ref().is_some_and(|h| h.halted()) {
             return Poll::Pending;
         }
-        if let Some(p) = self.prefix.take() {
-            return Poll::Ready(Some(Ok(http_body::Frame::data(p))));
+        let frame = self.next_frame(cx);
+        if frame.is_ready() {
+            self.mark_if_ended();
         }
-        if let Some(rest) = self.rest.as_mut() {
-            match std::pin::Pin::new(rest).poll_frame(cx) {
-                Poll::Ready(None) => self.rest = None,
-                other => return other,
-            }
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(http_body::Frame::trailers(t))))
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -101,9 +101,15 @@ impl RequestBody {
         self
     }
 
+    /// At its end, or with no byte left of a known length (an h2c client's
+    /// end of stream may come in a later frame that hyper, its `Content-Length`
+    /// written, never asks for).
     fn mark_if_ended(&self) {
-        if let (Some(sent), true) = (&self.sent, http_body::Body::is_end_stream(self)) {
-            sent.store(true, std::sync::atomic::Ordering::Release);
+        if let Some(sent) = &self.sent {
+            use http_body::Body;
+            if self.is_end_stream() || self.size_hint().exact() == Some(0) {
+                sent.store(true, std::sync::atomic::Ordering::Release);
+            }
         }
     }
 
@@ -154,8 +160,15 @@ impl http_body::Body for RequestBody {
             return Poll::Pending;
         }
         let frame = self.next_frame(cx);
-        if frame.is_ready() {
-            self.mark_if_ended();
+        match &frame {
+            // Trailers come last, and hyper may ask no more after them.
+            Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
+                if let Some(sent) = &self.sent {
+                    sent.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            Poll::Ready(_) => self.mark_if_ended(),
+            Poll::Pending => {}
         }
         frame
     }

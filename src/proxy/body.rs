@@ -94,20 +94,19 @@ impl RequestBody {
     /// once if it has none to send): from then on the upstream has, or will
     /// have, the whole request.
     pub fn marking_end(mut self, sent: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Self {
-        if http_body::Body::is_end_stream(&self) {
-            sent.store(true, std::sync::atomic::Ordering::Release);
-        }
         self.sent = Some(sent);
+        self.mark_if_ended(false);
         self
     }
 
-    /// At its end, or with no byte left of a known length (an h2c client's
-    /// end of stream may come in a later frame that hyper, its `Content-Length`
-    /// written, never asks for).
-    fn mark_if_ended(&self) {
+    /// At its end, after its trailers (hyper may ask no more after them), or
+    /// with no byte left of a known length (an h2c client's end of stream
+    /// may come in a later frame that hyper, its `Content-Length` written,
+    /// never asks for).
+    fn mark_if_ended(&self, trailers: bool) {
         if let Some(sent) = &self.sent {
             use http_body::Body;
-            if self.is_end_stream() || self.size_hint().exact() == Some(0) {
+            if trailers || self.is_end_stream() || self.size_hint().exact() == Some(0) {
                 sent.store(true, std::sync::atomic::Ordering::Release);
             }
         }
@@ -118,9 +117,7 @@ impl RequestBody {
         self.halt = Some(halt);
         self
     }
-}
 
-impl RequestBody {
     fn next_frame(
         &mut self,
         cx: &mut std::task::Context<'_>,
@@ -160,15 +157,8 @@ impl http_body::Body for RequestBody {
             return Poll::Pending;
         }
         let frame = self.next_frame(cx);
-        match &frame {
-            // Trailers come last, and hyper may ask no more after them.
-            Poll::Ready(Some(Ok(f))) if f.is_trailers() => {
-                if let Some(sent) = &self.sent {
-                    sent.store(true, std::sync::atomic::Ordering::Release);
-                }
-            }
-            Poll::Ready(_) => self.mark_if_ended(),
-            Poll::Pending => {}
+        if let Poll::Ready(r) = &frame {
+            self.mark_if_ended(matches!(r, Some(Ok(f)) if f.is_trailers()));
         }
         frame
     }

@@ -367,6 +367,7 @@ impl FilterArgs {
             // In-process tests only (`tests/in_process.rs`): no flag.
             unsafe_release_at_head: false,
             unsafe_abort_sent: false,
+            unsafe_drop_orphans: false,
             fence_reads: self.fence_reads,
             read_methods: ReadMethods::parse(&self.read_methods)?,
             barrier: BarrierConfig {

@@ -378,32 +378,46 @@ async fn a_store_quiet_after_its_head_is_given_up_after_the_upstream_timeout() {
 
 /// Token 1's request reaches the store whole, and the store works on it for
 /// 800 ms before it answers; token 2's write comes meanwhile, and its
-/// barrier's drain timeout (200 ms) passes first. Returns the store's log.
-async fn answered_late(abort_sent: bool) -> Vec<String> {
+/// barrier's drain timeout (200 ms) passes first. With `leaves`, token 1's
+/// client goes away once the store has its request. Returns the store's log.
+async fn answered_late(
+    method: &'static str,
+    leaves: bool,
+    abort_sent: bool,
+    tune: impl FnOnce(&mut FilterConfig),
+) -> Vec<String> {
     let stop = CancellationToken::new();
     let log = Log::default();
     let store = slow_answer_store(log.clone(), Duration::from_millis(800), stop.clone()).await;
     let state = tempfile::tempdir().unwrap();
     let (url, _) = filter_on(store, state.path(), &stop, |c| {
-        c.unsafe_abort_sent = abort_sent;
         c.barrier.drain_timeout = Duration::from_millis(200);
         c.barrier.abort_grace = Duration::from_millis(100);
         c.max_wait = Duration::from_secs(3);
+        c.unsafe_abort_sent = abort_sent;
+        tune(c);
     })
     .await;
     let first = tokio::spawn({
         let url = format!("{url}/k");
         async move {
             let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "1"), ("X-Write", "1"), ("X-Late", "yes")];
-            request("PUT", &url, &h, "v1").await
+            request(method, &url, &h, "v1").await
         }
     });
     while log.lock().unwrap().is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    newer_write(&url, "/k").await;
-    let first = first.await.unwrap();
-    assert_eq!(first.status, if abort_sent { 409 } else { 200 }, "{}", first.body);
+    if leaves {
+        first.abort();
+        // The filter sees its client's connection close.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        newer_write(&url, "/k").await;
+    } else {
+        newer_write(&url, "/k").await;
+        let first = first.await.unwrap();
+        assert_eq!(first.status, if abort_sent { 409 } else { 200 }, "{}", first.body);
+    }
     stop.cancel();
     log_of(&log, 3).await
 }
@@ -417,7 +431,62 @@ async fn answered_late(abort_sent: bool) -> Vec<String> {
 /// it as before.
 #[tokio::test]
 async fn a_write_the_store_has_whole_is_waited_for_not_aborted() {
-    assert_eq!(answered_late(false).await, ["1 received", "1 applied", "2 applied"]);
-    let control = answered_late(true).await;
+    assert_eq!(answered_late("PUT", false, false, |_| {}).await, ["1 received", "1 applied", "2 applied"]);
+    let control = answered_late("PUT", false, true, |_| {}).await;
     assert_eq!(control, ["1 received", "2 applied", "1 applied"], "the control: the older write lands last");
+}
+
+/// The same store, and the older holder's client goes away once the store
+/// has its request whole, before any answer (killed, or its SDK timed out):
+/// the filter carries the write on, on the upstream connection it had, to
+/// the end of its answer, and holds the newer write until then. Before (the
+/// control), the connection was closed and the permit had only its grace
+/// (100 ms here): the store went on, and the older write landed last.
+#[tokio::test]
+async fn a_write_whose_client_left_before_its_answer_holds_the_barrier_until_the_store_is_done() {
+    assert_eq!(answered_late("PUT", true, false, |_| {}).await, ["1 received", "1 applied", "2 applied"]);
+    let control = answered_late("PUT", true, false, |c| c.unsafe_drop_orphans = true).await;
+    assert_eq!(control, ["1 received", "2 applied", "1 applied"], "the control: the older write lands last");
+}
+
+/// A graceful exit waits for a write carried on after its client left (up
+/// to the end of `--shutdown-grace`): the filter's `run` returns only once
+/// the store has answered it. Before, the task reading its answer was not
+/// waited for and died with the process, with the write still being applied.
+#[tokio::test]
+async fn a_graceful_exit_waits_for_a_write_carried_on_after_its_client_left() {
+    let stop_store = CancellationToken::new();
+    let log = Log::default();
+    let store = slow_answer_store(log.clone(), Duration::from_millis(800), stop_store.clone()).await;
+    let state = tempfile::tempdir().unwrap();
+    let cfg = FilterConfig::new(format!("http://{store}"), state.path(), Protection::All(LOCK.parse().unwrap()));
+    let ((l, a), (al, aa)) = (bind().await, bind().await);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(filter::run(cfg, l, Some(al), 2, stop.clone().cancelled_owned()));
+    support::until_ready(&format!("http://{aa}"), "the in-process filter never became ready").await;
+    let first = tokio::spawn(async move {
+        let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "1"), ("X-Write", "1"), ("X-Slow", "yes")];
+        request("POST", &format!("http://{a}/big?uploadId=u1"), &h, "<CompleteMultipartUpload/>").await
+    });
+    while !log.lock().unwrap().iter().any(|e| e == "1 answered 200") {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let asked = Instant::now();
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run).await.expect("the filter exits").unwrap().unwrap();
+    let exited = asked.elapsed();
+    assert_eq!(*log.lock().unwrap(), ["1 answered 200", "1 applied"], "exited after {exited:?}");
+    stop_store.cancel();
+}
+
+/// A read (`--fence-reads`) changes nothing: one whose client leaves before
+/// its answer is closed, not carried on, and holds no newer write up (else a
+/// client could have the filter download big objects for it, holding the
+/// barrier, and leave).
+#[tokio::test]
+async fn a_fenced_read_whose_client_left_is_not_carried_on() {
+    let log = answered_late("GET", true, false, |c| c.fence_reads = true).await;
+    assert_eq!(log, ["1 received", "2 applied", "1 applied"]);
 }

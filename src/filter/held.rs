@@ -10,7 +10,7 @@
 //! ends (at once: the store has answered), or after `abort_grace` when it
 //! fails before its end. An answer whose client goes away first (or is
 //! closed by `--send-timeout`) is read on to its end by a task of its own,
-//! on its upstream connection taken out of the client's ([`drain`]): the
+//! on its upstream connection taken out of the client's ([`orphan`]): the
 //! store is still at work on the write, and a close would not stop S3.
 //!
 //! The barrier does not abort a write whose answer has begun (nor one sent
@@ -35,7 +35,7 @@ use hyper::body::Incoming;
 use super::admission::Permit;
 use super::error::FilterError;
 use super::shared::Shared;
-use super::Filter;
+use super::{orphan, Filter};
 use crate::proxy::{self, BoxError, UpstreamError};
 use crate::token::LockName;
 
@@ -44,7 +44,7 @@ type CutOff = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// A write's answer holding its [`Permit`]; see the module docs.
 pub struct Held {
-    /// `None` only once dropped (handed to [`drain`]).
+    /// `None` only once dropped (handed to [`orphan::read_on`]).
     inner: Option<Incoming>,
     /// `None` once released (the answer ended, or was cut off).
     permit: Option<Permit>,
@@ -169,45 +169,8 @@ impl Drop for Held {
         }
         // Before it: the client is gone (or was closed), and the store is
         // still at work on the write.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let conn = proxy::upstream::detach_current();
-            rt.spawn(drain(body, conn, permit, self.filter.cfg.upstream_timeout));
-        }
-        // No runtime (the process is leaving): the permit's own drop keeps
-        // the write in flight for the grace.
-    }
-}
-
-/// The client went away before the store's answer ended, and the store may
-/// still apply the write (S3 goes on after a close): the answer is read to
-/// its end here, on the upstream connection taken out of the client's
-/// connection, and only then is the permit released. An answer that breaks
-/// off, or sends nothing for `quiet` (`--upstream-timeout`), leaves the
-/// permit its grace. This task owns the permit; it ends with the answer.
-async fn drain(
-    mut body: Incoming,
-    conn: Option<proxy::upstream::Detached>,
-    permit: Permit,
-    quiet: std::time::Duration,
-) {
-    use http_body_util::BodyExt;
-    let ended = async move {
-        loop {
-            match tokio::time::timeout(quiet, body.frame()).await {
-                Ok(None) => return body.size_hint().lower() == 0,
-                Ok(Some(Ok(frame))) if frame.is_trailers() => return true,
-                Ok(Some(Ok(_))) => {}
-                Ok(Some(Err(_))) | Err(_) => return false,
-            }
-        }
-    };
-    let ended = match conn {
-        Some(conn) => conn.drive_until(ended).await,
-        None => ended.await,
-    };
-    if ended {
-        permit.complete();
-    } else {
-        tracing::info!(lock = permit.lock().as_str(), "a write's answer, read on after its client left, broke off");
+        let conn = proxy::upstream::detach_current();
+        let left = orphan::Left::InAnswer(body);
+        self.filter.spawn_orphan(orphan::read_on(left, conn, permit, self.filter.clone(), self.cut));
     }
 }

@@ -33,6 +33,7 @@ pub mod error;
 pub mod form;
 mod held;
 pub mod metrics;
+mod orphan;
 pub mod repair;
 pub mod rules;
 pub mod ruleset;
@@ -88,6 +89,10 @@ pub struct FilterConfig {
     /// Test-only control: the barrier aborts a write whose request was sent
     /// whole too (the filter before it waited for those). Never in production.
     pub unsafe_abort_sent: bool,
+    /// Test-only control: a write whose client leaves before its answer's
+    /// head is closed and given `--abort-grace`, even when the store has its
+    /// request whole (the filter before `orphan`). Never in production.
+    pub unsafe_drop_orphans: bool,
     pub fence_reads: bool,
     pub read_methods: ReadMethods,
     pub barrier: BarrierConfig,
@@ -121,6 +126,7 @@ impl FilterConfig {
             unsafe_raw_paths: false,
             unsafe_release_at_head: false,
             unsafe_abort_sent: false,
+            unsafe_drop_orphans: false,
             fence_reads: false,
             read_methods: ReadMethods::default(),
             barrier: BarrierConfig::default(),
@@ -147,6 +153,9 @@ pub struct Filter {
     shutting_down: AtomicBool,
     registry: Registry,
     shared: Option<Arc<shared::Shared>>,
+    /// The tasks carrying writes on after their clients left (see
+    /// [`orphan`]); a graceful exit waits for them.
+    orphans: tokio_util::task::TaskTracker,
 }
 
 /// Why the filter would not start.
@@ -239,6 +248,7 @@ impl Filter {
                 shutting_down: AtomicBool::new(false),
                 registry,
                 shared,
+                orphans: tokio_util::task::TaskTracker::new(),
             }
         })
     }

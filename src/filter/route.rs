@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::error::FilterError;
 use super::held::Held;
+use super::orphan::{SendFuture, Sending};
 use super::rules::{self, Targets};
 use super::{admission, form, s3, Filter, Store};
 use crate::proxy::{self, Body, RequestBody, Upstream};
@@ -151,7 +152,7 @@ impl Filter {
     /// stripped by [`handle`](Self::handle).
     async fn route(
         self: Arc<Self>,
-        up: &Upstream,
+        up: &Arc<Upstream>,
         req: Request<Incoming>,
         peer: SocketAddr,
         is_write: bool,
@@ -194,25 +195,48 @@ impl Filter {
         // `--upstream-timeout`.
         let sent_all = Arc::new(AtomicBool::new(false));
         let req = req.map(|b| b.marking_end(sent_all.clone()));
-        let aborted = async {
-            permit.aborted().await;
-            if sent_all.load(Ordering::Acquire) && !self.cfg.unsafe_abort_sent {
-                std::future::pending::<()>().await;
+        let aborted = {
+            let (aborted, sent_all, abort_sent) = (permit.aborted(), &sent_all, self.cfg.unsafe_abort_sent);
+            async move {
+                aborted.await;
+                if sent_all.load(Ordering::Acquire) && !abort_sent {
+                    std::future::pending::<()>().await;
+                }
             }
         };
-        let sent = match (&self.shared, cut) {
+        // The send is boxed so that it can move to a task of its own if the
+        // client leaves once the store has the request whole (`orphan`).
+        let send: SendFuture = match (&self.shared, cut) {
+            (Some(shared), Some(cut)) => {
+                let halt = super::shared::CutCheck::halt(shared, cut);
+                Box::pin(up.clone().send_body_owned(req.map(|b| b.halted_by(halt)), Some(peer)))
+            }
+            _ => Box::pin(up.clone().send_body_owned(req, Some(peer))),
+        };
+        let carry_on = is_write && !self.cfg.unsafe_release_at_head;
+        let mut sending = Sending::new(send, permit, &sent_all, &self, cut, carry_on);
+        let (sent, permit) = match (&self.shared, cut) {
             (Some(shared), Some(cut)) => tokio::select! {
                 // The cut-off first: polled before the send, it stops a write
                 // at its next poll after the deadline; its body stops at its
                 // next chunk.
                 biased;
-                _ = shared.cut_off(cut) => return Err((Some(lock.clone()), FilterError::SelfFenced(lock))),
-                _ = aborted => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
-                r = up.send_body(req.map(|b| b.halted_by(super::shared::CutCheck::halt(shared, cut))), Some(peer)) => r,
+                _ = shared.cut_off(cut) => {
+                    sending.give_up();
+                    return Err((Some(lock.clone()), FilterError::SelfFenced(lock)));
+                }
+                _ = aborted => {
+                    sending.give_up();
+                    return Err((Some(lock.clone()), FilterError::Aborted(lock)));
+                }
+                r = &mut sending => r,
             },
             _ => tokio::select! {
-                r = up.send_body(req, Some(peer)) => r,
-                _ = aborted => return Err((Some(lock.clone()), FilterError::Aborted(lock))),
+                r = &mut sending => r,
+                _ = aborted => {
+                    sending.give_up();
+                    return Err((Some(lock.clone()), FilterError::Aborted(lock)));
+                }
             },
         };
         self.upstream_latency.observe(started.elapsed());
@@ -226,7 +250,10 @@ impl Filter {
             Ok(resp) => Ok(resp.map(|b| Body::new(Held::new(b, permit, self.clone(), cut)))),
             // Dropping the permit without complete() keeps it in flight for
             // abort_grace: the store may still apply a write we gave up on.
-            Err(e) => Err((Some(lock), e.into())),
+            Err(e) => {
+                drop(permit);
+                Err((Some(lock), e.into()))
+            }
         }
     }
 

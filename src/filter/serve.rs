@@ -2,9 +2,10 @@
 //! worker thread, and the admin server; and the order of a graceful exit.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Filter, FilterConfig, StartError};
@@ -43,13 +44,19 @@ pub async fn serve(
     let stop = CancellationToken::new();
     let stop2 = stop.clone();
     let f2 = filter.clone();
+    // When the shutdown grace ends: the writes carried on after their
+    // clients left are waited for until then, as the connections are.
+    let grace_end = Arc::new(OnceLock::new());
+    let (grace_end2, grace) = (grace_end.clone(), filter.cfg.limits.shutdown_grace);
     // This task owns the translation of the caller's shutdown future into a
     // token every server can watch; it ends with the shutdown.
     tokio::spawn(async move {
         shutdown.await;
+        let _ = grace_end2.set(Instant::now() + grace);
         f2.shutting_down.store(true, Ordering::Relaxed);
         stop2.cancel();
     });
+    let grace_end = move || grace_end.get().copied().unwrap_or_else(Instant::now);
     tracing::info!(listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         upstream = %filter.upstream_base, state_dir = %filter.cfg.state_dir.display(), workers, "filter serving");
     let limits = filter.cfg.limits.clone();
@@ -57,27 +64,17 @@ pub async fn serve(
     // (the admin port has its own, so probes get through a full proxy).
     let cap = proxy::connection_cap(&limits);
     let std_listener = listener.into_std()?;
-    let mut threads = Vec::new();
-    for i in 1..workers.max(1) {
-        let l = std_listener.try_clone()?;
-        let (f, stop, limits, cap) = (filter.clone(), stop.clone(), limits.clone(), cap.clone());
-        threads.push(std::thread::Builder::new().name(format!("fencegate-filter-{i}")).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a worker runtime");
-            rt.block_on(async move {
-                let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
-                let up = Arc::new(Filter::client(&f.cfg).expect("validated at open"));
-                proxy::serve_capped(
-                    listener,
-                    None,
-                    limits,
-                    cap,
-                    move |req, peer| f.clone().handle(up.clone(), req, peer),
-                    stop.cancelled_owned(),
-                )
-                .await;
-            });
-        })?);
-    }
+    let (f, stop2, limits2, cap2, grace_end2) =
+        (filter.clone(), stop.clone(), limits.clone(), cap.clone(), grace_end.clone());
+    let loops =
+        proxy::loops::spawn(&std_listener, workers.max(1) - 1, "fencegate-filter", move |listener| async move {
+            let up = Arc::new(Filter::client(&f.cfg).expect("validated at open"));
+            let f2 = f.clone();
+            let handler = move |req, peer| f2.clone().handle(up.clone(), req, peer);
+            proxy::serve_capped(listener, None, limits2, cap2, handler, stop2.cancelled_owned()).await;
+            // This runtime drives its own until then; they die with it.
+            f.settle_orphans(grace_end2()).await;
+        })?;
     let listener = TcpListener::from_std(std_listener)?;
     let up = Arc::new(Filter::client(&filter.cfg).expect("validated at open"));
     let f = filter.clone();
@@ -97,12 +94,8 @@ pub async fn serve(
         }
         None => main.await,
     }
-    let _ = tokio::task::spawn_blocking(move || {
-        threads.into_iter().for_each(|t| {
-            let _ = t.join();
-        })
-    })
-    .await;
+    filter.settle_orphans(grace_end()).await;
+    loops.join().await;
     if let Some(sh) = &filter.shared {
         // A write cut off at the end of the grace (or still streaming on a
         // worker thread) may yet be applied by the store. Stop admitting,
@@ -110,6 +103,10 @@ pub async fn serve(
         // the other replicas stop waiting for this one.
         sh.stop_writing();
         filter.locks.abort_all();
+        // The cut reaches writes still carried on after their clients left
+        // (this runtime's) at their next poll: their connections are closed
+        // before the grace starts.
+        filter.settle_orphans(Instant::now() + std::time::Duration::from_secs(1)).await;
         filter.settle_before_leaving().await;
         sh.revoke().await;
     }

@@ -1,6 +1,7 @@
 //! Shared hyper plumbing, one part per job:
 //!
 //! * [`server`]: the accept loop with limits and graceful shutdown;
+//! * [`loops`]: more accept loops on one socket, a thread each (nginx-style);
 //! * [`upstream`]: forwarding to the store (a per-connection upstream, or a pool);
 //! * [`headers`]: hop-by-hop headers and `X-Forwarded-For`;
 //! * [`body`]: response bodies and JSON / text answers;
@@ -16,6 +17,7 @@ pub mod client;
 mod gate;
 pub mod headers;
 mod idle;
+pub mod loops;
 pub mod server;
 pub mod signal;
 pub mod upstream;

@@ -139,9 +139,12 @@ pub struct Permit {
 }
 
 impl Permit {
-    /// Resolves when a newer token's barrier aborts this write.
-    pub async fn aborted(&self) {
-        self.entry.abort.aborted(self.token).await
+    /// Resolves when a newer token's barrier aborts this write. The future
+    /// owns what it watches: the permit may move (to a task that reads an
+    /// answer on, `filter::orphan`) while it is polled.
+    pub fn aborted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (entry, t) = (self.entry.clone(), self.token);
+        async move { entry.abort.aborted(t).await }
     }
 
     pub fn token(&self) -> u64 {

@@ -39,7 +39,7 @@ pub(super) struct CutSignal {
 }
 
 impl CutSignal {
-    fn cut(&self) {
+    pub(super) fn cut(&self) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.notify.notify_waiters();
     }

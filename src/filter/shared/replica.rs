@@ -66,6 +66,10 @@ impl Shared {
     /// that check are the caller's to abort and wait out (`filter::serve`).
     pub fn stop_writing(&self) {
         *self.valid_until.lock() = None;
+        // Cut off at once what is still in flight (answers read on after
+        // their clients left too), not at the deadline watcher's next look:
+        // the leaving replica's grace counts from here.
+        self.cut.cut();
     }
 
     /// The last step of a graceful exit: revokes the registration, so raises

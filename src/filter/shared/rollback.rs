@@ -102,7 +102,7 @@ pub(super) fn fail_closed(shared: &Arc<Shared>, locks: &Arc<Locks>, why: String)
         "{why}: this replica forwards no write until it is restarted; it puts its marks back in etcd and leaves the \
          replica set. See the README: etcd restored from a snapshot."
     );
-    // Writes in flight are cut off by the cut-off watcher within its step.
+    // Writes in flight are cut off here too (`stop_writing`).
     shared.stop_writing();
     let (shared, locks) = (shared.clone(), locks.clone());
     tokio::spawn(async move {

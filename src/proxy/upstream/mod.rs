@@ -44,11 +44,13 @@ pub fn abandon_current() {
     let _ = SLOT.try_with(|s| s.abandon());
 }
 
-/// Takes the current connection task's own upstream connection out of it,
-/// to be driven elsewhere: for an answer that must be read to its end after
-/// its client is gone. Outside a connection task (or with none open), `None`.
+/// Hands the current connection task's own upstream connection (the one
+/// open now, and any a request in flight opens later) to be driven
+/// elsewhere: for a request whose answer must be read to its end after its
+/// client is gone. Outside a connection task, `None` (a pooled connection
+/// is driven by its own task).
 pub fn detach_current() -> Option<Detached> {
-    SLOT.try_with(|s| s.detach()).ok().flatten()
+    SLOT.try_with(|s| s.detach()).ok()
 }
 
 /// A client for one upstream base URL: per-connection upstreams where the
@@ -194,6 +196,17 @@ impl Upstream {
         req: Request<RequestBody>,
         peer: Option<SocketAddr>,
     ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + '_ {
+        Self::send_via(self, req, peer)
+    }
+
+    /// [`send_body`](Self::send_body), the future owning its `Upstream`:
+    /// one that may outlive its caller (the filter reads a write's answer
+    /// on after its client left).
+    pub fn send_body_owned(
+        self: Arc<Self>,
+        req: Request<RequestBody>,
+        peer: Option<SocketAddr>,
+    ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'static {
         Self::send_via(self, req, peer)
     }
 

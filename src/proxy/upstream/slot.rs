@@ -38,6 +38,10 @@ pub struct ConnSlot {
     /// The response timeout's timer, kept from one request to the next
     /// (see [`ConnSlot::within`]).
     timer: parking_lot::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+    /// Set once a request that outlives its client drives this slot's
+    /// upstream connection ([`Detached`]): the connection task, about to
+    /// end with its client's connection, polls it no more.
+    taken: AtomicBool,
 }
 
 #[derive(Default)]
@@ -78,6 +82,14 @@ impl ConnSlot {
     }
 
     fn poll_drive(&self, cx: &mut Context<'_>) {
+        if !self.taken.load(SeqCst) {
+            let _ = self.poll_conn(cx);
+        }
+    }
+
+    /// Polls the upstream connection, if there is one; `Ready` when it has
+    /// just ended.
+    fn poll_conn(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.waker.register(cx.waker());
         let mut g = self.inner.lock();
         if let Some(c) = g.conn.as_mut() {
@@ -89,8 +101,10 @@ impl ConnSlot {
                 // the next request opens a new one.
                 g.conn = None;
                 g.sender = None;
+                return Poll::Ready(());
             }
         }
+        Poll::Pending
     }
 
     /// `fut`, or `Err` if it has not finished `timeout` from now. One timer
@@ -132,12 +146,13 @@ impl ConnSlot {
         drop((sender, conn));
     }
 
-    /// Takes the upstream connection out of the slot, to be driven
-    /// elsewhere ([`Detached`]).
-    pub(super) fn detach(&self) -> Option<Detached> {
-        let mut g = self.inner.lock();
-        g.sender = None;
-        g.conn.take().map(Detached)
+    /// Hands the driving of this slot's upstream connection, the one open
+    /// now and any a request still in flight opens later, to the caller
+    /// ([`Detached`]). Only when the client's connection is ending (hyper
+    /// drops a request's future only with its HTTP/1 connection).
+    pub(super) fn detach(self: &Arc<Self>) -> Detached {
+        self.taken.store(true, SeqCst);
+        Detached(self.clone())
     }
 
     pub(super) fn install(&self, authority: HeaderValue, conn: UpConn) {
@@ -151,27 +166,33 @@ impl ConnSlot {
     }
 }
 
-/// An upstream connection taken out of its downstream connection's slot
-/// ([`super::detach_current`]): what it was answering outlives the client.
-pub struct Detached(Pin<Box<UpConn>>);
+/// A slot whose upstream connection outlives its client
+/// ([`super::detach_current`]): what it was answering is read on, in
+/// another task. Dropping it closes the connection.
+pub struct Detached(Arc<ConnSlot>);
 
 impl Detached {
-    /// Drives the connection until `fut` (which reads its answer) resolves;
-    /// the connection is then dropped. A connection that ends first breaks
-    /// its answer off, which `fut` then sees.
+    /// Drives the slot's upstream connection (one a request in flight opens
+    /// later too: installing it wakes this) until `fut` (which reads its
+    /// answer) resolves; the connection is then closed. A connection that
+    /// ends first breaks its answer off, which `fut` then sees.
     pub async fn drive_until<F: Future>(self, fut: F) -> F::Output {
-        let mut conn = Some(self.0);
         let mut fut = std::pin::pin!(fut);
-        std::future::poll_fn(move |cx| loop {
+        std::future::poll_fn(|cx| loop {
             if let Poll::Ready(out) = fut.as_mut().poll(cx) {
                 return Poll::Ready(out);
             }
-            match conn.as_mut().map(|c| c.as_mut().poll(cx)) {
-                Some(Poll::Ready(_)) => conn = None,
-                _ => return Poll::Pending,
+            if self.0.poll_conn(cx).is_pending() {
+                return Poll::Pending;
             }
         })
         .await
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 

@@ -1,0 +1,51 @@
+//! More event loops for one listening socket, nginx-style: each on a thread
+//! of its own with a current-thread runtime, accepting on its own clone of
+//! the socket. A request then stays on one thread from accept to answer (no
+//! work stealing, no cross-thread wake-ups); only what the caller shares
+//! between its loops is shared. The caller's runtime runs one more loop.
+
+use std::future::Future;
+use std::thread::JoinHandle;
+
+use tokio::net::TcpListener;
+
+/// The threads of [`spawn`]: owned by its caller, which joins them
+/// ([`Loops::join`]) once their loops have been told to stop.
+#[derive(Debug, Default)]
+pub struct Loops(Vec<JoinHandle<()>>);
+
+/// Starts `extra` threads named `name-1`, `name-2`..., each running
+/// `serve(listener)` on a current-thread runtime of its own, `listener` a
+/// clone of `listening` registered with it. `serve` should end when the
+/// caller's shutdown comes (it is the caller's accept loop, given the same
+/// stop signal).
+pub fn spawn<F, Fut>(listening: &std::net::TcpListener, extra: usize, name: &str, serve: F) -> std::io::Result<Loops>
+where
+    F: FnOnce(TcpListener) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let mut threads = Vec::with_capacity(extra);
+    for i in 1..=extra {
+        let (l, serve) = (listening.try_clone()?, serve.clone());
+        threads.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a worker runtime");
+            rt.block_on(async move {
+                let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
+                serve(listener).await;
+            });
+        })?);
+    }
+    Ok(Loops(threads))
+}
+
+impl Loops {
+    /// Waits for every thread to end (off the caller's runtime).
+    pub async fn join(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            self.0.into_iter().for_each(|t| {
+                let _ = t.join();
+            })
+        })
+        .await;
+    }
+}

@@ -39,6 +39,11 @@ WRK_LUA = os.path.join(ROOT, "bench/wrk.lua")
 OUT = os.path.join(ROOT, "bench/results")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+# Worker processes / threads of each nginx and HAProxy hop and event loops of each fencegate hop (sidecar and
+# filter: `--worker-threads`), the same for all, so that a machine with more CPUs compares like with like.
+# BENCH_SIDECAR_WORKERS=1 measures the sidecar as it runs by default (one app instance, one loop).
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+SIDECAR_WORKERS = int(os.environ.get("BENCH_SIDECAR_WORKERS", str(WORKERS)))
 TTL = "2s"
 LOCK = "bench"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -162,10 +167,13 @@ def nginx_conf(work, name, port, body):
     d = os.path.join(work, name)
     os.makedirs(os.path.join(d, "tmp"), exist_ok=True)
     user = "user www-data www-data;" if os.geteuid() == 0 else ""
+    # WebDAV's PROPFIND and friends, where the module is installed (the bench itself sends GETs and PUTs only).
+    dav_ext = "/usr/lib/nginx/modules/ngx_http_dav_ext_module.so"
+    load = f"load_module {dav_ext};" if os.path.exists(dav_ext) else ""
     conf = f"""{user}
-load_module /usr/lib/nginx/modules/ngx_http_dav_ext_module.so;
+{load}
 daemon off;
-worker_processes 2;
+worker_processes {WORKERS};
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -216,7 +224,7 @@ def start_haproxy(work, name, upstream, add_headers):
     port = free_port()
     hdrs = f"  http-request set-header Fencing-Lock {LOCK}\n  http-request set-header Fencing-Token 1\n" if add_headers else ""
     conf = f"""global
-  nbthread 2
+  nbthread {WORKERS}
   maxconn 8192
 defaults
   mode http
@@ -254,7 +262,7 @@ def start_filter(work, store_port, extra=(), state=None):
     port, admin = free_port(), free_port()
     state = state or tempfile.mkdtemp(prefix="fg-bench-state-", dir=work)
     args = [BIN, "filter", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-            "--upstream", f"http://127.0.0.1:{store_port}", "--state-dir", state, *extra]
+            "--upstream", f"http://127.0.0.1:{store_port}", "--state-dir", state, "--worker-threads", str(WORKERS), *extra]
     p = start(f"filter-{port}", args, work, {"RUST_LOG": "warn"})
     wait_port(admin)
     return p, port, admin
@@ -264,7 +272,7 @@ def start_sidecar(work, etcd, holder, upstream_port, fence_admin, ports=None, lo
     port, admin = ports or (free_port(), free_port())
     args = [BIN, "sidecar", "--etcd", etcd, "--lock", lock, "--holder", holder, "--ttl", TTL,
             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-            "--upstream", f"http://127.0.0.1:{upstream_port}"]
+            "--upstream", f"http://127.0.0.1:{upstream_port}", "--worker-threads", str(SIDECAR_WORKERS)]
     if fence_admin:
         args += ["--fence", f"http://127.0.0.1:{fence_admin}"]
     p = start(f"sidecar-{holder}", args, work, {"RUST_LOG": "warn"})
@@ -613,6 +621,8 @@ def replicas(work, store_port, etcd):
 
 
 def profile(work, store_port, etcd):
+    if not shutil.which("perf"):
+        return ["perf missing: no profile (bench/run.sh installs it)"]
     f, fport, fadmin = start_filter(work, store_port, ["--lock", LOCK])
     sc, sport, sadmin = start_sidecar(work, etcd, "prof", fport, fadmin)
     wait_holding(sadmin)
@@ -688,7 +698,8 @@ def main():
             summary[name][case]["errors"] = sum(r["socket_errors"] + r["status_errors"] for r in runs)
     result = {
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-        "settings": {"seconds_per_case": SECONDS, "rounds": ROUNDS, "ttl": TTL},
+        "settings": {"seconds_per_case": SECONDS, "rounds": ROUNDS, "ttl": TTL, "workers": WORKERS,
+                     "sidecar_workers": SIDECAR_WORKERS},
         "summary": summary, "peak_rss_kib": rss, "peak_rss_kib_fencegate": rss_each, "sidecar_idle_rss_kib": idle_rss,
         "failover_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo.items()},
         "failover_verified_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo_v.items()},
@@ -708,6 +719,8 @@ def report(r):
     out = [f"# fencegate benchmark\n",
            f"{r['machine']['cpus']} CPUs, {r['settings']['rounds']} rounds x {r['settings']['seconds_per_case']} s per case, "
            "medians. wrk, keep-alive connections, loopback. Ratios are to nginx's two hops in the same run.\n",
+           f"Workers per hop: nginx and HAProxy {r['settings'].get('workers', 2)}, fencegate's filter "
+           f"{r['settings'].get('workers', 2)} event loops, its sidecar {r['settings'].get('sidecar_workers', 1)}.\n",
            "| case | path | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req (both hops) | req/s vs nginx | p99 vs nginx |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in s["direct"]:

@@ -407,7 +407,8 @@ impl FilterArgs {
 /// Logging and runtime options.
 #[derive(Args, Debug, Clone)]
 pub struct LogArgs {
-    /// Runtime worker threads (default: 1 for the sidecar, one per CPU otherwise). 1 runs everything on one thread.
+    /// Worker threads: the proxies' event loops, a thread each accepting on the one socket (default: 1 for the
+    /// sidecar, one per CPU for the filter); the injector's runtime threads. 1 runs everything on one thread.
     #[arg(long, global = true, env = "FENCEGATE_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
     /// Log format: `text` or `json`.

@@ -49,15 +49,14 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // One thread: a current-thread runtime (no work stealing, no cross-thread
-    // wake-ups). More: the multi-thread scheduler.
-    // A sidecar serves one app instance: one thread unless told otherwise
-    // (bench/bench.py measured it cheaper per request than the work-stealing
-    // scheduler on a busy node). The filter and the injector use every CPU.
+    // wake-ups). More: the multi-thread scheduler (the injector), or, for the
+    // proxies, more event loops that they run themselves, a thread each
+    // (nginx-style, `proxy::loops`), with a current-thread main runtime.
+    // A sidecar serves one app instance: one loop unless told otherwise.
+    // The filter and the injector use every CPU.
     let threads = cli.log.worker_threads.or(matches!(cli.cmd, Cmd::Sidecar(_)).then_some(1));
-    // The filter runs one event loop per thread itself (see filter::serve):
-    // its main runtime is a current-thread one.
     let rt = match (&cli.cmd, threads) {
-        (Cmd::Filter(_), _) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        (Cmd::Filter(_) | Cmd::Sidecar(_), _) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         (_, t) => match t {
             Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
             Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.max(1)).enable_all().build(),
@@ -117,7 +116,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
         }
         Cmd::Sidecar(args) => {
-            let cfg = args.config().map_err(anyhow::Error::msg)?;
+            let mut cfg = args.config().map_err(anyhow::Error::msg)?;
+            cfg.workers = cli.log.worker_threads.unwrap_or(1).max(1);
             let backend =
                 Arc::new(fencegate::lease::etcd::EtcdBackend::new(args.etcd.options().map_err(anyhow::Error::msg)?));
             let (listener, admin) = (bind(args.listen).await?, bind(args.admin_listen).await?);

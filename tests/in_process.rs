@@ -178,6 +178,76 @@ async fn sidecar_in_process(stop: &CancellationToken, store: SocketAddr) -> (Str
     (format!("http://{a}"), admin)
 }
 
+/// Waits (up to 5 s: a thread names itself once it runs) until this process
+/// has `n` threads whose name starts with `prefix` (Linux shows the first 15
+/// bytes of a thread's name); the last count seen.
+async fn threads_named(prefix: &str, n: usize) -> usize {
+    let count = || {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.starts_with(prefix))
+            .count()
+    };
+    for _ in 0..250 {
+        if count() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    count()
+}
+
+/// `--worker-threads 3`: the sidecar's proxy runs three event loops (two
+/// threads of its own), all accepting on the one socket, each write given
+/// the token and each loop refusing writes once the lock is released; at
+/// shutdown its threads are joined before `run` returns (the lease is
+/// revoked only after every loop's writes are over).
+#[tokio::test]
+async fn the_sidecar_serves_its_app_on_several_event_loops() {
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    let f = filter(Protection::All("jobs".parse().unwrap())).await;
+    let mut keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
+    keeper.release_pause = Duration::from_secs(30);
+    let mut cfg = SidecarConfig::new(keeper, f.url.clone());
+    cfg.workers = 3;
+    let ((l, a), (al, aa)) = (bind().await, bind().await);
+    let run = tokio::spawn(sidecar::run(cfg, Arc::new(Embedded::new()), l, al, None, stop.clone().cancelled_owned()));
+    let (url, admin) = (format!("http://{a}"), format!("http://{aa}"));
+    support::until_ready(&admin, "the in-process sidecar never held the lock").await;
+    assert_eq!(threads_named("fencegate-sidec", 2).await, 2, "two loops of the sidecar's own");
+    let token = request("GET", &format!("{admin}/v1/lock"), &[], "").await.json()["token"].as_u64().unwrap();
+
+    // Each on a connection of its own: the kernel hands them to the loops.
+    let writes = (0..24).map(|i| {
+        let url = format!("{url}/obj{i}");
+        tokio::spawn(async move { request("PUT", &url, &[], &format!("v{i}")).await.status })
+    });
+    for (i, w) in writes.enumerate() {
+        assert!(w.await.unwrap() < 300, "write {i}");
+        assert_eq!(f.store.get(&format!("/obj{i}")), Some(format!("v{i}")));
+    }
+    let locks = request("GET", &format!("{}/v1/locks", f.admin), &[], "").await.json();
+    assert_eq!(locks["locks"][0]["highest"].as_u64(), Some(token));
+
+    let r = request("POST", &format!("{admin}/v1/lock/release"), &[], "").await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let refused = (0..12).map(|i| {
+        let url = format!("{url}/late{i}");
+        tokio::spawn(async move { request("PUT", &url, &[], "late").await })
+    });
+    for r in refused {
+        let r = r.await.unwrap();
+        assert_eq!((r.status, r.error_code().as_str()), (503, "lease_not_held"));
+    }
+    assert!((0..12).all(|i| f.store.get(&format!("/late{i}")).is_none()));
+
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), run).await.expect("the sidecar stops").unwrap().unwrap();
+    assert_eq!(threads_named("fencegate-sidec", 0).await, 0, "its loops' threads are joined");
+}
+
 #[tokio::test]
 async fn the_sidecar_injects_its_token_strips_forged_ones_and_answers_its_local_api() {
     let stop = CancellationToken::new();

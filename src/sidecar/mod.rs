@@ -60,6 +60,10 @@ pub struct SidecarConfig {
     pub connect_timeout: Duration,
     pub upstream_timeout: Duration,
     pub limits: ServerLimits,
+    /// Event loops of the egress proxy (`--worker-threads`; 1: one thread
+    /// for everything). More run nginx-style, a thread each accepting on
+    /// the same socket ([`proxy::loops`]).
+    pub workers: usize,
 }
 
 impl SidecarConfig {
@@ -78,6 +82,7 @@ impl SidecarConfig {
             connect_timeout: Duration::from_secs(5),
             upstream_timeout: Duration::from_secs(60),
             limits: ServerLimits::default(),
+            workers: 1,
         }
     }
 }
@@ -131,14 +136,18 @@ pub async fn run(
     health: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), String> {
-    let upstream = Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?
-        .with_host(cfg.upstream_host.as_deref())?;
+    let upstream = upstream_of(&cfg)?;
     let sc = Sidecar::start(cfg, backend);
-    serve(sc, upstream, listener, admin, health, shutdown).await;
-    Ok(())
+    serve(sc, upstream, listener, admin, health, shutdown).await.map_err(|e| format!("the proxy's socket: {e}"))
 }
 
-/// Serves a started sidecar (see [`run`]).
+/// A new upstream client (with its own pool) for `cfg`'s `--upstream`.
+fn upstream_of(cfg: &SidecarConfig) -> Result<Upstream, String> {
+    Upstream::new(&cfg.upstream, cfg.connect_timeout, cfg.upstream_timeout)?.with_host(cfg.upstream_host.as_deref())
+}
+
+/// Serves a started sidecar (see [`run`]); `upstream` is the first event
+/// loop's (each other loop makes its own from the config, with its own pool).
 pub async fn serve(
     sc: Arc<Sidecar>,
     upstream: Upstream,
@@ -146,13 +155,12 @@ pub async fn serve(
     admin: TcpListener,
     health: Option<TcpListener>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) {
+) -> std::io::Result<()> {
     let limits = sc.cfg.limits.clone();
     // Which token the writes in flight may go on under, kept by one task for
     // all of them; owned here, closed and aborted once the proxy and the
     // keeper have stopped.
     let safe = safe::SafeToken::new(sc.status());
-    let safe_task = tokio::spawn(safe.clone().keep());
     let svc = proxy_service(&sc, upstream, &safe);
 
     let stop_proxy = CancellationToken::new();
@@ -162,25 +170,25 @@ pub async fn serve(
         admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         lock = %sc.cfg.keeper.lock, holder = %sc.cfg.keeper.holder, "sidecar serving"
     );
-    let proxy_task = proxy::serve(
-        listener,
-        limits.clone(),
-        move |req: Request<Incoming>, _peer| {
-            // Every layer here passes `poll_ready` on to a `service_fn`, which
-            // is always ready: the call is made at once, and the future is
-            // the layers' (boxed). A `oneshot` future would hold the service
-            // and the request until its first poll, and this future is
-            // copied whole at each move.
-            let mut svc = svc.clone();
-            let ready = svc.poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-            let fut = match ready {
-                std::task::Poll::Ready(Ok(())) => futures_util::future::Either::Left(svc.call(req)),
-                _ => futures_util::future::Either::Right(svc.oneshot(req)),
-            };
-            fut.map(|r| r.unwrap_or_else(|never| match never {}))
-        },
-        stop_proxy.clone().cancelled_owned(),
-    );
+    // One connection cap for every loop accepting on the proxy's socket
+    // (the admin port has its own, so probes get through a full proxy).
+    let cap = proxy::connection_cap(&limits);
+    let (listener, loops) = match sc.cfg.workers {
+        0 | 1 => (listener, proxy::loops::Loops::default()),
+        n => {
+            let listening = listener.into_std()?;
+            let listener = TcpListener::from_std(listening.try_clone()?)?;
+            let (sc2, safe2, limits2, cap2, stop2) =
+                (sc.clone(), safe.clone(), limits.clone(), cap.clone(), stop_proxy.clone());
+            let loops = proxy::loops::spawn(&listening, n - 1, "fencegate-sidecar", move |listener| async move {
+                let svc = proxy_service(&sc2, upstream_of(&sc2.cfg).expect("validated at start"), &safe2);
+                serve_proxy(listener, limits2, cap2, svc, stop2.cancelled_owned()).await
+            })?;
+            (listener, loops)
+        }
+    };
+    let safe_task = tokio::spawn(safe.clone().keep());
+    let proxy_task = serve_proxy(listener, limits.clone(), cap, svc, stop_proxy.clone().cancelled_owned());
     let sc2 = sc.clone();
     let admin_task =
         proxy::serve(admin, limits, move |req, _| sc2.clone().admin(req), stop_admin.clone().cancelled_owned());
@@ -202,6 +210,8 @@ pub async fn serve(
         sp.cancel();
     });
     proxy_task.await;
+    // Every loop's writes in flight are over before the lease is revoked.
+    loops.join().await;
     let keeper = sc.keeper.lock().take();
     if let Some(k) = keeper {
         k.shutdown().await;
@@ -217,6 +227,40 @@ pub async fn serve(
         let _ = h.await;
     }
     tracing::info!("sidecar stopped");
+    Ok(())
+}
+
+/// One event loop of the egress proxy: `svc` for each request.
+fn serve_proxy<S>(
+    listener: TcpListener,
+    limits: ServerLimits,
+    cap: Arc<tokio::sync::Semaphore>,
+    svc: S,
+    stop: impl std::future::Future<Output = ()>,
+) -> impl std::future::Future<Output = ()>
+where
+    S: Service<Request<Incoming>, Response = http::Response<proxy::Body>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let handler = move |req: Request<Incoming>, _peer| {
+        // Every layer here passes `poll_ready` on to a `service_fn`, which
+        // is always ready: the call is made at once, and the future is the
+        // layers' (boxed). A `oneshot` future would hold the service and the
+        // request until its first poll, and this future is copied whole at
+        // each move.
+        let mut svc = svc.clone();
+        let ready = svc.poll_ready(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        let fut = match ready {
+            std::task::Poll::Ready(Ok(())) => futures_util::future::Either::Left(svc.call(req)),
+            _ => futures_util::future::Either::Right(svc.oneshot(req)),
+        };
+        fut.map(|r| r.unwrap_or_else(|never| match never {}))
+    };
+    proxy::serve_capped(listener, None, limits, cap, handler, stop)
 }
 
 /// The egress proxy's service: the app's fencing headers stripped, the

@@ -178,6 +178,10 @@ async fn sidecar_in_process(stop: &CancellationToken, store: SocketAddr) -> (Str
     (format!("http://{a}"), admin)
 }
 
+/// Held by each test that counts the sidecar's loop threads: tests run side
+/// by side in this process, and would count each other's.
+static LOOP_THREADS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Waits (up to 5 s: a thread names itself once it runs) until this process
 /// has `n` threads whose name starts with `prefix` (Linux shows the first 15
 /// bytes of a thread's name); the last count seen.
@@ -205,6 +209,7 @@ async fn threads_named(prefix: &str, n: usize) -> usize {
 /// revoked only after every loop's writes are over).
 #[tokio::test]
 async fn the_sidecar_serves_its_app_on_several_event_loops() {
+    let _one_at_a_time = LOOP_THREADS.lock().await;
     let stop = CancellationToken::new();
     let _guard = stop.clone().drop_guard();
     let f = filter(Protection::All("jobs".parse().unwrap())).await;
@@ -329,5 +334,70 @@ async fn a_release_asked_for_while_fencing_ends_the_fence_and_is_answered_once_t
         let after = state().await;
         assert!(after["token"].is_null() && after["holding"] == false, "the token outlived the answer: {after}");
         assert_eq!(after["state"], "campaigning", "{after}");
+    }
+}
+
+/// Found by a hostile review of the event loops: a write streaming on one of
+/// the sidecar's own loops was cut off only when a task on the main thread
+/// woke it. With the main thread stalled (a blocking write to a full log
+/// pipe, say), the lease ran out unrenewed and the write streamed on under
+/// the old token. Each loop now watches the token itself. Here the main
+/// thread (this test's runtime: keeper, first loop) blocks for 4 s while
+/// writes stream through the two other loops: each is cut off at the lease's
+/// deadline (2 s TTL), long before the main thread runs again. Checked once
+/// to fail with the watch on the main runtime only: the answers came after
+/// 4 s, once it ran.
+#[tokio::test]
+async fn writes_on_the_sidecars_own_loops_are_cut_off_while_its_main_thread_is_stalled() {
+    let _one_at_a_time = LOOP_THREADS.lock().await;
+    use std::io::{Read, Write};
+    let stop = CancellationToken::new();
+    let _guard = stop.clone().drop_guard();
+    // A store that takes every connection and reads it, never answering.
+    let sink = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sink_addr = sink.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in sink.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
+    let mut cfg = SidecarConfig::new(keeper, format!("http://{sink_addr}"));
+    cfg.workers = 3;
+    let ((l, a), (al, aa)) = (bind().await, bind().await);
+    tokio::spawn(sidecar::run(cfg, Arc::new(Embedded::new()), l, al, None, stop.clone().cancelled_owned()));
+    support::until_ready(&format!("http://{aa}"), "the in-process sidecar never held the lock").await;
+    assert_eq!(threads_named("fencegate-sidec", 2).await, 2);
+
+    // Four writes that send their head and a first chunk, then nothing: only
+    // the two other loops can take them while the main thread is blocked.
+    let blocked = std::time::Instant::now();
+    let clients = std::thread::spawn(move || {
+        let streams: Vec<_> = (0..4)
+            .map(|i| {
+                let mut s = std::net::TcpStream::connect(a).unwrap();
+                write!(s, "PUT /slow{i} HTTP/1.1\r\nHost: app\r\nContent-Length: 100000\r\n\r\nfirst chunk").unwrap();
+                s
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+                let mut buf = [0u8; 4096];
+                let n = s.read(&mut buf).unwrap_or(0);
+                (String::from_utf8_lossy(&buf[..n]).into_owned(), blocked.elapsed())
+            })
+            .collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_secs(4));
+    let answers = clients.join().unwrap();
+    for (answer, at) in answers {
+        assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("lease_not_held"), "{answer:?}");
+        assert!(at < Duration::from_millis(3500), "cut off only after the main thread ran again: {at:?}");
     }
 }

@@ -18,21 +18,28 @@ pub struct Loops(Vec<JoinHandle<()>>);
 /// `serve(listener)` on a current-thread runtime of its own, `listener` a
 /// clone of `listening` registered with it. `serve` should end when the
 /// caller's shutdown comes (it is the caller's accept loop, given the same
-/// stop signal).
+/// stop signal); the caller makes sure that signal also comes if it returns
+/// early or is dropped (a `CancellationToken`'s drop guard), else the
+/// threads serve on.
 pub fn spawn<F, Fut>(listening: &std::net::TcpListener, extra: usize, name: &str, serve: F) -> std::io::Result<Loops>
 where
     F: FnOnce(TcpListener) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()>,
 {
+    // Every clone first: a failure then starts no thread at all.
+    let listeners = (0..extra).map(|_| listening.try_clone()).collect::<std::io::Result<Vec<_>>>()?;
     let mut threads = Vec::with_capacity(extra);
-    for i in 1..=extra {
-        let (l, serve) = (listening.try_clone()?, serve.clone());
-        threads.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
+    for (i, l) in listeners.into_iter().enumerate() {
+        let serve = serve.clone();
+        threads.push(std::thread::Builder::new().name(format!("{name}-{}", i + 1)).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a worker runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
                 serve(listener).await;
             });
+            // Not a plain drop, which waits for every blocking task (a DNS
+            // lookup that hangs, say) and would hold the caller's exit up.
+            rt.shutdown_timeout(std::time::Duration::from_secs(1));
         })?);
     }
     Ok(Loops(threads))
@@ -42,9 +49,12 @@ impl Loops {
     /// Waits for every thread to end (off the caller's runtime).
     pub async fn join(self) {
         let _ = tokio::task::spawn_blocking(move || {
-            self.0.into_iter().for_each(|t| {
-                let _ = t.join();
-            })
+            for t in self.0 {
+                let name = t.thread().name().unwrap_or("a loop").to_owned();
+                if t.join().is_err() {
+                    tracing::error!(thread = name, "an event loop's thread panicked");
+                }
+            }
         })
         .await;
     }

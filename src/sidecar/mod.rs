@@ -147,7 +147,8 @@ fn upstream_of(cfg: &SidecarConfig) -> Result<Upstream, String> {
 }
 
 /// Serves a started sidecar (see [`run`]); `upstream` is the first event
-/// loop's (each other loop makes its own from the config, with its own pool).
+/// loop's (each other loop, `--worker-threads`, makes its own from the
+/// config, with its own pool).
 pub async fn serve(
     sc: Arc<Sidecar>,
     upstream: Upstream,
@@ -164,6 +165,9 @@ pub async fn serve(
     let svc = proxy_service(&sc, upstream, &safe);
 
     let stop_proxy = CancellationToken::new();
+    // The extra loops stop whenever this does, returning early (an error) or
+    // dropped, and not only at the shutdown.
+    let _stop_loops = stop_proxy.clone().drop_guard();
     let stop_admin = CancellationToken::new();
     tracing::info!(
         listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -178,11 +182,20 @@ pub async fn serve(
         n => {
             let listening = listener.into_std()?;
             let listener = TcpListener::from_std(listening.try_clone()?)?;
-            let (sc2, safe2, limits2, cap2, stop2) =
-                (sc.clone(), safe.clone(), limits.clone(), cap.clone(), stop_proxy.clone());
+            // Each other loop makes its own (with its own pool), from the config.
+            upstream_of(&sc.cfg).map_err(std::io::Error::other)?;
+            let (sc2, limits2, cap2, stop2) = (sc.clone(), limits.clone(), cap.clone(), stop_proxy.clone());
             let loops = proxy::loops::spawn(&listening, n - 1, "fencegate-sidecar", move |listener| async move {
-                let svc = proxy_service(&sc2, upstream_of(&sc2.cfg).expect("validated at start"), &safe2);
-                serve_proxy(listener, limits2, cap2, svc, stop2.cancelled_owned()).await
+                // The token watch of this loop's writes, on this loop's own
+                // runtime: its cut-offs and deadlines fire with the writes'
+                // timers, whatever the main thread is doing (stalled on a
+                // full log pipe, say, as the keeper fails).
+                let safe = safe::SafeToken::new(sc2.status());
+                let keep = tokio::spawn(safe.clone().keep());
+                let svc = proxy_service(&sc2, upstream_of(&sc2.cfg).expect("checked before the loops"), &safe);
+                serve_proxy(listener, limits2, cap2, svc, stop2.cancelled_owned()).await;
+                safe.close();
+                keep.abort();
             })?;
             (listener, loops)
         }

@@ -25,8 +25,8 @@
 //! Each look wakes every write in flight, which costs them one poll each per
 //! step; a sidecar serves one app, whose writes in flight are few.
 //!
-//! The task runs on the same runtime as the writes and its timer fires with
-//! theirs, so a write is cut off when it was before, give or take the
+//! The task runs on the same runtime as the writes (one per event loop:
+//! `sidecar::serve`) and its timer fires with theirs, so a write is cut off when it was before, give or take the
 //! scheduling of one more task before the writes' own: on a busy runtime,
 //! as late as a late timer already was, which the self-fencing margin is
 //! there to absorb. When the keeper's status watch closes (the keeper gone,
@@ -76,6 +76,15 @@ pub enum Cutoff {
     Deadline,
 }
 
+/// Closes its token when dropped ([`SafeToken::keep`]).
+struct CloseOnDrop<'a>(&'a SafeToken);
+
+impl Drop for CloseOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 impl SafeToken {
     /// Nothing safe until [`SafeToken::keep`] has looked at `status`.
     pub fn new(status: watch::Receiver<LockStatus>) -> Arc<SafeToken> {
@@ -91,6 +100,9 @@ impl SafeToken {
     /// ([`SafeToken::close`]). The sidecar's `serve` spawns it, and closes
     /// and aborts it once its proxy and its keeper have stopped.
     pub async fn keep(self: Arc<Self>) {
+        // Nothing is safe without this watch: ended or dropped (aborted, its
+        // runtime gone), it closes the token.
+        let _closes = CloseOnDrop(&self);
         let mut rx = self.status.clone();
         loop {
             let (t, valid_until) = {

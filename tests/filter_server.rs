@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -60,7 +60,7 @@ fn closed_within(s: &mut TcpStream, within: Duration) -> Option<Duration> {
     s.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 4096];
     loop {
-        match s.read(&mut buf) {
+        match support::read_retrying(s, &mut buf) {
             Ok(0) => return Some(start.elapsed()),
             Ok(_) if start.elapsed() < within => continue,
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(start.elapsed()),
@@ -99,7 +99,7 @@ fn get_status(addr: SocketAddr, s: &mut TcpStream, within: Duration) -> Option<S
     s.write_all(format!("GET /x HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
     s.set_read_timeout(Some(within)).unwrap();
     let mut buf = [0u8; 256];
-    let n = s.read(&mut buf).ok()?;
+    let n = support::read_retrying(s, &mut buf).ok()?;
     (n > 0).then(|| String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string())
 }
 
@@ -149,7 +149,7 @@ async fn a_body_the_filter_must_read_that_never_comes_is_answered_408() {
         s.set_read_timeout(Some(within)).unwrap();
         let mut buf = [0u8; 4096];
         let at = Instant::now();
-        match s.read(&mut buf) {
+        match support::read_retrying(s, &mut buf) {
             Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
             // The read timeout (no answer) reads as no answer; anything else
             // (a reset) is a failure worth its own message.

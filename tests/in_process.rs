@@ -350,7 +350,7 @@ async fn a_release_asked_for_while_fencing_ends_the_fence_and_is_answered_once_t
 #[tokio::test]
 async fn writes_on_the_sidecars_own_loops_are_cut_off_while_its_main_thread_is_stalled() {
     let _one_at_a_time = LOOP_THREADS.lock().await;
-    use std::io::{Read, Write};
+    use std::io::Write;
     let stop = CancellationToken::new();
     let _guard = stop.clone().drop_guard();
     // A store that takes every connection and reads it, never answering.
@@ -361,7 +361,7 @@ async fn writes_on_the_sidecars_own_loops_are_cut_off_while_its_main_thread_is_s
             let Ok(mut s) = s else { return };
             std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
-                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+                while matches!(support::read_retrying(&mut s, &mut buf), Ok(n) if n > 0) {}
             });
         }
     });
@@ -389,7 +389,7 @@ async fn writes_on_the_sidecars_own_loops_are_cut_off_while_its_main_thread_is_s
             .map(|mut s| {
                 s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
                 let mut buf = [0u8; 4096];
-                let n = s.read(&mut buf).unwrap_or(0);
+                let n = support::read_retrying(&mut s, &mut buf).unwrap_or(0);
                 (String::from_utf8_lossy(&buf[..n]).into_owned(), blocked.elapsed())
             })
             .collect::<Vec<_>>()

@@ -957,3 +957,17 @@ pub async fn wait_holder(sidecars: &[&SidecarProc], within: Duration) -> (usize,
     }
     panic!("no sidecar holds the lock after {within:?}");
 }
+
+/// A blocking read that is tried again when a signal interrupts it. A read
+/// on a socket with a read timeout is never restarted after a signal
+/// handler has run (signal(7), whatever `SA_RESTART` says), and the test
+/// process handles `SIGCHLD` (tokio's child reaping) while the processes
+/// the tests start come and go. Each retry waits the socket's timeout anew.
+pub fn read_retrying(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}

@@ -52,10 +52,9 @@ fn main() -> anyhow::Result<()> {
     // wake-ups). More: the multi-thread scheduler (the injector), or, for the
     // proxies, more event loops that they run themselves, a thread each
     // (nginx-style, `proxy::loops`), with a current-thread main runtime.
-    // A sidecar serves one app instance: one loop unless told otherwise.
-    // The filter and the injector use every CPU.
-    let threads = cli.log.worker_threads.or(matches!(cli.cmd, Cmd::Sidecar(_)).then_some(1));
-    let rt = match (&cli.cmd, threads) {
+    // A sidecar serves one app instance: one loop unless told otherwise
+    // (`cfg.workers`, below). The filter and the injector use every CPU.
+    let rt = match (&cli.cmd, cli.log.worker_threads) {
         (Cmd::Filter(_) | Cmd::Sidecar(_), _) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         (_, t) => match t {
             Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),

@@ -92,6 +92,13 @@ impl Held {
     }
 }
 
+/// Whether an answer that has given its last frame really ended: a body
+/// whose sender went away early ends too, and with bytes still due it is
+/// not over for the store.
+pub(super) fn ended_whole(body: &Incoming) -> bool {
+    body.size_hint().lower() == 0
+}
+
 impl HttpBody for Held {
     type Data = Bytes;
     type Error = BoxError;
@@ -106,9 +113,7 @@ impl HttpBody for Held {
         let inner = this.inner.as_mut().expect("taken only when dropped");
         match Pin::new(&mut *inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                // A body whose sender went away early ends too; with bytes
-                // still due it is not over for the store.
-                if inner.size_hint().lower() > 0 {
+                if !ended_whole(inner) {
                     this.permit = None;
                     return Poll::Ready(Some(Err("the store's answer ended early".into())));
                 }

@@ -127,7 +127,6 @@ pub(super) async fn read_on(
     filter: Arc<Filter>,
     cut: Option<u64>,
 ) {
-    use http_body::Body as _;
     use http_body_util::BodyExt;
     let quiet = filter.cfg.upstream_timeout;
     let ended = async move {
@@ -141,9 +140,7 @@ pub(super) async fn read_on(
         };
         loop {
             match tokio::time::timeout(quiet, body.frame()).await {
-                // A body whose sender went away early ends too; with bytes
-                // still due it is not over for the store.
-                Ok(None) => return body.size_hint().lower() == 0,
+                Ok(None) => return super::held::ended_whole(&body),
                 Ok(Some(Ok(frame))) if frame.is_trailers() => return true,
                 Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(_))) | Err(_) => return false,

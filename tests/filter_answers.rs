@@ -490,3 +490,44 @@ async fn a_fenced_read_whose_client_left_is_not_carried_on() {
     let log = answered_late("GET", true, false, |c| c.fence_reads = true).await;
     assert_eq!(log, ["1 received", "2 applied", "1 applied"]);
 }
+
+/// With `--max-connections` `cap`, token 1's write (applied 800 ms after the
+/// store has it whole) is sent and its client leaves; then a read comes on a
+/// new connection. Returns the store's log.
+async fn cap_with_a_write_carried_on(cap: usize) -> Vec<String> {
+    let stop = CancellationToken::new();
+    let log = Log::default();
+    let store = slow_answer_store(log.clone(), Duration::from_millis(800), stop.clone()).await;
+    let state = tempfile::tempdir().unwrap();
+    let (url, _) = filter_on(store, state.path(), &stop, |c| c.limits.max_connections = cap).await;
+    let first = tokio::spawn({
+        let url = format!("{url}/k");
+        async move {
+            let h = [("Fencing-Lock", LOCK), ("Fencing-Token", "1"), ("X-Write", "1"), ("X-Late", "yes")];
+            request("PUT", &url, &h, "v1").await
+        }
+    });
+    while log.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    first.abort();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let read = request("GET", &format!("{url}/k"), &[("X-Write", "read")], "").await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    stop.cancel();
+    log_of(&log, 3).await
+}
+
+/// A write carried on after its client left keeps its connection's place
+/// under `--max-connections` until its answer ends (it keeps an upstream
+/// connection that long): a client that sends writes and leaves, again and
+/// again, cannot have the filter open more store connections than the cap.
+/// Before, the place was freed when the client left: with a cap of 1 the
+/// read came in while the write was still carried on, as it does here with
+/// a cap of 2 (the control).
+#[tokio::test]
+async fn a_write_carried_on_after_its_client_left_keeps_its_place_under_the_connection_cap() {
+    assert_eq!(cap_with_a_write_carried_on(1).await, ["1 received", "1 applied", "read applied"]);
+    let control = cap_with_a_write_carried_on(2).await;
+    assert_eq!(control, ["1 received", "read applied", "1 applied"], "the control: a place for the read");
+}

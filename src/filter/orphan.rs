@@ -19,7 +19,9 @@
 //! Each such task is bounded: `--upstream-timeout` for the head and for each
 //! quiet stretch of the answer, and a replica's cut-off. The filter tracks
 //! them ([`Filter::spawn_orphan`]), and a graceful exit waits for them up
-//! to the end of `--shutdown-grace`.
+//! to the end of `--shutdown-grace`. Each keeps its client connection's
+//! place under `--max-connections` (the detached slot holds it), so clients
+//! that send and leave cannot open store connections past the cap.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -140,12 +140,13 @@ pub async fn serve_capped<H, F>(
         let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
         let ends = Ends { idle, limits, drain: drain.clone(), kill: kill.clone() };
         tracker.spawn(async move {
-            // Held until the connection ends: that frees a place under the cap.
-            let _permit = permit;
             let io = ends.idle.wrap(stream);
             // This connection's own upstream connection (HTTP/1): opened by
             // its first forwarded request, driven by `run` in this same task.
-            let slot = Arc::new(ConnSlot::default());
+            // It holds the connection's place under the cap until the
+            // connection ends, or until a write the filter carries on after
+            // its client left ends too (it takes the slot along).
+            let slot = Arc::new(ConnSlot::holding(permit));
             let served = slot
                 .run(async {
                     match tls {

@@ -328,7 +328,23 @@ impl Nginx {
         } else {
             ""
         };
-        let port = free_port();
+        // The port is free when picked, but another test process may take
+        // it before nginx binds it: then nginx gives up (after its own
+        // retries), while `wait_port` may have reached the other listener.
+        // nginx writes its pid file only once its sockets are bound, so that
+        // file holding our child's pid says the port is ours; else pick again.
+        for _ in 0..5 {
+            let port = free_port();
+            if let Some((proc, addr)) = Self::start_on(&bin, module, user_line, dir.path(), port) {
+                return Nginx { proc, addr, dir };
+            }
+        }
+        panic!("nginx could not bind a free port in 5 tries");
+    }
+
+    /// One try of [`Nginx::start`] on `port`: `None` if nginx exits before
+    /// it has bound the port.
+    fn start_on(bin: &str, module: &str, user_line: &str, root: &Path, port: u16) -> Option<(Proc, SocketAddr)> {
         let r = root.display();
         let conf = format!(
             r#"{user_line}
@@ -364,7 +380,7 @@ http {{
         let proc = spawn(
             "nginx",
             root,
-            &bin,
+            bin,
             &[
                 "-c".into(),
                 root.join("nginx.conf").display().to_string(),
@@ -375,9 +391,24 @@ http {{
             ],
             &[],
         );
+        let pid_file = root.join("nginx.pid");
+        let end = Instant::now() + Duration::from_secs(10);
+        let mut proc = proc;
+        loop {
+            let pid = std::fs::read_to_string(&pid_file).unwrap_or_default();
+            if pid.trim() == proc.pid().to_string() {
+                break;
+            }
+            if let Some(st) = proc.child.try_wait().unwrap() {
+                eprintln!("nginx on port {port} exited ({st}), trying another port; log:\n{}", proc.log_text());
+                return None;
+            }
+            assert!(Instant::now() < end, "nginx wrote no pid file in 10 s; log:\n{}", proc.log_text());
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         wait_port(addr, Duration::from_secs(10));
-        Nginx { proc, addr, dir }
+        Some((proc, addr))
     }
 
     pub fn url(&self) -> String {

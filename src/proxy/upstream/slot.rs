@@ -42,6 +42,12 @@ pub struct ConnSlot {
     /// upstream connection ([`Detached`]): the connection task, about to
     /// end with its client's connection, polls it no more.
     taken: AtomicBool,
+    /// The downstream connection's place under `--max-connections`, kept
+    /// by whoever holds the slot last: the connection's task, or a
+    /// [`Detached`] carrying a write on after its client left. So a client
+    /// that sends writes and leaves, again and again, cannot open more
+    /// upstream connections than the cap allows.
+    _place: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[derive(Default)]
@@ -60,6 +66,12 @@ impl std::fmt::Debug for SlotInner {
 }
 
 impl ConnSlot {
+    /// A slot for a connection that holds `place` under the connection cap
+    /// (released when the last holder of the slot drops it).
+    pub fn holding(place: tokio::sync::OwnedSemaphorePermit) -> Self {
+        ConnSlot { _place: Some(place), ..ConnSlot::default() }
+    }
+
     /// Runs `serve` (a downstream connection) with this slot as the one
     /// [`super::Upstream::send`] uses, and drives the upstream connection beside it
     /// in the same task; resolves with `serve`. Dropping it closes the

@@ -8,7 +8,9 @@ instructions per request for each process.
   python3 bench/icount.py                      # target/release/fencegate
   FG_BIN=/tmp/fencegate-old python3 bench/icount.py   # another build, for a before/after
   python3 bench/icount.py --nginx              # nginx's two hops (the bench's configuration), single-process
-ICOUNT_N (default 2000) requests per case.
+ICOUNT_N (default 2000) requests per case. ICOUNT_PROFILE=1 writes the dumps with full names, so that
+`callgrind_annotate <work>/cg-filter.out.1` (one dump per case, in CASES' order) shows where each hop's instructions go;
+the work folder is printed at the end.
 """
 import glob
 import json
@@ -28,7 +30,8 @@ CASES = [("GET", 1), ("PUT", 1), ("GET", 8), ("PUT", 8)]
 
 def under_callgrind(name, args, work, env):
     out = os.path.join(work, f"cg-{name}.out")
-    p = bench.start(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *args], work, env)
+    full = ["--compress-strings=no", "--compress-pos=no"] if os.environ.get("ICOUNT_PROFILE") else []
+    p = bench.start(name, ["valgrind", "--tool=callgrind", *full, f"--callgrind-out-file={out}", *args], work, env)
     return p, out
 
 
@@ -134,6 +137,8 @@ def main():
     finally:
         bench.stop_all()
     print(json.dumps(res))
+    if os.environ.get("ICOUNT_PROFILE"):
+        print(f"dumps in {work}")
 
 
 if __name__ == "__main__":

@@ -6,18 +6,24 @@ use std::net::{IpAddr, SocketAddr};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// Whether `name` describes one connection, not the message (RFC 9110
-/// 7.6.1, and the older `keep-alive` and `proxy-connection`), by its length first: every other
-/// name costs one comparison of lengths (comparing each name with the eight
-/// was most of this function's cost).
+/// 7.6.1, and the older `keep-alive` and `proxy-connection`).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    let s = name.as_str();
+    is_hop_by_hop_text(name.as_str().as_bytes())
+}
+
+/// [`is_hop_by_hop`] for a name as text, ASCII case aside (as `Connection`
+/// lists them), by its length first: every other name costs one comparison
+/// of lengths (comparing each name with the eight was most of this
+/// function's cost).
+fn is_hop_by_hop_text(s: &[u8]) -> bool {
+    let is = |name: &str| s.eq_ignore_ascii_case(name.as_bytes());
     match s.len() {
-        2 => s == "te",
-        7 => s == "trailer" || s == "upgrade",
-        10 => s == "connection" || s == "keep-alive",
-        16 => s == "proxy-connection",
-        18 => s == "proxy-authenticate",
-        19 => s == "proxy-authorization",
+        2 => is("te"),
+        7 => is("trailer") || is("upgrade"),
+        10 => is("connection") || is("keep-alive"),
+        16 => is("proxy-connection"),
+        18 => is("proxy-authenticate"),
+        19 => is("proxy-authorization"),
         _ => false,
     }
 }
@@ -39,20 +45,25 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         return;
     }
     if present.contains(&header::CONNECTION) {
-        // The names it lists, copied out (removing borrows the map) and
-        // removed by `&str`, which parses on the stack: no `HeaderName`
-        // allocated for a `keep-alive` that is usually not there.
-        let mut listed: smallvec::SmallVec<[u8; 64]> = smallvec::SmallVec::new();
+        // The names it lists. A hop-by-hop name is in `present` already if
+        // the message has it (a store's `Connection: keep-alive` names one,
+        // usually absent); any other is looked for among the names present,
+        // compared as text (ASCII case aside), and removed only if there:
+        // a removal by `&str` parses and hashes the name, and was most of
+        // this function's cost on every answer of a store that sends it.
+        let mut named: smallvec::SmallVec<[HeaderName; 2]> = smallvec::SmallVec::new();
         for v in h.get_all(header::CONNECTION) {
-            listed.extend_from_slice(v.as_bytes());
-            listed.push(b',');
-        }
-        for n in listed.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
-            if let Ok(n) = std::str::from_utf8(n) {
-                if !n.is_empty() {
-                    h.remove(n);
+            for n in v.as_bytes().split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if n.is_empty() || is_hop_by_hop_text(n) {
+                    continue;
+                }
+                if let Some(k) = h.keys().find(|k| k.as_str().as_bytes().eq_ignore_ascii_case(n)) {
+                    named.push(k.clone());
                 }
             }
+        }
+        for n in &named {
+            h.remove(n);
         }
     }
     for n in &present {
@@ -230,6 +241,17 @@ mod tests {
         h.insert("x-secret", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+
+        // Named in any case, with a hop-by-hop name listed and present, one
+        // listed and absent, and a listed name the message does not have.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Keep-Alive, X-SECRET, TE, x-absent, Upgrade".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
         h.insert("x-keep", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");

@@ -338,22 +338,27 @@ def throughput(work, store_port, etcd):
             h = {"Fencing-Lock": lock, "Fencing-Token": tok}
         s, _ = call("PUT", port, "/bench/put", body=b"x" * 1024, headers=h)
         assert s in (201, 204), f"{name}: PUT answered {s}"
-    cases = [(m, c) for m in ("GET", "PUT") for c in (1, 32)]
-    raw = {n: {f"{m} c={c}": [] for m, c in cases} for n in paths}
+    # (method, connections, a new connection per request): the last case is a client that does not keep its
+    # connections open (`Connection: close` on every request; wrk connects again), so each request costs the proxy
+    # an accept and a close, and a proxy that opened an upstream connection per client connection a connect too.
+    cases = [(m, c, False) for m in ("GET", "PUT") for c in (1, 32)] + [("GET", 8, True)]
+    case_name = lambda m, c, close: f"{m} c={c}" + (" new conn" if close else "")  # noqa: E731
+    raw = {n: {case_name(*k): [] for k in cases} for n in paths}
     for r in range(ROUNDS):
         order = list(paths) if r % 2 == 0 else list(reversed(paths))
-        for method, conns in cases:
+        for method, conns, close in cases:
             for name in order:
                 port, pids = paths[name]
                 all_pids = [p for pid in pids for p in tree(pid)]
                 cpu0 = cpu_seconds(all_pids)
                 path = "/bench/small" if method == "GET" else "/bench/put"
-                res = wrk(port, method, conns, SECONDS, extra_env.get(name), path)
+                env = dict(extra_env.get(name, {}), **({"WRK_CLOSE": "1"} if close else {}))
+                res = wrk(port, method, conns, SECONDS, env, path)
                 cpu = cpu_seconds(all_pids) - cpu0
                 res["cpu_us_per_req"] = (cpu * 1e6 / res["requests"]) if res["requests"] and pids else None
                 res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
-                raw[name][f"{method} c={conns}"].append(res)
-                print(f"  round {r + 1} {name:9} {method} c={conns:<3} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us  "
+                raw[name][case_name(method, conns, close)].append(res)
+                print(f"  round {r + 1} {name:9} {case_name(method, conns, close):16} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us  "
                       f"p99 {res['p99_us']:6d}us  errors {res['socket_errors'] + res['status_errors']}", flush=True)
     rss = {n: status_kib([p for pid in pids for p in tree(pid)], "VmHWM") for n, (_, pids) in paths.items()
            if n in ("fencegate", "nginx", "haproxy")}

@@ -8,6 +8,7 @@ local spread = tonumber(os.getenv("WRK_LOCKS") or "0")  -- >0: path and lock per
 local seq = tonumber(os.getenv("WRK_SEQ") or "0") == 1  -- walk the locks in order instead of at random
 local counter = tonumber(os.getenv("WRK_OFFSET") or "0")  -- where a sequential walk starts
 local one_lock = tonumber(os.getenv("WRK_ONE_LOCK") or "0") == 1  -- spread paths, all under lock0
+local close = tonumber(os.getenv("WRK_CLOSE") or "0") == 1  -- a new connection per request (wrk reconnects)
 
 request = function()
   local headers = {}
@@ -23,6 +24,7 @@ request = function()
     headers["Fencing-Lock"] = l
     headers["Fencing-Token"] = t
   end
+  if close then headers["Connection"] = "close" end
   return wrk.format(method, path, headers, body)
 end
 

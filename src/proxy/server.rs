@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use super::body::Body;
 use super::gate::Gated;
 use super::idle::{Expired, Idle, Served};
-use super::upstream::ConnSlot;
+use super::upstream::{ConnSlot, IdlePool};
 
 /// Limits for the accepting side of a server.
 #[derive(Clone, Debug)]
@@ -111,6 +111,9 @@ pub async fn serve_capped<H, F>(
     // `tracker` knows when they all have.
     let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
     let tracker = TaskTracker::new();
+    // Idle upstream connections handed from one connection to the next
+    // (dropped, so closed, when this loop ends).
+    let pool = Arc::new(IdlePool::default());
     tokio::pin!(shutdown);
     loop {
         // Over the cap: wait for a connection to close before accepting more.
@@ -137,7 +140,7 @@ pub async fn serve_capped<H, F>(
         // Busy until the response body has ended too: a quiet stream
         // (server-sent events, a slow store) is not an idle connection.
         let svc = hyper::service::service_fn(move |req| Served::new(h(req, peer), busy.request()));
-        let (builder, tls, limits) = (builder.clone(), tls.clone(), limits.clone());
+        let (builder, tls, limits, pool) = (builder.clone(), tls.clone(), limits.clone(), pool.clone());
         let ends = Ends { idle, limits, drain: drain.clone(), kill: kill.clone() };
         tracker.spawn(async move {
             let io = ends.idle.wrap(stream);
@@ -146,7 +149,7 @@ pub async fn serve_capped<H, F>(
             // It holds the connection's place under the cap until the
             // connection ends, or until a write the filter carries on after
             // its client left ends too (it takes the slot along).
-            let slot = Arc::new(ConnSlot::holding(permit));
+            let slot = Arc::new(ConnSlot::new(permit, pool));
             let served = slot
                 .run(async {
                     match tls {

@@ -31,8 +31,10 @@ use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
 use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
+mod pool;
 mod slot;
 
+pub use pool::IdlePool;
 use slot::SLOT;
 pub use slot::{ConnSlot, Detached};
 
@@ -280,7 +282,13 @@ impl Upstream {
         retried: bool,
     ) -> impl Future<Output = Result<Response<Incoming>, UpstreamError>> + Send + 'a {
         async move {
-            let (mut sender, fresh) = match slot.take(&self.authority) {
+            // The connection's own, else an idle one of its accept loop's
+            // (not for the retry: that goes on a new connection), else a
+            // new one. A connection that served requests before may have
+            // been closed by the store meanwhile: a request it hands back
+            // unsent is sent again (`fresh` is false).
+            let own = slot.take(&self.authority);
+            let (mut sender, fresh) = match own.or_else(|| if retried { None } else { slot.reuse(&self.authority) }) {
                 Some(s) => (s, false),
                 // Boxed: opening a connection is rare (once per downstream
                 // connection), and its future would make every request's
@@ -437,6 +445,85 @@ mod tests {
             assert!(got.starts_with(b"HTTP/1.1 200"), "request {i}: {}", String::from_utf8_lossy(&got));
         }
         assert_eq!(accepted.load(Relaxed), 3, "one upstream connection per request");
+    }
+
+    /// A keep-alive store that counts its connections and, `close_after`
+    /// each answer, closes the connection (its idle timeout).
+    async fn counting_store(close_after: Option<Duration>) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = store.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let acc = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = store.accept().await.unwrap();
+                acc.fetch_add(1, Relaxed);
+                tokio::spawn(async move {
+                    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+                    loop {
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            got.drain(..end + 4);
+                            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                                return;
+                            }
+                            if let Some(after) = close_after {
+                                tokio::time::sleep(after).await;
+                                return;
+                            }
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// One request on a new connection to `front`, which closes it after
+    /// answering (`Connection: close`); the status line and body.
+    async fn one_request(front: SocketAddr) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut c = TcpStream::connect(front).await.unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        let got = String::from_utf8_lossy(&got).to_string();
+        format!("{} {}", &got[..got.len().min(12)], got.rsplit("\r\n\r\n").next().unwrap_or_default())
+    }
+
+    /// A client that opens a connection per request: each downstream
+    /// connection takes the upstream connection the one before left idle,
+    /// as nginx's `keepalive` does, instead of opening (and closing) one of
+    /// its own. Before the pool, the store saw five connections here.
+    #[tokio::test]
+    async fn an_idle_upstream_connection_serves_the_next_downstream_connection() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, accepted) = counting_store(None).await;
+        let front_addr = front(store, Duration::from_secs(5)).await;
+        for i in 0..5 {
+            assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok", "request {i}");
+        }
+        assert_eq!(accepted.load(Relaxed), 1, "one upstream connection, reused");
+    }
+
+    /// A parked connection the store closed meanwhile (its idle timeout) is
+    /// not an error: hyper hands the request back unsent, and it goes out on
+    /// a new connection.
+    #[tokio::test]
+    async fn a_parked_connection_the_store_closed_is_replaced() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, accepted) = counting_store(Some(Duration::from_millis(50))).await;
+        let front_addr = front(store, Duration::from_secs(5)).await;
+        for i in 0..3 {
+            assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok", "request {i}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(accepted.load(Relaxed), 3, "each parked connection was closed by the store");
     }
 
     /// The response timeout with one timer per connection: a slow answer is

@@ -18,8 +18,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::super::body::RequestBody;
+use super::pool::IdlePool;
 
-type UpConn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
+pub(super) type UpConn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
 tokio::task_local! {
     /// The current downstream connection's upstream slot (set by the accept
@@ -48,6 +49,10 @@ pub struct ConnSlot {
     /// that sends writes and leaves, again and again, cannot open more
     /// upstream connections than the cap allows.
     _place: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Where the upstream connection goes, idle, when the downstream
+    /// connection ends, and where a new one is looked for first
+    /// ([`ConnSlot::reuse`]).
+    pool: Option<Arc<IdlePool>>,
 }
 
 #[derive(Default)]
@@ -67,9 +72,18 @@ impl std::fmt::Debug for SlotInner {
 
 impl ConnSlot {
     /// A slot for a connection that holds `place` under the connection cap
-    /// (released when the last holder of the slot drops it).
-    pub fn holding(place: tokio::sync::OwnedSemaphorePermit) -> Self {
-        ConnSlot { _place: Some(place), ..ConnSlot::default() }
+    /// (released when the last holder of the slot drops it), sharing idle
+    /// upstream connections with the other connections of its accept loop
+    /// through `pool`.
+    pub fn new(place: tokio::sync::OwnedSemaphorePermit, pool: Arc<IdlePool>) -> Self {
+        ConnSlot {
+            inner: Default::default(),
+            waker: Default::default(),
+            timer: Default::default(),
+            taken: Default::default(),
+            _place: Some(place),
+            pool: Some(pool),
+        }
     }
 
     /// Runs `serve` (a downstream connection) with this slot as the one
@@ -143,6 +157,14 @@ impl ConnSlot {
         g.sender.take().filter(|s| !s.is_closed())
     }
 
+    /// Installs an idle connection to `authority` from the accept loop's
+    /// pool, if there is one, and returns its sender (see [`IdlePool`]).
+    pub(super) fn reuse(&self, authority: &HeaderValue) -> Option<http1::SendRequest<RequestBody>> {
+        let (sender, conn) = self.pool.as_ref()?.take(authority)?;
+        self.install_boxed(authority.clone(), conn);
+        Some(sender)
+    }
+
     pub(super) fn put(&self, sender: http1::SendRequest<RequestBody>) {
         self.inner.lock().sender = Some(sender);
     }
@@ -168,13 +190,31 @@ impl ConnSlot {
     }
 
     pub(super) fn install(&self, authority: HeaderValue, conn: UpConn) {
+        self.install_boxed(authority, Box::pin(conn));
+    }
+
+    fn install_boxed(&self, authority: HeaderValue, conn: Pin<Box<UpConn>>) {
         let mut g = self.inner.lock();
         g.authority = Some(authority);
         g.sender = None;
         // Replaces (closes) an older connection.
-        g.conn = Some(Box::pin(conn));
+        g.conn = Some(conn);
         drop(g);
         self.waker.wake();
+    }
+}
+
+impl Drop for ConnSlot {
+    /// The downstream connection is over (and any write carried on after
+    /// its client left, which took the slot): its upstream connection, if
+    /// idle, goes to the pool. A request given up on closed it already
+    /// (`abandon`), and a taken slot's was closed by its [`Detached`].
+    fn drop(&mut self) {
+        let (Some(pool), false) = (&self.pool, *self.taken.get_mut()) else { return };
+        let g = self.inner.get_mut();
+        if let (Some(authority), Some(sender), Some(conn)) = (g.authority.take(), g.sender.take(), g.conn.take()) {
+            pool.park(authority, sender, conn);
+        }
     }
 }
 

@@ -410,28 +410,10 @@ mod tests {
     /// one keep-alive downstream connection gets a new upstream connection.
     #[tokio::test]
     async fn a_closed_upstream_connection_is_reopened_for_the_next_request() {
-        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        use std::sync::atomic::Ordering::Relaxed;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let store_addr = store.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let acc = accepted.clone();
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = store.accept().await.unwrap();
-                acc.fetch_add(1, Relaxed);
-                tokio::spawn(async move {
-                    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
-                });
-            }
-        });
+        let closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
+        let (store_addr, accepted) = counting_store(closing, Some(Duration::ZERO)).await;
         let front_addr = front(store_addr, Duration::from_secs(5)).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
         for i in 0..3 {
@@ -447,9 +429,13 @@ mod tests {
         assert_eq!(accepted.load(Relaxed), 3, "one upstream connection per request");
     }
 
-    /// A keep-alive store that counts its connections and, `close_after`
-    /// each answer, closes the connection (its idle timeout).
-    async fn counting_store(close_after: Option<Duration>) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    /// A store that counts its connections and gives every request `answer`;
+    /// `close_after` each answer, it closes the connection (its idle
+    /// timeout, or at once after a `Connection: close` answer).
+    async fn counting_store(
+        answer: &'static [u8],
+        close_after: Option<Duration>,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -465,7 +451,7 @@ mod tests {
                     loop {
                         while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
                             got.drain(..end + 4);
-                            if s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                            if s.write_all(answer).await.is_err() {
                                 return;
                             }
                             if let Some(after) = close_after {
@@ -483,6 +469,8 @@ mod tests {
         });
         (addr, accepted)
     }
+
+    const KEEP_ALIVE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
     /// One request on a new connection to `front`, which closes it after
     /// answering (`Connection: close`); the status line and body.
@@ -503,7 +491,7 @@ mod tests {
     #[tokio::test]
     async fn an_idle_upstream_connection_serves_the_next_downstream_connection() {
         use std::sync::atomic::Ordering::Relaxed;
-        let (store, accepted) = counting_store(None).await;
+        let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
         let front_addr = front(store, Duration::from_secs(5)).await;
         for i in 0..5 {
             assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok", "request {i}");
@@ -517,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn a_parked_connection_the_store_closed_is_replaced() {
         use std::sync::atomic::Ordering::Relaxed;
-        let (store, accepted) = counting_store(Some(Duration::from_millis(50))).await;
+        let (store, accepted) = counting_store(KEEP_ALIVE, Some(Duration::from_millis(50))).await;
         let front_addr = front(store, Duration::from_secs(5)).await;
         for i in 0..3 {
             assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok", "request {i}");

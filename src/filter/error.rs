@@ -55,6 +55,11 @@ pub enum FilterError {
     /// (DeleteObjects XML that is not well-formed, say).
     #[error("{0}")]
     BodyMalformed(String),
+    /// `--store s3`: a body that names the write's targets, sent in an
+    /// encoding the filter does not read (`aws-chunked`): the store would
+    /// read the decoded body, the filter the bytes on the wire.
+    #[error("{0}")]
+    BodyEncoded(String),
     /// `--store s3`: the part of the body that names the write's targets did
     /// not arrive within `--header-timeout`.
     #[error("{0}")]
@@ -90,6 +95,7 @@ impl FilterError {
             FilterError::BadRequest(_) => "bad_request",
             FilterError::BodyTooLarge(_) => "body_too_large",
             FilterError::BodyMalformed(_) => "body_malformed",
+            FilterError::BodyEncoded(_) => "body_encoding_unsupported",
             FilterError::BodyTimeout(_) => "body_timeout",
             FilterError::HostMalformed(_) => "host_malformed",
             FilterError::NotFound(_) => "not_found",
@@ -184,6 +190,9 @@ impl FilterError {
             FilterError::BadRequest(_) => json_error(StatusCode::BAD_REQUEST, "bad_request", &msg, None),
             FilterError::BodyTooLarge(_) => json_error(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", &msg, None),
             FilterError::BodyMalformed(_) => json_error(StatusCode::BAD_REQUEST, "body_malformed", &msg, None),
+            FilterError::BodyEncoded(_) => {
+                json_error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "body_encoding_unsupported", &msg, None)
+            }
             FilterError::BodyTimeout(_) => json_error(StatusCode::REQUEST_TIMEOUT, "body_timeout", &msg, None),
             FilterError::HostMalformed(_) => json_error(StatusCode::BAD_REQUEST, "host_malformed", &msg, None),
             FilterError::NotFound(_) => json_error(StatusCode::NOT_FOUND, "not_found", &msg, None),

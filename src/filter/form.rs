@@ -20,7 +20,10 @@
 //!   (Go names no field then);
 //! - parameters that are not plain `name=token` or `name="text"`: a
 //!   backslash in a quoted value (Go keeps some escapes and not others), a
-//!   `name*` (RFC 2231, which Go decodes), a name twice;
+//!   `name*` (RFC 2231, which Go decodes), a name twice; in a part's
+//!   `Content-Disposition`, a parameter other than `name` and `filename`,
+//!   or a quoted value with `;` or `=` in it (multer, Garage's parser, finds
+//!   `name=` inside quotes);
 //! - two `key` fields in any case (SeaweedFS folds field names' case, and
 //!   reads fields after the file, where AWS S3 stops), a `key` part with a
 //!   file name (a file to Go, a field to a parser that ignores file names),
@@ -144,10 +147,17 @@ fn part_head(head: &str) -> Option<PartHead> {
     }
     let (mut name, mut filename) = (None, None);
     for (k, v) in params {
+        // A quoted `;` or `=` is another parameter to a parser that splits
+        // on `;` or looks for `name=` without reading quotes (multer, which
+        // Garage uses): `foo="; name=key;"` names the field `key` there.
+        if v.contains([';', '=']) {
+            return None;
+        }
         match k.as_str() {
             "name" => name = Some(v),
             "filename" => filename = Some(v),
-            _ => {}
+            // Browsers and SDKs send no other: nothing to read differently.
+            _ => return None,
         }
     }
     Some(PartHead { name: name?, filename })
@@ -257,6 +267,15 @@ mod tests {
             form(&part("form-data; name*=UTF-8''key", "b/k")),
             form(&part("form-data; name=\"key\"; name=\"x\"", "b/k")),
             form(&part("form-data; filename=\"q;name=zz\"; name=\"KEY\"; x", "b/k")),
+            // Quoted `;` and `name=`: the first part is `key` to multer (Garage), `x-ignore-1` here; the second the
+            // other way round.
+            form(&format!(
+                "{}{}",
+                part("form-data; foo=\"; name=key;\"; name=\"x-ignore-1\"", "b/secret"),
+                part("form-data; foo=\"; name=x-ignore-2;\"; name=\"key\"", "a/ok")
+            )),
+            form(&part("form-data; filename=\"q;name=zz\"; name=\"key\"", "b/k")),
+            form(&part("form-data; name=\"key\"; foo=\"bar\"", "b/k")),
             form(&format!("{key}{}", part("form-data; name=\"KEY\"", "b/k2"))),
             form(&part("form-data; name=\"key\"", " b/k")),
             form(&part("form-data; name=\"key\"", "")),

@@ -34,6 +34,7 @@ pub mod form;
 mod held;
 pub mod metrics;
 mod orphan;
+pub mod query;
 pub mod repair;
 pub mod rules;
 pub mod ruleset;

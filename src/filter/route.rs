@@ -13,7 +13,7 @@ use super::error::FilterError;
 use super::held::Held;
 use super::orphan::{SendFuture, Sending};
 use super::rules::{self, Targets};
-use super::{admission, form, s3, Filter, Store};
+use super::{admission, form, query, s3, Filter, Store};
 use crate::proxy::{self, Body, RequestBody, Upstream};
 use crate::token::{self, LockName};
 
@@ -61,7 +61,16 @@ impl Filter {
             return Ok(Targets { paths: smallvec::smallvec![(path.to_owned(), lock)] });
         }
         let (protection, allow) = (&self.cfg.protection, self.cfg.allow_path_params);
-        match rules::destination(req.headers())? {
+        let dest = rules::destination(req.headers())?;
+        // Sources named in the query (SeaweedFS's filer): rare, so their
+        // vector is empty, and allocates nothing, on nearly every write.
+        let moved = query::moved_sources(req.uri().query()).map_err(FilterError::DestinationMalformed)?;
+        if !moved.is_empty() {
+            let raw: Vec<&str> =
+                std::iter::once(path).chain(dest.as_deref()).chain(moved.iter().map(String::as_str)).collect();
+            return Targets::resolve(protection, &raw, allow);
+        }
+        match dest {
             Some(dest) => Targets::resolve(protection, &[path, &dest], allow),
             None => Targets::resolve(protection, &[path], allow),
         }
@@ -96,6 +105,15 @@ impl Filter {
             // reads it as an object's.
             let object = s3::bucket_of(&path).is_none().then_some(path.as_str());
             let timeout = self.cfg.limits.header_read_timeout;
+            let reads_body = s3::is_delete_objects(req.uri().query()) || form::form_boundary(req.headers()).is_some();
+            if reads_body && s3::is_aws_chunked(req.headers()) {
+                return Err(FilterError::BodyEncoded(
+                    "this body names what the write changes, and it is sent aws-chunked: the store reads the decoded \
+                     body, and the filter does not decode it; send it unchunked (a DeleteObjects or a POST-policy form \
+                     is small)"
+                        .into(),
+                ));
+            }
             if s3::is_delete_objects(req.uri().query()) {
                 let (body, complete, req) = Box::pin(read_body(req, timeout)).await?;
                 if !complete {
@@ -141,10 +159,14 @@ impl Filter {
                 return Ok((resolve(&raw)?, req.map(RequestBody::stream)));
             }
         }
+        // An upload the store unpacks into keys of its own choosing (MinIO's
+        // snowball archives): a write to its whole bucket.
+        let unpacked = s3::unpacks_archive(req.headers()).then(|| bucket.map(s3::whole_bucket)).flatten();
         // A bucket-level request is a write to the collection `/bucket/`.
         let path = if s3::bucket_level(&path).is_some() { format!("{path}/") } else { path };
         let dest = rules::destination(req.headers())?;
-        let raw: Vec<&str> = std::iter::once(path.as_str()).chain(dest.as_deref()).chain(renamed).collect();
+        let raw: Vec<&str> =
+            std::iter::once(path.as_str()).chain(dest.as_deref()).chain(renamed).chain(unpacked.as_deref()).collect();
         Ok((resolve(&raw)?, req.map(RequestBody::stream)))
     }
 

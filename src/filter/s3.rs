@@ -20,6 +20,8 @@ use http::HeaderMap;
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
+use super::query::query_names;
+
 /// Most bytes of a body the filter reads to find a write's targets.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most keys in one DeleteObjects (S3's own limit).
@@ -210,13 +212,6 @@ pub fn is_object_post(query: Option<&str>, headers: &HeaderMap) -> bool {
     !multipart && query_names(query).any(|n| known(&n))
 }
 
-/// The names in a query as any store could read them: percent- and
-/// `+`-decoded (Go's `ParseQuery`), split at `;` too (older Go did).
-fn query_names(query: Option<&str>) -> impl Iterator<Item = std::borrow::Cow<'_, str>> {
-    let pairs = query.into_iter().flat_map(|q| q.split(';')).flat_map(|p| form_urlencoded::parse(p.as_bytes()));
-    pairs.map(|(name, _)| name)
-}
-
 /// `X-Amz-Rename-Source` (RenameObject, `PUT /bucket/key?renameObject`):
 /// the object it names is moved, so it is written too. SeaweedFS reads the
 /// value (percent-decoded, a leading `/` dropped) as a key in the request's
@@ -263,6 +258,29 @@ pub enum KeysError {
     Malformed(String),
 }
 
+/// Whether the body is sent `aws-chunked` (SigV4 streaming: each chunk
+/// framed by its length and signature, sometimes trailers after): a
+/// `STREAMING-...` payload hash, `aws-chunked` in `Content-Encoding`, or an
+/// `x-amz-decoded-content-length`. Stores that decode it (Garage, Ceph RGW)
+/// read another body than the bytes the filter would parse.
+pub fn is_aws_chunked(headers: &http::HeaderMap) -> bool {
+    let has = |name: &str, f: &dyn Fn(&[u8]) -> bool| headers.get_all(name).iter().any(|v| f(v.as_bytes()));
+    has("x-amz-content-sha256", &|v| v.len() >= 10 && v[..10].eq_ignore_ascii_case(b"STREAMING-"))
+        || has("content-encoding", &|v| {
+            v.split(|b| *b == b',').any(|c| c.trim_ascii().eq_ignore_ascii_case(b"aws-chunked"))
+        })
+        || headers.contains_key("x-amz-decoded-content-length")
+}
+
+/// Whether the store unpacks this upload into keys the archive names
+/// (MinIO's `X-Amz-Meta-Snowball-Auto-Extract`, whatever its value: MinIO
+/// reads it leniently, so its presence decides). Those keys are in the body,
+/// not in the path: the filter takes the upload as a write to the whole
+/// bucket.
+pub fn unpacks_archive(headers: &http::HeaderMap) -> bool {
+    headers.contains_key("x-amz-meta-snowball-auto-extract")
+}
+
 /// The keys of a DeleteObjects body (`<Delete><Object><Key>k</Key>...`).
 pub fn delete_keys(xml: &[u8]) -> Result<Vec<String>, KeysError> {
     delete_keys_inner(xml).map_err(|e| if e.is_empty() { KeysError::TooMany } else { KeysError::Malformed(e) })
@@ -272,7 +290,11 @@ pub fn delete_keys(xml: &[u8]) -> Result<Vec<String>, KeysError> {
 /// `encoding/xml` (SeaweedFS, MinIO) reads otherwise: Go decodes the first
 /// root element whatever its name and ignores what follows it, and skips
 /// elements nested in `<Key>` keeping the text around them. So the body
-/// must be one `<Delete>` root, and a `<Key>` text only.
+/// must be one `<Delete>` root, and a `<Key>` text only. Comments and
+/// processing instructions are refused, and text outside the root other
+/// than whitespace: Garage's parser takes a `<Key>`'s first text node only
+/// (`<Key>a<!---->b</Key>` is `a` there, `ab` here), and nothing an SDK
+/// sends has them.
 fn delete_keys_inner(xml: &[u8]) -> Result<Vec<String>, String> {
     let text = std::str::from_utf8(xml).map_err(|_| "the DeleteObjects body is not UTF-8".to_string())?;
     let mut reader = Reader::from_str(text);
@@ -315,6 +337,12 @@ fn delete_keys_inner(xml: &[u8]) -> Result<Vec<String>, String> {
             Event::Empty(e) if e.local_name().as_ref() == "Key" && stack.len() == 2 => {
                 return Err("an empty <Key/>".into());
             }
+            Event::Text(t) if stack.is_empty() && !t.xml10_content().chars().all(|c| c.is_ascii_whitespace()) => {
+                return Err("text outside the <Delete> element".into());
+            }
+            Event::CData(_) | Event::GeneralRef(_) if stack.is_empty() => {
+                return Err("text outside the <Delete> element".into());
+            }
             Event::Text(t) => {
                 if let Some(k) = key.as_mut() {
                     k.push_str(&t.xml10_content());
@@ -342,6 +370,8 @@ fn delete_keys_inner(xml: &[u8]) -> Result<Vec<String>, String> {
                 }
             }
             Event::DocType(_) => return Err("a DOCTYPE (entities are not expanded)".into()),
+            Event::Comment(_) => return Err("a comment".into()),
+            Event::PI(_) => return Err("a processing instruction".into()),
             Event::Eof => break,
             _ => {}
         }
@@ -484,10 +514,40 @@ mod tests {
             b"<Delete><Object><Key>b/v2<x></x></Key></Object></Delete>",
             b"<Delete><Object><Key><Key>a/x</Key>b/v3</Key></Object></Delete>",
             b"<Delete><Object><Key>b/v<x/></Key></Object></Delete>",
+            // Garage reads a <Key>'s first text node only: `tmp` there.
+            b"<Delete><Object><Key>tmp<!---->/f</Key></Object></Delete>",
+            b"<Delete><!-- x --><Object><Key>a/x</Key></Object></Delete>",
+            b"<Delete><Object><Key>a/x</Key></Object><?pi x?></Delete>",
+            // aws-chunked framing read raw: the chunk header's text outside the root, and a comment that spans
+            // two chunks hiding a key the store (decoding the chunks) reads.
+            b"1f;chunk-signature=ab\r\n<Delete><Object><Key>a/x</Key></Object></Delete>\r\n0;chunk-signature=cd\r\n",
+            b"<Delete><Object><!--xx--\r\n2a;chunk-signature=ab\r\n><Key>b/secret</Key><!--y--></Object>\
+              <Object><Key>a/ok</Key></Object></Delete>",
+            b"<Delete><Object><Key>a/x</Key></Object></Delete>&amp;",
         ] {
             assert!(delete_keys(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         let many = format!("<Delete>{}</Delete>", "<Object><Key>k</Key></Object>".repeat(MAX_KEYS + 1));
         assert_eq!(delete_keys(many.as_bytes()), Err(KeysError::TooMany));
+        // Whitespace around the root, as SDKs and hand-written bodies have it, is fine.
+        assert_eq!(delete_keys(b"\n<Delete><Object><Key>a</Key></Object></Delete>\r\n").unwrap(), ["a"]);
+    }
+
+    #[test]
+    fn aws_chunked_bodies_are_seen() {
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            }
+            is_aws_chunked(&m)
+        };
+        assert!(h(&[("x-amz-content-sha256", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD")]));
+        assert!(h(&[("x-amz-content-sha256", "streaming-unsigned-payload-trailer")]));
+        assert!(h(&[("content-encoding", "gzip, AWS-Chunked")]));
+        assert!(h(&[("content-encoding", "gzip"), ("content-encoding", "aws-chunked")]));
+        assert!(h(&[("x-amz-decoded-content-length", "66")]));
+        assert!(!h(&[("x-amz-content-sha256", "UNSIGNED-PAYLOAD"), ("content-encoding", "gzip")]));
+        assert!(!h(&[("x-amz-content-sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")]));
     }
 }

@@ -202,6 +202,8 @@ pub const S3_SECRET_KEY: &str = "fgsecret123";
 pub struct SeaweedFs {
     pub proc: Proc,
     pub s3: SocketAddr,
+    /// The filer's own HTTP API (paths are files; no signatures).
+    pub filer: SocketAddr,
     pub dir: tempfile::TempDir,
 }
 
@@ -235,20 +237,17 @@ impl SeaweedFs {
             "-s3.domainName=s3.test".into(),
         ];
         // Every other listener on a free port too, so tests can run side by side.
-        for flag in [
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port.grpc",
-        ] {
+        let filer_port = free_port();
+        args.push(format!("-filer.port={filer_port}"));
+        for flag in
+            ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port.grpc", "s3.port.grpc"]
+        {
             args.push(format!("-{flag}={}", free_port()));
         }
         let proc = spawn("weed", dir.path(), &weed, &args, &[]);
         let s3: SocketAddr = format!("127.0.0.1:{s3_port}").parse().unwrap();
-        let w = SeaweedFs { proc, s3, dir };
+        let filer: SocketAddr = format!("127.0.0.1:{filer_port}").parse().unwrap();
+        let w = SeaweedFs { proc, s3, filer, dir };
         // The S3 port opens before the filer behind it is ready: wait for a bucket to be created.
         let end = Instant::now() + Duration::from_secs(60);
         loop {

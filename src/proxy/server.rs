@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,9 +154,9 @@ pub async fn serve_capped<H, F>(
             let served = slot
                 .run(async {
                     match tls {
-                        None => Ok(ends.serve(builder.serve_connection(TokioIo::new(io), svc)).await),
+                        None => Ok(ends.serve(Box::pin(builder.serve_connection(TokioIo::new(io), svc))).await),
                         Some(acceptor) => match ends.handshake(&acceptor, io).await {
-                            Ok(tls) => Ok(ends.serve(builder.serve_connection(TokioIo::new(tls), svc)).await),
+                            Ok(tls) => Ok(ends.serve(Box::pin(builder.serve_connection(TokioIo::new(tls), svc))).await),
                             Err(why) => Err(why),
                         },
                     }
@@ -227,12 +228,16 @@ impl Ends {
     /// without a request head in time, or at the end of the shutdown grace,
     /// it is dropped. The events are [`Gated`]: not polled on every wake-up
     /// of the connection.
-    async fn serve<C>(&self, conn: C) -> Result<(), String>
+    ///
+    /// `conn` comes boxed: hyper's connection is large, and an `async fn`
+    /// keeps its arguments twice (copied into its state, then pinned), inside
+    /// a future that is moved again; boxed where it is made, it is copied
+    /// once per connection.
+    async fn serve<C>(&self, mut conn: Pin<Box<C>>) -> Result<(), String>
     where
         C: GracefulConnection,
         C::Error: std::fmt::Display,
     {
-        tokio::pin!(conn);
         let mut events = std::pin::pin!(Gated::new(self.next(true)));
         loop {
             // The events first (a flag check while none has fired): a

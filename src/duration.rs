@@ -31,7 +31,12 @@ pub const FAR: Duration = Duration::from_secs(30 * 365 * 86_400);
 /// panicked every forwarded request), and a deadline computed from a sum
 /// of durations can still reach past it.
 pub fn after(d: Duration) -> tokio::time::Instant {
-    tokio::time::Instant::now() + d.min(FAR)
+    after_at(tokio::time::Instant::now(), d)
+}
+
+/// [`after`], counted from `now` (a clock read the caller keeps too).
+pub fn after_at(now: tokio::time::Instant, d: Duration) -> tokio::time::Instant {
+    now + d.min(FAR)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::body::Body;
 use super::gate::Gated;
 use super::idle::{Expired, Idle, Served};
-use super::upstream::{ConnSlot, IdlePool};
+use super::upstream::{pool, ConnSlot, IdlePool};
 
 /// Limits for the accepting side of a server.
 #[derive(Clone, Debug)]
@@ -112,16 +112,28 @@ pub async fn serve_capped<H, F>(
     // `tracker` knows when they all have.
     let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
     let tracker = TaskTracker::new();
-    // Idle upstream connections handed from one connection to the next
-    // (dropped, so closed, when this loop ends).
+    // Idle upstream connections handed from one connection to the next,
+    // closed when this loop leaves; a task of its own closes those kept too
+    // long (it ends with the loop's shutdown).
     let pool = Arc::new(IdlePool::default());
+    tokio::spawn(pool::sweep_while(Arc::downgrade(&pool), drain.clone()));
     tokio::pin!(shutdown);
     loop {
         // Over the cap: wait for a connection to close before accepting more.
-        let permit = tokio::select! {
-            p = cap.clone().acquire_owned() => p.expect("the cap is never closed"),
-            _ = &mut shutdown => break,
+        // A parked upstream connection keeps its client connection's place:
+        // at the cap, this loop closes its oldest to make room, and looks
+        // again whenever one is parked while it waits.
+        let permit = loop {
+            if cap.available_permits() == 0 {
+                pool.evict_oldest();
+            }
+            tokio::select! {
+                p = cap.clone().acquire_owned() => break Some(p.expect("the cap is never closed")),
+                _ = pool.parked() => {}
+                _ = &mut shutdown => break None,
+            }
         };
+        let Some(permit) = permit else { break };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -170,6 +182,8 @@ pub async fn serve_capped<H, F>(
         });
     }
     drop(listener);
+    // Leaving: nothing more is parked, and what is, is closed.
+    pool.close();
     close_all(tracker, drain, kill, limits.shutdown_grace).await;
 }
 

@@ -31,7 +31,7 @@ use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
 use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
-mod pool;
+pub mod pool;
 mod slot;
 
 pub use pool::IdlePool;
@@ -386,24 +386,7 @@ mod tests {
     /// A proxy in front of `store` (the real accept loop and per-connection
     /// upstream), with this response timeout; its address.
     async fn front(store: SocketAddr, response_timeout: Duration) -> SocketAddr {
-        let up = Arc::new(Upstream::new(&format!("http://{store}"), Duration::from_secs(1), response_timeout).unwrap());
-        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(super::super::server::serve(
-            front,
-            super::super::server::ServerLimits::default(),
-            move |req, _| {
-                let up = up.clone();
-                async move {
-                    match up.send(req, None).await {
-                        Ok(r) => r.map(super::super::body::stream),
-                        Err(e) => e.into_response(),
-                    }
-                }
-            },
-            std::future::pending(),
-        ));
-        addr
+        front_with(store, response_timeout, super::super::server::ServerLimits::default()).await
     }
 
     /// A store that closes its connection after every answer: each request on
@@ -512,6 +495,116 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         assert_eq!(accepted.load(Relaxed), 3, "each parked connection was closed by the store");
+    }
+
+    /// [`front`], with these server limits.
+    async fn front_with(
+        store: SocketAddr,
+        response_timeout: Duration,
+        limits: super::super::server::ServerLimits,
+    ) -> SocketAddr {
+        let up = Arc::new(Upstream::new(&format!("http://{store}"), Duration::from_secs(1), response_timeout).unwrap());
+        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(super::super::server::serve(
+            front,
+            limits,
+            move |req, _| {
+                let up = up.clone();
+                async move {
+                    match up.send(req, None).await {
+                        Ok(r) => r.map(super::super::body::stream),
+                        Err(e) => e.into_response(),
+                    }
+                }
+            },
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    /// A connection is reused only within `IDLE_FOR` of its last request's
+    /// start, however long of that it waited in its own client's connection
+    /// (the hostile review's case: counted from its parking, a connection
+    /// idle for most of a store's idle timeout in its slot was reused just as
+    /// the store closed it).
+    #[tokio::test]
+    async fn a_connection_idle_in_its_client_connection_is_not_reused_past_its_idle_time() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
+        let front_addr = front(store, Duration::from_secs(5)).await;
+        // A keep-alive client: one request, then quiet past IDLE_FOR, then it closes.
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
+        while !got.ends_with(b"ok") {
+            let n = c.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        tokio::time::sleep(pool::IDLE_FOR + Duration::from_millis(300)).await;
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok");
+        assert_eq!(accepted.load(Relaxed), 2, "the stale connection was closed, a new one opened");
+    }
+
+    /// A connection given up on is never parked: a client that leaves in the
+    /// middle of its request body (the request abandoned, its upstream
+    /// connection reset) or of its answer (the answer not read to its end)
+    /// leaves nothing for the next client, whose request goes on a new
+    /// upstream connection.
+    #[tokio::test]
+    async fn a_connection_given_up_on_is_not_parked() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // A store that reads each request's head and answers a long body, without reading request bodies.
+        let big: &'static [u8] = Box::leak(
+            [&b"HTTP/1.1 200 OK\r\nContent-Length: 4000000\r\n\r\n"[..], &vec![b'x'; 4_000_000]]
+                .concat()
+                .into_boxed_slice(),
+        );
+        let (store, accepted) = counting_store(big, None).await;
+        let front_addr = front(store, Duration::from_secs(5)).await;
+        // Leaves mid-answer.
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        let mut buf = [0u8; 1024];
+        assert!(c.read(&mut buf).await.unwrap() > 0);
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Leaves mid-body: a PUT whose body never comes whole.
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        c.write_all(b"PUT /y HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly part").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let before = accepted.load(Relaxed);
+        let mut c = TcpStream::connect(front_addr).await.unwrap();
+        c.write_all(b"GET /z HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert!(got.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&got[..got.len().min(100)]));
+        assert!(got.len() > 4_000_000, "the answer read whole: {} bytes", got.len());
+        assert_eq!(accepted.load(Relaxed), before + 1, "a new upstream connection: nothing given up on was parked");
+        assert_eq!(before, 2, "each client's request had its own connection");
+    }
+
+    /// A parked connection keeps its place under `--max-connections`, and a
+    /// loop at the cap closes one to make room: with a cap of 1, clients that
+    /// each open a connection are all served (before the eviction, the
+    /// second waited for ever behind a parked connection's place).
+    #[tokio::test]
+    async fn at_the_connection_cap_a_parked_connection_makes_room() {
+        let (store, _) = counting_store(KEEP_ALIVE, None).await;
+        let limits = super::super::server::ServerLimits { max_connections: 1, ..Default::default() };
+        let front_addr = front_with(store, Duration::from_secs(5), limits).await;
+        for i in 0..3 {
+            // Well within IDLE_FOR: without the eviction a client waited until the sweep closed the parked one.
+            let r = tokio::time::timeout(Duration::from_secs(2), one_request(front_addr)).await;
+            assert_eq!(r.expect("served at the cap").as_str(), "HTTP/1.1 200 ok", "request {i}");
+        }
     }
 
     /// The response timeout with one timer per connection: a slow answer is

@@ -12,30 +12,50 @@
 //! takes it.
 //!
 //! Only an idle connection is parked: hyper's `SendRequest::is_ready` is
-//! true only once the previous answer has been read to its end and the
-//! connection waits for a request; one given up on (an abort, a cut-off,
-//! a client that left mid-answer) was closed by the slot, and one taken by a
-//! write carried on after its client left is never parked. A parked
-//! connection is not polled: one the store closed meanwhile is found closed
-//! when a request is sent on it, and hyper hands that request back unsent,
-//! so it goes out again on a new connection (never a request that may have
-//! been written). To keep the race with a store closing an idle connection
-//! at the moment a request is written on it rare, a connection is reused
-//! only within [`IDLE_FOR`] of being parked (Node's servers close idle
-//! connections after 5 s by default, nginx after 75 s), and at most
-//! [`MAX_IDLE`] are kept per accept loop.
+//! true only once the request was written whole, its answer read to its
+//! end, and the connection waits for a request; one given up on (an abort,
+//! a cut-off, a client that left mid-answer) was closed by the slot, and one
+//! taken by a write carried on after its client left is never parked. A
+//! parked connection is not polled: one the store closed meanwhile is found
+//! closed when a request is sent on it, and hyper hands that request back
+//! unsent, so it goes out again on a new connection (never a request that
+//! may have been written). A store that closes an idle connection just as a
+//! request is written on it makes that request fail instead (502), as with
+//! any kept-alive connection; to keep that rare, a connection is reused only
+//! within [`IDLE_FOR`] of its last request's start (Node's servers close idle
+//! connections after 5 s by default, nginx after 75 s), whether it waited in
+//! its slot or here.
+//!
+//! Bounds: at most [`MAX_IDLE`] per accept loop; those past [`IDLE_FOR`] are
+//! closed by [`sweep_while`] (else they would hold their sockets, half
+//! closed by the store, for as long as no connection comes); and each keeps
+//! its client connection's place under `--max-connections`, so the store
+//! never sees more connections than the cap. An accept loop at the cap
+//! closes one of its own parked connections to make room
+//! ([`IdlePool::evict_oldest`]), also one parked while it waits
+//! ([`IdlePool::parked`]). A leaving loop closes them all
+//! ([`IdlePool::close`]).
+//!
+//! One thing is shared across clients by reusing connections, as with any
+//! proxy that keeps upstream connections: bytes a misbehaving store sends
+//! after an answer's end, arriving only once the next request was written,
+//! are read as that request's answer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::time::{Duration, Instant};
+use std::sync::Weak;
+use std::time::Duration;
 
 use http::header::HeaderValue;
 use hyper::client::conn::http1;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::super::body::RequestBody;
 use super::slot::UpConn;
 
-/// How long a parked connection may be reused.
+/// How long after its last request started a connection may be reused.
 pub const IDLE_FOR: Duration = Duration::from_secs(4);
 
 /// Parked connections kept per accept loop; more are closed.
@@ -48,43 +68,70 @@ pub const MAX_IDLE: usize = 64;
 /// request, and uncontended on a loop of its own.
 #[derive(Default)]
 pub struct IdlePool {
-    idle: parking_lot::Mutex<VecDeque<Parked>>,
+    inner: parking_lot::Mutex<Inner>,
+    /// Signalled when a connection is parked: an accept loop waiting at the
+    /// cap looks again, and closes it to make room ([`IdlePool::parked`]).
+    wake: tokio::sync::Notify,
 }
 
-struct Parked {
-    authority: HeaderValue,
-    sender: http1::SendRequest<RequestBody>,
-    conn: Pin<Box<UpConn>>,
-    since: Instant,
+#[derive(Default)]
+struct Inner {
+    parked: VecDeque<Parked>,
+    /// Set when the accept loop leaves: nothing is parked any more.
+    closed: bool,
+}
+
+/// An idle connection and what it holds (dropped together: closed).
+pub(super) struct Parked {
+    pub(super) authority: HeaderValue,
+    pub(super) sender: http1::SendRequest<RequestBody>,
+    pub(super) conn: Pin<Box<UpConn>>,
+    /// When its last request started: it has been idle since then at most.
+    pub(super) since: Instant,
+    /// Its client connection's place under `--max-connections`.
+    pub(super) _place: Option<OwnedSemaphorePermit>,
+}
+
+fn fresh(p: &Parked, now: Instant) -> bool {
+    now.saturating_duration_since(p.since) <= IDLE_FOR
 }
 
 impl IdlePool {
     /// Parks an idle connection (see the module docs for what counts as
-    /// idle); one past [`MAX_IDLE`] is closed instead, and those parked for
-    /// longer than [`IDLE_FOR`] are closed now.
-    pub(super) fn park(&self, authority: HeaderValue, sender: http1::SendRequest<RequestBody>, conn: Pin<Box<UpConn>>) {
-        if !sender.is_ready() {
+    /// idle); one not idle, too old, past [`MAX_IDLE`], or offered to a
+    /// closed pool is closed instead, and so are those parked for too long.
+    pub(super) fn park(&self, p: Parked) {
+        let now = Instant::now();
+        if !p.sender.is_ready() || !fresh(&p, now) {
             return;
         }
-        let now = Instant::now();
-        let mut idle = self.idle.lock();
-        while idle.front().is_some_and(|p| now.duration_since(p.since) > IDLE_FOR) {
-            idle.pop_front();
+        let mut g = self.inner.lock();
+        while g.parked.front().is_some_and(|p| !fresh(p, now)) {
+            g.parked.pop_front();
         }
-        if idle.len() < MAX_IDLE {
-            idle.push_back(Parked { authority, sender, conn, since: now });
+        if !g.closed && g.parked.len() < MAX_IDLE {
+            g.parked.push_back(p);
+            drop(g);
+            self.wake.notify_one();
         }
     }
 
+    /// Resolves when a connection has been parked since the last time it
+    /// resolved (at once if one was).
+    pub async fn parked(&self) {
+        self.wake.notified().await
+    }
+
     /// The most recently parked connection to `authority` still fit to
-    /// reuse, if any.
+    /// reuse, if any (its place under the cap is let go: the taker has its
+    /// own).
     pub(super) fn take(&self, authority: &HeaderValue) -> Option<(http1::SendRequest<RequestBody>, Pin<Box<UpConn>>)> {
         let now = Instant::now();
-        let mut idle = self.idle.lock();
-        while let Some(p) = idle.pop_back() {
-            if now.duration_since(p.since) > IDLE_FOR {
+        let mut g = self.inner.lock();
+        while let Some(p) = g.parked.pop_back() {
+            if !fresh(&p, now) {
                 // Everything before it is older still.
-                idle.clear();
+                g.parked.clear();
                 return None;
             }
             // Another upstream's (one accept loop serves one upstream, so
@@ -96,13 +143,59 @@ impl IdlePool {
         None
     }
 
+    /// Closes the connections parked for longer than [`IDLE_FOR`].
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let stale: Vec<Parked> = {
+            let mut g = self.inner.lock();
+            let keep = g.parked.iter().position(|p| fresh(p, now)).unwrap_or(g.parked.len());
+            g.parked.drain(..keep).collect()
+        };
+        // Closed outside the lock.
+        drop(stale);
+    }
+
+    /// Closes the oldest parked connection, if any, freeing its place under
+    /// the cap; whether there was one.
+    pub fn evict_oldest(&self) -> bool {
+        let oldest = self.inner.lock().parked.pop_front();
+        oldest.is_some()
+    }
+
+    /// Closes every parked connection, and parks none from now on.
+    pub fn close(&self) {
+        let all = {
+            let mut g = self.inner.lock();
+            g.closed = true;
+            std::mem::take(&mut g.parked)
+        };
+        drop(all);
+    }
+
     /// How many connections are parked now.
     pub fn len(&self) -> usize {
-        self.idle.lock().len()
+        self.inner.lock().parked.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// Sweeps `pool` every [`IDLE_FOR`] until `stop` (the accept loop's
+/// shutdown) or until the pool is gone. Spawned by the accept loop, which
+/// owns the pool; this task holds it only weakly.
+pub async fn sweep_while(pool: Weak<IdlePool>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(IDLE_FOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => match pool.upgrade() {
+                Some(p) => p.sweep(),
+                None => return,
+            },
+        }
     }
 }
 

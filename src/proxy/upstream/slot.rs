@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::super::body::RequestBody;
-use super::pool::IdlePool;
+use super::pool::{IdlePool, Parked};
 
 pub(super) type UpConn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
 
@@ -38,7 +38,7 @@ pub struct ConnSlot {
     waker: AtomicWaker,
     /// The response timeout's timer, kept from one request to the next
     /// (see [`ConnSlot::within`]).
-    timer: parking_lot::Mutex<Option<Pin<Box<tokio::time::Sleep>>>>,
+    timer: parking_lot::Mutex<Timer>,
     /// Set once a request that outlives its client drives this slot's
     /// upstream connection ([`Detached`]): the connection task, about to
     /// end with its client's connection, polls it no more.
@@ -53,6 +53,15 @@ pub struct ConnSlot {
     /// connection ends, and where a new one is looked for first
     /// ([`ConnSlot::reuse`]).
     pool: Option<Arc<IdlePool>>,
+}
+
+/// The response timeout's timer, and when the last request started (the
+/// clock read that sets the timer: an idle connection has been idle since
+/// then at most, see [`IdlePool`]).
+#[derive(Debug, Default)]
+struct Timer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    sent: Option<tokio::time::Instant>,
 }
 
 #[derive(Default)]
@@ -140,11 +149,13 @@ impl ConnSlot {
     /// wheel and a removal. Once a request is answered the timer stays
     /// armed; if no request moves it on, it fires once, for nothing.
     pub(super) fn within<F: Future>(&self, timeout: Duration, fut: F) -> Within<'_, F> {
-        let deadline = crate::duration::after(timeout);
+        let now = tokio::time::Instant::now();
+        let deadline = crate::duration::after_at(now, timeout);
         let mut timer = self.timer.lock();
-        match timer.as_mut() {
+        timer.sent = Some(now);
+        match timer.sleep.as_mut() {
             Some(t) => t.as_mut().reset(deadline),
-            None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            None => timer.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
         }
         Within { fut, slot: self }
     }
@@ -211,9 +222,14 @@ impl Drop for ConnSlot {
     /// (`abandon`), and a taken slot's was closed by its [`Detached`].
     fn drop(&mut self) {
         let (Some(pool), false) = (&self.pool, *self.taken.get_mut()) else { return };
+        let since = self.timer.get_mut().sent;
         let g = self.inner.get_mut();
-        if let (Some(authority), Some(sender), Some(conn)) = (g.authority.take(), g.sender.take(), g.conn.take()) {
-            pool.park(authority, sender, conn);
+        if let (Some(authority), Some(sender), Some(conn), Some(since)) =
+            (g.authority.take(), g.sender.take(), g.conn.take(), since)
+        {
+            // The connection keeps the client connection's place under the
+            // cap while it is parked.
+            pool.park(Parked { authority, sender, conn, since, _place: self._place.take() });
         }
     }
 }
@@ -296,7 +312,7 @@ impl<F: Future> Future for Within<'_, F> {
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        match this.slot.timer.lock().as_mut().map(|t| t.as_mut().poll(cx)) {
+        match this.slot.timer.lock().sleep.as_mut().map(|t| t.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Err(())),
             _ => Poll::Pending,
         }

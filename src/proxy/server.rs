@@ -161,7 +161,8 @@ pub async fn serve_capped<H, F>(
             // its first forwarded request, driven by `run` in this same task.
             // It holds the connection's place under the cap until the
             // connection ends, or until a write the filter carries on after
-            // its client left ends too (it takes the slot along).
+            // its client left ends too (it takes the slot along); a parked
+            // upstream connection keeps it after that.
             let slot = Arc::new(ConnSlot::new(permit, pool));
             let served = slot
                 .run(async {

@@ -45,9 +45,10 @@ pub struct ConnSlot {
     taken: AtomicBool,
     /// The downstream connection's place under `--max-connections`, kept
     /// by whoever holds the slot last: the connection's task, or a
-    /// [`Detached`] carrying a write on after its client left. So a client
-    /// that sends writes and leaves, again and again, cannot open more
-    /// upstream connections than the cap allows.
+    /// [`Detached`] carrying a write on after its client left; then by its
+    /// upstream connection while that is parked ([`IdlePool`]). So clients
+    /// that send writes and leave, or open a connection per request, cannot
+    /// have more upstream connections open than the cap allows.
     _place: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Where the upstream connection goes, idle, when the downstream
     /// connection ends, and where a new one is looked for first

@@ -419,16 +419,26 @@ mod tests {
         answer: &'static [u8],
         close_after: Option<Duration>,
     ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        let (addr, accepted, _) = counting_store_closes(answer, close_after).await;
+        (addr, accepted)
+    }
+
+    /// [`counting_store`], also counting the connections its client closed.
+    async fn counting_store_closes(
+        answer: &'static [u8],
+        close_after: Option<Duration>,
+    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) {
         use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = store.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let acc = accepted.clone();
+        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (acc, clo) = (accepted.clone(), closed.clone());
         tokio::spawn(async move {
             loop {
                 let (mut s, _) = store.accept().await.unwrap();
                 acc.fetch_add(1, Relaxed);
+                let clo = clo.clone();
                 tokio::spawn(async move {
                     let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
                     loop {
@@ -443,14 +453,17 @@ mod tests {
                             }
                         }
                         match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                clo.fetch_add(1, Relaxed);
+                                return;
+                            }
                             Ok(n) => got.extend_from_slice(&buf[..n]),
                         }
                     }
                 });
             }
         });
-        (addr, accepted)
+        (addr, accepted, closed)
     }
 
     const KEEP_ALIVE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
@@ -548,6 +561,25 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok");
         assert_eq!(accepted.load(Relaxed), 2, "the stale connection was closed, a new one opened");
+    }
+
+    /// A parked connection no client takes is closed once it is past
+    /// `IDLE_FOR` (by the accept loop's sweep): before, it stayed open, or
+    /// half closed by the store, for as long as no connection came.
+    #[tokio::test]
+    async fn a_parked_connection_no_client_takes_is_closed_after_its_idle_time() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (store, accepted, closed) = counting_store_closes(KEEP_ALIVE, None).await;
+        let front_addr = front(store, Duration::from_secs(5)).await;
+        assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok");
+        let parked = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!((accepted.load(Relaxed), closed.load(Relaxed)), (1, 0), "parked, open");
+        while closed.load(Relaxed) == 0 {
+            assert!(parked.elapsed() < pool::IDLE_FOR * 2 + Duration::from_secs(1), "still open");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(parked.elapsed() >= pool::IDLE_FOR, "closed after {:?}, before its idle time", parked.elapsed());
     }
 
     /// A connection given up on is never parked: a client that leaves in the

@@ -182,11 +182,12 @@ impl IdlePool {
     }
 }
 
-/// Sweeps `pool` every [`IDLE_FOR`] until `stop` (the accept loop's
+/// Sweeps `pool` every half [`IDLE_FOR`] (a connection is closed at most
+/// 1.5 times that after its last request) until `stop` (the accept loop's
 /// shutdown) or until the pool is gone. Spawned by the accept loop, which
 /// owns the pool; this task holds it only weakly.
 pub async fn sweep_while(pool: Weak<IdlePool>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(IDLE_FOR);
+    let mut tick = tokio::time::interval(IDLE_FOR / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -63,17 +63,12 @@ impl Filter {
         let (protection, allow) = (&self.cfg.protection, self.cfg.allow_path_params);
         let dest = rules::destination(req.headers())?;
         // Sources named in the query (SeaweedFS's filer): rare, so their
-        // vector is empty, and allocates nothing, on nearly every write.
+        // vector is empty and allocates nothing, and the path and a
+        // `Destination` fit inline.
         let moved = query::moved_sources(req.uri().query()).map_err(FilterError::DestinationMalformed)?;
-        if !moved.is_empty() {
-            let raw: Vec<&str> =
-                std::iter::once(path).chain(dest.as_deref()).chain(moved.iter().map(String::as_str)).collect();
-            return Targets::resolve(protection, &raw, allow);
-        }
-        match dest {
-            Some(dest) => Targets::resolve(protection, &[path, &dest], allow),
-            None => Targets::resolve(protection, &[path], allow),
-        }
+        let raw: smallvec::SmallVec<[&str; 2]> =
+            std::iter::once(path).chain(dest.as_deref()).chain(moved.iter().map(String::as_str)).collect();
+        Targets::resolve(protection, &raw, allow)
     }
 
     /// The write's targets with `--store s3`: the head's, and what the body
@@ -105,8 +100,10 @@ impl Filter {
             // reads it as an object's.
             let object = s3::bucket_of(&path).is_none().then_some(path.as_str());
             let timeout = self.cfg.limits.header_read_timeout;
-            let reads_body = s3::is_delete_objects(req.uri().query()) || form::form_boundary(req.headers()).is_some();
-            if reads_body && s3::is_aws_chunked(req.headers()) {
+            // The two bodies that name targets: decided once, read below.
+            let delete = s3::is_delete_objects(req.uri().query());
+            let boundary = if delete { None } else { form::form_boundary(req.headers()) };
+            if (delete || boundary.is_some()) && s3::is_aws_chunked(req.headers()) {
                 return Err(FilterError::BodyEncoded(
                     "this body names what the write changes, and it is sent aws-chunked: the store reads the decoded \
                      body, and the filter does not decode it; send it unchunked (a DeleteObjects or a POST-policy form \
@@ -114,7 +111,7 @@ impl Filter {
                         .into(),
                 ));
             }
-            if s3::is_delete_objects(req.uri().query()) {
+            if delete {
                 let (body, complete, req) = Box::pin(read_body(req, timeout)).await?;
                 if !complete {
                     return Err(FilterError::BodyTooLarge(format!(
@@ -132,7 +129,7 @@ impl Filter {
                 let raw: Vec<&str> = raw.iter().map(String::as_str).chain(object).chain(renamed).collect();
                 return Ok((resolve(&raw)?, req));
             }
-            if let Some(boundary) = form::form_boundary(req.headers()) {
+            if let Some(boundary) = boundary {
                 let (body, complete, req) = Box::pin(read_body(req, timeout)).await?;
                 // Unreadable, or too long to read whole: checked as a write
                 // to the whole bucket, which goes through when one lock

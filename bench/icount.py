@@ -8,7 +8,8 @@ instructions per request for each process.
   python3 bench/icount.py                      # target/release/fencegate
   FG_BIN=/tmp/fencegate-old python3 bench/icount.py   # another build, for a before/after
   python3 bench/icount.py --nginx              # nginx's two hops (the bench's configuration), single-process
-ICOUNT_N (default 2000) requests per case. ICOUNT_PROFILE=1 writes the dumps with full names, so that
+ICOUNT_N (default 2000) requests per case; then GETs on a new connection each (wrk, `Connection: close`) for
+ICOUNT_CLOSE_SECONDS (default 3), divided by the requests wrk made. ICOUNT_PROFILE=1 writes the dumps with full names, so that
 `callgrind_annotate <work>/cg-filter.out.1` (one dump per case, in CASES' order) shows where each hop's instructions go;
 the work folder is printed at the end.
 """
@@ -26,6 +27,7 @@ import bench  # noqa: E402
 BIN = os.environ.get("FG_BIN", bench.BIN)
 N = int(os.environ.get("ICOUNT_N", "2000"))
 CASES = [("GET", 1), ("PUT", 1), ("GET", 8), ("PUT", 8)]
+CLOSE_SECONDS = int(os.environ.get("ICOUNT_CLOSE_SECONDS", "3"))
 
 
 def under_callgrind(name, args, work, env):
@@ -95,6 +97,21 @@ def measure(front_port, procs, work):
         figures = "  ".join(f"{name} {v:9.0f}" for name, v in res[case].items())
         print(f"{case:9} {figures}  instr/req ({time.time() - t0:.0f}s; {' | '.join(x.strip() for x in summary)})",
               flush=True)
+    # A new connection per request (`Connection: close`, wrk connecting again): what a connection costs. wrk runs
+    # for a time, not a count, so this divides by the requests it reports.
+    case = "GET c=8 new conn"
+    bench.wrk(front_port, "GET", 8, 1, {"WRK_CLOSE": "1"})
+    for _, p, _ in procs:
+        control("-z", p.pid)
+    done = bench.wrk(front_port, "GET", 8, CLOSE_SECONDS, {"WRK_CLOSE": "1"})
+    for _, p, _ in procs:
+        control("-d", p.pid)
+    time.sleep(0.5)
+    n = max(done["requests"], 1)
+    res[case] = {name: totals(out) / n for name, _, out in procs}
+    figures = "  ".join(f"{name} {v:9.0f}" for name, v in res[case].items())
+    print(f"{case} {figures}  instr/req ({n} requests, {done['socket_errors'] + done['status_errors']} errors)",
+          flush=True)
     return res
 
 

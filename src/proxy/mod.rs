@@ -1,6 +1,7 @@
 //! Shared hyper plumbing, one part per job:
 //!
 //! * [`server`]: the accept loop with limits and graceful shutdown;
+//! * [`conn`]: one client connection, HTTP/1.1 or h2c by its first bytes;
 //! * [`loops`]: more accept loops on one socket, a thread each (nginx-style);
 //! * [`upstream`]: forwarding to the store (a per-connection upstream, or a pool);
 //! * [`headers`]: hop-by-hop headers and `X-Forwarded-For`;
@@ -14,6 +15,7 @@
 
 pub mod body;
 pub mod client;
+mod conn;
 mod gate;
 pub mod headers;
 mod idle;

@@ -9,15 +9,13 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::body::Body;
+use super::conn::{Builders, Graceful};
 use super::gate::Gated;
 use super::idle::{Expired, Idle, Served};
 use super::upstream::{pool, ConnSlot, IdlePool};
@@ -106,7 +104,7 @@ pub async fn serve_capped<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builder = Arc::new(http_builder(&limits));
+    let builders = Arc::new(Builders::new(limits.max_header_bytes));
     // `drain` asks every connection to finish (graceful shutdown); `kill`,
     // cancelled when the grace period is over, ends those that have not;
     // `tracker` knows when they all have.
@@ -153,7 +151,7 @@ pub async fn serve_capped<H, F>(
         // Busy until the response body has ended too: a quiet stream
         // (server-sent events, a slow store) is not an idle connection.
         let svc = hyper::service::service_fn(move |req| Served::new(h(req, peer), busy.request()));
-        let (builder, tls, limits, pool) = (builder.clone(), tls.clone(), limits.clone(), pool.clone());
+        let (builders, tls, limits, pool) = (builders.clone(), tls.clone(), limits.clone(), pool.clone());
         let ends = Ends { idle, limits, drain: drain.clone(), kill: kill.clone() };
         tracker.spawn(async move {
             let io = ends.idle.wrap(stream);
@@ -167,9 +165,9 @@ pub async fn serve_capped<H, F>(
             let served = slot
                 .run(async {
                     match tls {
-                        None => Ok(ends.serve(Box::pin(builder.serve_connection(TokioIo::new(io), svc))).await),
+                        None => Ok(ends.serve(Box::pin(builders.serve(io, svc))).await),
                         Some(acceptor) => match ends.handshake(&acceptor, io).await {
-                            Ok(tls) => Ok(ends.serve(Box::pin(builder.serve_connection(TokioIo::new(tls), svc))).await),
+                            Ok(tls) => Ok(ends.serve(Box::pin(builders.serve(tls, svc))).await),
                             Err(why) => Err(why),
                         },
                     }
@@ -186,20 +184,6 @@ pub async fn serve_capped<H, F>(
     // Leaving: nothing more is parked, and what is, is closed.
     pool.close();
     close_all(tracker, drain, kill, limits.shutdown_grace).await;
-}
-
-/// hyper's server settings for every connection.
-fn http_builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // The header timeout is the connection's `Idle` watcher's (one timer
-        // per connection), not hyper's (a boxed timer armed per request).
-        .header_read_timeout(None)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
-    builder
 }
 
 /// Graceful shutdown of the connections `tracker` follows: each is asked to
@@ -250,8 +234,7 @@ impl Ends {
     /// once per connection.
     async fn serve<C>(&self, mut conn: Pin<Box<C>>) -> Result<(), String>
     where
-        C: GracefulConnection,
-        C::Error: std::fmt::Display,
+        C: Graceful,
     {
         let mut events = std::pin::pin!(Gated::new(self.next(true)));
         loop {

@@ -109,6 +109,9 @@ pub async fn serve_capped<H, F>(
     // cancelled when the grace period is over, ends those that have not;
     // `tracker` knows when they all have.
     let (drain, kill) = (CancellationToken::new(), CancellationToken::new());
+    // What every connection's `Ends` watches, shared: an `Arc` clone per
+    // connection where cloning the two tokens took a lock each.
+    let watched = Arc::new(Watched { limits: limits.clone(), drain: drain.clone(), kill: kill.clone() });
     let tracker = TaskTracker::new();
     // Idle upstream connections handed from one connection to the next,
     // closed when this loop leaves; a task of its own closes those kept too
@@ -121,15 +124,19 @@ pub async fn serve_capped<H, F>(
         // A parked upstream connection keeps its client connection's place:
         // at the cap, this loop closes its oldest to make room, and looks
         // again whenever one is parked while it waits.
-        let permit = loop {
-            if cap.available_permits() == 0 {
-                pool.evict_oldest();
-            }
-            tokio::select! {
-                p = cap.clone().acquire_owned() => break Some(p.expect("the cap is never closed")),
-                _ = pool.parked() => {}
-                _ = &mut shutdown => break None,
-            }
+        // Under the cap (nearly always), a place is taken without waiting.
+        let permit = match cap.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => loop {
+                if cap.available_permits() == 0 {
+                    pool.evict_oldest();
+                }
+                tokio::select! {
+                    p = cap.clone().acquire_owned() => break Some(p.expect("the cap is never closed")),
+                    _ = pool.parked() => {}
+                    _ = &mut shutdown => break None,
+                }
+            },
         };
         let Some(permit) = permit else { break };
         let (stream, peer) = tokio::select! {
@@ -151,8 +158,8 @@ pub async fn serve_capped<H, F>(
         // Busy until the response body has ended too: a quiet stream
         // (server-sent events, a slow store) is not an idle connection.
         let svc = hyper::service::service_fn(move |req| Served::new(h(req, peer), busy.request()));
-        let (builders, tls, limits, pool) = (builders.clone(), tls.clone(), limits.clone(), pool.clone());
-        let ends = Ends { idle, limits, drain: drain.clone(), kill: kill.clone() };
+        let (builders, tls, pool) = (builders.clone(), tls.clone(), pool.clone());
+        let ends = Ends { idle, watched: watched.clone() };
         tracker.spawn(async move {
             let io = ends.idle.wrap(stream);
             // This connection's own upstream connection (HTTP/1): opened by
@@ -209,6 +216,11 @@ async fn close_all(tracker: TaskTracker, drain: CancellationToken, kill: Cancell
 /// What ends one connection besides the connection itself.
 struct Ends {
     idle: Idle,
+    watched: Arc<Watched>,
+}
+
+/// The limits and signals every connection of an accept loop watches.
+struct Watched {
     limits: ServerLimits,
     drain: CancellationToken,
     kill: CancellationToken,
@@ -251,14 +263,16 @@ impl Ends {
                     conn.as_mut().graceful_shutdown();
                     events.set(Gated::new(self.next(false)));
                 }
-                End::Expired(Expired::Idle) => return Err(format!("idle for {:?}: closed", self.limits.idle_timeout)),
+                End::Expired(Expired::Idle) => {
+                    return Err(format!("idle for {:?}: closed", self.watched.limits.idle_timeout))
+                }
                 End::Expired(Expired::Head) => {
-                    return Err(format!("no request head in {:?}: closed", self.limits.header_read_timeout))
+                    return Err(format!("no request head in {:?}: closed", self.watched.limits.header_read_timeout))
                 }
                 End::Expired(Expired::Send) => {
                     return Err(format!(
                         "the client took nothing sent to it for {:?}: closed",
-                        self.limits.send_timeout
+                        self.watched.limits.send_timeout
                     ))
                 }
                 End::Kill => return Err("dropped at the end of the shutdown grace".into()),
@@ -276,10 +290,10 @@ impl Ends {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let handshake = tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(io));
+        let handshake = tokio::time::timeout(self.watched.limits.header_read_timeout, acceptor.accept(io));
         let shaken = tokio::select! {
             r = handshake => r,
-            _ = self.kill.cancelled() => return Err("dropped during its TLS handshake".into()),
+            _ = self.watched.kill.cancelled() => return Err("dropped during its TLS handshake".into()),
         };
         match shaken {
             Ok(Ok(tls)) => Ok(tls),
@@ -291,15 +305,15 @@ impl Ends {
     async fn next(&self, drain: bool) -> End {
         let drained = async {
             match drain {
-                true => self.drain.cancelled().await,
+                true => self.watched.drain.cancelled().await,
                 false => std::future::pending().await,
             }
         };
         tokio::select! {
             biased;
-            _ = self.kill.cancelled() => End::Kill,
+            _ = self.watched.kill.cancelled() => End::Kill,
             _ = drained => End::Drain,
-            why = self.idle.expired(self.limits.idle_timeout, self.limits.header_read_timeout, self.limits.send_timeout) => End::Expired(why),
+            why = self.idle.expired(self.watched.limits.idle_timeout, self.watched.limits.header_read_timeout, self.watched.limits.send_timeout) => End::Expired(why),
         }
     }
 }

@@ -142,7 +142,10 @@ where
                     let mut buf = ReadBuf::uninit(&mut raw);
                     ready!(Pin::new(stream).poll_read(cx, &mut buf))?;
                     let got = buf.filled();
-                    if got.is_empty() {
+                    if got.is_empty() && !first.is_empty() {
+                        // Closed in the middle of what could be the preface.
+                        return Poll::Ready(Err(ConnError::Read(io::ErrorKind::UnexpectedEof.into())));
+                    } else if got.is_empty() {
                         // Closed by the client before a byte (a health
                         // check's connect, say): nothing to answer.
                         Conn::Closed
@@ -207,7 +210,7 @@ pub struct Prefixed<IO> {
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.prefix.is_empty() {
+        if self.prefix.is_empty() || buf.remaining() == 0 {
             return Pin::new(&mut self.io).poll_read(cx, buf);
         }
         let n = self.prefix.len().min(buf.remaining());
@@ -386,6 +389,13 @@ mod tests {
         let (client, served) = serve_one(Arc::default());
         drop(client);
         served.await.unwrap().unwrap();
+
+        // Closed in the middle of what could be HTTP/2's preface: an error
+        // (logged), not a quiet end.
+        let (mut client, served) = serve_one(Arc::default());
+        client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        drop(client);
+        assert!(matches!(served.await.unwrap(), Err(ConnError::Read(_))));
 
         let (_client, server) = tokio::io::duplex(1024);
         let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {

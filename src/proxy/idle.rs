@@ -270,6 +270,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     /// connection either way if the client's bytes lie unread). Nothing
     /// here half-closes a connection that goes on reading (no upgrades).
     /// TLS's close_notify is written by the TLS layer above this one first.
+    /// (An answer given before a large body was read, a 409 to a stale
+    /// write still uploading, can be lost to that reset, as before this:
+    /// nginx's lingering close, a half-close and a bounded read before the
+    /// close, would need the real shutdown back, here.)
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }

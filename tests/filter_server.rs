@@ -170,3 +170,37 @@ async fn a_body_the_filter_must_read_that_never_comes_is_answered_408() {
     let mut s = head(&control);
     assert_eq!(answer(&mut s, Duration::from_secs(3)), "", "control: answered before the body came");
 }
+
+/// A stale write with a large body, from a client that sends all of its
+/// body before it reads (Python's `http.client`): the filter answers 409
+/// on the head and reads the rest of the body away as it closes (a
+/// lingering close), so the client gets the 409 and its reason. It got
+/// "connection reset" before: the close, with the body unread, reset the
+/// connection. The store holds nothing of it.
+#[tokio::test]
+async fn a_stale_write_still_uploading_gets_its_409_not_a_reset() {
+    let nginx = Nginx::start();
+    let d = tempfile::tempdir().unwrap();
+    let f = FilterProc::start(d.path(), &nginx.url(), &d.path().join("state"), &["--lock", LOCK]);
+    assert_eq!(put(&format!("{}/k", f.url()), LOCK, 5, "t5").await.status, 201);
+    const BODY: usize = 32 << 20;
+    let addr = f.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "PUT /big HTTP/1.1\r\nhost: x\r\nfencing-lock: {LOCK}\r\nfencing-token: 1\r\ncontent-length: {BODY}\r\n\r\n"
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&vec![b'x'; BODY]).expect("the whole body written: the filter read it away");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut s, &mut got).unwrap();
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 409"), "{answer}");
+    assert!(answer.contains("\"error\":\"fencing_token_stale\""), "{answer}");
+    assert_eq!(nginx.get("/big").await, None, "the store holds nothing of the stale write");
+    assert_eq!(nginx.get("/k").await.as_deref(), Some("t5"));
+}

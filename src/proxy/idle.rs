@@ -47,6 +47,12 @@ struct Shared {
     blocked: AtomicBool,
     /// Set by every byte written; cleared by the watcher at each look.
     wrote: AtomicBool,
+    /// An HTTP/1 request with a body came: when the connection closes, the
+    /// client may still be sending it (see `super::linger`).
+    body: AtomicBool,
+    /// The server is shutting down: the connection closes without
+    /// lingering.
+    draining: AtomicBool,
 }
 
 /// One connection's activity (cheap to clone: one `Arc`).
@@ -105,6 +111,24 @@ impl Idle {
         self.0.started.fetch_add(1, Ordering::Relaxed);
         self.0.busy.fetch_add(1, Ordering::Relaxed);
         Busy(self.0.clone())
+    }
+
+    /// Marks that an HTTP/1 request with a body came on this connection.
+    pub fn body_coming(&self) {
+        if !self.0.body.load(Ordering::Relaxed) {
+            self.0.body.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Marks the connection as closing for the server's shutdown.
+    pub fn draining(&self) {
+        self.0.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the close may linger: [`Idle::body_coming`] was called, and
+    /// [`Idle::draining`] was not.
+    pub fn may_linger(&self) -> bool {
+        self.0.body.load(Ordering::Relaxed) && !self.0.draining.load(Ordering::Relaxed)
     }
 
     /// Wraps the connection's stream so every byte counts as activity.
@@ -262,20 +286,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
-    /// Flushes only: the connection's close sends its FIN. hyper shuts the
-    /// write side down (`shutdown(2)`) just before it drops the stream,
-    /// which then closes the socket: a system call per connection more
-    /// than nginx makes, for the same FIN after the same bytes (the kernel
-    /// sends what it holds before the FIN either way, and resets the
-    /// connection either way if the client's bytes lie unread). Nothing
-    /// here half-closes a connection that goes on reading (no upgrades).
-    /// TLS's close_notify is written by the TLS layer above this one first.
-    /// (An answer given before a large body was read, a 409 to a stale
-    /// write still uploading, can be lost to that reset, as before this:
-    /// nginx's lingering close, a half-close and a bounded read before the
-    /// close, would need the real shutdown back, here.)
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -2,6 +2,7 @@
 //!
 //! * [`server`]: the accept loop with limits and graceful shutdown;
 //! * [`conn`]: one client connection, HTTP/1.1 or h2c by its first bytes;
+//! * [`linger`]: how a client connection closes (nginx's lingering close when needed);
 //! * [`loops`]: more accept loops on one socket, a thread each (nginx-style);
 //! * [`upstream`]: forwarding to the store (a per-connection upstream, or a pool);
 //! * [`headers`]: hop-by-hop headers and `X-Forwarded-For`;
@@ -19,6 +20,7 @@ mod conn;
 mod gate;
 pub mod headers;
 mod idle;
+mod linger;
 pub mod loops;
 pub mod server;
 pub mod signal;

@@ -1,0 +1,146 @@
+//! How a client connection closes ([`Linger`]): at once, without a
+//! `shutdown(2)`, unless the client may still be sending a request body the
+//! server did not read; then nginx's lingering close.
+//!
+//! A proxy answers some requests before reading their bodies: the filter's
+//! 409 to a stale write, the sidecar's 503 while it holds no lease. hyper
+//! then closes the connection with the rest of the body unread, and a close
+//! with unread bytes makes the kernel reset the connection. A client still
+//! writing a large upload (Python's `http.client`, which reads the answer
+//! only once it has sent everything) got "connection reset" instead of the
+//! answer that said why. So when the server closes a connection that had an
+//! HTTP/1 request with a body, and the client has not closed its side, the
+//! write side is shut down (the answer, then the FIN) and what the client
+//! still sends is read and dropped until it closes, or sends nothing for
+//! [`QUIET`] (nginx's `lingering_timeout`, 5 s there). Whether the body was
+//! read whole cannot be seen from here, and one read to look would race
+//! with a client between two writes: so every such close lingers, which
+//! for a client that closes on the answer's FIN is one round trip. The
+//! connection's own limits bound it: no request is in flight, so the header
+//! timeout closes it (30 s by default, nginx's `lingering_time`). A close
+//! for the server's shutdown does not linger (it would hold the exit up).
+//!
+//! Every other close is the socket's close alone: hyper's shutdown right
+//! before it was one system call per connection more than nginx makes, for
+//! the same FIN after the same bytes.
+
+use std::future::Future;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::idle::Idle;
+
+/// Reads per poll while draining, so a client that sends without pause
+/// cannot hold the thread.
+const DRAIN_READS: usize = 16;
+
+/// A lingering close ends when the client sends nothing for this long.
+const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A client connection's stream, closed as the module's doc says.
+#[derive(Debug)]
+pub struct Linger<T> {
+    io: T,
+    idle: Idle,
+    /// A read has returned the end of the stream: the client has closed.
+    eof: bool,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    Open,
+    ShuttingDown,
+    /// Until the client closes, or is quiet until the timer.
+    Draining(Pin<Box<tokio::time::Sleep>>),
+}
+
+impl<T> Linger<T> {
+    /// `idle` is the connection's: it says whether a close may linger.
+    pub fn new(io: T, idle: Idle) -> Self {
+        Linger { io, idle, eof: false, state: State::Open }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Linger<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = (buf.filled().len(), buf.remaining());
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && before.1 > 0 && buf.filled().len() == before.0 {
+            self.eof = true;
+        }
+        r
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Called once the server is done with the connection, which it closes
+    /// when this returns: see the module's doc. (TLS writes its
+    /// close_notify above this first, and what is drained here are the
+    /// client's records, dropped unread.)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.state {
+                State::Open => {
+                    ready!(Pin::new(&mut this.io).poll_flush(cx))?;
+                    if this.eof || !this.idle.may_linger() {
+                        return Poll::Ready(Ok(()));
+                    }
+                    this.state = State::ShuttingDown;
+                }
+                State::ShuttingDown => {
+                    ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
+                    this.state = State::Draining(Box::pin(tokio::time::sleep(QUIET)));
+                }
+                State::Draining(quiet) => {
+                    let (mut got, mut more) = (false, true);
+                    for _ in 0..DRAIN_READS {
+                        let mut raw = [MaybeUninit::<u8>::uninit(); 8192];
+                        let mut buf = ReadBuf::uninit(&mut raw);
+                        match Pin::new(&mut this.io).poll_read(cx, &mut buf) {
+                            Poll::Ready(Ok(())) if !buf.filled().is_empty() => got = true,
+                            // The end, or an error: the client is gone.
+                            Poll::Ready(_) => return Poll::Ready(Ok(())),
+                            Poll::Pending => {
+                                more = false;
+                                break;
+                            }
+                        }
+                    }
+                    if got {
+                        quiet.as_mut().reset(tokio::time::Instant::now() + QUIET);
+                    }
+                    if more {
+                        // Read after read with no pause: the next poll reads on.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    ready!(quiet.as_mut().poll(cx));
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+    }
+}

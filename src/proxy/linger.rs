@@ -11,14 +11,18 @@
 //! answer that said why. So when the server closes a connection that had an
 //! HTTP/1 request with a body, and the client has not closed its side, the
 //! write side is shut down (the answer, then the FIN) and what the client
-//! still sends is read and dropped until it closes, or sends nothing for
-//! [`QUIET`] (nginx's `lingering_timeout`, 5 s there). Whether the body was
+//! still sends is read and dropped until it closes, sends nothing for
+//! [`QUIET`], or [`MOST`] has passed (nginx's `lingering_timeout` and
+//! `lingering_time`, the same 5 s and 30 s). Whether the body was
 //! read whole cannot be seen from here, and one read to look would race
 //! with a client between two writes: so every such close lingers, which
 //! for a client that closes on the answer's FIN is one round trip. The
-//! connection's own limits bound it: no request is in flight, so the header
-//! timeout closes it (30 s by default, nginx's `lingering_time`). A close
-//! for the server's shutdown does not linger (it would hold the exit up).
+//! connection's own limits bound it too (no request is in flight: the
+//! header timeout). A close for the server's shutdown does not linger, and
+//! a shutdown that begins while one lingers ends it: it would hold the exit
+//! up (and the sidecar's handoff). While it lingers the connection keeps
+//! its place under `--max-connections` and its upstream connection, which
+//! is parked only after it.
 //!
 //! Every other close is the socket's close alone: hyper's shutdown right
 //! before it was one system call per connection more than nginx makes, for
@@ -29,17 +33,24 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::idle::Idle;
 
 /// Reads per poll while draining, so a client that sends without pause
-/// cannot hold the thread.
+/// cannot hold the thread (the connection's task polls its halves a few
+/// rounds before it yields, `ConnSlot::run`: a few MiB at most).
 const DRAIN_READS: usize = 16;
 
-/// A lingering close ends when the client sends nothing for this long.
-const QUIET: std::time::Duration = std::time::Duration::from_secs(2);
+/// A lingering close ends when the client sends nothing for this long
+/// (nginx's `lingering_timeout`)...
+const QUIET: Duration = Duration::from_secs(5);
+
+/// ... or this long after it began, whatever the client sends (nginx's
+/// `lingering_time`).
+const MOST: Duration = Duration::from_secs(30);
 
 /// A client connection's stream, closed as the module's doc says.
 #[derive(Debug)]
@@ -55,8 +66,12 @@ pub struct Linger<T> {
 enum State {
     Open,
     ShuttingDown,
-    /// Until the client closes, or is quiet until the timer.
-    Draining(Pin<Box<tokio::time::Sleep>>),
+    /// Until the client closes, is quiet until the timer, or the close has
+    /// lingered for [`MOST`] (`until`).
+    Draining {
+        quiet: Pin<Box<tokio::time::Sleep>>,
+        until: tokio::time::Instant,
+    },
 }
 
 impl<T> Linger<T> {
@@ -110,11 +125,19 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
                     }
                     this.state = State::ShuttingDown;
                 }
+                // The server's shutdown began while this lingered: closed now
+                // (`Ends::serve` polls the connection right after it marks it).
+                _ if !this.idle.may_linger() => return Poll::Ready(Ok(())),
                 State::ShuttingDown => {
-                    ready!(Pin::new(&mut this.io).poll_shutdown(cx))?;
-                    this.state = State::Draining(Box::pin(tokio::time::sleep(QUIET)));
+                    match ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
+                        // The client has reset the connection already.
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => return Poll::Ready(Ok(())),
+                        r => r?,
+                    }
+                    let until = tokio::time::Instant::now() + MOST;
+                    this.state = State::Draining { quiet: Box::pin(tokio::time::sleep(QUIET)), until };
                 }
-                State::Draining(quiet) => {
+                State::Draining { quiet, until } => {
                     let (mut got, mut more) = (false, true);
                     for _ in 0..DRAIN_READS {
                         let mut raw = [MaybeUninit::<u8>::uninit(); 8192];
@@ -130,7 +153,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
                         }
                     }
                     if got {
-                        quiet.as_mut().reset(tokio::time::Instant::now() + QUIET);
+                        quiet.as_mut().reset((tokio::time::Instant::now() + QUIET).min(*until));
                     }
                     if more {
                         // Read after read with no pause: the next poll reads on.

@@ -496,4 +496,51 @@ mod tests {
         server.await.unwrap();
         assert!(asked.elapsed() < Duration::from_secs(1), "the exit waited {:?}", asked.elapsed());
     }
+
+    /// A shutdown that begins while a close lingers, its client still
+    /// uploading, ends the linger: the exit is not held up by the client's
+    /// upload. Fails without the drain's check in the linger (the exit
+    /// waits while the client sends).
+    #[tokio::test]
+    async fn a_shutdown_ends_a_lingering_close() {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServerLimits::default();
+        let cap = connection_cap(&limits);
+        let handler = |_req: Request<Incoming>, _peer| async move {
+            let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync());
+            *r.status_mut() = http::StatusCode::CONFLICT;
+            r
+        };
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
+            let _ = stop_rx.await;
+        }));
+        let c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut rd, mut wr) = c.into_split();
+        // Sends a body far bigger than it ever gets to send, a chunk at a time.
+        let uploading = tokio::spawn(async move {
+            wr.write_all(b"PUT /x HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000000\r\n\r\n").await.unwrap();
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..1_000_000 {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut buf = [0u8; 1024];
+        let n = rd.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 409"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!uploading.is_finished(), "the close lingers while the client sends");
+        let asked = std::time::Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server's exit waited on the upload")
+            .unwrap();
+        assert!(asked.elapsed() < Duration::from_secs(1), "the exit waited {:?}", asked.elapsed());
+        uploading.abort();
+    }
 }

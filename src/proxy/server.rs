@@ -334,6 +334,26 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::AsyncWriteExt;
 
+    /// `serve_capped` on a port-0 listener: its address, the sender that
+    /// stops it, and its task.
+    async fn start<H, F>(
+        limits: ServerLimits,
+        handler: H,
+    ) -> (SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>)
+    where
+        H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cap = connection_cap(&limits);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop, server)
+    }
+
     /// A connection still busy when the shutdown grace ends is dropped then:
     /// its handler (a write being forwarded, in the filter) does not run on
     /// after `serve_capped` returned. (Before, the graceful watcher only asked
@@ -422,10 +442,6 @@ mod tests {
     #[tokio::test]
     async fn an_answer_before_the_body_reaches_a_client_still_sending_it() {
         use tokio::io::AsyncReadExt;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = ServerLimits::default();
-        let cap = connection_cap(&limits);
         let handler = |req: Request<Incoming>, _peer| async move {
             let status = match req.uri().path() {
                 // Reads the body, then answers.
@@ -440,10 +456,7 @@ mod tests {
             *r.status_mut() = status;
             r
         };
-        let (_stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
-            let _ = stop_rx.await;
-        }));
+        let (addr, _stop, server) = start(ServerLimits::default(), handler).await;
         const BODY: usize = 32 << 20;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let head = format!("PUT /stale HTTP/1.1\r\nhost: x\r\ncontent-length: {BODY}\r\n\r\n");
@@ -474,18 +487,11 @@ mod tests {
     #[tokio::test]
     async fn a_shutdown_closes_without_lingering() {
         use tokio::io::AsyncReadExt;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = ServerLimits::default();
-        let cap = connection_cap(&limits);
         let handler = |req: Request<Incoming>, _peer| async move {
             req.into_body().collect().await.unwrap();
             Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync())
         };
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
-            let _ = stop_rx.await;
-        }));
+        let (addr, stop, server) = start(ServerLimits::default(), handler).await;
         let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
         c.write_all(b"PUT /x HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\nhi").await.unwrap();
         let mut buf = [0u8; 1024];
@@ -504,19 +510,12 @@ mod tests {
     #[tokio::test]
     async fn a_shutdown_ends_a_lingering_close() {
         use tokio::io::AsyncReadExt;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let limits = ServerLimits::default();
-        let cap = connection_cap(&limits);
         let handler = |_req: Request<Incoming>, _peer| async move {
             let mut r = Response::new(http_body_util::Empty::new().map_err(|e| match e {}).boxed_unsync());
             *r.status_mut() = http::StatusCode::CONFLICT;
             r
         };
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve_capped(listener, None, limits, cap, handler, async move {
-            let _ = stop_rx.await;
-        }));
+        let (addr, stop, server) = start(ServerLimits::default(), handler).await;
         let c = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (mut rd, mut wr) = c.into_split();
         // Sends a body far bigger than it ever gets to send, a chunk at a time.

@@ -125,12 +125,6 @@ impl Idle {
         self.0.draining.store(true, Ordering::Relaxed);
     }
 
-    /// Whether the close may linger: [`Idle::body_coming`] was called, and
-    /// [`Idle::draining`] was not.
-    pub fn may_linger(&self) -> bool {
-        self.0.body.load(Ordering::Relaxed) && !self.0.draining.load(Ordering::Relaxed)
-    }
-
     /// Wraps the connection's stream so every byte counts as activity.
     pub fn wrap<T>(&self, io: T) -> IdleIo<T> {
         IdleIo { io, idle: self.0.clone() }
@@ -252,6 +246,14 @@ impl<B: http_body::Body> http_body::Body for BusyBody<B> {
 pub struct IdleIo<T> {
     io: T,
     idle: Arc<Shared>,
+}
+
+impl<T> IdleIo<T> {
+    /// Whether the connection's close may linger: [`Idle::body_coming`] was
+    /// called, and [`Idle::draining`] was not.
+    pub fn may_linger(&self) -> bool {
+        self.idle.body.load(Ordering::Relaxed) && !self.idle.draining.load(Ordering::Relaxed)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::idle::Idle;
+use super::idle::IdleIo;
 
 /// Reads per poll while draining, so a client that sends without pause
 /// cannot hold the thread (the connection's task polls its halves a few
@@ -55,8 +55,8 @@ const MOST: Duration = Duration::from_secs(30);
 /// A client connection's stream, closed as the module's doc says.
 #[derive(Debug)]
 pub struct Linger<T> {
-    io: T,
-    idle: Idle,
+    /// Its activity tracking also says whether a close may linger.
+    io: IdleIo<T>,
     /// A read has returned the end of the stream: the client has closed.
     eof: bool,
     state: State,
@@ -75,9 +75,8 @@ enum State {
 }
 
 impl<T> Linger<T> {
-    /// `idle` is the connection's: it says whether a close may linger.
-    pub fn new(io: T, idle: Idle) -> Self {
-        Linger { io, idle, eof: false, state: State::Open }
+    pub fn new(io: IdleIo<T>) -> Self {
+        Linger { io, eof: false, state: State::Open }
     }
 }
 
@@ -93,22 +92,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Linger<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
+    super::forward_writes!(io);
 
     /// Called once the server is done with the connection, which it closes
     /// when this returns: see the module's doc. (TLS writes its
@@ -120,14 +104,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
             match &mut this.state {
                 State::Open => {
                     ready!(Pin::new(&mut this.io).poll_flush(cx))?;
-                    if this.eof || !this.idle.may_linger() {
+                    if this.eof || !this.io.may_linger() {
                         return Poll::Ready(Ok(()));
                     }
                     this.state = State::ShuttingDown;
                 }
                 // The server's shutdown began while this lingered: closed now
                 // (`Ends::serve` polls the connection right after it marks it).
-                _ if !this.idle.may_linger() => return Poll::Ready(Ok(())),
+                _ if !this.io.may_linger() => return Poll::Ready(Ok(())),
                 State::ShuttingDown => {
                     match ready!(Pin::new(&mut this.io).poll_shutdown(cx)) {
                         // The client has reset the connection already.

@@ -14,6 +14,39 @@
 //! so timeouts, limits and shutdown behave the same everywhere. The public
 //! names are re-exported here, so callers say `proxy::serve`, `proxy::call`.
 
+/// Inside an `AsyncWrite` impl for a stream wrapper: its writes and flushes
+/// go to its field `$io` as they are (vectored writes too: hyper asks
+/// `is_write_vectored` to choose `writev`). `poll_shutdown` is each
+/// wrapper's own.
+macro_rules! forward_writes {
+    ($io:ident) => {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            data: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.$io).poll_write(cx, data)
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[std::io::IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::pin::Pin::new(&mut self.$io).poll_write_vectored(cx, bufs)
+        }
+        fn is_write_vectored(&self) -> bool {
+            self.$io.is_write_vectored()
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.$io).poll_flush(cx)
+        }
+    };
+}
+use forward_writes;
+
 pub mod body;
 pub mod client;
 mod conn;

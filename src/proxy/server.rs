@@ -121,11 +121,11 @@ pub async fn serve_capped<H, F>(
     tokio::spawn(pool::sweep_while(Arc::downgrade(&pool), drain.clone()));
     tokio::pin!(shutdown);
     loop {
-        // Over the cap: wait for a connection to close before accepting more.
-        // A parked upstream connection keeps its client connection's place:
-        // at the cap, this loop closes its oldest to make room, and looks
-        // again whenever one is parked while it waits.
         // Under the cap (nearly always), a place is taken without waiting.
+        // Over it: wait for a connection to close before accepting more. A
+        // parked upstream connection keeps its client connection's place, so
+        // this loop closes its oldest to make room, and looks again whenever
+        // one is parked while it waits.
         let permit = match cap.clone().try_acquire_owned() {
             Ok(p) => Some(p),
             Err(_) => loop {
@@ -169,7 +169,7 @@ pub async fn serve_capped<H, F>(
         let (builders, tls, pool) = (builders.clone(), tls.clone(), pool.clone());
         let ends = Ends { idle, watched: watched.clone() };
         tracker.spawn(async move {
-            let io = Linger::new(ends.idle.wrap(stream), ends.idle.clone());
+            let io = Linger::new(ends.idle.wrap(stream));
             // This connection's own upstream connection (HTTP/1): opened by
             // its first forwarded request, driven by `run` in this same task.
             // It holds the connection's place under the cap until the

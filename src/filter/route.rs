@@ -1,11 +1,13 @@
 //! The filter's request path: what a write changes (its targets), the
 //! admission of its token, and the forward to the store.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant as StdInstant};
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
@@ -285,16 +287,22 @@ impl Filter {
         }
     }
 
-    async fn pass(
-        &self,
-        up: &Upstream,
+    /// A request that needs no admission, sent on. A plain function
+    /// returning the send's future mapped, not an `async fn`: that would
+    /// keep the request in its state beside the send's future (which holds
+    /// it too) and copy the send's future into its own, on every read.
+    fn pass<'a>(
+        &'a self,
+        up: &'a Upstream,
         req: Request<RequestBody>,
         peer: SocketAddr,
-    ) -> Result<Response<Body>, FilterError> {
+    ) -> impl Future<Output = Result<Response<Body>, FilterError>> + Send + 'a {
         let started = StdInstant::now();
-        let resp = up.send_body(req, Some(peer)).await?;
-        self.upstream_latency.observe(started.elapsed());
-        Ok(resp.map(proxy::stream))
+        up.send_body(req, Some(peer)).map(move |resp| {
+            let resp = resp?;
+            self.upstream_latency.observe(started.elapsed());
+            Ok(resp.map(proxy::stream))
+        })
     }
 }
 

@@ -110,8 +110,8 @@ impl ConnSlot {
         let marks = Arc::new(Marks::default());
         Joined {
             serve: Box::pin(SLOT.scope(self.clone(), serve)),
-            serve_waker: Waker::from(Arc::new(Mark { marks: marks.clone(), serve: true })),
-            drive_waker: Waker::from(Arc::new(Mark { marks: marks.clone(), serve: false })),
+            serve_waker: Mark::<SERVE>::waker(&marks),
+            drive_waker: Mark::<DRIVE>::waker(&marks),
             marks,
             slot: self,
         }
@@ -347,18 +347,35 @@ impl Marks {
     }
 }
 
-struct Mark {
-    marks: Arc<Marks>,
-    serve: bool,
+/// A half's waker: its [`Marks`], seen as another type per half, so that
+/// each half's `wake` knows which mark to set without an allocation of its
+/// own. Both wakers and the task share one allocation and its count (two
+/// allocations fewer per connection than an `Arc` per waker).
+#[repr(transparent)]
+struct Mark<const SERVE: bool>(Marks);
+
+const SERVE: bool = true;
+const DRIVE: bool = false;
+
+impl<const HALF: bool> Mark<HALF> {
+    fn waker(marks: &Arc<Marks>) -> Waker {
+        let raw = Arc::into_raw(Arc::clone(marks)).cast::<Mark<HALF>>();
+        // SAFETY: `Mark<HALF>` is `repr(transparent)` over `Marks`: the same
+        // size and alignment, which is what `Arc::from_raw` asks of a pointer
+        // that another type's `Arc::into_raw` gave. The count taken by the
+        // clone above is the one the new `Arc` gives back when dropped, and
+        // the last one dropped, of whichever type, drops the `Marks`.
+        Waker::from(unsafe { Arc::from_raw(raw) })
+    }
 }
 
-impl Wake for Mark {
+impl<const HALF: bool> Wake for Mark<HALF> {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref()
     }
     fn wake_by_ref(self: &Arc<Self>) {
-        let m = &self.marks;
-        (if self.serve { &m.serve } else { &m.drive }).store(true, SeqCst);
+        let m = &self.0;
+        (if HALF == SERVE { &m.serve } else { &m.drive }).store(true, SeqCst);
         if !m.polling.load(SeqCst) {
             m.task.wake();
         }
@@ -413,5 +430,45 @@ impl<F: Future> Future for Joined<F> {
         m.polling.store(false, SeqCst);
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each half's waker sets its own mark, and wakes the task only while
+    /// the halves are not being polled; clones and drops of either kind of
+    /// waker count on the one `Marks` they share.
+    #[test]
+    fn each_half_wakes_its_own_mark_through_one_shared_count() {
+        struct Task(AtomicBool);
+        impl Wake for Task {
+            fn wake(self: Arc<Self>) {
+                self.0.store(true, SeqCst)
+            }
+        }
+        let task = Arc::new(Task(AtomicBool::new(false)));
+        let marks = Arc::new(Marks::default());
+        marks.serve.store(false, SeqCst);
+        marks.drive.store(false, SeqCst);
+        marks.task.register(&Waker::from(task.clone()));
+        let (serve, drive) = (Mark::<SERVE>::waker(&marks), Mark::<DRIVE>::waker(&marks));
+        assert_eq!(Arc::strong_count(&marks), 3);
+
+        marks.polling.store(true, SeqCst);
+        serve.wake_by_ref();
+        assert!(marks.serve.load(SeqCst) && !marks.drive.load(SeqCst));
+        assert!(!task.0.load(SeqCst), "a wake-up while polling only marks");
+
+        marks.polling.store(false, SeqCst);
+        let drive2 = drive.clone();
+        assert_eq!(Arc::strong_count(&marks), 4);
+        drive2.wake();
+        assert!(marks.drive.load(SeqCst));
+        assert!(task.0.load(SeqCst), "a wake-up between polls wakes the task");
+
+        drop((serve, drive));
+        assert_eq!(Arc::strong_count(&marks), 1);
     }
 }

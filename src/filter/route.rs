@@ -290,7 +290,7 @@ impl Filter {
     /// A request that needs no admission, sent on. A plain function
     /// returning the send's future mapped, not an `async fn`: that would
     /// keep the request in its state beside the send's future (which holds
-    /// it too) and copy the send's future into its own, on every read.
+    /// it too), and move it in once more, on every read.
     fn pass<'a>(
         &'a self,
         up: &'a Upstream,

@@ -350,9 +350,11 @@ impl Marks {
 /// A half's waker: its [`Marks`], seen as another type per half, so that
 /// each half's `wake` knows which mark to set without an allocation of its
 /// own. Both wakers and the task share one allocation and its count (two
-/// allocations fewer per connection than an `Arc` per waker).
+/// allocations fewer per connection than an `Arc` per waker). With one data
+/// pointer, `Waker::will_wake` tells the two apart by their vtables, which
+/// differ because their `wake`s store to different marks (the test checks).
 #[repr(transparent)]
-struct Mark<const SERVE: bool>(Marks);
+struct Mark<const HALF: bool>(Marks);
 
 const SERVE: bool = true;
 const DRIVE: bool = false;
@@ -461,11 +463,18 @@ mod tests {
         assert!(marks.serve.load(SeqCst) && !marks.drive.load(SeqCst));
         assert!(!task.0.load(SeqCst), "a wake-up while polling only marks");
 
+        // Told apart by their vtables alone now that they share one pointer:
+        // a waker slot (tokio's, hyper's) that took one for the other would
+        // mark the wrong half.
+        assert!(!serve.will_wake(&drive) && !drive.will_wake(&serve));
+
         marks.polling.store(false, SeqCst);
+        marks.serve.store(false, SeqCst);
         let drive2 = drive.clone();
         assert_eq!(Arc::strong_count(&marks), 4);
         drive2.wake();
-        assert!(marks.drive.load(SeqCst));
+        assert_eq!(Arc::strong_count(&marks), 3);
+        assert!(marks.drive.load(SeqCst) && !marks.serve.load(SeqCst));
         assert!(task.0.load(SeqCst), "a wake-up between polls wakes the task");
 
         drop((serve, drive));

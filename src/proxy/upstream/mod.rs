@@ -31,6 +31,7 @@ use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
 use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
 
+mod joined;
 pub mod pool;
 mod slot;
 

@@ -8,7 +8,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::super::body::RequestBody;
+use super::joined::Joined;
 use super::pool::{IdlePool, Parked};
 
 pub(super) type UpConn = http1::Connection<TokioIo<TcpStream>, RequestBody>;
@@ -99,22 +100,11 @@ impl ConnSlot {
     /// Runs `serve` (a downstream connection) with this slot as the one
     /// [`super::Upstream::send`] uses, and drives the upstream connection beside it
     /// in the same task; resolves with `serve`. Dropping it closes the
-    /// upstream connection.
-    ///
-    /// The two halves wake each other all the time (a request handed to the
-    /// upstream connection, its answer handed back, body chunks both ways).
-    /// Each has its own waker that only marks it, and one poll of the task
-    /// polls whichever is marked until neither is: a wake-up between the two
-    /// halves costs no trip through the scheduler.
+    /// upstream connection. The two halves have a waker each ([`Joined`]),
+    /// so that their wake-ups of each other skip the scheduler.
     pub fn run<F: Future>(self: Arc<Self>, serve: F) -> impl Future<Output = F::Output> {
-        let marks = Arc::new(Marks::default());
-        Joined {
-            serve: Box::pin(SLOT.scope(self.clone(), serve)),
-            serve_waker: Mark::<SERVE>::waker(&marks),
-            drive_waker: Mark::<DRIVE>::waker(&marks),
-            marks,
-            slot: self,
-        }
+        let serve = Box::pin(SLOT.scope(self.clone(), serve));
+        Joined::new(serve, move |cx: &mut Context<'_>| self.poll_drive(cx))
     }
 
     fn poll_drive(&self, cx: &mut Context<'_>) {
@@ -317,167 +307,5 @@ impl<F: Future> Future for Within<'_, F> {
             Some(Poll::Ready(())) => Poll::Ready(Err(())),
             _ => Poll::Pending,
         }
-    }
-}
-
-/// Which half of a [`ConnSlot::run`] was woken, and the task to wake.
-#[derive(Debug)]
-struct Marks {
-    serve: AtomicBool,
-    drive: AtomicBool,
-    /// Set while the task polls the halves: a wake-up then only marks.
-    polling: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Default for Marks {
-    fn default() -> Self {
-        Marks {
-            serve: AtomicBool::new(true),
-            drive: AtomicBool::new(true),
-            polling: AtomicBool::new(false),
-            task: AtomicWaker::new(),
-        }
-    }
-}
-
-impl Marks {
-    fn any(&self) -> bool {
-        self.serve.load(SeqCst) || self.drive.load(SeqCst)
-    }
-}
-
-/// A half's waker: its [`Marks`], seen as another type per half, so that
-/// each half's `wake` knows which mark to set without an allocation of its
-/// own. Both wakers and the task share one allocation and its count (two
-/// allocations fewer per connection than an `Arc` per waker). With one data
-/// pointer, `Waker::will_wake` tells the two apart by their vtables, which
-/// differ because their `wake`s store to different marks (the test checks).
-#[repr(transparent)]
-struct Mark<const HALF: bool>(Marks);
-
-const SERVE: bool = true;
-const DRIVE: bool = false;
-
-impl<const HALF: bool> Mark<HALF> {
-    fn waker(marks: &Arc<Marks>) -> Waker {
-        let raw = Arc::into_raw(Arc::clone(marks)).cast::<Mark<HALF>>();
-        // SAFETY: `Mark<HALF>` is `repr(transparent)` over `Marks`: the same
-        // size and alignment, which is what `Arc::from_raw` asks of a pointer
-        // that another type's `Arc::into_raw` gave. The count taken by the
-        // clone above is the one the new `Arc` gives back when dropped, and
-        // the last one dropped, of whichever type, drops the `Marks`.
-        Waker::from(unsafe { Arc::from_raw(raw) })
-    }
-}
-
-impl<const HALF: bool> Wake for Mark<HALF> {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref()
-    }
-    fn wake_by_ref(self: &Arc<Self>) {
-        let m = &self.0;
-        (if HALF == SERVE { &m.serve } else { &m.drive }).store(true, SeqCst);
-        if !m.polling.load(SeqCst) {
-            m.task.wake();
-        }
-    }
-}
-
-/// See [`ConnSlot::run`].
-struct Joined<F> {
-    serve: Pin<Box<F>>,
-    serve_waker: Waker,
-    drive_waker: Waker,
-    marks: Arc<Marks>,
-    slot: Arc<ConnSlot>,
-}
-
-/// Most rounds of polling in one poll of the task, so one busy connection
-/// cannot starve the others on its thread.
-const MAX_ROUNDS: usize = 32;
-
-impl<F: Future> Future for Joined<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
-        let m = &*this.marks;
-        m.task.register(cx.waker());
-        m.polling.store(true, SeqCst);
-        for _ in 0..MAX_ROUNDS {
-            // The downstream half first: a request it gives up on (the
-            // sidecar's write guard firing, a timeout) is dropped before the
-            // upstream half can write more of it, and hyper then closes the
-            // upstream connection instead of sending on.
-            if m.serve.swap(false, SeqCst) {
-                if let Poll::Ready(out) = this.serve.as_mut().poll(&mut Context::from_waker(&this.serve_waker)) {
-                    m.polling.store(false, SeqCst);
-                    return Poll::Ready(out);
-                }
-            }
-            if m.drive.swap(false, SeqCst) {
-                this.slot.poll_drive(&mut Context::from_waker(&this.drive_waker));
-            }
-            if !m.any() {
-                // A wake-up from another thread after the check above sees
-                // `polling` false and wakes the task; one before it is seen here.
-                m.polling.store(false, SeqCst);
-                if !m.any() {
-                    return Poll::Pending;
-                }
-                m.polling.store(true, SeqCst);
-            }
-        }
-        m.polling.store(false, SeqCst);
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Each half's waker sets its own mark, and wakes the task only while
-    /// the halves are not being polled; clones and drops of either kind of
-    /// waker count on the one `Marks` they share.
-    #[test]
-    fn each_half_wakes_its_own_mark_through_one_shared_count() {
-        struct Task(AtomicBool);
-        impl Wake for Task {
-            fn wake(self: Arc<Self>) {
-                self.0.store(true, SeqCst)
-            }
-        }
-        let task = Arc::new(Task(AtomicBool::new(false)));
-        let marks = Arc::new(Marks::default());
-        marks.serve.store(false, SeqCst);
-        marks.drive.store(false, SeqCst);
-        marks.task.register(&Waker::from(task.clone()));
-        let (serve, drive) = (Mark::<SERVE>::waker(&marks), Mark::<DRIVE>::waker(&marks));
-        assert_eq!(Arc::strong_count(&marks), 3);
-
-        marks.polling.store(true, SeqCst);
-        serve.wake_by_ref();
-        assert!(marks.serve.load(SeqCst) && !marks.drive.load(SeqCst));
-        assert!(!task.0.load(SeqCst), "a wake-up while polling only marks");
-
-        // Told apart by their vtables alone now that they share one pointer:
-        // a waker slot (tokio's, hyper's) that took one for the other would
-        // mark the wrong half.
-        assert!(!serve.will_wake(&drive) && !drive.will_wake(&serve));
-
-        marks.polling.store(false, SeqCst);
-        marks.serve.store(false, SeqCst);
-        let drive2 = drive.clone();
-        assert_eq!(Arc::strong_count(&marks), 4);
-        drive2.wake();
-        assert_eq!(Arc::strong_count(&marks), 3);
-        assert!(marks.drive.load(SeqCst) && !marks.serve.load(SeqCst));
-        assert!(task.0.load(SeqCst), "a wake-up between polls wakes the task");
-
-        drop((serve, drive));
-        assert_eq!(Arc::strong_count(&marks), 1);
     }
 }

@@ -72,7 +72,10 @@ impl Held {
 
     /// Cut off (a replica that self-fenced, or a store quiet for
     /// `--upstream-timeout`): the upstream connection is closed first, then
-    /// the permit is dropped (its grace starts after the close).
+    /// the permit is dropped (its grace starts after the close). For an h2c
+    /// client's write, sent through the shared pool, there is no slot to
+    /// close: its connection closes when the answer is dropped, at the pooled
+    /// connection's next poll in its own task, moments into the grace.
     fn cut_off(&mut self, why: impl FnOnce(LockName) -> FilterError) -> BoxError {
         proxy::upstream::abandon_current();
         let permit = self.permit.take().expect("held while streaming");

@@ -73,6 +73,20 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 // Names built at compile time: `from_static` outside a constant parses the
 // name again on every call.
+/// Whether the request authenticates the connection it is sent on rather
+/// than itself: NTLM, and Negotiate (which IIS may settle as NTLM, or keep
+/// for the connection). A store that answers such a handshake (IIS or
+/// SharePoint WebDAV) runs every later request on that connection as the
+/// user who authenticated it, so such a connection must never serve another
+/// client (see `upstream::pool`). The scheme is the value's first token,
+/// compared without case (RFC 9110, 11.1).
+pub(crate) fn binds_connection(h: &HeaderMap) -> bool {
+    h.get_all(header::AUTHORIZATION).iter().any(|v| {
+        let scheme = v.as_bytes().split(|b| *b == b' ').next().unwrap_or_default();
+        scheme.eq_ignore_ascii_case(b"NTLM") || scheme.eq_ignore_ascii_case(b"Negotiate")
+    })
+}
+
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
@@ -187,6 +201,23 @@ pub(crate) fn set_host(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_bound_authorization_schemes() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            binds_connection(&h)
+        };
+        assert!(with("NTLM TlRMTVNTUAABAAAAB4IIog=="));
+        assert!(with("ntlm TlRMTVNTUAADAAAA"));
+        assert!(with("Negotiate YIIHOQYGKwYBBQUCoIIH"));
+        assert!(!with("Basic dXNlcjpwYXNz"));
+        assert!(!with("Bearer abc"));
+        assert!(!with("AWS4-HMAC-SHA256 Credential=x/20261204/us-east-1/s3/aws4_request"));
+        assert!(!with("NTLMish x"), "the scheme is the whole first token");
+        assert!(!binds_connection(&HeaderMap::new()));
+    }
 
     /// Headers that describe one connection, not the message (RFC 9110 7.6.1).
     static HOP_BY_HOP: [HeaderName; 8] = [

@@ -139,15 +139,45 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
                     if got {
                         quiet.as_mut().reset((tokio::time::Instant::now() + QUIET).min(*until));
                     }
+                    // The timer is looked at on every poll, the busy ones
+                    // too: its deadline is `until` at the latest, so a client
+                    // that never pauses is cut at [`MOST`] (the hostile
+                    // review's case: looked at only after a pause, such a
+                    // client lingered until the header timeout closed it).
+                    if quiet.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Ok(()));
+                    }
                     if more {
                         // Read after read with no pause: the next poll reads on.
                         cx.waker().wake_by_ref();
-                        return Poll::Pending;
                     }
-                    ready!(quiet.as_mut().poll(cx));
-                    return Poll::Ready(Ok(()));
+                    return Poll::Pending;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A close that lingers behind a client that never pauses (its reads
+    /// always find more) ends at [`MOST`]. Fails with the timer looked at
+    /// only once the reads pause: the close lingers on past it.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_pauses_lingers_at_most_the_limit() {
+        let idle = crate::proxy::idle::Idle::new();
+        idle.body_coming();
+        let stream = tokio::io::join(tokio::io::repeat(b'x'), tokio::io::sink());
+        let mut conn = Linger::new(idle.wrap(stream));
+        let mut close = std::pin::pin!(conn.shutdown());
+        let mut poll = || close.as_mut().poll(&mut Context::from_waker(std::task::Waker::noop()));
+        assert!(poll().is_pending(), "it lingers");
+        tokio::time::advance(MOST - Duration::from_secs(1)).await;
+        assert!(poll().is_pending(), "it lingers while the client sends, up to the limit");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(matches!(poll(), Poll::Ready(Ok(()))), "closed at the limit");
     }
 }

@@ -29,7 +29,7 @@ use tower::Service;
 
 use super::body::{json_error, Body, RequestBody};
 use super::client::error_chain;
-use super::headers::{append_forwarded_for, set_host, strip_hop_by_hop};
+use super::headers::{append_forwarded_for, binds_connection, set_host, strip_hop_by_hop};
 
 mod joined;
 pub mod pool;
@@ -230,6 +230,9 @@ impl Upstream {
         let authority = req.uri().authority().cloned();
         // h2c downstream multiplexes: its requests share the pool.
         let slot = if req.version() == http::Version::HTTP_2 { None } else { SLOT.try_with(Arc::clone).ok() };
+        if let Some(slot) = slot.as_ref().filter(|_| binds_connection(req.headers())) {
+            slot.bind();
+        }
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
         set_host(req.headers_mut(), authority.as_ref(), up.host.as_ref(), &up.authority);
@@ -503,6 +506,38 @@ mod tests {
             assert_eq!(one_request(front_addr).await, "HTTP/1.1 200 ok", "request {i}");
         }
         assert_eq!(accepted.load(Relaxed), 1, "one upstream connection, reused");
+    }
+
+    /// A connection a client authenticated (NTLM, Negotiate: the store runs
+    /// what comes on it as that user) is never handed to the next client:
+    /// each such client's connection gets a new upstream connection, while
+    /// the same requests without it share one (the control, as in the test
+    /// above). Before, the second client's requests ran as the first's user.
+    #[tokio::test]
+    async fn a_connection_a_client_authenticated_is_not_reused_by_another() {
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn with_auth(front: SocketAddr, auth: &str) -> String {
+            let mut c = TcpStream::connect(front).await.unwrap();
+            let head = format!("GET /x HTTP/1.1\r\nHost: a\r\n{auth}Connection: close\r\n\r\n");
+            c.write_all(head.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).await.unwrap();
+            String::from_utf8_lossy(&got[..got.len().min(12)]).to_string()
+        }
+        for (auth, connections) in [
+            ("Authorization: NTLM TlRMTVNTUAADAAAA\r\n", 3),
+            ("Authorization: Negotiate YIIHOQYGKwYB\r\n", 3),
+            ("Authorization: Basic dXNlcjpwYXNz\r\n", 1),
+            ("", 1),
+        ] {
+            let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
+            let front_addr = front(store, Duration::from_secs(5)).await;
+            for i in 0..3 {
+                assert_eq!(with_auth(front_addr, auth).await, "HTTP/1.1 200", "{auth:?} request {i}");
+            }
+            assert_eq!(accepted.load(Relaxed), connections, "upstream connections with {auth:?}");
+        }
     }
 
     /// A parked connection the store closed meanwhile (its idle timeout) is

@@ -36,10 +36,14 @@
 //! ([`IdlePool::parked`]). A leaving loop closes them all
 //! ([`IdlePool::close`]).
 //!
-//! One thing is shared across clients by reusing connections, as with any
-//! proxy that keeps upstream connections: bytes a misbehaving store sends
-//! after an answer's end, arriving only once the next request was written,
-//! are read as that request's answer.
+//! Two things could pass from one client to the next with a connection.
+//! A store's authentication of the connection itself (NTLM, Negotiate: IIS
+//! or SharePoint WebDAV then runs whatever comes on it as the user who
+//! authenticated it): a connection that carried such a request is closed
+//! with its client connection, never parked (`ConnSlot::bind`). And, as with
+//! any proxy that keeps upstream connections, bytes a misbehaving store
+//! sends after an answer's end, arriving only once the next request was
+//! written, are read as that request's answer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;

@@ -44,6 +44,11 @@ pub struct ConnSlot {
     /// upstream connection ([`Detached`]): the connection task, about to
     /// end with its client's connection, polls it no more.
     taken: AtomicBool,
+    /// A request on it authenticated the upstream connection itself
+    /// (`headers::binds_connection`: NTLM, Negotiate): the store now runs
+    /// whatever comes on that connection as this client's user, so it is
+    /// closed with the slot, never parked for another client.
+    bound: AtomicBool,
     /// The downstream connection's place under `--max-connections`, kept
     /// by whoever holds the slot last: the connection's task, or a
     /// [`Detached`] carrying a write on after its client left; then by its
@@ -92,6 +97,7 @@ impl ConnSlot {
             waker: Default::default(),
             timer: Default::default(),
             taken: Default::default(),
+            bound: Default::default(),
             _place: Some(place),
             pool: Some(pool),
         }
@@ -167,6 +173,12 @@ impl ConnSlot {
         Some(sender)
     }
 
+    /// Marks the upstream connection as authenticated for this client
+    /// (see `bound`): it is not parked when the slot ends.
+    pub(super) fn bind(&self) {
+        self.bound.store(true, SeqCst);
+    }
+
     pub(super) fn put(&self, sender: http1::SendRequest<RequestBody>) {
         self.inner.lock().sender = Some(sender);
     }
@@ -210,9 +222,10 @@ impl Drop for ConnSlot {
     /// The downstream connection is over (and any write carried on after
     /// its client left, which took the slot): its upstream connection, if
     /// idle, goes to the pool. A request given up on closed it already
-    /// (`abandon`), and a taken slot's was closed by its [`Detached`].
+    /// (`abandon`), and a taken slot's was closed by its [`Detached`]; one
+    /// a client authenticated (`bound`) closes here.
     fn drop(&mut self) {
-        let (Some(pool), false) = (&self.pool, *self.taken.get_mut()) else { return };
+        let (Some(pool), false, false) = (&self.pool, *self.taken.get_mut(), *self.bound.get_mut()) else { return };
         let since = self.timer.get_mut().sent;
         let g = self.inner.get_mut();
         if let (Some(authority), Some(sender), Some(conn), Some(since)) =

@@ -139,19 +139,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<T> {
                     if got {
                         quiet.as_mut().reset((tokio::time::Instant::now() + QUIET).min(*until));
                     }
-                    // The timer is looked at on every poll, the busy ones
-                    // too: its deadline is `until` at the latest, so a client
-                    // that never pauses is cut at [`MOST`] (the hostile
-                    // review's case: looked at only after a pause, such a
-                    // client lingered until the header timeout closed it).
-                    if quiet.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Ok(()));
-                    }
                     if more {
-                        // Read after read with no pause: the next poll reads on.
+                        // Read after read with no pause: the next poll reads
+                        // on, unless the close has lingered for [`MOST`] (the
+                        // timer's deadline is `until` at the latest; the
+                        // hostile review's case: looked at only after a
+                        // pause, a client that never paused lingered until
+                        // the header timeout closed it).
+                        if quiet.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Ok(()));
+                        }
                         cx.waker().wake_by_ref();
+                        return Poll::Pending;
                     }
-                    return Poll::Pending;
+                    ready!(quiet.as_mut().poll(cx));
+                    return Poll::Ready(Ok(()));
                 }
             }
         }

@@ -71,8 +71,6 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-// Names built at compile time: `from_static` outside a constant parses the
-// name again on every call.
 /// Whether the request authenticates the connection it is sent on rather
 /// than itself: NTLM, and Negotiate (which IIS may settle as NTLM, or keep
 /// for the connection). A store that answers such a handshake (IIS or
@@ -82,11 +80,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// compared without case (RFC 9110, 11.1).
 pub(crate) fn binds_connection(h: &HeaderMap) -> bool {
     h.get_all(header::AUTHORIZATION).iter().any(|v| {
-        let scheme = v.as_bytes().split(|b| *b == b' ').next().unwrap_or_default();
+        let scheme = v.as_bytes().split(|b| *b == b' ' || *b == b'\t').next().unwrap_or_default();
         scheme.eq_ignore_ascii_case(b"NTLM") || scheme.eq_ignore_ascii_case(b"Negotiate")
     })
 }
 
+// Names built at compile time: `from_static` outside a constant parses the
+// name again on every call.
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
@@ -212,6 +212,7 @@ mod tests {
         assert!(with("NTLM TlRMTVNTUAABAAAAB4IIog=="));
         assert!(with("ntlm TlRMTVNTUAADAAAA"));
         assert!(with("Negotiate YIIHOQYGKwYBBQUCoIIH"));
+        assert!(with("NTLM\tTlRMTVNTUAADAAAA"), "a tab after the scheme too");
         assert!(!with("Basic dXNlcjpwYXNz"));
         assert!(!with("Bearer abc"));
         assert!(!with("AWS4-HMAC-SHA256 Credential=x/20261204/us-east-1/s3/aws4_request"));

@@ -230,11 +230,22 @@ impl Upstream {
         let authority = req.uri().authority().cloned();
         // h2c downstream multiplexes: its requests share the pool.
         let slot = if req.version() == http::Version::HTTP_2 { None } else { SLOT.try_with(Arc::clone).ok() };
-        if let Some(slot) = slot.as_ref().filter(|_| binds_connection(req.headers())) {
-            slot.bind();
-        }
+        let binds = binds_connection(req.headers());
         *req.version_mut() = http::Version::HTTP_11;
         strip_hop_by_hop(req.headers_mut());
+        // A request that authenticates its connection (NTLM, Negotiate): that
+        // connection must never carry another client's requests. The slot's
+        // is closed with its client connection instead of parked; one from
+        // the shared pool (h2c) is closed after this answer (`Connection:
+        // close`), so such a handshake fails there rather than lending one
+        // client's login to the next.
+        match &slot {
+            Some(slot) if binds => slot.bind(),
+            None if binds => {
+                req.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
         set_host(req.headers_mut(), authority.as_ref(), up.host.as_ref(), &up.authority);
         if let Some(peer) = peer {
             append_forwarded_for(req.headers_mut(), peer);
@@ -537,6 +548,41 @@ mod tests {
                 assert_eq!(with_auth(front_addr, auth).await, "HTTP/1.1 200", "{auth:?} request {i}");
             }
             assert_eq!(accepted.load(Relaxed), connections, "upstream connections with {auth:?}");
+        }
+    }
+
+    /// The same over h2c, whose streams share the pooled client's
+    /// connections: a request that authenticates its connection gets one
+    /// that is closed after its answer, never returned to the pool for the
+    /// next stream, whoever sends it; requests without it share one (the
+    /// control). Before, the pool lent the first client's login to any
+    /// h2c client.
+    #[tokio::test]
+    async fn an_h2c_request_that_authenticates_its_connection_gets_one_of_its_own() {
+        use hyper_util::rt::TokioExecutor;
+        use std::sync::atomic::Ordering::Relaxed;
+        for (auth, connections) in [(Some("NTLM TlRMTVNTUAADAAAA"), 3), (None, 1)] {
+            let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
+            let front_addr = front(store, Duration::from_secs(5)).await;
+            let io = TokioIo::new(TcpStream::connect(front_addr).await.unwrap());
+            let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
+                TokioExecutor::new(),
+                io,
+            )
+            .await
+            .unwrap();
+            let driver = tokio::spawn(conn);
+            for i in 0..3 {
+                let mut req = Request::get("http://a/x");
+                if let Some(auth) = auth {
+                    req = req.header(http::header::AUTHORIZATION, auth);
+                }
+                let resp = send.send_request(req.body(http_body_util::Empty::new()).unwrap()).await.unwrap();
+                assert_eq!(resp.status(), StatusCode::OK, "{auth:?} request {i}");
+                http_body_util::BodyExt::collect(resp.into_body()).await.unwrap();
+            }
+            assert_eq!(accepted.load(Relaxed), connections, "upstream connections with {auth:?}");
+            driver.abort();
         }
     }
 

@@ -41,11 +41,11 @@
 //! or SharePoint WebDAV then runs whatever comes on it as the user who
 //! authenticated it): a connection that carried such a request is closed
 //! with its client connection, never parked (`ConnSlot::bind`; over h2c,
-//! whose streams use the shared pooled client, it is sent with `Connection:
-//! close`, see `Upstream::send_via`). And, as with
-//! any proxy that keeps upstream connections, bytes a misbehaving store
-//! sends after an answer's end, arriving only once the next request was
-//! written, are read as that request's answer.
+//! whose streams use the shared pooled client, such a request is sent with
+//! `Connection: close`, see `Upstream::send_via`). And, as with any proxy
+//! that keeps upstream connections, bytes a misbehaving store sends after
+//! an answer's end, arriving only once the next request was written, are
+//! read as that request's answer.
 
 use std::collections::VecDeque;
 use std::pin::Pin;

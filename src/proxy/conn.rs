@@ -9,6 +9,9 @@
 //! buffer's worth: a request head that came in one segment is read once,
 //! as nginx reads it, and what was read is handed to hyper ahead of the
 //! socket ([`Prefixed`]) until it has taken it.
+//!
+//! An h2c connection's streams each take a place under the connection cap
+//! ([`Placing`]); an HTTP/1 connection's service is served as it is.
 
 use std::future::Future;
 use std::io;
@@ -25,6 +28,8 @@ use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::streams::{Places, Placing};
+
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113, 3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -40,12 +45,15 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Builders {
     http1: http1::Builder,
     http2: http2::Builder<TokioExecutor>,
+    /// Where an h2c connection's streams take their places.
+    places: Places,
 }
 
 impl Builders {
     /// `max_header_bytes` bounds a request head (HTTP/1: hyper's read
-    /// buffer, at least 8 KiB; h2c: the header list).
-    pub fn new(max_header_bytes: usize) -> Self {
+    /// buffer, at least 8 KiB; h2c: the header list). Each h2c stream in
+    /// flight takes one of `places`.
+    pub fn new(max_header_bytes: usize, places: Places) -> Self {
         let mut http1 = http1::Builder::new();
         http1
             .timer(TokioTimer::new())
@@ -56,13 +64,14 @@ impl Builders {
             .max_buf_size(max_header_bytes.max(8192));
         let mut http2 = http2::Builder::new(TokioExecutor::new());
         http2.timer(TokioTimer::new()).max_header_list_size(max_header_bytes.min(u32::MAX as usize) as u32);
-        Builders { http1, http2 }
+        Builders { http1, http2, places }
     }
 
     /// Serves `io` with `svc`, in the HTTP version its first bytes name.
     pub fn serve<IO, S>(self: &std::sync::Arc<Self>, io: IO, svc: S) -> Conn<IO, S>
     where
         S: HttpService<Incoming>,
+        Placing<S>: HttpService<Incoming>,
     {
         Conn::Sniffing { builders: self.clone(), io: Some(io), svc: Some(svc), first: Vec::new() }
     }
@@ -84,7 +93,7 @@ pub trait Graceful: Future<Output = Result<(), ConnError>> {
 }
 
 type H1<IO, S> = http1::Connection<TokioIo<Prefixed<IO>>, S>;
-type H2<IO, S> = http2::Connection<TokioIo<Prefixed<IO>>, S, TokioExecutor>;
+type H2<IO, S> = http2::Connection<TokioIo<Prefixed<IO>>, Placing<S>, TokioExecutor>;
 
 pin_project_lite::pin_project! {
     /// See [`Builders::serve`]; poll it to serve the connection.
@@ -92,6 +101,7 @@ pin_project_lite::pin_project! {
     pub enum Conn<IO, S>
     where
         S: HttpService<Incoming>,
+        Placing<S>: HttpService<Incoming>,
     {
         /// Reading until the first bytes tell the version apart.
         Sniffing {
@@ -119,14 +129,17 @@ fn version(seen: &[u8]) -> Option<bool> {
     }
 }
 
-impl<IO, S, B> Future for Conn<IO, S>
+impl<IO, S, B, P> Future for Conn<IO, S>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     S: HttpService<Incoming, ResBody = B>,
     S::Error: Into<BoxError>,
     B: Body + 'static,
     B::Error: Into<BoxError>,
-    TokioExecutor: Http2ServerConnExec<S::Future, B>,
+    Placing<S>: HttpService<Incoming, ResBody = P>,
+    P: Body + 'static,
+    P::Error: Into<BoxError>,
+    TokioExecutor: Http2ServerConnExec<<Placing<S> as HttpService<Incoming>>::Future, P>,
 {
     type Output = Result<(), ConnError>;
 
@@ -169,7 +182,10 @@ where
                                 let (io, svc) = (TokioIo::new(io), svc.take().expect("taken once"));
                                 match h2 {
                                     false => Conn::Http1 { conn: builders.http1.serve_connection(io, svc) },
-                                    true => Conn::Http2 { conn: builders.http2.serve_connection(io, svc) },
+                                    true => {
+                                        let svc = Placing::new(svc, builders.places.clone());
+                                        Conn::Http2 { conn: builders.http2.serve_connection(io, svc) }
+                                    }
                                 }
                             }
                         }
@@ -181,14 +197,17 @@ where
     }
 }
 
-impl<IO, S, B> Graceful for Conn<IO, S>
+impl<IO, S, B, P> Graceful for Conn<IO, S>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     S: HttpService<Incoming, ResBody = B>,
     S::Error: Into<BoxError>,
     B: Body + 'static,
     B::Error: Into<BoxError>,
-    TokioExecutor: Http2ServerConnExec<S::Future, B>,
+    Placing<S>: HttpService<Incoming, ResBody = P>,
+    P: Body + 'static,
+    P::Error: Into<BoxError>,
+    TokioExecutor: Http2ServerConnExec<<Placing<S> as HttpService<Incoming>>::Future, P>,
 {
     fn graceful_shutdown(mut self: Pin<&mut Self>) {
         match self.as_mut().project() {
@@ -284,7 +303,7 @@ mod tests {
             let v = format!("{:?}", req.version());
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from(v))))
         });
-        let builders = std::sync::Arc::new(Builders::new(64 * 1024));
+        let builders = std::sync::Arc::new(Builders::new(64 * 1024, Places::for_tests()));
         let conn = builders.serve(Counted(server, reads), svc);
         (client, tokio::spawn(conn))
     }
@@ -386,7 +405,7 @@ mod tests {
         let svc = hyper::service::service_fn(|_req: http::Request<Incoming>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<Bytes>::new()))
         });
-        let mut conn = Box::pin(std::sync::Arc::new(Builders::new(8192)).serve(server, svc));
+        let mut conn = Box::pin(std::sync::Arc::new(Builders::new(8192, Places::for_tests())).serve(server, svc));
         let pending = std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx).is_pending())).await;
         assert!(pending, "waits for its first bytes");
         conn.as_mut().graceful_shutdown();

@@ -2,6 +2,7 @@
 //!
 //! * [`server`]: the accept loop with limits and graceful shutdown;
 //! * [`conn`]: one client connection, HTTP/1.1 or h2c by its first bytes;
+//! * [`streams`]: a place under the connection cap for each h2c stream in flight;
 //! * [`linger`]: how a client connection closes (nginx's lingering close when needed);
 //! * [`loops`]: more accept loops on one socket, a thread each (nginx-style);
 //! * [`upstream`]: forwarding to the store (a per-connection upstream, or a pool);
@@ -57,6 +58,9 @@ mod linger;
 pub mod loops;
 pub mod server;
 pub mod signal;
+mod streams;
+#[cfg(test)]
+mod testing;
 pub mod upstream;
 
 pub use body::{full, json_error, json_response, stream, text_response, Body, BoxError, RequestBody};

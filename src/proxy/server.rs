@@ -19,6 +19,7 @@ use super::conn::{Builders, Graceful};
 use super::gate::Gated;
 use super::idle::{Expired, Idle, Served};
 use super::linger::Linger;
+use super::streams::Places;
 use super::upstream::{pool, ConnSlot, IdlePool};
 
 /// Limits for the accepting side of a server.
@@ -39,6 +40,7 @@ pub struct ServerLimits {
     pub send_timeout: Duration,
     /// Most connections open at once per server; above it the accept loop
     /// stops accepting until one closes (the kernel's backlog queues the rest).
+    /// Each h2c stream in flight takes a place too (`proxy::streams`).
     pub max_connections: usize,
 }
 
@@ -105,7 +107,6 @@ pub async fn serve_capped<H, F>(
     H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
-    let builders = Arc::new(Builders::new(limits.max_header_bytes));
     // `drain` asks every connection to finish (graceful shutdown); `kill`,
     // cancelled when the grace period is over, ends those that have not;
     // `tracker` knows when they all have.
@@ -119,6 +120,7 @@ pub async fn serve_capped<H, F>(
     // long (it ends with the loop's shutdown).
     let pool = Arc::new(IdlePool::default());
     tokio::spawn(pool::sweep_while(Arc::downgrade(&pool), drain.clone()));
+    let builders = Arc::new(Builders::new(limits.max_header_bytes, Places::new(cap.clone(), pool.clone())));
     tokio::pin!(shutdown);
     loop {
         // Under the cap (nearly always), a place is taken without waiting.

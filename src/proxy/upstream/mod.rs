@@ -145,9 +145,15 @@ impl Upstream {
         conn.set_connect_timeout(Some(connect_timeout));
         conn.set_keepalive(Some(Duration::from_secs(60)));
         let conn = Connector(conn);
+        // The pooled client serves h2c streams, each holding a place under
+        // `--max-connections` while its connection is in use
+        // (`proxy::streams`); the idle ones it keeps hold none, so they are
+        // as few as a loop's parked connections, and kept as briefly (see
+        // `pool::IDLE_FOR`: a store's idle timeout must not close one just
+        // as a stream reuses it).
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(pool::IDLE_FOR)
+            .pool_max_idle_per_host(pool::MAX_IDLE)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .build(conn.clone());
@@ -394,6 +400,10 @@ impl Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::testing::{
+        counting_store, counting_store_closes, front, front_with, h2c, keep_alive_get, one_request, one_request_with,
+        KEEP_ALIVE,
+    };
     use tokio::net::TcpStream;
 
     #[test]
@@ -407,107 +417,20 @@ mod tests {
         assert!(Upstream::new("https://h", Duration::ZERO, Duration::ZERO).is_err());
     }
 
-    /// A proxy in front of `store` (the real accept loop and per-connection
-    /// upstream), with this response timeout; its address.
-    async fn front(store: SocketAddr, response_timeout: Duration) -> SocketAddr {
-        front_with(store, response_timeout, super::super::server::ServerLimits::default()).await
-    }
-
     /// A store that closes its connection after every answer: each request on
     /// one keep-alive downstream connection gets a new upstream connection.
     #[tokio::test]
     async fn a_closed_upstream_connection_is_reopened_for_the_next_request() {
         use std::sync::atomic::Ordering::Relaxed;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok";
         let (store_addr, accepted) = counting_store(closing, Some(Duration::ZERO)).await;
         let front_addr = front(store_addr, Duration::from_secs(5)).await;
         let mut c = TcpStream::connect(front_addr).await.unwrap();
         for i in 0..3 {
-            c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-            let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
-            while !got.ends_with(b"ok") {
-                let n = c.read(&mut buf).await.unwrap();
-                assert!(n > 0, "request {i}: connection closed after {}", String::from_utf8_lossy(&got));
-                got.extend_from_slice(&buf[..n]);
-            }
+            let got = keep_alive_get(&mut c).await;
             assert!(got.starts_with(b"HTTP/1.1 200"), "request {i}: {}", String::from_utf8_lossy(&got));
         }
         assert_eq!(accepted.load(Relaxed), 3, "one upstream connection per request");
-    }
-
-    /// A store that counts its connections and gives every request `answer`;
-    /// `close_after` each answer, it closes the connection (its idle
-    /// timeout, or at once after a `Connection: close` answer).
-    async fn counting_store(
-        answer: &'static [u8],
-        close_after: Option<Duration>,
-    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
-        let (addr, accepted, _) = counting_store_closes(answer, close_after).await;
-        (addr, accepted)
-    }
-
-    /// [`counting_store`], also counting the connections its client closed.
-    async fn counting_store_closes(
-        answer: &'static [u8],
-        close_after: Option<Duration>,
-    ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = store.local_addr().unwrap();
-        let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (acc, clo) = (accepted.clone(), closed.clone());
-        tokio::spawn(async move {
-            loop {
-                let (mut s, _) = store.accept().await.unwrap();
-                acc.fetch_add(1, Relaxed);
-                let clo = clo.clone();
-                tokio::spawn(async move {
-                    let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
-                    loop {
-                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                            got.drain(..end + 4);
-                            if s.write_all(answer).await.is_err() {
-                                return;
-                            }
-                            if let Some(after) = close_after {
-                                tokio::time::sleep(after).await;
-                                return;
-                            }
-                        }
-                        match s.read(&mut buf).await {
-                            Ok(0) | Err(_) => {
-                                clo.fetch_add(1, Relaxed);
-                                return;
-                            }
-                            Ok(n) => got.extend_from_slice(&buf[..n]),
-                        }
-                    }
-                });
-            }
-        });
-        (addr, accepted, closed)
-    }
-
-    const KEEP_ALIVE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
-
-    /// One request on a new connection to `front`, which closes it after
-    /// answering (`Connection: close`); the status line and body.
-    async fn one_request(front: SocketAddr) -> String {
-        one_request_with(front, "").await
-    }
-
-    /// [`one_request`], with these header lines (each ending in CRLF) too.
-    async fn one_request_with(front: SocketAddr, headers: &str) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut c = TcpStream::connect(front).await.unwrap();
-        let head = format!("GET /x HTTP/1.1\r\nHost: a\r\n{headers}Connection: close\r\n\r\n");
-        c.write_all(head.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        c.read_to_end(&mut got).await.unwrap();
-        let got = String::from_utf8_lossy(&got).to_string();
-        format!("{} {}", &got[..got.len().min(12)], got.rsplit("\r\n\r\n").next().unwrap_or_default())
     }
 
     /// A client that opens a connection per request: each downstream
@@ -556,19 +479,11 @@ mod tests {
     /// h2c client.
     #[tokio::test]
     async fn an_h2c_request_that_authenticates_its_connection_gets_one_of_its_own() {
-        use hyper_util::rt::TokioExecutor;
         use std::sync::atomic::Ordering::Relaxed;
         for (auth, connections) in [(Some("NTLM TlRMTVNTUAADAAAA"), 3), (None, 1)] {
             let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
             let front_addr = front(store, Duration::from_secs(5)).await;
-            let io = TokioIo::new(TcpStream::connect(front_addr).await.unwrap());
-            let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, http_body_util::Empty<bytes::Bytes>>(
-                TokioExecutor::new(),
-                io,
-            )
-            .await
-            .unwrap();
-            let driver = tokio::spawn(conn);
+            let (mut send, driver) = h2c(front_addr).await;
             for i in 0..3 {
                 let mut req = Request::get("http://a/x");
                 if let Some(auth) = auth {
@@ -598,32 +513,6 @@ mod tests {
         assert_eq!(accepted.load(Relaxed), 3, "each parked connection was closed by the store");
     }
 
-    /// [`front`], with these server limits.
-    async fn front_with(
-        store: SocketAddr,
-        response_timeout: Duration,
-        limits: super::super::server::ServerLimits,
-    ) -> SocketAddr {
-        let up = Arc::new(Upstream::new(&format!("http://{store}"), Duration::from_secs(1), response_timeout).unwrap());
-        let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(super::super::server::serve(
-            front,
-            limits,
-            move |req, _| {
-                let up = up.clone();
-                async move {
-                    match up.send(req, None).await {
-                        Ok(r) => r.map(super::super::body::stream),
-                        Err(e) => e.into_response(),
-                    }
-                }
-            },
-            std::future::pending(),
-        ));
-        addr
-    }
-
     /// A connection is reused only within `IDLE_FOR` of its last request's
     /// start, however long of that it waited in its own client's connection
     /// (the hostile review's case: counted from its parking, a connection
@@ -632,18 +521,11 @@ mod tests {
     #[tokio::test]
     async fn a_connection_idle_in_its_client_connection_is_not_reused_past_its_idle_time() {
         use std::sync::atomic::Ordering::Relaxed;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
         let front_addr = front(store, Duration::from_secs(5)).await;
         // A keep-alive client: one request, then quiet past IDLE_FOR, then it closes.
         let mut c = TcpStream::connect(front_addr).await.unwrap();
-        c.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
-        let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
-        while !got.ends_with(b"ok") {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&buf[..n]);
-        }
+        keep_alive_get(&mut c).await;
         tokio::time::sleep(pool::IDLE_FOR + Duration::from_millis(300)).await;
         drop(c);
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -718,7 +600,7 @@ mod tests {
     #[tokio::test]
     async fn at_the_connection_cap_a_parked_connection_makes_room() {
         let (store, _) = counting_store(KEEP_ALIVE, None).await;
-        let limits = super::super::server::ServerLimits { max_connections: 1, ..Default::default() };
+        let limits = crate::proxy::ServerLimits { max_connections: 1, ..Default::default() };
         let front_addr = front_with(store, Duration::from_secs(5), limits).await;
         for i in 0..3 {
             // Well within IDLE_FOR: without the eviction a client waited until the sweep closed the parked one.

@@ -1,4 +1,5 @@
-//! A place under `--max-connections` for each h2c stream in flight.
+//! A place under `--max-connections` for each h2c stream in flight (and
+//! each HTTP/2 stream over TLS: the same connection type serves both).
 //!
 //! An HTTP/1 client connection sends one request at a time, so it needs one
 //! upstream connection, and its own place under the cap covers it (the
@@ -8,9 +9,11 @@
 //! connection at a time). Counted by client connections alone, a few h2c
 //! clients could have the store see 200 times the cap, and the proxy run out
 //! of file descriptors. So each h2c stream takes a place of its own when it
-//! comes ([`Places::take`]) and keeps it until its answer has ended or the
-//! stream is dropped ([`PlacedBody`]); its connection's own place stays
-//! taken too (it is the connection's).
+//! comes and keeps it until its answer has ended or the stream is dropped
+//! ([`PlacedBody`]). The connection's own place covers its first stream in
+//! flight (as an HTTP/1 connection's covers its request), so a client that
+//! sends one request at a time is never refused; each further stream in
+//! flight takes a place from the cap ([`Places::take`]).
 //!
 //! A stream that finds no free place, after closing a parked upstream
 //! connection to make room as the accept loop does, is answered at once:
@@ -88,11 +91,17 @@ fn refusal() -> Response<Body> {
 pub struct Placing<S> {
     inner: S,
     places: Places,
+    /// A place of the connection's own, for its first stream in flight: the
+    /// connection's place under the cap covers it, as an HTTP/1
+    /// connection's covers its one request. Without it, h2c clients sending
+    /// one request at a time were refused whenever the cap was full, and
+    /// the accept loop, waiting at the cap, takes each freed place first.
+    own: Arc<Semaphore>,
 }
 
 impl<S> Placing<S> {
     pub fn new(inner: S, places: Places) -> Self {
-        Placing { inner, places }
+        Placing { inner, places, own: Arc::new(Semaphore::new(1)) }
     }
 }
 
@@ -105,9 +114,12 @@ where
     type Future = Placed<S::Future>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        match self.places.take() {
+        match self.own.clone().try_acquire_owned().ok().or_else(|| self.places.take()) {
             Some(place) => Placed::Serving { fut: self.inner.call(req), place: Some(place) },
-            None => Placed::Refused { resp: Some(refusal()) },
+            None => {
+                tracing::debug!("an h2c stream refused: no place under --max-connections");
+                Placed::Refused { resp: Some(refusal()) }
+            }
         }
     }
 }
@@ -212,24 +224,30 @@ mod tests {
         (status, retry, String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// Under a cap of 4 (the accept loop holds one place for the next
-    /// connection it accepts, the h2c connection one), two of four streams
-    /// sent at once get places and reach the store, and the other two are
-    /// answered 503 `too_many_connections` at once. Once the first two have
-    /// been answered, their places are free again. Before, all four went
-    /// to the store (and 200 would have: the cap did not count streams).
-    #[tokio::test]
-    async fn each_h2c_stream_in_flight_takes_a_place_and_the_rest_are_refused() {
-        let (store, accepted, release) = held_store().await;
-        let limits = ServerLimits { max_connections: 4, ..Default::default() };
-        let front = front_with(store, Duration::from_secs(5), limits).await;
-        let (send, driver) = h2c(front).await;
-        let streams: Vec<_> = (0..4).map(|_| tokio::spawn(get(send.clone()))).collect();
+    /// Waits (up to 5 s) until the store has seen `n` connections.
+    async fn until_accepted(accepted: &std::sync::atomic::AtomicUsize, n: usize) {
         let start = std::time::Instant::now();
-        while accepted.load(Relaxed) < 2 {
+        while accepted.load(Relaxed) < n {
             assert!(start.elapsed() < Duration::from_secs(5), "the store saw {} connections", accepted.load(Relaxed));
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Under a cap of 3 (the accept loop holds one place for the next
+    /// connection it accepts, the h2c connection one, which covers its first
+    /// stream), two of four streams sent at once get places and reach the
+    /// store, and the other two are answered 503 `too_many_connections` at
+    /// once. Once the first two have been answered, their places are free
+    /// again. Before, all four went to the store (the cap did not count
+    /// streams).
+    #[tokio::test]
+    async fn each_h2c_stream_in_flight_takes_a_place_and_the_rest_are_refused() {
+        let (store, accepted, release) = held_store().await;
+        let limits = ServerLimits { max_connections: 3, ..Default::default() };
+        let front = front_with(store, Duration::from_secs(5), limits).await;
+        let (send, driver) = h2c(front).await;
+        let streams: Vec<_> = (0..4).map(|_| tokio::spawn(get(send.clone()))).collect();
+        until_accepted(&accepted, 2).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(accepted.load(Relaxed), 2, "two streams reached the store");
         assert_eq!(streams.iter().filter(|s| s.is_finished()).count(), 2, "two were answered without waiting");
@@ -257,15 +275,35 @@ mod tests {
         driver.abort();
     }
 
+    /// At the cap, with the accept loop waiting for a place (it takes each
+    /// freed one first), an h2c client that sends one request at a time is
+    /// served on its connection's own place, as an HTTP/1 client is. Without
+    /// that place, each of its streams was refused.
+    #[tokio::test]
+    async fn an_h2c_connection_at_the_cap_is_served_one_stream_at_a_time() {
+        let (store, _) = counting_store(KEEP_ALIVE, None).await;
+        let limits = ServerLimits { max_connections: 2, ..Default::default() };
+        let front = front_with(store, Duration::from_secs(5), limits).await;
+        let (send, driver) = h2c(front).await;
+        for i in 0..3 {
+            let (status, _, body) = get(send.clone()).await;
+            assert_eq!(status, StatusCode::OK, "stream {i}: {body}");
+        }
+        driver.abort();
+    }
+
     /// A stream at the cap takes the place of a parked upstream connection
     /// (closing it), as the accept loop does for a new connection. Two
     /// HTTP/1 clients leave two parked connections (under a cap of 3, with
     /// the accept loop's place); the h2c connection's arrival has the accept
-    /// loop close one, and its stream closes the other. Without it, the
-    /// stream was refused with places held by idle connections.
+    /// loop close one; its first stream has the connection's own place, and
+    /// its second, sent while the first is in flight, closes the other.
+    /// Without that, the second was refused with a place held by an idle
+    /// connection.
     #[tokio::test]
     async fn an_h2c_stream_at_the_cap_closes_a_parked_connection_for_its_place() {
-        let (store, accepted) = counting_store(KEEP_ALIVE, None).await;
+        let (store, accepted, release) = held_store().await;
+        release.send(true).unwrap();
         let limits = ServerLimits { max_connections: 3, ..Default::default() };
         let front = front_with(store, Duration::from_secs(5), limits).await;
         let mut a = tokio::net::TcpStream::connect(front).await.unwrap();
@@ -273,12 +311,19 @@ mod tests {
         keep_alive_get(&mut a).await;
         keep_alive_get(&mut b).await;
         drop((a, b));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Parked when their client connections' tasks end (at once here;
+        // generous for a loaded machine).
+        tokio::time::sleep(Duration::from_millis(500)).await;
         assert_eq!(accepted.load(Relaxed), 2, "each client had its own upstream connection");
+        release.send(false).unwrap();
         let (send, driver) = h2c(front).await;
-        let (status, _, body) = get(send).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert_eq!(accepted.load(Relaxed), 3, "the stream's on a new upstream connection");
+        let streams = [tokio::spawn(get(send.clone())), tokio::spawn(get(send.clone()))];
+        until_accepted(&accepted, 4).await;
+        release.send(true).unwrap();
+        for s in streams {
+            let (status, _, body) = s.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
         driver.abort();
     }
 }

@@ -79,7 +79,7 @@ fn refusal() -> Response<Body> {
     let mut r = json_error(
         StatusCode::SERVICE_UNAVAILABLE,
         "too_many_connections",
-        "the server is at --max-connections, and each h2c stream in flight needs a place of its own: retry later",
+        "the server is at --max-connections, and each HTTP/2 stream in flight past a connection's first needs a place of its own: retry later",
         None,
     );
     r.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -117,7 +117,7 @@ where
         match self.own.clone().try_acquire_owned().ok().or_else(|| self.places.take()) {
             Some(place) => Placed::Serving { fut: self.inner.call(req), place: Some(place) },
             None => {
-                tracing::debug!("an h2c stream refused: no place under --max-connections");
+                tracing::debug!("an HTTP/2 stream refused: no place under --max-connections");
                 Placed::Refused { resp: Some(refusal()) }
             }
         }

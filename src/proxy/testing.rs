@@ -33,6 +33,16 @@ pub(crate) async fn counting_store_closes(
     answer: &'static [u8],
     close_after: Option<Duration>,
 ) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) {
+    store(answer, close_after, None).await
+}
+
+/// The stores above: each answer waits, if `released` is given, until it
+/// holds `true`.
+async fn store(
+    answer: &'static [u8],
+    close_after: Option<Duration>,
+    released: Option<tokio::sync::watch::Receiver<bool>>,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, Arc<std::sync::atomic::AtomicUsize>) {
     use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,12 +53,17 @@ pub(crate) async fn counting_store_closes(
         loop {
             let (mut s, _) = store.accept().await.unwrap();
             acc.fetch_add(1, Relaxed);
-            let clo = clo.clone();
+            let (clo, mut released) = (clo.clone(), released.clone());
             tokio::spawn(async move {
                 let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
                 loop {
                     while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
                         got.drain(..end + 4);
+                        if let Some(released) = released.as_mut() {
+                            if released.wait_for(|r| *r).await.is_err() {
+                                return;
+                            }
+                        }
                         if s.write_all(answer).await.is_err() {
                             return;
                         }
@@ -118,35 +133,8 @@ pub(crate) async fn front_with(store: SocketAddr, response_timeout: Duration, li
 /// from then on): requests held in flight until then.
 pub(crate) async fn held_store() -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>, tokio::sync::watch::Sender<bool>)
 {
-    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let store = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = store.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
     let (release, released) = tokio::sync::watch::channel(false);
-    let acc = accepted.clone();
-    tokio::spawn(async move {
-        loop {
-            let (mut s, _) = store.accept().await.unwrap();
-            acc.fetch_add(1, Relaxed);
-            let mut released = released.clone();
-            tokio::spawn(async move {
-                let (mut got, mut buf) = (Vec::new(), [0u8; 1024]);
-                loop {
-                    while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-                        got.drain(..end + 4);
-                        if released.wait_for(|r| *r).await.is_err() || s.write_all(KEEP_ALIVE).await.is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-            });
-        }
-    });
+    let (addr, accepted, _) = store(KEEP_ALIVE, None, Some(released)).await;
     (addr, accepted, release)
 }
 

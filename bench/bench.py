@@ -35,6 +35,9 @@ import http.client as httpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.environ.get("BENCH_BIN", os.path.join(ROOT, "target/release/fencegate"))
+# bench/run.sh measures the profile-guided build (scripts/pgo-build.sh) as "fencegate" and the plain
+# `cargo build --release` beside it as "fencegate-plain" (two hops only), so the table shows what each build costs.
+PLAIN_BIN = os.environ.get("BENCH_PLAIN_BIN")
 WRK_LUA = os.path.join(ROOT, "bench/wrk.lua")
 OUT = os.path.join(ROOT, "bench/results")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
@@ -314,9 +317,11 @@ def throughput(work, store_port, etcd):
     sc1, sc1port, sc1admin = start_sidecar(work, etcd, "bench-1hop", store_port, None, lock=f"{LOCK}-1hop")
     wait_holding(sc1admin)
     n1h, n1hport = start_nginx_proxy(work, "nginx-1hop", store_port, True)
+    plain = start_plain_pair(work, store_port, etcd) if PLAIN_BIN else None
     paths = {
         "direct": (store_port, []),
         "fencegate": (sport, [sc.pid, f.pid]),
+        **({"fencegate-plain": (plain[0], [p.pid for p in plain[1]])} if plain else {}),
         "nginx": (na1port, [na1.pid, na2.pid]),
         "haproxy": (ha1port, [ha1.pid, ha2.pid]),
         "sidecar-1hop": (sc1port, [sc1.pid]),
@@ -375,9 +380,23 @@ def throughput(work, store_port, etcd):
             open_loop[name][f"{frac:.2f}"] = res
             print(f"  {frac:.0%} of {best:.0f} = {rate} req/s  {name:9} p50 {res['p50_us']:6.0f}us  p99 {res['p99_us']:6.0f}us  "
                   f"p99.9 {res['p999_us']:6.0f}us  errors {res['errors']}", flush=True)
-    for p in (f, sc, na1, na2, ha1, ha2, sc1, n1h):
+    for p in (f, sc, na1, na2, ha1, ha2, sc1, n1h, *(plain[1] if plain else ())):
         kill_group(p)
     return raw, rss, rss_each, idle_rss, {"nginx_best_rps": best, "paths": open_loop}
+
+
+def start_plain_pair(work, store_port, etcd):
+    """The plain build's two hops (sidecar -> filter) on a lock of their own: (the sidecar's port, [sidecar, filter])."""
+    global BIN
+    measured, BIN = BIN, PLAIN_BIN
+    try:
+        lock = f"{LOCK}-plain"
+        f, fport, fadmin = start_filter(work, store_port, ["--lock", lock])
+        sc, sport, sadmin = start_sidecar(work, etcd, "bench-plain", fport, fadmin, lock=lock)
+    finally:
+        BIN = measured
+    wait_holding(sadmin)
+    return sport, [sc, f]
 
 
 OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75)
@@ -704,7 +723,8 @@ def main():
     result = {
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "settings": {"seconds_per_case": SECONDS, "rounds": ROUNDS, "ttl": TTL, "workers": WORKERS,
-                     "sidecar_workers": SIDECAR_WORKERS},
+                     "sidecar_workers": SIDECAR_WORKERS,
+                     "fencegate_build": os.environ.get("BENCH_BUILD", "plain")},
         "summary": summary, "peak_rss_kib": rss, "peak_rss_kib_fencegate": rss_each, "sidecar_idle_rss_kib": idle_rss,
         "failover_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo.items()},
         "failover_verified_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo_v.items()},
@@ -726,11 +746,16 @@ def report(r):
            "medians. wrk, keep-alive connections, loopback. Ratios are to nginx's two hops in the same run.\n",
            f"Workers per hop: nginx and HAProxy {r['settings'].get('workers', 2)}, fencegate's filter "
            f"{r['settings'].get('workers', 2)} event loops, its sidecar {r['settings'].get('sidecar_workers', 1)}.\n",
+           f"fencegate: the {r['settings'].get('fencegate_build', 'plain')} build"
+           + (" (`scripts/pgo-build.sh`); fencegate-plain: `cargo build --release`, two hops only.\n"
+              if "fencegate-plain" in s else ".\n"),
            "| case | path | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req (both hops) | req/s vs nginx | p99 vs nginx |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in s["direct"]:
         d, n = s["direct"][case], s["nginx"][case]
-        for path in ("direct", "fencegate", "nginx", "haproxy"):
+        for path in ("direct", "fencegate", "fencegate-plain", "nginx", "haproxy"):
+            if path not in s:
+                continue
             x = s[path][case]
             added50 = x["p50_us"] - d["p50_us"]
             added99 = x["p99_us"] - d["p99_us"]

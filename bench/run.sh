@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # fencegate's benchmark: what two extra hops cost, side by side with nginx and
 # HAProxy doing the same two hops, measured in one run on one machine.
-#   bash bench/run.sh                       # full run (~10 min on 2 cores)
+#   bash bench/run.sh                       # full run (~25 min on 2 cores, with the profile-guided build)
 #   BENCH_SECONDS=3 BENCH_ROUNDS=1 bash bench/run.sh   # quick look
+#   BENCH_PGO=0 bash bench/run.sh           # the plain release build only (no profile-guided build)
 # Results: bench/results/bench.json, bench/results/bench.md and bench/results/latency.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,4 +20,10 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib
 cargo build --release --locked --bin fencegate --example admission_bench
+# What is measured as "fencegate" is the profile-guided build (what scripts/pgo-build.sh makes), with the plain
+# release build's two hops beside it; BENCH_PGO=0 measures the plain build alone.
+if [ "${BENCH_PGO:-1}" = 1 ]; then
+  bash scripts/pgo-build.sh
+  export BENCH_BIN="$PWD/target/pgo/fencegate" BENCH_PLAIN_BIN="$PWD/target/release/fencegate" BENCH_BUILD=profile-guided
+fi
 exec python3 bench/bench.py "$@"

@@ -2,20 +2,24 @@
 """The training run of a profile-guided build (scripts/pgo-build.sh): traffic through an instrumented fencegate.
 
 The compiler lays out and inlines the optimised build by the branch and call counts this run records, so the run
-takes the paths users' traffic takes, not the benchmark's cases alone:
+takes the paths users' traffic takes. It includes the benchmark's own cases (so the bench shows the profiled build
+at its best on them) and more:
   * app -> sidecar -> filter -> store, HTTP/1.1 kept-alive at 1 and 32 connections, GETs and 1 KiB PUTs; GETs on a
     new connection each; the same over h2c;
   * a filter with `--store s3` (path-style object GETs and PUTs, the S3 routing) behind a second sidecar;
   * the WebDAV methods that name a second path (COPY, MOVE with `Destination`), DELETE and MKCOL, a few hundred each;
   * a stale token refused at the filter, and an app's own fencing headers, which the sidecar strips.
-Functions this run never enters are laid out as cold code: still correct, but not tuned.
+Functions this run never enters are laid out as cold code: still correct, but not tuned (the filter's
+`--shared-marks` and `--etcd` verification, `--protect-file` rules, TLS to etcd, the injector). Any request that
+fails, or any answer other than the expected one, stops the run: a profile of error paths would tune the wrong code.
 
 Every fencegate process is stopped with SIGTERM and must exit 0: the profile is written when the process exits, so a
 killed process records nothing. Usage (the binary must be built with -Cprofile-generate=DIR):
-  BENCH_BIN=target/pgo-gen/.../fencegate python3 bench/pgo_train.py
+  BENCH_BIN=target/pgo/gen/<host triple>/release/fencegate python3 bench/pgo_train.py
 PGO_TRAIN_SECONDS (default 3) per wrk or h2load case.
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,12 +40,23 @@ def pair(work, etcd, store_port, name, store):
     return [sc, f], sport, fport
 
 
+def expect(what, ok):
+    if not ok:
+        sys.exit(f"training: {what} went wrong; no profile is built from it")
+
+
+def wrk(port, method, conns, env=None):
+    r = bench.wrk(port, method, conns, SECONDS, env, path="/bench/small" if method == "GET" else "/bench/put")
+    errors = r["socket_errors"] + r["status_errors"]
+    print(f"  {method} c={conns}{' (a new connection each)' if env else ''}: {r['requests']} requests, {errors} errors",
+          flush=True)
+    expect(f"wrk {method} c={conns}", r["requests"] > 0 and errors == 0)
+
+
 def closed_loop(port):
     for method in ("GET", "PUT"):
         for conns in (1, 32):
-            r = bench.wrk(port, method, conns, SECONDS, path="/bench/small" if method == "GET" else "/bench/put")
-            print(f"  {method} c={conns}: {r['requests']} requests, {r['socket_errors'] + r['status_errors']} errors",
-                  flush=True)
+            wrk(port, method, conns)
 
 
 def h2c(port, method, work):
@@ -56,6 +71,10 @@ def h2c(port, method, work):
                          timeout=SECONDS + 60)
     done = [line.strip() for line in out.stdout.splitlines() if line.startswith("requests:")]
     print(f"  h2c {method}: {done[0] if done else out.stdout[-300:]}", flush=True)
+    # "requests: N total, N started, N done, N succeeded, 0 failed, 0 errored, 0 timeout"
+    words = done[0].replace(",", "").split() if done else []
+    counts = {words[i + 1]: int(words[i]) for i in range(1, len(words) - 1, 2)} if words else {}
+    expect(f"h2c {method}", counts.get("succeeded", 0) > 0 and counts.get("succeeded") == counts.get("total"))
 
 
 def dav(port, n=300):
@@ -77,32 +96,37 @@ def dav(port, n=300):
     finally:
         c.close()
     print(f"  WebDAV methods: answers {dict(sorted(codes.items()))}", flush=True)
+    expect("WebDAV methods", set(codes) <= {201, 204})
 
 
 def refusals(sidecar_port, filter_port, n=300):
     """Stale tokens at the filter (409), and the app's own fencing headers at the sidecar (stripped; its own sent).
     A connection each: after refusing a write on its head, fencegate may close the connection before its body."""
-    codes = {}
-    for port, headers in ((filter_port, {"Fencing-Lock": "bench", "Fencing-Token": "1"}),
-                          (sidecar_port, {"Fencing-Lock": "another", "Fencing-Token": "999"})):
+    for port, headers, want in ((filter_port, {"Fencing-Lock": "bench", "Fencing-Token": "1"}, {409}),
+                                (sidecar_port, {"Fencing-Lock": "another", "Fencing-Token": "999"}, {201, 204})):
+        codes = {}
         for _ in range(n):
             status, _ = bench.call("PUT", port, "/bench/put", body=b"z" * 64, headers=headers, timeout=10)
             codes[status] = codes.get(status, 0) + 1
-    print(f"  refusals: answers {dict(sorted(codes.items()))}", flush=True)
+        print(f"  refusals: answers {dict(sorted(codes.items()))}", flush=True)
+        expect("the refusals", set(codes) <= want)
 
 
 def main():
+    # A SIGTERM or SIGHUP (timeout, a closed terminal) unwinds through the `finally` below like Ctrl-C does, so the
+    # parts are stopped then too.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
     work = tempfile.mkdtemp(prefix="fg-pgo-train-")
     os.chmod(work, 0o755)
-    stopped = []
+    stopped, data, ok = [], None, False
     try:
-        _, store_port, _ = bench.start_store(work)
+        _, store_port, data = bench.start_store(work)
         etcd = bench.start_etcd(work)
         plain, sport, fport = pair(work, etcd, store_port, "bench", "plain")
         print("plain store, HTTP/1.1", flush=True)
         closed_loop(sport)
-        r = bench.wrk(sport, "GET", 8, SECONDS, {"WRK_CLOSE": "1"})
-        print(f"  GET, a new connection each: {r['requests']} requests", flush=True)
+        wrk(sport, "GET", 8, {"WRK_CLOSE": "1"})
         print("plain store, h2c", flush=True)
         for method in ("GET", "PUT"):
             h2c(sport, method, work)
@@ -117,9 +141,16 @@ def main():
             rc = p.wait(timeout=60)
             stopped.append(p)
             if rc != 0:
-                sys.exit(f"a fencegate process exited {rc}: its profile may not be written (logs in {work})")
+                sys.exit(f"a fencegate process exited {rc}: its profile may not be written")
+        ok = True
     finally:
         bench.stop_all()
+        if data:
+            shutil.rmtree(data, ignore_errors=True)
+        if ok:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"training failed: the parts' logs are in {work}", file=sys.stderr, flush=True)
     print(f"training done: {len(stopped)} fencegate processes exited 0", flush=True)
 
 

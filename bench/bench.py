@@ -261,19 +261,19 @@ def start_etcd(work):
     return c
 
 
-def start_filter(work, store_port, extra=(), state=None):
+def start_filter(work, store_port, extra=(), state=None, bin=None):
     port, admin = free_port(), free_port()
     state = state or tempfile.mkdtemp(prefix="fg-bench-state-", dir=work)
-    args = [BIN, "filter", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+    args = [bin or BIN, "filter", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--upstream", f"http://127.0.0.1:{store_port}", "--state-dir", state, "--worker-threads", str(WORKERS), *extra]
     p = start(f"filter-{port}", args, work, {"RUST_LOG": "warn"})
     wait_port(admin)
     return p, port, admin
 
 
-def start_sidecar(work, etcd, holder, upstream_port, fence_admin, ports=None, lock=LOCK):
+def start_sidecar(work, etcd, holder, upstream_port, fence_admin, ports=None, lock=LOCK, bin=None):
     port, admin = ports or (free_port(), free_port())
-    args = [BIN, "sidecar", "--etcd", etcd, "--lock", lock, "--holder", holder, "--ttl", TTL,
+    args = [bin or BIN, "sidecar", "--etcd", etcd, "--lock", lock, "--holder", holder, "--ttl", TTL,
             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--upstream", f"http://127.0.0.1:{upstream_port}", "--worker-threads", str(SIDECAR_WORKERS)]
     if fence_admin:
@@ -385,18 +385,19 @@ def throughput(work, store_port, etcd):
     return raw, rss, rss_each, idle_rss, {"nginx_best_rps": best, "paths": open_loop}
 
 
+def start_pair(work, store_port, etcd, lock, extra=(), bin=None):
+    """A filter (with extra flags) and a sidecar holding lock in front of it, both of bin (default BIN), on a lock
+    of their own: (the sidecar's port, the filter's port, [sidecar, filter])."""
+    f, fport, fadmin = start_filter(work, store_port, ["--lock", lock, *extra], bin=bin)
+    sc, sport, sadmin = start_sidecar(work, etcd, f"bench-{lock}", fport, fadmin, lock=lock, bin=bin)
+    wait_holding(sadmin, 30)
+    return sport, fport, [sc, f]
+
+
 def start_plain_pair(work, store_port, etcd):
-    """The plain build's two hops (sidecar -> filter) on a lock of their own: (the sidecar's port, [sidecar, filter])."""
-    global BIN
-    measured, BIN = BIN, PLAIN_BIN
-    try:
-        lock = f"{LOCK}-plain"
-        f, fport, fadmin = start_filter(work, store_port, ["--lock", lock])
-        sc, sport, sadmin = start_sidecar(work, etcd, "bench-plain", fport, fadmin, lock=lock)
-    finally:
-        BIN = measured
-    wait_holding(sadmin)
-    return sport, [sc, f]
+    """The plain build's two hops: (the sidecar's port, [sidecar, filter])."""
+    sport, _, procs = start_pair(work, store_port, etcd, f"{LOCK}-plain", bin=PLAIN_BIN)
+    return sport, procs
 
 
 OPEN_LOOP_FRACTIONS = (0.25, 0.5, 0.75)

@@ -32,14 +32,6 @@ import bench  # noqa: E402
 SECONDS = int(os.environ.get("PGO_TRAIN_SECONDS", "3"))
 
 
-def pair(work, etcd, store_port, name, store):
-    """A filter (`--store store`) and a sidecar in front of it, holding lock `name`."""
-    f, fport, fadmin = bench.start_filter(work, store_port, ["--lock", name, "--store", store])
-    sc, sport, sadmin = bench.start_sidecar(work, etcd, f"pgo-{name}", fport, fadmin, lock=name)
-    bench.wait_holding(sadmin, 30)
-    return [sc, f], sport, fport
-
-
 def expect(what, ok):
     if not ok:
         sys.exit(f"training: {what} went wrong; no profile is built from it")
@@ -123,7 +115,7 @@ def main():
     try:
         _, store_port, data = bench.start_store(work)
         etcd = bench.start_etcd(work)
-        plain, sport, fport = pair(work, etcd, store_port, "bench", "plain")
+        sport, fport, plain = bench.start_pair(work, store_port, etcd, "bench", ["--store", "plain"])
         print("plain store, HTTP/1.1", flush=True)
         closed_loop(sport)
         wrk(sport, "GET", 8, {"WRK_CLOSE": "1"})
@@ -132,7 +124,7 @@ def main():
             h2c(sport, method, work)
         dav(sport)
         refusals(sport, fport)
-        s3, s3port, _ = pair(work, etcd, store_port, "bench-s3", "s3")
+        s3port, _, s3 = bench.start_pair(work, store_port, etcd, "bench-s3", ["--store", "s3"])
         print("--store s3, HTTP/1.1", flush=True)
         closed_loop(s3port)
         for p in plain + s3:

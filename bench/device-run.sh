@@ -17,7 +17,12 @@ id www-data >/dev/null 2>&1 || useradd -r -M -s /usr/sbin/nologin www-data 2>/de
 getent group www-data >/dev/null 2>&1 || echo 'www-data:x:33:' >>/etc/group
 mkdir -p target/release/examples
 [ -e target/release/examples/admission_bench ] || ln -s "$k/bin/admission_bench" target/release/examples/admission_bench
-export BENCH_BIN="$k/bin/fencegate"
+# The profile-guided build, where the kit has one, as "fencegate" with the plain build beside it (as bench/run.sh).
+if [ -x "$k/bin/fencegate-pgo" ]; then
+  export BENCH_BIN="$k/bin/fencegate-pgo" BENCH_PLAIN_BIN="$k/bin/fencegate" BENCH_BUILD=profile-guided
+else
+  export BENCH_BIN="$k/bin/fencegate" BENCH_BUILD=plain
+fi
 echo "python: $py; $(nproc) CPUs; kernel $(uname -r)"
 "$py" "${BENCH_SCRIPT:-bench/bench.py}"
 rc=$?

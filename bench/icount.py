@@ -8,6 +8,8 @@ instructions per request for each process.
   python3 bench/icount.py                      # target/release/fencegate
   FG_BIN=/tmp/fencegate-old python3 bench/icount.py   # another build, for a before/after
   python3 bench/icount.py --nginx              # nginx's two hops (the bench's configuration), single-process
+ICOUNT_FILTER_ARGS adds flags to the filter's command line (`{etcd}` in them is etcd's address), e.g. a replica
+sharing marks: ICOUNT_FILTER_ARGS='--etcd {etcd} --trust-tokens --shared-marks --replica-id r0'.
 ICOUNT_N (default 2000) requests per case; then GETs on a new connection each (wrk, `Connection: close`) for
 ICOUNT_CLOSE_SECONDS (default 3), divided by the requests wrk made. ICOUNT_PROFILE=1 writes the dumps with full names, so that
 `callgrind_annotate <work>/cg-filter.out.1` (one dump per case, in CASES' order) shows where each hop's instructions go;
@@ -16,6 +18,7 @@ the work folder is printed at the end.
 import glob
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -129,6 +132,10 @@ def main_nginx():
     print(json.dumps(res))
 
 
+def filter_args(etcd):
+    return [a.replace("{etcd}", etcd) for a in shlex.split(os.environ.get("ICOUNT_FILTER_ARGS", ""))]
+
+
 def main():
     work = tempfile.mkdtemp(prefix="fg-icount-")
     os.chmod(work, 0o755)
@@ -141,7 +148,8 @@ def main():
         env = {"RUST_LOG": "warn", "FENCEGATE_WORKER_THREADS": "1"}
         f, fout = under_callgrind("filter", [BIN, "filter", "--listen", f"127.0.0.1:{fport}", "--admin-listen",
                                              f"127.0.0.1:{fadmin}", "--upstream", f"http://127.0.0.1:{store_port}",
-                                             "--state-dir", state, "--lock", bench.LOCK], work, env)
+                                             "--state-dir", state, "--lock", bench.LOCK, *filter_args(etcd)],
+                                 work, env)
         bench.wait_port(fadmin, 60)
         sport, sadmin = bench.free_port(), bench.free_port()
         sc, sout = under_callgrind("sidecar", [BIN, "sidecar", "--etcd", etcd, "--lock", bench.LOCK, "--holder", "ic",

@@ -8,10 +8,13 @@ at its best on them) and more:
     new connection each; the same over h2c;
   * a filter with `--store s3` (path-style object GETs and PUTs, the S3 routing) behind a second sidecar;
   * the WebDAV methods that name a second path (COPY, MOVE with `Destination`), DELETE and MKCOL, a few hundred each;
-  * a stale token refused at the filter, and an app's own fencing headers, which the sidecar strips.
-Functions this run never enters are laid out as cold code: still correct, but not tuned (the filter's
-`--shared-marks` and `--etcd` verification, `--protect-file` rules, TLS to etcd, the injector). Any request that
-fails, or any answer other than the expected one, stops the run: a profile of error paths would tune the wrong code.
+  * a stale token refused at the filter, and an app's own fencing headers, which the sidecar strips;
+  * the filter's other modes: `--protect-file` rules with writes spread over a thousand locks (the bench's 100k-locks
+    case), two replicas sharing marks through etcd (`--shared-marks`: new tokens raised, then steady writes), and a
+    filter verifying its sidecar's raise with etcd (`--etcd`).
+Functions this run never enters are laid out as cold code: still correct, but not tuned (TLS to etcd, the injector,
+the demo). Any request that fails, or any answer other than the expected one, stops the run: a profile of error paths
+would tune the wrong code.
 
 Every fencegate process is stopped with SIGTERM and must exit 0: the profile is written when the process exits, so a
 killed process records nothing. Usage (the binary must be built with -Cprofile-generate=DIR):
@@ -24,6 +27,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import http.client as httpc
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -104,6 +108,40 @@ def refusals(sidecar_port, filter_port, n=300):
         expect("the refusals", set(codes) <= want)
 
 
+def fenced(port, what, env, conns=32):
+    """PUTs straight to a filter with their own fencing headers (env as for bench/wrk.lua); no error allowed."""
+    r = bench.wrk(port, "PUT", conns, SECONDS, env, path="/bench/put")
+    errors = r["socket_errors"] + r["status_errors"]
+    print(f"  {what}: {r['requests']} requests, {errors} errors", flush=True)
+    expect(what, r["requests"] > 0 and errors == 0)
+
+
+def filter_modes(work, store_port, etcd):
+    """The filter's modes beside the plain one. Returns the fencegate processes, to be stopped with the others."""
+    procs = []
+    rules = os.path.join(work, "rules.txt")
+    with open(rules, "w") as fh:
+        fh.writelines(f"/k/{i}/=lock{i}\n" for i in range(1000))
+    f, fport, _ = bench.start_filter(work, store_port, ["--protect-file", rules])
+    procs.append(f)
+    time.sleep(1.2)  # writes wait out the start-up barrier (--abort-grace, 1 s): train the pass, not the wait
+    print("--protect-file, writes spread over 1000 locks", flush=True)
+    fenced(fport, "spread PUT c=32", {"WRK_LOCKS": "1000", "WRK_BODY": "1024"})
+    fenced(fport, "one lock PUT c=32", {"WRK_LOCKS": "1", "WRK_BODY": "1024"})
+    print("--shared-marks, two replicas", flush=True)
+    reps = bench.start_replicas(work, store_port, etcd, 2, "/pgo/replicas")
+    procs += [p for p, _, _ in reps]
+    lat = bench.raise_latency(reps[0][1], runs=40)  # raises and refuses nothing: fails on any answer >= 300
+    print(f"  40 raises: new token p50 {lat['new_token_p50_us']:.0f} us", flush=True)
+    for _, port, _ in reps:
+        fenced(port, "steady PUT c=32", {"WRK_FENCE": f"{bench.LOCK}:40", "WRK_BODY": "1024"})
+    print("--etcd (the filter verifying raises)", flush=True)
+    vport, _, verified = bench.start_pair(work, store_port, etcd, "bench-verify", ["--etcd", etcd])
+    procs += verified
+    wrk(vport, "PUT", 32)
+    return procs
+
+
 def main():
     # A SIGTERM or SIGHUP (timeout, a closed terminal) unwinds through the `finally` below like Ctrl-C does, so the
     # parts are stopped then too.
@@ -127,9 +165,10 @@ def main():
         s3port, _, s3 = bench.start_pair(work, store_port, etcd, "bench-s3", ["--store", "s3"])
         print("--store s3, HTTP/1.1", flush=True)
         closed_loop(s3port)
-        for p in plain + s3:
+        modes = filter_modes(work, store_port, etcd)
+        for p in plain + s3 + modes:
             os.kill(p.pid, signal.SIGTERM)
-        for p in plain + s3:
+        for p in plain + s3 + modes:
             rc = p.wait(timeout=60)
             stopped.append(p)
             if rc != 0:

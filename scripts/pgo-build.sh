@@ -6,22 +6,31 @@
 # build"). Takes two release builds (about 8 minutes on 2 cores) plus a minute of traffic.
 #
 #   bash scripts/pgo-build.sh            # -> target/pgo/fencegate
+#   PGO_REBUILD=1 bash scripts/pgo-build.sh   # build it even if nothing it is built from has changed
 #
-# Needs what the bench needs (installed if missing, as bench/run.sh does) and rustup's llvm-tools component for
-# llvm-profdata (added if missing: it must match rustc's LLVM, which a distribution's llvm-profdata rarely does).
+# Nothing is rebuilt when target/pgo/fencegate was built from the same inputs: the sources, Cargo's files, the
+# training run's scripts and rustc's version (hashed into target/pgo/fencegate.inputs), so a bench run after a bench
+# run, or a BENCH_ONLY one, does not spend eight minutes on the same binary.
+#
+# Needs what the bench needs (`scripts/install-deps.sh bench` installs what is missing, as for bench/run.sh) and
+# rustup's llvm-tools component for llvm-profdata (added if missing: it must match rustc's LLVM, which a distribution's llvm-profdata rarely does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-bash scripts/install-deps.sh test
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v h2load >/dev/null || need+=(nghttp2-client)
-if [ ${#need[@]} -gt 0 ]; then
-  SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# Outside a git checkout the hash is left empty, and every run builds.
+inputs=$({ git ls-files -z -co --exclude-standard -- src Cargo.toml Cargo.lock bench/pgo_train.py bench/bench.py \
+  bench/wrk.lua scripts/pgo-build.sh 2>/dev/null | sort -z | xargs -0 -r sha256sum && rustc -vV; } | sha256sum |
+  cut -c1-16) || inputs=""
+git rev-parse --git-dir >/dev/null 2>&1 || inputs=""
+if [ "${PGO_REBUILD:-0}" != 1 ] && [ -n "$inputs" ] && [ -x target/pgo/fencegate ] &&
+  [ "$(cat target/pgo/fencegate.inputs 2>/dev/null)" = "$inputs" ]; then
+  echo "target/pgo/fencegate is up to date (inputs $inputs; PGO_REBUILD=1 builds it anyway)"
+  exit 0
 fi
+rm -f target/pgo/fencegate.inputs
+
+bash scripts/install-deps.sh bench
 
 host=$(rustc -vV | sed -n 's/^host: //p')
 profdata="$(rustc --print sysroot)/lib/rustlib/$host/bin/llvm-profdata"
@@ -53,4 +62,5 @@ RUSTFLAGS="-Cprofile-use=$root/target/pgo/fencegate-$sum.profdata" cargo build -
 # Through a new file: a running target/pgo/fencegate cannot be written over ("Text file busy"), only replaced.
 cp "target/pgo/use/$host/release/fencegate" target/pgo/fencegate.new
 mv -f target/pgo/fencegate.new target/pgo/fencegate
+[ -z "$inputs" ] || echo "$inputs" >target/pgo/fencegate.inputs
 echo "built target/pgo/fencegate (profile: target/pgo/fencegate-$sum.profdata)"

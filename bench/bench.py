@@ -54,6 +54,9 @@ TTL = "2s"
 LOCK = "bench"
 TICK = os.sysconf("SC_CLK_TCK")
 procs = []
+# Scratch folders removed by stop_all() once the processes using them are stopped: the store's files live in
+# /dev/shm, which is memory, and a run leaves hundreds of MB there otherwise.
+scratch = []
 
 
 def free_port():
@@ -102,6 +105,24 @@ def stop_all():
             p.wait(timeout=5)
         except Exception:
             pass
+    for d in scratch:
+        shutil.rmtree(d, ignore_errors=True)
+    scratch.clear()
+
+
+def run_in(prefix, body, keep=False):
+    """body(work) in a new work folder (the parts' configs and logs), which is removed when body returns unless
+    keep; kept, and named on stderr, when it raises or exits, so the logs can be read."""
+    work = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(work, 0o755)
+    try:
+        out = body(work)
+    except BaseException:
+        print(f"the parts' logs are in {work}", file=sys.stderr, flush=True)
+        raise
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def call(method, port, path, body=None, headers=None, timeout=2.0):
@@ -204,6 +225,7 @@ http {{
 def start_store(work):
     port = free_port()
     data = tempfile.mkdtemp(prefix="fg-bench-store-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    scratch.append(data)
     os.makedirs(os.path.join(data, "bench"), exist_ok=True)
     with open(os.path.join(data, "bench/small"), "w") as f:
         f.write("x" * 100)
@@ -677,8 +699,10 @@ def main():
     if not os.path.exists(BIN):
         sys.exit("build first: cargo build --release (bench/run.sh does)")
     os.makedirs(OUT, exist_ok=True)
-    work = tempfile.mkdtemp(prefix="fg-bench-")
-    os.chmod(work, 0o755)
+    run_in("fg-bench-", measure)
+
+
+def measure(work):
     started = time.time()
     try:
         store, store_port, data = start_store(work)

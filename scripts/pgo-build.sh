@@ -8,9 +8,9 @@
 #   bash scripts/pgo-build.sh            # -> target/pgo/fencegate
 #   PGO_REBUILD=1 bash scripts/pgo-build.sh   # build it even if nothing it is built from has changed
 #
-# Nothing is rebuilt when target/pgo/fencegate was built from the same inputs: the sources, Cargo's files, the
-# training run's scripts and rustc's version (hashed into target/pgo/fencegate.inputs), so a bench run after a bench
-# run, or a BENCH_ONLY one, does not spend eight minutes on the same binary.
+# Nothing is rebuilt when target/pgo/fencegate was built from the same inputs: the sources, Cargo's files and
+# settings, the training run's scripts and settings, and rustc's version (hashed into target/pgo/fencegate.inputs),
+# so a bench run after a bench run, or a BENCH_ONLY one, does not spend eight minutes on the same binary.
 #
 # Needs what the bench needs (`scripts/install-deps.sh bench` installs what is missing, as for bench/run.sh) and
 # rustup's llvm-tools component for llvm-profdata (added if missing: it must match rustc's LLVM, which a distribution's llvm-profdata rarely does).
@@ -18,11 +18,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-# Outside a git checkout the hash is left empty, and every run builds.
-inputs=$({ git ls-files -z -co --exclude-standard -- src Cargo.toml Cargo.lock bench/pgo_train.py bench/bench.py \
-  bench/wrk.lua scripts/pgo-build.sh 2>/dev/null | sort -z | xargs -0 -r sha256sum && rustc -vV; } | sha256sum |
-  cut -c1-16) || inputs=""
-git rev-parse --git-dir >/dev/null 2>&1 || inputs=""
+# What the build and its training are made from: the files, Cargo's configuration, rustc, and the environment
+# variables that change a build (Cargo's, rustc's) or the training (its length, the loops per hop). Outside a git
+# checkout the hash is left empty, and every run builds. (The load tools', nginx's and etcd's versions are not in it:
+# PGO_REBUILD=1 after upgrading them.)
+inputs_hash() {
+  git rev-parse --git-dir >/dev/null 2>&1 || return 0
+  {
+    git ls-files -z -co --exclude-standard -- src Cargo.toml Cargo.lock .cargo bench/pgo_train.py bench/bench.py \
+      bench/wrk.lua scripts/pgo-build.sh scripts/install-deps.sh | sort -z | xargs -0 -r sha256sum
+    cat "${CARGO_HOME:-$HOME/.cargo}"/config "${CARGO_HOME:-$HOME/.cargo}"/config.toml 2>/dev/null || true
+    "${RUSTC:-rustc}" -vV
+    env | grep -E '^(CARGO_[A-Z_]*|RUSTC[A-Z_]*|RUSTFLAGS|PGO_TRAIN_SECONDS|BENCH_WORKERS|BENCH_SIDECAR_WORKERS)=' |
+      grep -v '^CARGO_HOME=' | LC_ALL=C sort || true
+  } | sha256sum | cut -c1-16
+}
+inputs=$(inputs_hash) || inputs=""
 if [ "${PGO_REBUILD:-0}" != 1 ] && [ -n "$inputs" ] && [ -x target/pgo/fencegate ] &&
   [ "$(cat target/pgo/fencegate.inputs 2>/dev/null)" = "$inputs" ]; then
   echo "target/pgo/fencegate is up to date (inputs $inputs; PGO_REBUILD=1 builds it anyway)"
@@ -62,5 +73,7 @@ RUSTFLAGS="-Cprofile-use=$root/target/pgo/fencegate-$sum.profdata" cargo build -
 # Through a new file: a running target/pgo/fencegate cannot be written over ("Text file busy"), only replaced.
 cp "target/pgo/use/$host/release/fencegate" target/pgo/fencegate.new
 mv -f target/pgo/fencegate.new target/pgo/fencegate
-[ -z "$inputs" ] || echo "$inputs" >target/pgo/fencegate.inputs
+# Stamped only if nothing changed while it was built (an edit made and undone meanwhile would otherwise be stamped
+# with the hash of what it was not built from).
+if [ -n "$inputs" ] && [ "$(inputs_hash)" = "$inputs" ]; then echo "$inputs" >target/pgo/fencegate.inputs; fi
 echo "built target/pgo/fencegate (profile: target/pgo/fencegate-$sum.profdata)"

@@ -118,7 +118,8 @@ def against_nginx(r):
     s = r["summary"]
     errors = failed_requests(s)
     clean = not any(errors.values())
-    note = "" if clean else f" ({errors['fencegate']} failed requests through fencegate, {errors['nginx']} through nginx)"
+    note = "" if clean else (f" ({errors['fencegate']} failed requests through fencegate, {errors['nginx']} "
+                             "through nginx)")
     rows = []
     rps = ratios(s, "rps")
     if rps is None:
@@ -213,7 +214,8 @@ def block(r):
            "system time of both hops' processes per request; \"of it user\" is the part spent outside the kernel.", ""]
     out += main_table(r)
     text, _, _ = rounds(r)
-    out += ["", f"Each round against nginx's in the same round: {text}. A round moves by up to ±15% on this shared box: "
+    out += ["", f"Each round against nginx's in the same round: {text}. A round moves by up to ±15% on this shared "
+            "box: "
             "read one case's ratio with that in mind; `python3 bench/icount.py`'s instruction counts are the "
             "repeatable measure of a change.", ""]
     out += goals(r)
@@ -224,7 +226,8 @@ def block(r):
             lines.append(f"at {float(frac):.0%} {ol[0]} against {ol[1]}")
     if lines:
         out += ["", "Open loop (GETs at fixed rates, fractions of nginx's best closed-loop rate, `h2load --rps`, 32 "
-                "connections; the plot above), fencegate's p50/p99/p99.9 µs against nginx's: " + "; ".join(lines) + "."]
+                "connections; the plot above), fencegate's p50/p99/p99.9 µs against nginx's: "
+                + "; ".join(lines) + "."]
     a = r.get("admission_in_process")
     if a:
         out += ["", f"Admission alone, in process (`examples/admission_bench.rs`): {a['ns_per_write_one_lock']:.0f} ns "

@@ -13,7 +13,8 @@
 # so a bench run after a bench run, or a BENCH_ONLY one, does not spend eight minutes on the same binary.
 #
 # Needs what the bench needs (`scripts/install-deps.sh bench` installs what is missing, as for bench/run.sh) and
-# rustup's llvm-tools component for llvm-profdata (added if missing: it must match rustc's LLVM, which a distribution's llvm-profdata rarely does).
+# rustup's llvm-tools component for llvm-profdata (added if missing: it must match rustc's LLVM, which a
+# distribution's llvm-profdata rarely does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

@@ -545,6 +545,17 @@ def failover(work, store_port, etcd, runs=5, verify=False):
     return results
 
 
+def touch_locks(port, admin, n, within, step=5):
+    """Writes every one of n locks once (/k/{i}/obj under lock{i}; one wrk thread walks them in order) so that each
+    has a durable record, for at most `within` seconds. Returns how many locks the filter knows."""
+    known, t_end = 0, time.time() + within
+    while known < n and time.time() < t_end:
+        wrk(port, "PUT", 32, step, {"WRK_LOCKS": str(n), "WRK_SEQ": "1", "WRK_BODY": "16", "WRK_OFFSET": str(known)},
+            threads=1)
+        known = len(json.loads(call("GET", admin, "/v1/locks", timeout=60)[1])["locks"])
+    return known
+
+
 def many_locks(work, store_port, n=100_000):
     rules = os.path.join(work, "rules.txt")
     with open(rules, "w") as fh:
@@ -554,13 +565,7 @@ def many_locks(work, store_port, n=100_000):
     f, fport, fadmin = start_filter(work, store_port, ["--protect-file", rules], state=shm)
     time.sleep(0.5)
     rss_rules = status_kib([f.pid], "VmRSS")
-    # Touch every lock once (one wrk thread walks them in order) so each has a durable record.
-    known = 0
-    t_end = time.time() + 180
-    while known < n and time.time() < t_end:
-        wrk(fport, "PUT", 32, 5, {"WRK_LOCKS": str(n), "WRK_SEQ": "1", "WRK_BODY": "16", "WRK_OFFSET": str(known)}, threads=1)
-        s, body = call("GET", fadmin, "/v1/locks", timeout=30)
-        known = len(json.loads(body)["locks"])
+    known = touch_locks(fport, fadmin, n, within=180)
     rss_locks = status_kib([f.pid], "VmRSS")
     # The baseline with the store doing the same work: the same 100k paths, all under one lock (a second filter
     # with one rule), so what differs is only the filter's per-lock state. And the old baseline, one path.

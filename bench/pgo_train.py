@@ -41,12 +41,13 @@ def expect(what, ok):
         sys.exit(f"training: {what} went wrong; no profile is built from it")
 
 
-def wrk(port, method, conns, env=None):
+def wrk(port, method, conns, env=None, what=None):
+    """wrk for SECONDS (env as for bench/wrk.lua); no failed request allowed."""
     r = bench.wrk(port, method, conns, SECONDS, env, path="/bench/small" if method == "GET" else "/bench/put")
     errors = r["socket_errors"] + r["status_errors"]
-    print(f"  {method} c={conns}{' (a new connection each)' if env else ''}: {r['requests']} requests, {errors} errors",
-          flush=True)
-    expect(f"wrk {method} c={conns}", r["requests"] > 0 and errors == 0)
+    what = what or f"{method} c={conns}"
+    print(f"  {what}: {r['requests']} requests, {errors} errors", flush=True)
+    expect(f"wrk {what}", r["requests"] > 0 and errors == 0)
 
 
 def closed_loop(port):
@@ -108,14 +109,6 @@ def refusals(sidecar_port, filter_port, n=300):
         expect("the refusals", set(codes) <= want)
 
 
-def fenced(port, what, env, conns=32):
-    """PUTs straight to a filter with their own fencing headers (env as for bench/wrk.lua); no error allowed."""
-    r = bench.wrk(port, "PUT", conns, SECONDS, env, path="/bench/put")
-    errors = r["socket_errors"] + r["status_errors"]
-    print(f"  {what}: {r['requests']} requests, {errors} errors", flush=True)
-    expect(what, r["requests"] > 0 and errors == 0)
-
-
 def filter_modes(work, store_port, etcd):
     """The filter's modes beside the plain one. Returns the fencegate processes, to be stopped with the others."""
     procs = []
@@ -126,15 +119,15 @@ def filter_modes(work, store_port, etcd):
     procs.append(f)
     time.sleep(1.2)  # writes wait out the start-up barrier (--abort-grace, 1 s): train the pass, not the wait
     print("--protect-file, writes spread over 1000 locks", flush=True)
-    fenced(fport, "spread PUT c=32", {"WRK_LOCKS": "1000", "WRK_BODY": "1024"})
-    fenced(fport, "one lock PUT c=32", {"WRK_LOCKS": "1", "WRK_BODY": "1024"})
+    wrk(fport, "PUT", 32, {"WRK_LOCKS": "1000", "WRK_BODY": "1024"}, "spread PUT c=32")
+    wrk(fport, "PUT", 32, {"WRK_LOCKS": "1", "WRK_BODY": "1024"}, "one lock PUT c=32")
     print("--shared-marks, two replicas", flush=True)
     reps = bench.start_replicas(work, store_port, etcd, 2, "/pgo/replicas")
     procs += [p for p, _, _ in reps]
     lat = bench.raise_latency(reps[0][1], runs=40)  # raises and refuses nothing: fails on any answer >= 300
     print(f"  40 raises: new token p50 {lat['new_token_p50_us']:.0f} us", flush=True)
     for _, port, _ in reps:
-        fenced(port, "steady PUT c=32", {"WRK_FENCE": f"{bench.LOCK}:40", "WRK_BODY": "1024"})
+        wrk(port, "PUT", 32, {"WRK_FENCE": f"{bench.LOCK}:40", "WRK_BODY": "1024"}, "steady PUT c=32")
     print("--etcd (the filter verifying raises)", flush=True)
     vport, _, verified = bench.start_pair(work, store_port, etcd, "bench-verify", ["--etcd", etcd])
     procs += verified
@@ -156,7 +149,7 @@ def main():
         sport, fport, plain = bench.start_pair(work, store_port, etcd, "bench", ["--store", "plain"])
         print("plain store, HTTP/1.1", flush=True)
         closed_loop(sport)
-        wrk(sport, "GET", 8, {"WRK_CLOSE": "1"})
+        wrk(sport, "GET", 8, {"WRK_CLOSE": "1"}, "GET c=8 (a new connection each)")
         print("plain store, h2c", flush=True)
         for method in ("GET", "PUT"):
             h2c(sport, method, work)

@@ -1,6 +1,7 @@
 //! The `--protect` rules' index: the longest rule over a path, and the
 //! rules under a collection. What the rules mean is [`super::rules`]'s.
 
+use compact_str::CompactString;
 use indexmap::IndexMap;
 
 use crate::token::LockName;
@@ -20,8 +21,11 @@ pub struct RuleSet {
     /// One entry per prefix, in the prefixes' order, so that the rules under
     /// a collection are a run of it; hashed by prefix too. One map for both
     /// (an index per entry beside a sorted vector) keeps the memory per rule
-    /// where the tree's was.
-    rules: IndexMap<Box<str>, LockName>,
+    /// where the tree's was. A prefix of up to 24 bytes is kept in its entry
+    /// (`CompactString`), not behind a pointer: with many rules the entry
+    /// is out of cache, and comparing the prefix cost one more miss, after
+    /// the entry's own (and 24 bytes more per rule, with the allocation's).
+    rules: IndexMap<CompactString, LockName>,
     /// Every length some prefix has, longest first.
     lens: Vec<usize>,
 }
@@ -29,11 +33,11 @@ pub struct RuleSet {
 impl FromIterator<(String, LockName)> for RuleSet {
     /// A prefix given twice keeps its last lock, as a map would.
     fn from_iter<I: IntoIterator<Item = (String, LockName)>>(rules: I) -> RuleSet {
-        let mut sorted: Vec<(Box<str>, LockName)> = rules.into_iter().map(|(p, l)| (p.into_boxed_str(), l)).collect();
+        let mut sorted: Vec<(CompactString, LockName)> = rules.into_iter().map(|(p, l)| (p.into(), l)).collect();
         // Stable: of a prefix given twice, the last comes last, and wins
         // when the map takes both in order.
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let rules: IndexMap<Box<str>, LockName> = sorted.into_iter().collect();
+        let rules: IndexMap<CompactString, LockName> = sorted.into_iter().collect();
         let mut lens: Vec<usize> = rules.keys().map(|p| p.len()).collect();
         lens.sort_unstable_by(|a, b| b.cmp(a));
         lens.dedup();

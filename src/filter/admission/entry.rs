@@ -12,52 +12,16 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::decision::{BarrierConfig, Decision, LockState};
-use super::{AdmitError, GlobalMarks, Locks};
-use crate::filter::state::{Record, StateDir, StateError};
-use crate::filter::verify::{Verifier, VerifyFailure};
+use super::{AdmitError, Common};
+use crate::filter::state::{Record, StateError};
+use crate::filter::verify::VerifyFailure;
 use crate::token::{LockName, Token};
 
-/// The barrier's abort signal for one lock: every in-flight write with a
-/// token below `below` must stop. One per lock, inside its entry (permits
-/// reach it through the entry they hold), rather than one cancellation
-/// token per group of in-flight writes: a write on an idle lock then
-/// allocates nothing and touches no extra cache line (with many locks,
-/// nearly every write finds its lock idle and cold). Sound because an abort
-/// below `t` comes with `highest >= t`, so no write below `t` is admitted
-/// after it.
+/// Counters for one lock, read at scrape time. `admitted`, the one every
+/// write adds to, comes first (`repr(C)`), next to the entry's other hot
+/// fields (see [`LockEntry`]).
 #[derive(Debug, Default)]
-struct Abort {
-    below: AtomicU64,
-    notify: Notify,
-}
-
-impl Abort {
-    fn abort_below(&self, t: u64) {
-        self.below.fetch_max(t, Ordering::AcqRel);
-        self.notify.notify_waiters();
-    }
-
-    fn is_aborted(&self, t: u64) -> bool {
-        self.below.load(Ordering::Acquire) > t
-    }
-
-    /// Resolves once writes of token `t` are aborted.
-    async fn aborted(&self, t: u64) {
-        loop {
-            // Registered before the check, so an abort in between is not missed.
-            let n = self.notify.notified();
-            tokio::pin!(n);
-            n.as_mut().enable();
-            if self.is_aborted(t) {
-                return;
-            }
-            n.await;
-        }
-    }
-}
-
-/// Counters for one lock, read at scrape time.
-#[derive(Debug, Default)]
+#[repr(C)]
 pub struct LockStats {
     pub admitted: AtomicU64,
     pub refused_stale: AtomicU64,
@@ -71,27 +35,43 @@ pub struct LockStats {
     pub barrier_wait_us: AtomicU64,
 }
 
-/// One lock: its state, its wake-ups, its durable-write serializer, and what
-/// its barrier needs (the barrier settings, the state directory).
+/// One lock: its state, its wake-ups, its durable-write serializer, and
+/// what its barrier needs (the barrier settings, the state directory).
+///
+/// Laid out for many locks (`repr(C)`: in this order). Spread over 100,000
+/// locks, nearly every write finds its lock's entry out of cache, and each
+/// cache line of it that the write reads is a miss of its own, one after
+/// another (the atomics on them do not overlap). What every write reads or
+/// writes comes first, after the reference counts the `Arc` keeps in front:
+/// the shared settings' pointer, the abort signal's token, the state and its
+/// mutex, the admitted counter. A write then reads 3 or 4 lines of its
+/// entry, where the compiler's order had it read 6 of 8 (the settings, the
+/// verifier and the counters each on a line of its own). What only raises,
+/// waits and aborts touch comes after.
 #[derive(Debug)]
+#[repr(C)]
 pub struct LockEntry {
-    pub name: LockName,
+    /// What every entry shares (the barrier settings, the state directory,
+    /// the verifier, the shared marks): one line, in cache.
+    common: Arc<Common>,
+    /// The barrier's abort signal: every in-flight write with a token below
+    /// it must stop. One per lock, in its entry (permits reach it through
+    /// the entry they hold), rather than one cancellation token per group of
+    /// in-flight writes: a write on an idle lock then allocates nothing and
+    /// touches no extra cache line. Sound because an abort below `t` comes
+    /// with `highest >= t`, so no write below `t` is admitted after it.
+    abort_below: AtomicU64,
     state: Mutex<LockState>,
-    /// The barrier's abort signal, reachable without the state's mutex.
-    abort: Abort,
+    pub stats: LockStats,
+    pub name: LockName,
+    /// Wakes the writes waiting for `abort_below` to pass their token.
+    abort_notify: Notify,
     changed: Notify,
     persist: tokio::sync::Mutex<()>,
-    barrier: BarrierConfig,
-    /// `None` in unit tests and with shared marks: nothing on local disk.
-    dir: Option<Arc<StateDir>>,
-    /// Checks raises with the lock service; `None`: tokens trusted as sent.
-    verifier: Option<Arc<Verifier>>,
-    /// Serializes this lock's verifications and keeps the last one, so the
+    /// With a verifier only (boxed: 8 bytes a lock without one, not 104):
+    /// serializes this lock's verifications and keeps the last one, so the
     /// raises that queued behind it share its outcome.
-    last_check: tokio::sync::Mutex<Option<Checked>>,
-    /// Shared marks: raises go through etcd and every replica.
-    global: Option<Arc<dyn GlobalMarks>>,
-    pub stats: LockStats,
+    last_check: Option<Box<tokio::sync::Mutex<Option<Checked>>>>,
 }
 
 /// One finished verification: which token, when it was asked and when it
@@ -144,7 +124,7 @@ impl Permit {
     /// answer on, `filter::orphan`) while it is polled.
     pub fn aborted(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (entry, t) = (self.entry.clone(), self.token);
-        async move { entry.abort.aborted(t).await }
+        async move { entry.aborted(t).await }
     }
 
     pub fn token(&self) -> u64 {
@@ -193,19 +173,42 @@ impl Drop for Permit {
 }
 
 impl LockEntry {
-    pub(super) fn new(name: LockName, state: LockState, locks: &Locks) -> Self {
+    pub(super) fn new(name: LockName, state: LockState, common: Arc<Common>) -> Self {
+        let last_check = common.verifier.as_ref().map(|_| Box::new(tokio::sync::Mutex::new(None)));
         LockEntry {
-            name,
-            abort: Abort::default(),
+            common,
+            abort_below: AtomicU64::new(0),
             state: Mutex::new(state),
+            stats: LockStats::default(),
+            name,
+            abort_notify: Notify::new(),
             changed: Notify::new(),
             persist: tokio::sync::Mutex::new(()),
-            barrier: locks.barrier.clone(),
-            dir: locks.dir.clone(),
-            verifier: locks.verifier.clone(),
-            last_check: tokio::sync::Mutex::new(None),
-            global: locks.global.clone(),
-            stats: LockStats::default(),
+            last_check,
+        }
+    }
+
+    /// Signals an abort of every in-flight write below `t`.
+    fn abort_below(&self, t: u64) {
+        self.abort_below.fetch_max(t, Ordering::AcqRel);
+        self.abort_notify.notify_waiters();
+    }
+
+    fn is_aborted(&self, t: u64) -> bool {
+        self.abort_below.load(Ordering::Acquire) > t
+    }
+
+    /// Resolves once writes of token `t` are aborted.
+    async fn aborted(&self, t: u64) {
+        loop {
+            // Registered before the check, so an abort in between is not missed.
+            let n = self.abort_notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_aborted(t) {
+                return;
+            }
+            n.await;
         }
     }
 
@@ -222,13 +225,13 @@ impl LockEntry {
     /// different tokens (forged, say) cost two etcd reads in a row at most,
     /// not one each, and cannot hold a genuine new holder up behind them.
     async fn verify_raise(&self, t: Token) -> Result<(), AdmitError> {
-        let Some(v) = &self.verifier else { return Ok(()) };
+        let (Some(v), Some(last_check)) = (&self.common.verifier, &self.last_check) else { return Ok(()) };
         let raises = |t: u64| t > self.state.lock().highest;
         if !raises(t.get()) {
             return Ok(());
         }
         let arrived = Instant::now();
-        let mut last = self.last_check.lock().await;
+        let mut last = last_check.lock().await;
         let outcome = match last.as_ref() {
             _ if !raises(t.get()) => Ok(()),
             Some(c) if c.started > arrived => c.verdict(t.get()),
@@ -274,7 +277,7 @@ impl LockEntry {
 
     /// Aborts every write of this lock in flight (see [`Locks::abort_all`]).
     pub(super) fn abort_all(&self) {
-        self.abort.abort_below(u64::MAX);
+        self.abort_below(u64::MAX);
     }
 
     /// A consistent copy of what `/v1/locks` and metrics show.
@@ -306,7 +309,7 @@ impl LockEntry {
         self.verify_raise(t).await?;
         let t = t.get();
         self.wait_for(t, deadline, LockState::admit).await?;
-        Ok(Permit { entry: self.clone(), token: t, grace: self.barrier.abort_grace, done: false })
+        Ok(Permit { entry: self.clone(), token: t, grace: self.common.barrier.abort_grace, done: false })
     }
 
     /// A proactive fence with token `t`: raises the lock's highest token to
@@ -330,9 +333,9 @@ impl LockEntry {
         t: u64,
         now: Instant,
     ) -> Decision {
-        let d = decide(s, t, now, &self.barrier);
-        if s.aborted_below > self.abort.below.load(Ordering::Acquire) {
-            self.abort.abort_below(s.aborted_below);
+        let d = decide(s, t, now, &self.common.barrier);
+        if s.aborted_below > self.abort_below.load(Ordering::Acquire) {
+            self.abort_below(s.aborted_below);
         }
         d
     }
@@ -420,7 +423,7 @@ impl LockEntry {
             s.highest
         };
         let now = SystemTime::now();
-        if let Some(g) = &self.global {
+        if let Some(g) = &self.common.global {
             let stored = g.raise(&self.name, target).await?;
             {
                 let mut s = self.state.lock();
@@ -436,7 +439,7 @@ impl LockEntry {
             return Ok(());
         }
         let rec = Record::new(self.name.clone(), target, now);
-        let dir = self.dir.clone();
+        let dir = self.common.dir.clone();
         tokio::task::spawn_blocking(move || match &dir {
             Some(d) => d.write(&rec),
             None => Ok(()),
@@ -462,5 +465,26 @@ struct Waiter<'a>(&'a LockEntry);
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
         self.0.state.lock().waiters -= 1;
+    }
+}
+
+#[cfg(test)]
+mod layout {
+    use std::mem::{offset_of, size_of};
+
+    use super::{LockEntry, LockStats};
+
+    /// What every write reads or writes ends within the first three cache
+    /// lines of the entry's allocation (the `Arc`'s two counts, 16 bytes,
+    /// come before it); a field moved in front of them, or a hot one moved
+    /// behind the cold ones, fails here (see [`LockEntry`]).
+    #[test]
+    fn the_fields_every_write_touches_come_first() {
+        let hot_end = offset_of!(LockEntry, stats) + offset_of!(LockStats, admitted) + 8;
+        assert!(16 + hot_end <= 192, "the hot fields end at {hot_end}");
+        for cold in [offset_of!(LockEntry, name), offset_of!(LockEntry, persist), offset_of!(LockEntry, last_check)] {
+            assert!(cold >= hot_end, "a cold field at {cold}, among the hot ones");
+        }
+        assert!(size_of::<LockEntry>() <= 400, "{} bytes a lock", size_of::<LockEntry>());
     }
 }

@@ -25,7 +25,10 @@ pub struct RuleSet {
     /// (`CompactString`), not behind a pointer: with many rules the entry
     /// is out of cache, and comparing the prefix cost one more miss, after
     /// the entry's own (and 24 bytes more per rule, with the allocation's).
-    rules: IndexMap<CompactString, LockName>,
+    /// Hashed with foldhash: the keys are the operator's prefixes, which a
+    /// write's path cannot add to, so the table's chains stay as the
+    /// random seed made them whatever paths writes send.
+    rules: IndexMap<CompactString, LockName, foldhash::fast::RandomState>,
     /// Every length some prefix has, longest first.
     lens: Vec<usize>,
 }
@@ -37,7 +40,7 @@ impl FromIterator<(String, LockName)> for RuleSet {
         // Stable: of a prefix given twice, the last comes last, and wins
         // when the map takes both in order.
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
-        let rules: IndexMap<CompactString, LockName> = sorted.into_iter().collect();
+        let rules: IndexMap<CompactString, LockName, _> = sorted.into_iter().collect();
         let mut lens: Vec<usize> = rules.keys().map(|p| p.len()).collect();
         lens.sort_unstable_by(|a, b| b.cmp(a));
         lens.dedup();

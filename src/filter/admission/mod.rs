@@ -122,7 +122,11 @@ pub(super) struct Common {
 /// Every lock the filter knows, with its durable store.
 #[derive(Debug)]
 pub struct Locks {
-    map: DashMap<LockName, Arc<LockEntry>>,
+    /// Hashed with foldhash, not SipHash: a few ns a write instead of about
+    /// 20, and its keys are the operator's lock names (every lock a write
+    /// names is one a rule gave it), so nobody can pick colliding ones; its
+    /// seed is random per process all the same.
+    map: DashMap<LockName, Arc<LockEntry>, foldhash::fast::RandomState>,
     common: Arc<Common>,
     /// The start-up barrier: nothing is forwarded before this instant.
     ready_at: Instant,
@@ -144,7 +148,7 @@ impl Locks {
     ) -> Self {
         let now = Instant::now();
         let common = Common { barrier, dir: dir.map(Arc::new), verifier, global: None };
-        let mut locks = Locks { map: DashMap::new(), common: Arc::new(common), ready_at: now };
+        let mut locks = Locks { map: DashMap::default(), common: Arc::new(common), ready_at: now };
         for r in records {
             let set_at = SystemTime::UNIX_EPOCH + Duration::from_millis(r.set_at_ms);
             locks.ready_at = now + locks.abort_grace();
@@ -168,7 +172,7 @@ impl Locks {
     ) -> Self {
         let now = Instant::now();
         let common = Common { barrier, dir: None, verifier, global: Some(global) };
-        let mut locks = Locks { map: DashMap::new(), common: Arc::new(common), ready_at: now };
+        let mut locks = Locks { map: DashMap::default(), common: Arc::new(common), ready_at: now };
         for (lock, highest) in marks {
             locks.ready_at = now + locks.abort_grace();
             let state = LockState::refusing_below(highest).hold_until(locks.ready_at);

@@ -26,8 +26,8 @@ pub struct RuleSet {
     /// is out of cache, and comparing the prefix cost one more miss, after
     /// the entry's own (and 24 bytes more per rule, with the allocation's).
     /// Hashed with foldhash: the keys are the operator's prefixes, which a
-    /// write's path cannot add to, so the table's chains stay as the
-    /// random seed made them whatever paths writes send.
+    /// write's path cannot add to, so how long a lookup probes depends on
+    /// those and the per-process seed, not on the paths writes send.
     rules: IndexMap<CompactString, LockName, foldhash::fast::RandomState>,
     /// Every length some prefix has, longest first.
     lens: Vec<usize>,

@@ -51,7 +51,7 @@ pub struct LockState {
     /// chase on a cold lock; a `BTreeMap` allocated a node per idle lock's write).
     inflight: SmallVec<[(u64, usize); 2]>,
     /// Writes below this token were aborted by the barrier; published to
-    /// the entry's [`Abort`] signal by [`LockEntry::decide`].
+    /// the entry's abort signal by [`LockEntry::decide`].
     pub(super) aborted_below: u64,
     /// Admissions now in their wait loop (see [`LockEntry::release`]).
     pub(super) waiters: usize,

@@ -107,7 +107,8 @@ fn holder_text(holder: Option<u64>) -> String {
 /// What every lock's entry needs of the registry: the barrier settings and
 /// where raises go. One pointer per entry instead of a copy in each (72
 /// bytes a lock, on cache lines of their own), and a pointer every write
-/// follows to the same place, which stays in cache however many locks there are.
+/// follows to the same place, which stays in cache however many locks there
+/// are.
 #[derive(Debug)]
 pub(super) struct Common {
     pub(super) barrier: BarrierConfig,
@@ -123,9 +124,11 @@ pub(super) struct Common {
 #[derive(Debug)]
 pub struct Locks {
     /// Hashed with foldhash, not SipHash: a few ns a write instead of about
-    /// 20, and its keys are the operator's lock names (every lock a write
-    /// names is one a rule gave it), so nobody can pick colliding ones; its
-    /// seed is random per process all the same.
+    /// 20. Resistance to chosen collisions buys nothing here: a write's lock
+    /// is one the rules gave its path, and the other keys come from the
+    /// state directory and the marks prefix in etcd, which only the operator
+    /// and the replicas write. (foldhash's seed differs per process, from
+    /// its address space layout; it does not claim to resist a HashDoS.)
     map: DashMap<LockName, Arc<LockEntry>, foldhash::fast::RandomState>,
     common: Arc<Common>,
     /// The start-up barrier: nothing is forwarded before this instant.

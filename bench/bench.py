@@ -787,7 +787,7 @@ def measure(work):
 def fencegate_build_line(settings, with_plain):
     build = settings.get("fencegate_build", "plain")
     line = f"fencegate: the {build} build" if build else f"fencegate: `{settings.get('fencegate_bin')}`"
-    if build == "profile-guided":
+    if build and build.startswith("profile-guided"):
         line += " (`scripts/pgo-build.sh`)"
     if with_plain:
         line += "; fencegate-plain: `cargo build --release`, two hops only"

@@ -14,7 +14,8 @@ cargo build --release --locked --bin fencegate --example admission_bench
 # release build's two hops beside it; BENCH_PGO=0 measures the plain build alone.
 if [ "${BENCH_PGO:-1}" = 1 ]; then
   bash scripts/pgo-build.sh
-  export BENCH_BIN="$PWD/target/pgo/fencegate" BENCH_PLAIN_BIN="$PWD/target/release/fencegate" BENCH_BUILD=profile-guided
+  BENCH_BUILD=$(cat target/pgo/fencegate.build 2>/dev/null || echo profile-guided)
+  export BENCH_BIN="$PWD/target/pgo/fencegate" BENCH_PLAIN_BIN="$PWD/target/release/fencegate" BENCH_BUILD
 fi
 python3 bench/bench.py "$@"
 # The README's "Where it stands" block, from the run just written (bench/results/bench.json): after a full run only,

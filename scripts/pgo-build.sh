@@ -22,24 +22,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
+# bolt_bin: the newest llvm-bolt installed, or nothing (shared with install-deps.sh, which installs it).
+source scripts/bolt.sh
 
 # What the build and its training are made from: the files, Cargo's configuration, rustc, and the environment
 # variables that change a build (Cargo's, rustc's) or the training (its length, the loops per hop). Outside a git
 # checkout the hash is left empty, and every run builds. (The load tools', nginx's and etcd's versions are not in it:
 # PGO_REBUILD=1 after upgrading them.)
-# The newest llvm-bolt installed (Debian's bolt-N packages put it under /usr/lib/llvm-N), or nothing.
-bolt_bin() { ls /usr/lib/llvm-*/bin/llvm-bolt 2>/dev/null | sort -V | tail -1 || true; }
-
 inputs_hash() {
   git rev-parse --git-dir >/dev/null 2>&1 || return 0
   {
     git ls-files -z -co --exclude-standard -- src Cargo.toml Cargo.lock .cargo bench/pgo_train.py bench/bench.py \
-      bench/wrk.lua scripts/pgo-build.sh scripts/install-deps.sh | sort -z | xargs -0 -r sha256sum
+      bench/wrk.lua scripts/pgo-build.sh scripts/install-deps.sh scripts/bolt.sh | sort -z | xargs -0 -r sha256sum
     cat "${CARGO_HOME:-$HOME/.cargo}"/config "${CARGO_HOME:-$HOME/.cargo}"/config.toml 2>/dev/null || true
     "${RUSTC:-rustc}" -vV
     # BOLT's version (it lays the binary out), and whether it is asked for (unset is the same as 1).
     echo "PGO_BOLT=$([ "${PGO_BOLT:-1}" = 0 ] && echo 0 || echo 1)"
-    [ -z "$(bolt_bin)" ] || "$(bolt_bin)" --version 2>/dev/null | grep -i version || true
+    local bolt; bolt=$(bolt_bin)
+    [ -z "$bolt" ] || "$bolt" --version 2>/dev/null | grep -i version || true
     env | grep -E '^(CARGO_[A-Z_]*|RUSTC[A-Z_]*|RUSTFLAGS|PGO_TRAIN_SECONDS|BENCH_WORKERS|BENCH_SIDECAR_WORKERS)=' |
       grep -v '^CARGO_HOME=' | LC_ALL=C sort || true
   } | sha256sum | cut -c1-16

@@ -16,7 +16,9 @@ sharing marks: ICOUNT_FILTER_ARGS='--etcd {etcd} --trust-tokens --shared-marks -
 ICOUNT_N (default 2000) requests per case; then GETs on a new connection each (wrk, `Connection: close`) for
 ICOUNT_CLOSE_SECONDS (default 3), divided by the requests wrk made. ICOUNT_PROFILE=1 writes the dumps with full names, so that
 `callgrind_annotate <work>/cg-filter.out.1` (one dump per case, in CASES' order) shows where each hop's instructions go;
-the work folder is printed at the end.
+the work folder is printed at the end. With --many-locks it also prints, for each case, the ten functions with the most
+last-level misses of their own per request (parsed here: callgrind_annotate 3.19 put all of these dumps' cost under
+`__libc_start_main`).
 """
 import glob
 import json
@@ -67,6 +69,39 @@ def events(prefix):
             if line.startswith(("totals:", "summary:")):
                 return dict(zip(names, (int(x) for x in line.split()[1:])))
     raise RuntimeError(f"no totals in {newest}")
+
+
+def self_costs(prefix):
+    """Each function's own events (not its callees') in the newest dump of prefix: {name: {"Ir": ..., ...}}. Needs
+    the dump's names uncompressed (ICOUNT_PROFILE=1). A call's lines (`calls=` and the line after it) are its
+    callee's inclusive cost, so they are skipped; a cost line may leave trailing zero events out."""
+    newest = max(glob.glob(prefix + ".*"), key=os.path.getmtime)
+    names, fn, skip, costs = ["Ir"], None, False, {}
+    with open(newest) as f:
+        for line in f:
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith("fn="):
+                fn = line[3:].strip()
+            elif line.startswith("calls="):
+                skip = True
+            elif line[:1].isdigit() or line[:1] in "+-*":
+                if skip:
+                    skip = False
+                    continue
+                mine = costs.setdefault(fn, [0] * len(names))
+                for i, v in enumerate(line.split()[1:]):
+                    mine[i] += int(v)
+    return {fn: dict(zip(names, v)) for fn, v in costs.items()}
+
+
+def print_top(prefix, requests, keys, n=10):
+    """The n functions with the most of keys' events summed, per request (ICOUNT_PROFILE=1)."""
+    costs = self_costs(prefix)
+    top = sorted(costs.items(), key=lambda kv: -sum(kv[1].get(k, 0) for k in keys))[:n]
+    for fn, ev in top:
+        figures = "  ".join(f"{k} {ev.get(k, 0) / requests:6.2f}" for k in keys)
+        print(f"    {figures}  {fn[:110]}")
 
 
 def totals(prefix):
@@ -204,6 +239,9 @@ def main_many_locks(work):
             res[case] = per
             print(f"{case:26} " + "  ".join(f"{k} {v:8.0f}" for k, v in per.items()) + f"  per request "
                   f"({done['requests']} requests)", flush=True)
+            if os.environ.get("ICOUNT_PROFILE"):
+                # Where the last-level misses are: the lock state's, or others' (the allocator's, say).
+                print_top(out, max(done["requests"], 1), ("DLmr", "DLmw"))
     finally:
         bench.stop_all()
         for f in filters.values():

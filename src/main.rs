@@ -7,8 +7,9 @@ use std::sync::Arc;
 use fencegate::config::{self, FilterAction, FilterCmd, InjectorArgs, LogArgs, SidecarArgs};
 use tokio::net::TcpListener;
 
-// The system allocator, on purpose: mimalloc measured no clear CPU gain on
-// this path (bench/bench.py) and doubled the sidecar's resident memory.
+/// mimalloc, with its arenas committed as used: see the module.
+mod allocator;
+
 #[derive(Parser, Debug)]
 #[command(name = "fencegate", version, about = "Fencing tokens for stores that have none", long_about = None)]
 struct Cli {

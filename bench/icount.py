@@ -57,10 +57,15 @@ def control(opt, pid):
     subprocess.run(["callgrind_control", opt, str(pid)], check=True, capture_output=True, timeout=120)
 
 
+def newest_dump(prefix):
+    """The newest of callgrind's dumps named prefix.N."""
+    return max(glob.glob(prefix + ".*"), key=os.path.getmtime)
+
+
 def events(prefix):
     """Every event's total in the newest dump of prefix: {"Ir": instructions, ...; with the cache simulation also
     "D1mr"/"D1mw", first-level data cache read/write misses, "DLmr"/"DLmw", last-level ones}."""
-    newest = max(glob.glob(prefix + ".*"), key=os.path.getmtime)
+    newest = newest_dump(prefix)
     names = ["Ir"]
     with open(newest) as f:
         for line in f:
@@ -75,9 +80,8 @@ def self_costs(prefix):
     """Each function's own events (not its callees') in the newest dump of prefix: {name: {"Ir": ..., ...}}. Needs
     the dump's names uncompressed (ICOUNT_PROFILE=1). A call's lines (`calls=` and the line after it) are its
     callee's inclusive cost, so they are skipped; a cost line may leave trailing zero events out."""
-    newest = max(glob.glob(prefix + ".*"), key=os.path.getmtime)
     names, fn, skip, costs = ["Ir"], None, False, {}
-    with open(newest) as f:
+    with open(newest_dump(prefix)) as f:
         for line in f:
             if line.startswith("events:"):
                 names = line.split()[1:]

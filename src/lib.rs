@@ -38,6 +38,8 @@
 //! * [`injector`]: the Kubernetes webhook: annotations read into settings
 //!   ([`injector::annotations`]), the sidecar container
 //!   ([`injector::sidecar`]), the JSON Patch ([`injector::patch`]).
+//! * [`block_cache`]: the binary's allocator, `malloc` with the 8 KiB blocks
+//!   of hyper's read buffers kept per event loop.
 //! * [`metrics`]: Prometheus helpers. [`duration`]: the duration syntax of
 //!   flags and annotations. [`listen`]: binding `[::]` with a fallback to
 //!   `0.0.0.0`.
@@ -90,6 +92,7 @@
 //!    a release or a stop; the token is withdrawn first, then the lease is
 //!    revoked.
 
+pub mod block_cache;
 pub mod config;
 pub mod demo;
 pub mod duration;

@@ -7,11 +7,16 @@ use std::sync::Arc;
 use fencegate::config::{self, FilterAction, FilterCmd, InjectorArgs, LogArgs, SidecarArgs};
 use tokio::net::TcpListener;
 
-// The system allocator, on purpose: mimalloc measured no clear CPU gain on
-// this path (bench/bench.py) and doubled the sidecar's resident memory. A
-// third try, its arenas committed as used, kept the idle memory level but
-// held 62% more memory per lock in a filter with 100k locks, and the wall
-// clock still showed no gain (bench/README.md, an eleventh session).
+// The system allocator, with the 8 KiB blocks of hyper's read buffers kept
+// per event loop (`block_cache`: two per request and hop went through
+// glibc's bins). mimalloc measured no clear CPU gain on this path and doubled
+// the sidecar's resident memory; a third try, its arenas committed as used,
+// kept the idle memory level but held 62% more memory per lock in a filter
+// with 100k locks, and the wall clock still showed no gain (bench/README.md,
+// an eleventh session).
+#[global_allocator]
+static ALLOCATOR: fencegate::block_cache::BlockCache = fencegate::block_cache::BlockCache;
+
 #[derive(Parser, Debug)]
 #[command(name = "fencegate", version, about = "Fencing tokens for stores that have none", long_about = None)]
 struct Cli {
@@ -66,6 +71,11 @@ fn main() -> anyhow::Result<()> {
         },
     }
     .context("starting the runtime")?;
+    if matches!(cli.cmd, Cmd::Filter(_) | Cmd::Sidecar(_)) {
+        // This thread runs one of the proxy's event loops until the process
+        // ends: it may keep blocks (`proxy::loops` enables its own threads).
+        fencegate::block_cache::enable();
+    }
     rt.block_on(run(cli))
 }
 

@@ -71,11 +71,11 @@ fn main() -> anyhow::Result<()> {
         },
     }
     .context("starting the runtime")?;
-    if matches!(cli.cmd, Cmd::Filter(_) | Cmd::Sidecar(_)) {
-        // This thread runs one of the proxy's event loops until the process
-        // ends: it may keep blocks (`proxy::loops` enables its own threads).
-        fencegate::block_cache::enable();
-    }
+    // This thread runs one of the proxy's event loops until the process ends:
+    // it may keep blocks (`proxy::loops` enables its own threads). Not for
+    // `filter set-mark`, which runs no loop.
+    let _blocks = matches!(cli.cmd, Cmd::Filter(FilterCmd { action: None, .. }) | Cmd::Sidecar(_))
+        .then(fencegate::block_cache::enable);
     rt.block_on(run(cli))
 }
 

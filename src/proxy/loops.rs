@@ -33,8 +33,9 @@ where
         let serve = serve.clone();
         threads.push(std::thread::Builder::new().name(format!("{name}-{}", i + 1)).spawn(move || {
             // The loop's thread lives as long as the loop: it may keep the
-            // read buffers' blocks, and gives them back when it ends.
-            crate::block_cache::enable();
+            // read buffers' blocks. The guard is taken first so that it drops
+            // last, after the runtime and what it frees, unwinding too.
+            let _blocks = crate::block_cache::enable();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a worker runtime");
             rt.block_on(async move {
                 let listener = TcpListener::from_std(l).expect("a listener registered with this runtime");
@@ -43,7 +44,6 @@ where
             // Not a plain drop, which waits for every blocking task (a DNS
             // lookup that hangs, say) and would hold the caller's exit up.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
-            crate::block_cache::drain();
         })?);
     }
     Ok(Loops(threads))

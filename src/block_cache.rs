@@ -68,9 +68,10 @@ thread_local! {
 /// blocks kept per event-loop thread.
 pub struct BlockCache;
 
-/// Keeping blocks on one thread, from [`enable`] until this is dropped.
+/// Keeping blocks on one thread, from [`enable`] until this is dropped. Not
+/// `Send`: dropped on another thread, it would empty that thread's list.
 #[must_use = "the thread keeps blocks only while this lives"]
-pub struct Enabled(());
+pub struct Enabled(std::marker::PhantomData<*const ()>);
 
 impl Drop for Enabled {
     fn drop(&mut self) {
@@ -87,7 +88,7 @@ fn kept_size(layout: &Layout) -> bool {
 /// loop's runtime, so that the runtime (and what it frees) goes first.
 pub fn enable() -> Enabled {
     LIST.with(|l| l.set(List { on: true, ..l.get() }));
-    Enabled(())
+    Enabled(std::marker::PhantomData)
 }
 
 /// Stops keeping blocks on this thread and frees those it kept.

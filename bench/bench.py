@@ -910,6 +910,10 @@ def report(r):
         out.append(f"- matching a write's path against the rules, in process: {ip['ns_per_match_one_rule']:.0f} ns with one "
                    f"rule, {ip['ns_per_match_many_rules']:.0f} ns spread over {ip['locks']} rules; "
                    f"{ip['bytes_per_rule']:.0f} bytes per rule")
+    if "ns_per_write_via_rules_many" in ip:
+        out.append(f"- both, as a write does them (its path's rule, the rule's lock entry, admission), in process: "
+                   f"{ip['ns_per_write_via_rules_one']:.0f} ns with one rule, {ip['ns_per_write_via_rules_many']:.0f} ns "
+                   f"spread over {ip['locks']} rules and locks")
     out.append("\n## Where fencegate's time goes (perf, cpu-clock samples, sidecar + filter, PUT c=32)\n")
     out.append("```")
     out.extend(re.sub(r"\s+-\s+-\s*$", "", l).rstrip() for l in r["profile_top"])

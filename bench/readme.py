@@ -235,6 +235,9 @@ def block(r):
                 f"{a['bytes_per_lock']} bytes per lock; matching the write's path against the rules "
                 f"{a['ns_per_match_one_rule']:.0f} ns with one rule and {a['ns_per_match_many_rules']:.0f} ns spread "
                 f"over {a['locks']} rules, {a['bytes_per_rule']} bytes per rule."]
+        if "ns_per_write_via_rules_many" in a:
+            out[-1] = out[-1][:-1] + (f"; both in a row, as a write does them, {a['ns_per_write_via_rules_one']:.0f} ns "
+                                      f"and {a['ns_per_write_via_rules_many']:.0f} ns.")
     rp = r.get("replicas")
     if rp:
         fw = rp["first_write"]

@@ -1,7 +1,9 @@
 //! In-process cost of the filter's admission path (admit + complete of one
 //! write), with one lock and with many, and the memory a lock costs; and of
 //! matching a write's path against the rules (`--protect`), with one rule
-//! and with one per lock, the paths the bench's many-locks part writes.
+//! and with one per lock, the paths the bench's many-locks part writes; and
+//! of both in a row, as the filter's write path does them (the path's rule,
+//! its lock's entry, admit + complete).
 //! Prints one JSON object. Run: cargo run --release --example admission_bench [LOCKS] [OPS]
 
 use std::sync::Arc;
@@ -49,6 +51,20 @@ fn match_rules(protection: &Protection, paths: &[String], ops: u64) -> f64 {
     start.elapsed().as_nanos() as f64 / ops as f64
 }
 
+/// ns per write from its path to its admission: the rules, the lock's entry
+/// (the rule's own, [`Locks::entry_of`]), admit + complete.
+async fn write_via_rules(locks: &Locks, protection: &Protection, paths: &[String], ops: u64) -> f64 {
+    let token = Token::new(1).unwrap();
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let start = Instant::now();
+    for i in spread(paths.len(), ops) {
+        let t = Targets::resolve(protection, &[paths[i].as_str()], false).expect("resolved");
+        let e = locks.entry_of(t.lock().expect("protected"));
+        e.admit_write(token, far).await.expect("admitted").complete();
+    }
+    start.elapsed().as_nanos() as f64 / ops as f64
+}
+
 fn rules(n: usize) -> Protection {
     let rule = |i: usize| Protection::parse_rule(&format!("/k/{i}/=lock{i}")).unwrap();
     Protection::rules((0..n).map(rule))
@@ -86,8 +102,13 @@ async fn main() {
     match_rules(&one_rule, &paths[..1], 10_000); // warm-up
     let ns_rules_one = match_rules(&one_rule, &paths[..1], ops);
     let ns_rules_many = match_rules(&all_rules, &paths, ops);
+    // The same registries, now through the rules (the one rule's lock is
+    // `lock0`, the one lock's registry's).
+    write_via_rules(&single, &one_rule, &paths[..1], 10_000).await; // warm-up
+    let ns_path_one = write_via_rules(&single, &one_rule, &paths[..1], ops).await;
+    let ns_path_many = write_via_rules(&spread, &all_rules, &paths, ops).await;
     println!(
-        "{{\"locks\":{n},\"ops\":{ops},\"ns_per_write_one_lock\":{ns_one:.1},\"ns_per_write_many_locks\":{ns_many:.1},\"rss_kib_for_locks\":{},\"bytes_per_lock\":{:.0},\"ns_per_match_one_rule\":{ns_rules_one:.1},\"ns_per_match_many_rules\":{ns_rules_many:.1},\"bytes_per_rule\":{rule_bytes:.0}}}",
+        "{{\"locks\":{n},\"ops\":{ops},\"ns_per_write_one_lock\":{ns_one:.1},\"ns_per_write_many_locks\":{ns_many:.1},\"rss_kib_for_locks\":{},\"bytes_per_lock\":{:.0},\"ns_per_match_one_rule\":{ns_rules_one:.1},\"ns_per_match_many_rules\":{ns_rules_many:.1},\"bytes_per_rule\":{rule_bytes:.0},\"ns_per_write_via_rules_one\":{ns_path_one:.1},\"ns_per_write_via_rules_many\":{ns_path_many:.1}}}",
         after.saturating_sub(before),
         (after.saturating_sub(before) * 1024) as f64 / n as f64
     );

@@ -311,7 +311,7 @@ impl FilterArgs {
                 .extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from));
         }
         let protection = match (&self.lock, rules.is_empty()) {
-            (Some(l), true) => Protection::All(l.clone()),
+            (Some(l), true) => Protection::all(l.clone()),
             (None, false) => Protection::parse_rules(rules.iter().map(String::as_str))?,
             (None, true) => return Err("give --lock NAME or at least one --protect PATH_PREFIX=LOCK".into()),
             (Some(_), false) => return Err("--lock and --protect/--protect-file exclude each other".into()),

@@ -132,7 +132,7 @@ async fn filter_on(
     stop: &CancellationToken,
     tune: impl FnOnce(&mut FilterConfig),
 ) -> (String, String) {
-    let protection = Protection::All(LOCK.parse().unwrap());
+    let protection = Protection::all(LOCK.parse().unwrap());
     let mut cfg = FilterConfig::new(format!("http://{store}"), state, protection);
     tune(&mut cfg);
     let ((l, a), (al, aa)) = (bind().await, bind().await);
@@ -459,7 +459,7 @@ async fn a_graceful_exit_waits_for_a_write_carried_on_after_its_client_left() {
     let log = Log::default();
     let store = slow_answer_store(log.clone(), Duration::from_millis(800), stop_store.clone()).await;
     let state = tempfile::tempdir().unwrap();
-    let cfg = FilterConfig::new(format!("http://{store}"), state.path(), Protection::All(LOCK.parse().unwrap()));
+    let cfg = FilterConfig::new(format!("http://{store}"), state.path(), Protection::all(LOCK.parse().unwrap()));
     let ((l, a), (al, aa)) = (bind().await, bind().await);
     let stop = CancellationToken::new();
     let run = tokio::spawn(filter::run(cfg, l, Some(al), 2, stop.clone().cancelled_owned()));

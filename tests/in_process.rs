@@ -122,7 +122,7 @@ async fn every_malformed_input_gets_its_status_and_code() {
 
 #[tokio::test]
 async fn admin_endpoints_fence_and_metrics() {
-    let f = filter(Protection::All("orders".parse().unwrap())).await;
+    let f = filter(Protection::all("orders".parse().unwrap())).await;
     put(&format!("{}/m", f.url), "orders", 4, "x").await;
     put(&format!("{}/m", f.url), "orders", 2, "x").await;
     put(&format!("{}/m", f.url), "orders", 0, "x").await;
@@ -212,7 +212,7 @@ async fn the_sidecar_serves_its_app_on_several_event_loops() {
     let _one_at_a_time = LOOP_THREADS.lock().await;
     let stop = CancellationToken::new();
     let _guard = stop.clone().drop_guard();
-    let f = filter(Protection::All("jobs".parse().unwrap())).await;
+    let f = filter(Protection::all("jobs".parse().unwrap())).await;
     let mut keeper = KeeperConfig::new("jobs".parse().unwrap(), "a", Duration::from_secs(2));
     keeper.release_pause = Duration::from_secs(30);
     let mut cfg = SidecarConfig::new(keeper, f.url.clone());
@@ -258,7 +258,7 @@ async fn the_sidecar_injects_its_token_strips_forged_ones_and_answers_its_local_
     let stop = CancellationToken::new();
     let _guard = stop.clone().drop_guard();
     // A filter in front of the store tells us what token reached it.
-    let f = filter(Protection::All("jobs".parse().unwrap())).await;
+    let f = filter(Protection::all("jobs".parse().unwrap())).await;
     let filter_addr: SocketAddr = f.url.trim_start_matches("http://").parse().unwrap();
     let (url, admin) = sidecar_in_process(&stop, filter_addr).await;
 

@@ -138,7 +138,7 @@ async fn stage(
     if !with_filter {
         return Ok((store, store_addr, vec![]));
     }
-    let cfg = FilterConfig::new(format!("http://{store_addr}"), state, Protection::All(lock.clone()));
+    let cfg = FilterConfig::new(format!("http://{store_addr}"), state, Protection::all(lock.clone()));
     let filter = Filter::open(cfg).map_err(|e| e.to_string())?;
     let (fl, fa) = (bind().await.map_err(err)?, bind().await.map_err(err)?);
     let (faddr, fadmin) = (fl.local_addr().map_err(err)?, fa.local_addr().map_err(err)?);

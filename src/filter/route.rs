@@ -56,10 +56,10 @@ impl Filter {
     /// [`s3_targets`](Self::s3_targets). Every other store's targets are
     /// decided on the head alone, in a plain function: an `async fn` would
     /// move the request into its future and out again on every write.
-    fn head_targets(&self, req: &Request<Incoming>) -> Result<Targets, FilterError> {
+    fn head_targets(&self, req: &Request<Incoming>) -> Result<Targets<'_>, FilterError> {
         let path = req.uri().path();
         if self.cfg.unsafe_raw_paths {
-            let lock = self.cfg.protection.lock_for(path).cloned();
+            let lock = self.cfg.protection.lock_for(path);
             return Ok(Targets { paths: smallvec::smallvec![(path.to_owned(), lock)] });
         }
         let (protection, allow) = (&self.cfg.protection, self.cfg.allow_path_params);
@@ -78,7 +78,7 @@ impl Filter {
     /// was read of it goes first). The two bodies read here
     /// (DeleteObjects, a form POST) are read in boxed futures: rare requests,
     /// whose futures would otherwise make every request's future bigger.
-    async fn s3_targets(&self, req: Request<Incoming>) -> Result<(Targets, Request<RequestBody>), FilterError> {
+    async fn s3_targets(&self, req: Request<Incoming>) -> Result<(Targets<'_>, Request<RequestBody>), FilterError> {
         let path = s3::request_path(
             req.uri().path(),
             req.headers(),
@@ -184,7 +184,7 @@ impl Filter {
             self.head_targets(&req).map(|t| (t, req.map(RequestBody::stream)))
         }
         .map_err(|e| (None, e))?;
-        let Some(lock) = targets.lock().cloned() else {
+        let Some(named) = targets.lock() else {
             return if self.cfg.allow_unprotected || !is_write {
                 self.pass(up, req, peer).await.map_err(|e| (None, e))
             } else {
@@ -196,8 +196,11 @@ impl Filter {
             return Err((None, FilterError::Unprotected(path.to_owned())));
         }
         let fence = token::parse_headers(req.headers()).map_err(|e| (None, e.into()))?;
+        // Borrowed, cloned only for an error: a write's own path does not
+        // write to the name's reference count.
+        let lock = named.name();
         targets.check_lock(fence.lock).map_err(|e| (Some(lock.clone()), e))?;
-        let entry = self.locks.entry(&lock);
+        let entry = self.locks.entry_of(named);
         let deadline = crate::duration::after(self.cfg.max_wait);
         self.check_shared().map_err(|e| (Some(lock.clone()), e))?;
         let permit = entry.admit_write(fence.token, deadline).await.map_err(|e| (Some(lock.clone()), e.into()))?;
@@ -244,11 +247,11 @@ impl Filter {
                 biased;
                 _ = shared.cut_off(cut) => {
                     sending.give_up();
-                    return Err((Some(lock.clone()), FilterError::SelfFenced(lock)));
+                    return Err((Some(lock.clone()), FilterError::SelfFenced(lock.clone())));
                 }
                 _ = aborted => {
                     sending.give_up();
-                    return Err((Some(lock.clone()), FilterError::Aborted(lock)));
+                    return Err((Some(lock.clone()), FilterError::Aborted(lock.clone())));
                 }
                 r = &mut sending => r,
             },
@@ -256,7 +259,7 @@ impl Filter {
                 r = &mut sending => r,
                 _ = aborted => {
                     sending.give_up();
-                    return Err((Some(lock.clone()), FilterError::Aborted(lock)));
+                    return Err((Some(lock.clone()), FilterError::Aborted(lock.clone())));
                 }
             },
         };
@@ -273,7 +276,7 @@ impl Filter {
             // abort_grace: the store may still apply a write we gave up on.
             Err(e) => {
                 drop(permit);
-                Err((Some(lock), e.into()))
+                Err((Some(lock.clone()), e.into()))
             }
         }
     }

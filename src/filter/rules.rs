@@ -17,6 +17,7 @@
 use http::{HeaderMap, Uri};
 use smallvec::SmallVec;
 
+use super::admission::NamedLock;
 use super::error::FilterError;
 pub use super::ruleset::RuleSet;
 use crate::token::{LockName, LockRef};
@@ -25,19 +26,24 @@ use crate::token::{LockName, LockRef};
 #[derive(Clone, Debug)]
 pub enum Protection {
     /// `--lock NAME`: one lock for every path.
-    All(LockName),
+    All(NamedLock),
     /// `--protect PREFIX=LOCK ...`: the longest matching prefix wins.
     Rules(RuleSet),
 }
 
 impl Protection {
+    /// `--lock NAME`.
+    pub fn all(lock: LockName) -> Protection {
+        Protection::All(NamedLock::new(lock))
+    }
+
     /// `--protect` rules, `(prefix, lock)`; a repeated prefix keeps its last lock.
     pub fn rules(rules: impl IntoIterator<Item = (String, LockName)>) -> Protection {
         Protection::Rules(rules.into_iter().collect())
     }
 
     /// The lock for a (decoded) path.
-    pub fn lock_for(&self, path: &str) -> Option<&LockName> {
+    pub fn lock_for(&self, path: &str) -> Option<&NamedLock> {
         match self {
             Protection::All(l) => Some(l),
             Protection::Rules(rules) => rules.lock_for(path),
@@ -46,7 +52,7 @@ impl Protection {
 
     pub fn protects(&self, lock: &LockName) -> bool {
         match self {
-            Protection::All(l) => l == lock,
+            Protection::All(l) => l.name() == lock,
             Protection::Rules(rules) => rules.protects(lock),
         }
     }
@@ -235,16 +241,18 @@ fn decoded(protection: &Protection, raw: &str, allow_params: bool) -> Result<Str
 
 /// The checks of one write's targets against the rules.
 #[derive(Debug)]
-pub struct Targets {
+pub struct Targets<'p> {
     /// (decoded path, its lock), request path first. Inline for the one or
     /// two (a `Destination`) that nearly every write has: no allocation.
-    pub paths: SmallVec<[(String, Option<LockName>); 2]>,
+    /// The locks are the rules' own, borrowed: no reference count written
+    /// per write, and each keeps its entry ([`NamedLock`]).
+    pub paths: SmallVec<[(String, Option<&'p NamedLock>); 2]>,
 }
 
-impl Targets {
+impl<'p> Targets<'p> {
     /// Decodes and checks every raw target path. With `--lock` (one lock for
     /// every path) no path can dodge a rule, so paths are taken as they are.
-    pub fn resolve(protection: &Protection, raw: &[&str], allow_params: bool) -> Result<Targets, FilterError> {
+    pub fn resolve(protection: &'p Protection, raw: &[&str], allow_params: bool) -> Result<Targets<'p>, FilterError> {
         let mut paths = SmallVec::with_capacity(raw.len());
         for r in raw {
             let path = match protection {
@@ -252,10 +260,10 @@ impl Targets {
                 Protection::Rules(_) => decoded(protection, r, allow_params)
                     .map_err(|why| FilterError::NotCanonical(format!("{r} ({why})")))?,
             };
-            let lock = protection.lock_for(&path).cloned();
-            let others = protection.other_locks_under(&path, lock.as_ref());
+            let lock = protection.lock_for(&path);
+            let others = protection.other_locks_under(&path, lock.map(NamedLock::name));
             if !others.is_empty() {
-                return Err(FilterError::SpansLocks { path, own: lock, others });
+                return Err(FilterError::SpansLocks { path, own: lock.map(|l| l.name().clone()), others });
             }
             paths.push((path, lock));
         }
@@ -263,8 +271,8 @@ impl Targets {
     }
 
     /// The lock the write must name: `None` when no target is protected.
-    pub fn lock(&self) -> Option<&LockName> {
-        self.paths.iter().find_map(|(_, l)| l.as_ref())
+    pub fn lock(&self) -> Option<&'p NamedLock> {
+        self.paths.iter().find_map(|(_, l)| *l)
     }
 
     /// The first target no rule covers.
@@ -274,12 +282,14 @@ impl Targets {
 
     /// Every target must be covered by `named` (the write's `Fencing-Lock`).
     pub fn check_lock(&self, named: LockRef<'_>) -> Result<(), FilterError> {
-        let covered = |l: &Option<LockName>| l.as_ref().is_some_and(|l| *l == named);
+        let covered = |l: &Option<&NamedLock>| l.is_some_and(|l| *l.name() == named);
         if self.paths.iter().all(|(_, l)| covered(l)) {
             return Ok(());
         }
-        let expected = self.paths.iter().find(|(_, l)| !covered(l)).and_then(|(_, l)| l.clone());
-        Err(FilterError::LockMismatch { expected, got: named.to_owned(), paths: self.paths.to_vec() })
+        let name = |l: &Option<&NamedLock>| l.map(|l| l.name().clone());
+        let expected = self.paths.iter().find(|(_, l)| !covered(l)).and_then(|(_, l)| name(l));
+        let paths = self.paths.iter().map(|(p, l)| (p.clone(), name(l))).collect();
+        Err(FilterError::LockMismatch { expected, got: named.to_owned(), paths })
     }
 }
 
@@ -294,9 +304,9 @@ mod tests {
     #[test]
     fn longest_prefix_wins() {
         let p = rules(&["/a/=x", "/a/b/=y", "/c=z"]);
-        assert_eq!(p.lock_for("/a/file").unwrap().as_str(), "x");
-        assert_eq!(p.lock_for("/a/b/file").unwrap().as_str(), "y");
-        assert_eq!(p.lock_for("/cat").unwrap().as_str(), "z");
+        assert_eq!(p.lock_for("/a/file").unwrap().name().as_str(), "x");
+        assert_eq!(p.lock_for("/a/b/file").unwrap().name().as_str(), "y");
+        assert_eq!(p.lock_for("/cat").unwrap().name().as_str(), "z");
         assert!(p.lock_for("/d").is_none());
         assert!(p.protects(&"y".parse().unwrap()));
         assert!(Protection::parse_rule("a=x").is_err());
@@ -341,8 +351,8 @@ mod tests {
         let e = Protection::parse_rules(["/a/=x", "/b/=y", "/a/=z"]).unwrap_err();
         assert!(e.contains("\"/a/\"") && e.contains("x") && e.contains("z"), "{e}");
         let p = Protection::parse_rules(["/a/=x", "/a/=x", "/b/=y"]).unwrap();
-        assert_eq!(p.lock_for("/a/f").unwrap().as_str(), "x");
-        assert_eq!(p.lock_for("/b/f").unwrap().as_str(), "y");
+        assert_eq!(p.lock_for("/a/f").unwrap().name().as_str(), "x");
+        assert_eq!(p.lock_for("/b/f").unwrap().name().as_str(), "y");
     }
 
     #[test]
@@ -404,7 +414,7 @@ mod tests {
     fn collections_holding_other_locks_paths() {
         let p = rules(&["/a/=A", "/a/b/=B", "/c=C", "/ab/=D"]);
         let names = |v: Vec<LockName>| v.iter().map(|l| l.to_string()).collect::<Vec<_>>();
-        let a = p.lock_for("/a/").cloned();
+        let a = p.lock_for("/a/").map(|l| l.name().clone());
         assert_eq!(names(p.other_locks_under("/a/", a.as_ref())), ["B"]);
         assert_eq!(names(p.other_locks_under("/a", None)), ["A", "B"], "/a is the collection /a/");
         assert_eq!(names(p.other_locks_under("/", None)), ["A", "B", "C", "D"]);
@@ -438,10 +448,14 @@ mod tests {
     fn every_target_needs_the_named_lock() {
         let p = rules(&["/a/=A", "/c/=C"]);
         let t = Targets::resolve(&p, &["/c/src", "/a/doc"], false).unwrap();
-        assert_eq!(t.lock().unwrap().as_str(), "C");
+        assert_eq!(t.lock().unwrap().name().as_str(), "C");
         assert!(matches!(t.check_lock(LockRef::parse("C").unwrap()), Err(FilterError::LockMismatch { .. })));
         let t = Targets::resolve(&p, &["/tmp/upload-1", "/%61/doc"], false).unwrap();
-        assert_eq!(t.lock().unwrap().as_str(), "A", "an unprotected source does not hide a protected destination");
+        assert_eq!(
+            t.lock().unwrap().name().as_str(),
+            "A",
+            "an unprotected source does not hide a protected destination"
+        );
         assert_eq!(t.unprotected(), Some("/tmp/upload-1"));
         assert!(Targets::resolve(&p, &["/a/x", "/a/y"], false)
             .unwrap()

@@ -193,6 +193,12 @@ impl LockEntry {
         }
     }
 
+    /// Whether this entry belongs to the registry whose shared part is
+    /// `common` (each registry has its own).
+    pub(super) fn is_of(&self, common: &Arc<Common>) -> bool {
+        Arc::ptr_eq(&self.common, common)
+    }
+
     /// Signals an abort of every in-flight write below `t`.
     fn abort_below(&self, t: u64) {
         self.abort_below.fetch_max(t, Ordering::AcqRel);

@@ -55,7 +55,7 @@ mod entry;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
@@ -129,6 +129,12 @@ pub struct Locks {
     /// state directory and the marks prefix in etcd, which only the operator
     /// and the replicas write. (foldhash's seed differs per process, from
     /// its address space layout; it does not claim to resist a HashDoS.)
+    ///
+    /// Once built, an entry is never removed or replaced: the rules keep
+    /// the entries they were given ([`Locks::entry_of`]), and an entry
+    /// dropped from here while a rule kept it would admit writes against a
+    /// mark this registry no longer holds. Evicting idle locks would need
+    /// the rules' entries dropped too.
     map: DashMap<LockName, Arc<LockEntry>, foldhash::fast::RandomState>,
     common: Arc<Common>,
     /// The start-up barrier: nothing is forwarded before this instant.
@@ -204,12 +210,33 @@ impl Locks {
         self.ready_at
     }
 
-    /// The entry for `lock`, created (at highest 0) on first use.
+    /// The entry for `lock`, created (at highest 0) on first use. The same
+    /// one for the life of this registry (see `map`), which
+    /// [`Locks::entry_of`]'s shortcut relies on.
     pub fn entry(&self, lock: &LockName) -> Arc<LockEntry> {
         if let Some(e) = self.map.get(lock) {
             return e.clone();
         }
         self.map.entry(lock.clone()).or_insert_with(|| self.new_entry(lock.clone(), LockState::default())).clone()
+    }
+
+    /// [`Locks::entry`] for `lock.name()`, through the entry `lock` keeps
+    /// once it has looked it up here: what [`Locks::entry`] returns for a
+    /// name never changes, so the kept one is the entry a lookup would
+    /// find, provided it is this registry's (another registry's, as after a
+    /// `NamedLock` moved between filters, is passed over for a lookup).
+    pub fn entry_of(&self, lock: &NamedLock) -> Arc<LockEntry> {
+        if let Some(e) = lock.entry.get() {
+            if e.is_of(&self.common) {
+                // Every write of the tests checks the premise.
+                debug_assert!(Arc::ptr_eq(e, &self.entry(&lock.name)), "a lock's entry was replaced");
+                return e.clone();
+            }
+        }
+        let e = self.entry(&lock.name);
+        // A lost race left the same entry (or another registry's) there.
+        let _ = lock.entry.set(e.clone());
+        e
     }
 
     /// Aborts every write in flight, of every lock (a replica leaving: see
@@ -226,5 +253,43 @@ impl Locks {
         let mut v: Vec<_> = self.map.iter().map(|e| e.value().clone()).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
+    }
+}
+
+/// A lock's name as a `--protect` rule (or `--lock`) holds it, with the
+/// lock's entry once a write has looked it up ([`Locks::entry_of`]).
+///
+/// Why: with many locks, a write's rule and its lock's entry are each out of
+/// cache, and a second hashed lookup between them, in the registry, cost a
+/// write its misses on that table's slots too (the registry's shard lock is
+/// one more line every write of every lock writes to). The rule's entry is
+/// in the same line as its name; the registry stays the one owner of which
+/// entry is a lock's, and this keeps only what it answered.
+pub struct NamedLock {
+    name: LockName,
+    entry: OnceLock<Arc<LockEntry>>,
+}
+
+impl NamedLock {
+    pub fn new(name: LockName) -> Self {
+        NamedLock { name, entry: OnceLock::new() }
+    }
+
+    pub fn name(&self) -> &LockName {
+        &self.name
+    }
+}
+
+/// The name only: a copy starts with no entry, so that a configuration
+/// cloned for another filter (another registry) never carries this one's.
+impl Clone for NamedLock {
+    fn clone(&self) -> Self {
+        NamedLock::new(self.name.clone())
+    }
+}
+
+impl std::fmt::Debug for NamedLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.name, f)
     }
 }

@@ -355,3 +355,29 @@ async fn drain_never_persists_and_waits_for_older_writes() {
     assert_eq!(s.durable, 5, "not durable here");
     assert_eq!(s.admit(6, now, &c), Decision::Persist, "a write with 6 still goes through the global raise");
 }
+
+/// A rule's lock leads to its entry without the registry's lookup, but only
+/// to the entry of the registry asked: one kept from another registry (a
+/// configuration shared by two filters) would admit writes against the
+/// other filter's marks.
+#[test]
+fn a_named_lock_leads_to_the_asked_registrys_entry() {
+    let name: LockName = "l".parse().unwrap();
+    let named = NamedLock::new(name.clone());
+    let kept = |n: &NamedLock| n.entry.get().cloned();
+    let (a, b) = (Locks::new(None, [], cfg()), Locks::new(None, [], cfg()));
+    let from_a = a.entry_of(&named);
+    assert!(Arc::ptr_eq(&from_a, &a.entry(&name)));
+    assert!(kept(&named).is_some_and(|e| Arc::ptr_eq(&e, &from_a)), "kept");
+    assert!(Arc::ptr_eq(&a.entry_of(&named), &from_a));
+    let from_b = b.entry_of(&named);
+    assert!(Arc::ptr_eq(&from_b, &b.entry(&name)), "the other registry's own entry");
+    assert!(!Arc::ptr_eq(&from_b, &from_a));
+    assert!(Arc::ptr_eq(&a.entry_of(&named), &from_a), "still the first's");
+    // A copy keeps no entry: the second registry's is found, and kept, first.
+    let copy = named.clone();
+    assert!(kept(&copy).is_none());
+    assert!(Arc::ptr_eq(&b.entry_of(&copy), &from_b));
+    assert!(kept(&copy).is_some_and(|e| Arc::ptr_eq(&e, &from_b)));
+    assert!(Arc::ptr_eq(&a.entry_of(&copy), &from_a));
+}
